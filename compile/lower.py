@@ -1,0 +1,85 @@
+"""The integer-lowering pass: apply every rewrite to every Relax function, then report what stayed float.
+
+    >>> mod = relax_onnx.from_onnx(onnx_model, keep_params_in_input=False)
+    >>> mod = lower_qdq(mod)              # conv2d / matmul of quantized layers now run on int8 -> int32
+    >>> op_counts(mod)["float_conv2d"]    # 0 when every layer was quantized and lowerable
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import tvm
+from tvm import relax
+from tvm.relax.dpl import rewrite_call
+
+from ._common import REQUANT_MODES
+from .rewrite_conv import ConvRewrite
+from .rewrite_matmul import MatmulRewrite
+
+__all__ = ["lower_qdq", "op_counts", "float_compute_calls", "REWRITES"]
+
+# Order matters only for speed: each rewrite matches a disjoint root (the quantize after its own op).
+REWRITES = {"conv2d": ConvRewrite, "matmul": MatmulRewrite}
+_COMPUTE = {"relax.nn.conv2d": "conv2d", "relax.matmul": "matmul"}
+
+
+def lower_qdq(mod: tvm.IRModule, requant: str = "float") -> tvm.IRModule:
+    """Rewrite quantized conv2d / matmul patterns of every Relax function in `mod` into integer arithmetic.
+
+    `requant` chooses the requantize step: "float" (float32 multiplier, bit-compatible with onnxruntime) or
+    "fixed" (int32 multiplier and shift, integer-only). Patterns whose preconditions fail are left as they are.
+    """
+    if requant not in REQUANT_MODES:
+        raise ValueError(f"requant must be one of {REQUANT_MODES}, got {requant!r}")
+    out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    for gv, func in mod.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        for rewrite_cls in REWRITES.values():
+            rw = rewrite_cls(requant)
+            func = rewrite_call(rw.pattern, rw, func)
+        out[gv] = func
+    # The dequantized float weights the rewrites bypassed are now dead: drop them so they are not built.
+    return relax.transform.DeadCodeElimination()(out)
+
+
+def _calls(mod: tvm.IRModule):
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function):
+            continue
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                value = binding.value
+                if isinstance(value, relax.Call) and hasattr(value.op, "name"):
+                    yield binding.var, value
+
+
+def float_compute_calls(mod: tvm.IRModule) -> list[tuple[str, relax.Call]]:
+    """(kind, call) for each conv2d / matmul whose data input is floating point."""
+    found = []
+    for _, call in _calls(mod):
+        kind = _COMPUTE.get(call.op.name)
+        if kind and "float" in str(call.args[0].ty.dtype):
+            found.append((kind, call))
+    return found
+
+
+def op_counts(mod: tvm.IRModule) -> dict[str, int]:
+    """Counts of integer / float conv2d and matmul, and of the float ops that read dequantized tensors
+    (add, mean, pooling...: the float islands between a dequantize and the next quantize)."""
+    counts: Counter = Counter()
+    producer: dict = {}
+    for var, call in _calls(mod):
+        producer[var] = call.op.name
+        kind = _COMPUTE.get(call.op.name)
+        if kind:
+            integer = "int" in str(call.args[0].ty.dtype)
+            counts[f"{'int' if integer else 'float'}_{kind}"] += 1
+        elif call.op.name not in ("relax.dequantize", "relax.quantize") and any(
+            producer.get(a) == "relax.dequantize" for a in call.args
+        ):
+            counts[f"float_op:{call.op.name.removeprefix('relax.')}"] += 1
+    for key in ("int_conv2d", "int_matmul", "float_conv2d", "float_matmul"):
+        counts.setdefault(key, 0)
+    return dict(sorted(counts.items()))

@@ -1,0 +1,87 @@
+"""Rewrite dequantize -> conv2d [-> + bias] [-> relu] -> quantize into an integer conv2d with a requantize tail.
+
+    x_q --dequantize(s_x, zp_x)--\
+    W_q --dequantize(s_w, 0, axis 0)-- conv2d -- add(reshape(dequantize(B_q, s_x*s_w))) -- [relu] -- quantize(s_y, zp_y)
+=>
+    pad(x_q, value=zp_x) -- conv2d(int8 W_q, out int32) -- + (B_q - zp_x * sum(W_q)) -- requantize(s_x*s_w/s_y)
+
+Padding with the input zero point makes padded taps contribute (zp_x - zp_x) * w = 0, as zeros do in float, so
+the zero point folds exactly into the bias. A ReLU folds into the lower clip bound (quantize is monotone and
+quantize(0) = zp_y). The rewriter returns the expression unchanged whenever a precondition fails; the
+caller reports any float conv2d left behind.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+from tvm.relax.dpl import is_const, is_op, wildcard
+
+from ._common import const_np, multiplier, qtype_of, requantize, scalar
+
+__all__ = ["ConvRewrite"]
+
+
+class ConvRewrite:
+    """Pattern and rewriter for one quantized NCHW conv2d; `requant` is "float" or "fixed"."""
+
+    def __init__(self, requant: str = "float") -> None:
+        self.requant = requant
+        self.x_q, self.s_x, self.zp_x = wildcard(), is_const(), is_const()
+        self.w_q, self.s_w, self.zp_w = is_const(), is_const(), is_const()
+        self.b_q, self.s_b, self.zp_b = is_const(), is_const(), is_const()
+        self.s_y, self.zp_y = is_const(), is_const()
+        x = is_op("relax.dequantize")(self.x_q, self.s_x, self.zp_x)
+        self.w = is_op("relax.dequantize")(self.w_q, self.s_w, self.zp_w)
+        self.conv = is_op("relax.nn.conv2d")(x, self.w)
+        b = is_op("relax.dequantize")(self.b_q, self.s_b, self.zp_b)
+        b = is_op("relax.reshape")(b, wildcard()) | b
+        biased = is_op("relax.add")(self.conv, b) | is_op("relax.add")(b, self.conv)
+        self.relu = is_op("relax.nn.relu")(biased | self.conv)
+        self.quant = is_op("relax.quantize")(self.relu | biased | self.conv, self.s_y, self.zp_y)
+        self.pattern = self.quant
+
+    def __call__(self, expr: relax.Expr, m: dict) -> relax.Expr:
+        conv_attrs = m[self.conv].attrs
+        if conv_attrs.data_layout != "NCHW" or conv_attrs.kernel_layout != "OIHW":
+            return expr
+        x_q = m[self.x_q]
+        in_t = qtype_of(x_q.ty.dtype)
+        out_t = qtype_of(m[self.quant].attrs.out_dtype)
+        w = const_np(m[self.w_q])
+        s_x, zp_x, s_y, zp_y = (scalar(m[p]) for p in (self.s_x, self.zp_x, self.s_y, self.zp_y))
+        if in_t is None or out_t is None or None in (s_x, zp_x, s_y, zp_y) or w.dtype != np.int8:
+            return expr
+        cout = w.shape[0]
+        s_w = np.broadcast_to(const_np(m[self.s_w]).astype(np.float32).reshape(-1), (cout,))
+        zp_w = const_np(m[self.zp_w])
+        w_axis = int(m[self.w].attrs.axis)
+        if np.any(zp_w != 0) or (const_np(m[self.s_w]).size > 1 and w_axis != 0):
+            return expr  # asymmetric or non-output-channel weights: not lowered (reported as a float island)
+
+        w64 = w.astype(np.int64)
+        bias = np.zeros(cout, np.int64)
+        if self.b_q in m:
+            b = const_np(m[self.b_q]).astype(np.int64).reshape(-1)
+            s_b = np.broadcast_to(const_np(m[self.s_b]).astype(np.float32).reshape(-1), (cout,))
+            if np.any(const_np(m[self.zp_b]) != 0) or b.size != cout:
+                return expr
+            s_xw = (np.float32(s_x) * s_w).astype(np.float32)
+            # Exporters make s_b == s_x * s_w; otherwise rescale (rounding, so not bit-exact).
+            bias = b if np.allclose(s_b, s_xw, rtol=1e-6, atol=0) else np.rint(b * (s_b / s_xw)).astype(np.int64)
+        bias = bias - int(zp_x) * w64.reshape(cout, -1).sum(axis=1)
+        if np.any(np.abs(bias) >= 2**31):
+            return expr
+
+        data, padding = x_q, [int(p) for p in conv_attrs.padding]
+        if int(zp_x) != 0 and any(padding):
+            t, left, btm, r = padding  # relax conv2d padding is (top, left, bottom, right)
+            data = relax.op.nn.pad(x_q, [0, 0, 0, 0, t, btm, left, r], pad_value=float(zp_x))
+            padding = [0, 0, 0, 0]
+        acc = relax.op.nn.conv2d(
+            data, relax.const(w), strides=conv_attrs.strides, padding=padding, dilation=conv_attrs.dilation,
+            groups=int(conv_attrs.groups), out_dtype="int32",
+        )
+        acc = relax.op.add(acc, relax.const(bias.astype(np.int32).reshape(1, cout, 1, 1)))
+        lo = max(out_t.qmin, int(zp_y)) if self.relu in m else out_t.qmin
+        return requantize(acc, multiplier(s_x, s_w, s_y), int(zp_y), out_t, lo, (1, cout, 1, 1), self.requant)
