@@ -1,0 +1,159 @@
+"""compile_onnx: QDQ ONNX file -> integer Relax module -> shared library + manifest for one target.
+
+    >>> m = compile_onnx("runs/r1/export/model_qdq.onnx", "arm64", "runs/r1/compile/arm64")
+    >>> m["ops"]["int_conv2d"], m["float_islands"]
+    (21, [])
+
+The library holds the weights (imported with keep_params_in_input=False), so loading needs only plain TVM:
+
+    lib = tvm.runtime.load_module("model.so")
+    vm = tvm.relax.VirtualMachine(lib, tvm.cpu())
+    logits = vm["main"](tvm.runtime.tensor(x_float32_nchw)).numpy()
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.frontend import onnx as relax_onnx
+
+from plateau.artifacts import atomic_path, sha256_file, write_manifest
+from plateau.errors import PlateauError
+
+from ._common import REQUANT_MODES, const_np
+from .lower import float_compute_calls, lower_qdq, op_counts
+from .onnx_prep import PreparedModel, array_key, prepare_onnx
+from .targets import CompileTarget, get_target
+
+__all__ = ["compile_onnx", "build", "import_onnx"]
+
+
+def import_onnx(onnx_path: str | Path) -> tuple[tvm.IRModule, PreparedModel]:
+    """Prepared ONNX -> Relax module with the parameters bound as constants."""
+    prep = prepare_onnx(onnx_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamic batch and onnx.checker chatter, not user errors
+        try:
+            mod = relax_onnx.from_onnx(prep.model, keep_params_in_input=False)
+        except Exception as e:  # the importer raises bare TVMError / ValueError / KeyError on malformed graphs
+            raise PlateauError(f"{onnx_path}: the TVM ONNX importer failed: {type(e).__name__}: {e}") from None
+    return mod, prep
+
+
+def _weight_of(call: relax.Call, bindings: dict) -> np.ndarray | None:
+    """Follow the weight argument through permute_dims / dequantize to its constant."""
+    expr = call.args[1]
+    for _ in range(4):
+        expr = bindings.get(expr, expr)
+        a = const_np(expr)
+        if a is not None:
+            return a
+        if not isinstance(expr, relax.Call):
+            return None
+        expr = expr.args[0]
+    return None
+
+
+def _float_islands(mod: tvm.IRModule, prep: PreparedModel) -> list[dict]:
+    bindings = {
+        b.var: b.value
+        for f in mod.functions.values() if isinstance(f, relax.Function)
+        for blk in f.body.blocks for b in blk.bindings
+    }
+    islands = []
+    for i, (kind, call) in enumerate(float_compute_calls(mod)):
+        w = _weight_of(call, bindings)
+        node, op_type = prep.weight_owner.get(array_key(w), (f"{kind}#{i}", "?")) if w is not None else (
+            f"{kind}#{i}", "?")
+        islands.append({"node": node, "op_type": op_type, "relax_op": kind})
+    return islands
+
+
+def build(mod: tvm.IRModule, target: CompileTarget) -> tuple[relax.VMExecutable, dict]:
+    """Build `mod` for `target`, trying its fallback target dicts if the main one fails; returns the dict used."""
+    errors = []
+    for tdict in (target.tvm_target, *target.fallbacks):
+        try:
+            return tvm.compile(mod, tvm.target.Target(tdict)), tdict
+        except Exception as e:  # LLVM rejects a CPU name or a schedule: try the next, report all if none builds
+            errors.append(f"{tdict}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    raise PlateauError(f"target {target.name!r} failed to build: " + " | ".join(errors))
+
+
+def _io_info(mod: tvm.IRModule) -> tuple[dict, dict]:
+    main = mod["main"]
+    dims = lambda shape: [int(d) if isinstance(d, tvm.tirx.IntImm) else str(d) for d in shape]  # noqa: E731
+    p = main.params[0]
+    inp = {"shape": dims(p.ty.shape), "dtype": str(p.ty.dtype)}
+    ret = main.ret_type if hasattr(main, "ret_type") else main.body.ty
+    out = {"shape": dims(ret.shape), "dtype": str(ret.dtype)}
+    return inp, out
+
+
+def compile_onnx(
+    onnx_path: str | Path,
+    target: str,
+    out_dir: str | Path,
+    *,
+    allow_float: bool = False,
+    requant: str = "float",
+) -> dict:
+    """Compile the QDQ ONNX model at `onnx_path` for `target`; write out_dir/model.so and manifest.json.
+
+    Every quantized conv2d / matmul is lowered to int8 x int8 -> int32 (see lower_qdq). One that cannot be
+    lowered is a PlateauError naming its ONNX node, unless `allow_float`, which keeps it in float and lists it
+    in manifest["float_islands"]. `requant` is "float" (onnxruntime-compatible) or "fixed" (integer-only).
+    Returns the manifest dict.
+    """
+    tgt = get_target(target)
+    if requant not in REQUANT_MODES:
+        raise PlateauError(f"unknown requant mode {requant!r}; valid: {', '.join(REQUANT_MODES)}")
+    tgt.check_toolchain()
+    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+
+    mod, prep = import_onnx(onnx_path)
+    n_inputs = len(mod["main"].params)
+    if n_inputs != 1:
+        raise PlateauError(f"{onnx_path}: expected one graph input (the image batch), found {n_inputs}")
+    mod = lower_qdq(mod, requant=requant)
+    islands = _float_islands(mod, prep)
+    if islands and not allow_float:
+        names = ", ".join(f"{i['node']!r} ({i['op_type']})" for i in islands)
+        raise PlateauError(
+            f"{onnx_path}: cannot lower to integer arithmetic: {names}. Quantize these layers with symmetric "
+            "int8/int4 weights (per-tensor or per-output-channel) followed by QuantizeLinear, or pass "
+            "allow_float=True to keep them in float"
+        )
+
+    ex, tdict = build(mod, tgt)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    so = out_dir / "model.so"
+    with atomic_path(so) as tmp:
+        tmp_so = tmp.with_suffix(".so")  # export_library picks the output format from the suffix
+        try:
+            if tgt.cross_cc:
+                ex.export_library(str(tmp_so), fcompile=tvm.support.cc.cross_compiler(tgt.cross_cc))
+            else:
+                ex.export_library(str(tmp_so))
+            tmp_so.replace(tmp)
+        finally:
+            tmp_so.unlink(missing_ok=True)
+
+    inp, out = _io_info(mod)
+    out["name"] = next((o.name for o in prep.model.graph.output), "output")
+    inp["name"] = next(i.name for i in prep.model.graph.input if i.name not in {x.name for x in
+                                                                                 prep.model.graph.initializer})
+    config = {"target": target, "allow_float": allow_float, "requant": requant}
+    return write_manifest(
+        out_dir, "compile", config=config,
+        outputs={"library": {"path": so.name, "sha256": sha256_file(so), "bytes": so.stat().st_size}},
+        inputs={"onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)}},
+        target=target, tvm_target=tdict, arch=tgt.arch, tvm_version=tvm.__version__,
+        input=inp, output=out, batch="dynamic" if isinstance(inp["shape"][0], str) else inp["shape"][0],
+        ops=op_counts(mod), float_islands=islands,
+        weight_bytes=prep.weight_bytes, weight_bits=sorted(prep.compute_weight_bits),
+    )

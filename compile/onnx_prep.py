@@ -1,0 +1,126 @@
+"""Load a QDQ ONNX file and put it in the form the Relax importer handles, before any TVM code runs.
+
+- A file that is not ONNX, or an op the importer has no converter for, is a PlateauError naming the node.
+- com.microsoft QuantizeLinear / DequantizeLinear (what onnxruntime writes for 4-bit types below opset 21) move
+  to the default domain: same semantics, and the importer only knows the default one.
+- INT4 / UINT4 initializers are unpacked to INT8 / UINT8 (exact: same values). The importer cannot read packed
+  4-bit tensors, and TVM miscompiles native int4 buffers (shared notes). A QuantizeLinear whose zero point was
+  4-bit gets a Clip to the 4-bit range after it, so activations still saturate at -8..7 (or 0..15).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from plateau.errors import PlateauError
+from plateau.quant import QType
+
+__all__ = ["PreparedModel", "prepare_onnx", "array_key"]
+
+_FOUR_BIT = {TensorProto.INT4: (TensorProto.INT8, QType(4, True)), TensorProto.UINT4: (TensorProto.UINT8, QType(4, False))}
+_COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def array_key(a: np.ndarray) -> str:
+    """A content key for a constant, used to find which ONNX node a Relax weight came from."""
+    a = np.ascontiguousarray(a)
+    return hashlib.sha1(f"{a.dtype}{a.shape}".encode() + a.tobytes()).hexdigest()
+
+
+@dataclass
+class PreparedModel:
+    model: onnx.ModelProto
+    weight_bits: dict[str, int] = field(default_factory=dict)  # initializer name -> bits as stored in the file
+    weight_owner: dict[str, tuple[str, str]] = field(default_factory=dict)  # array_key -> (node name, op type)
+    weight_bytes: int = 0  # bytes of quantized weights as stored in ONNX (4-bit counted as half a byte)
+    compute_weight_bits: set[int] = field(default_factory=set)  # bit widths of conv / matmul weights
+
+
+def _load(path: str | Path) -> onnx.ModelProto:
+    path = Path(path)
+    if not path.is_file():
+        raise PlateauError(f"{path}: no such ONNX file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # onnx raises DecodeError, RuntimeError... depending on how the bytes are wrong
+        raise PlateauError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    if not model.graph.node or not model.graph.input:
+        raise PlateauError(f"{path}: not an ONNX model (no graph nodes or inputs)")
+    return model
+
+
+def _check_ops(model: onnx.ModelProto, path: str | Path) -> None:
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = set(_get_convert_map()) | {"Constant", "If"}
+    for node in model.graph.node:
+        if node.op_type not in known:
+            raise PlateauError(
+                f"{path}: node {node.name or '(unnamed)'!r} has op type {node.op_type!r} "
+                f"(domain {node.domain or 'ai.onnx'!r}), which the TVM ONNX importer cannot convert"
+            )
+
+
+def prepare_onnx(path: str | Path) -> PreparedModel:
+    """Load, check and normalize the model at `path` (see the module docstring)."""
+    model = _load(path)
+    _check_ops(model, path)
+    prep = PreparedModel(model)
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.domain == "com.microsoft":
+            node.domain = ""
+
+    four_bit_zp: dict[str, QType] = {}
+    for name, init in list(inits.items()):
+        if init.data_type in _FOUR_BIT:
+            wide, qt = _FOUR_BIT[init.data_type]
+            arr = numpy_helper.to_array(init).astype(np.int8 if qt.signed else np.uint8)
+            new = numpy_helper.from_array(arr, name)
+            assert new.data_type == wide
+            init.CopyFrom(new)
+            prep.weight_bits[name] = 4
+            four_bit_zp[name] = qt
+        elif init.data_type in (TensorProto.INT8, TensorProto.UINT8):
+            prep.weight_bits[name] = 8
+
+    # Saturate 4-bit activations: QuantizeLinear now produces int8, so clip to the 4-bit range right after it.
+    new_nodes = []
+    for node in graph.node:
+        new_nodes.append(node)
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in four_bit_zp:
+            qt = four_bit_zp[node.input[2]]
+            dt = np.int8 if qt.signed else np.uint8
+            lo, hi, raw = f"{node.output[0]}__qmin", f"{node.output[0]}__qmax", f"{node.output[0]}__wide"
+            graph.initializer.extend([numpy_helper.from_array(np.array(qt.qmin, dt), lo),
+                                      numpy_helper.from_array(np.array(qt.qmax, dt), hi)])
+            out = node.output[0]
+            node.output[0] = raw
+            new_nodes.append(helper.make_node("Clip", [raw, lo, hi], [out], name=f"{node.name}__4bit_clip"))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+
+    # Who owns each weight: resolve input 1 of every compute node through DequantizeLinear / Transpose.
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type not in _COMPUTE_OPS or len(node.input) < 2:
+            continue
+        src, quantized = node.input[1], False
+        while src in producer and producer[src].op_type in ("DequantizeLinear", "Transpose"):
+            quantized |= producer[src].op_type == "DequantizeLinear"
+            src = producer[src].input[0]
+        if src in inits:
+            arr = numpy_helper.to_array(inits[src])
+            prep.weight_owner[array_key(arr)] = (node.name or node.output[0], node.op_type)
+            if quantized:
+                bits = prep.weight_bits.get(src, 8)
+                prep.weight_bytes += (arr.size * bits + 7) // 8
+                prep.compute_weight_bits.add(bits)
+    return prep

@@ -1,0 +1,103 @@
+"""Compile targets, filed by name in a registry.
+
+    >>> list_targets()
+    ['arm64', 'arm64-dotprod', 'arm64-i8mm', 'arm64-neon', 'host', 'rpi4', 'rpi5']
+    >>> get_target("arm64").tvm_target      # {"kind": "llvm", "mtriple": "aarch64-linux-gnu", ...}
+
+A target is a TVM target dict (TVM 0.27 refuses target strings) plus how to link the shared library: host targets
+use the system compiler, arm64 targets cross-compile with aarch64-linux-gnu-gcc.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from plateau.errors import PlateauError
+
+__all__ = ["CompileTarget", "register_target", "get_target", "list_targets"]
+
+_AARCH64 = "aarch64-linux-gnu"
+
+
+@dataclass(frozen=True)
+class CompileTarget:
+    """A named build target: `tvm_target` is passed to tvm.target.Target; `cross_cc` links the library."""
+
+    name: str
+    tvm_target: dict
+    cross_cc: str | None = None
+    description: str = ""
+    # Tried in order when the main target dict fails to build (e.g. a host CPU name LLVM rejects).
+    fallbacks: tuple[dict, ...] = field(default_factory=tuple)
+
+    @property
+    def arch(self) -> str:
+        return "aarch64" if self.tvm_target.get("mtriple", "").startswith("aarch64") else "host"
+
+    def check_toolchain(self) -> None:
+        """A missing cross compiler is the user's to fix: say which package provides it."""
+        if self.cross_cc and shutil.which(self.cross_cc) is None:
+            raise PlateauError(
+                f"target {self.name!r} needs the cross compiler {self.cross_cc!r} on PATH "
+                "(apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)"
+            )
+
+
+_REGISTRY: dict[str, Callable[[], CompileTarget]] = {}
+
+
+def register_target(name: str) -> Callable[[Callable[[], CompileTarget]], Callable[[], CompileTarget]]:
+    """Decorator filing a zero-argument factory under `name` (factories run lazily: the host CPU is probed
+    only when the host target is asked for)."""
+
+    def deco(fn: Callable[[], CompileTarget]) -> Callable[[], CompileTarget]:
+        if name in _REGISTRY:
+            raise ValueError(f"target {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def list_targets() -> list[str]:
+    """Names of every registered target, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_target(name: str) -> CompileTarget:
+    """The target called `name`; an unknown name is a PlateauError listing the valid ones."""
+    if name not in _REGISTRY:
+        raise PlateauError(f"unknown target {name!r}; valid targets: {', '.join(list_targets())}")
+    return _REGISTRY[name]()
+
+
+@register_target("host")
+def _host() -> CompileTarget:
+    import tvm
+
+    cpu = tvm.target.codegen.llvm_get_system_cpu()
+    # "generic" / empty means LLVM does not know this CPU; mcpu "native" is refused by 0.27 and falls back anyway.
+    main = {"kind": "llvm", "mcpu": cpu} if cpu and cpu != "generic" else {"kind": "llvm"}
+    return CompileTarget("host", main, None, f"this machine's CPU ({cpu or 'generic'})", ({"kind": "llvm"},))
+
+
+def _arm(name: str, mattr: list[str], mcpu: str | None, description: str) -> CompileTarget:
+    t: dict = {"kind": "llvm", "mtriple": _AARCH64, "mattr": mattr}
+    if mcpu:
+        t["mcpu"] = mcpu
+    return CompileTarget(name, t, f"{_AARCH64}-gcc", description)
+
+
+# int8 x int8 dot products (sdot) need +dotprod; LLVM emits them from the plain legalized reductions.
+register_target("arm64")(lambda: _arm("arm64", ["+neon", "+dotprod"], None, "generic ARMv8.2-A with dotprod"))
+register_target("arm64-neon")(lambda: _arm("arm64-neon", ["+neon"], None, "ARMv8-A NEON, no dot products"))
+register_target("arm64-dotprod")(lambda: _arm("arm64-dotprod", ["+neon", "+dotprod"], None, "ARMv8.2-A + dotprod"))
+register_target("arm64-i8mm")(
+    lambda: _arm("arm64-i8mm", ["+neon", "+dotprod", "+i8mm"], None, "ARMv8.6-A: dotprod + i8mm (usdot, smmla)")
+)
+register_target("rpi4")(lambda: _arm("rpi4", ["+neon"], "cortex-a72", "Raspberry Pi 4 (Cortex-A72, no dotprod)"))
+register_target("rpi5")(
+    lambda: _arm("rpi5", ["+neon", "+dotprod"], "cortex-a76", "Raspberry Pi 5 (Cortex-A76, dotprod)")
+)
