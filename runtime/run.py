@@ -77,7 +77,47 @@ def _resolve_artifact(lib_path: str | Path) -> tuple[Path, dict | None]:
 
         m = read_manifest(p.parent, "compile")
         spec = m.get("input")
+        _check_recorded(p, m)
+    _check_elf_extent(p)
     return p, spec
+
+
+def _check_recorded(lib: Path, manifest: dict) -> None:
+    """Size and sha256 of model.so against what the compile manifest recorded (when it recorded them)."""
+    from plateau.artifacts import sha256_file
+
+    for entry in (manifest.get("outputs") or {}).values():
+        if not isinstance(entry, dict) or entry.get("path") != lib.name:
+            continue
+        size = lib.stat().st_size
+        if "bytes" in entry and entry["bytes"] != size:
+            raise PlateauError(f"{lib}: {size} bytes, its manifest says {entry['bytes']} (corrupt or replaced: "
+                               "recompile)")
+        if "sha256" in entry and entry["sha256"] != sha256_file(lib):
+            raise PlateauError(f"{lib}: sha256 differs from its manifest (corrupt or replaced: recompile)")
+
+
+def _check_elf_extent(lib: Path) -> None:
+    """Refuse a truncated ELF: dlopen of one maps pages past the end of the file and the process dies of SIGBUS."""
+    import struct
+
+    data_len = lib.stat().st_size
+    with open(lib, "rb") as f:
+        head = f.read(64)
+        if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:  # only 64-bit ELF is checked further
+            return
+        end = "<" if head[5] == 1 else ">"
+        phoff, shoff = struct.unpack_from(end + "QQ", head, 0x20)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from(end + "HHHH", head, 0x36)
+        need = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+        if need <= data_len:
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+            for i in range(phnum if len(table) == phentsize * phnum else 0):
+                p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from(end + "QQQQ", table, i * phentsize + 8)
+                need = max(need, p_offset + p_filesz)
+    if need > data_len:
+        raise PlateauError(f"{lib}: truncated ({data_len} bytes, its ELF headers need {need}): recompile")
 
 
 def _check_inputs(inputs: np.ndarray, spec: dict | None, batch_size: int) -> tuple[np.ndarray, int, bool]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from plateau.artifacts import write_manifest
+from plateau.artifacts import sha256_file, write_manifest
 
 __all__ = ["TARGETS", "build_tiny", "tiny_module"]
 
@@ -87,8 +87,9 @@ def build_tiny(folder: str | Path, target: str = "host", kind: str = "int8", *, 
     shape = ["N" if batch is None else batch, channels, size, size]
     write_manifest(
         folder, "compile", config={"kind": kind, "testmodel": True},
-        outputs={"model.so": "model.so"},
+        outputs={"library": {"path": lib.name, "sha256": sha256_file(lib), "bytes": lib.stat().st_size}},
         target=target, tvm_target=tvm_target,
+        batch="dynamic" if batch is None else batch,
         input={"name": "input", "shape": shape, "dtype": "float32"},
         output={"name": "logits", "shape": [shape[0], classes], "dtype": "float32"},
     )
