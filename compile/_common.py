@@ -64,7 +64,8 @@ def requantize(
         # float32(acc) * M, round half to even (TVM's round lowers to llvm.nearbyint), + zp, clip, cast.
         f = op.multiply(op.astype(acc, "float32"), relax.const(m))
         r = op.add(op.round(f), relax.const(np.float32(zp_y)))
-        c = op.clip(r, relax.prim_value(float(lo)), relax.prim_value(float(out.qmax)))
+        # maximum/minimum with scalar constants (not clip) so ConvertLayout can carry NHWC through the tail.
+        c = op.minimum(op.maximum(r, relax.const(np.float32(lo))), relax.const(np.float32(out.qmax)))
         return op.astype(c, out.np_dtype.name)
     if mode == "fixed":
         return _requantize_fixed(acc, m, zp_y, out, lo)
@@ -85,5 +86,5 @@ def _requantize_fixed(acc: relax.Expr, m: np.ndarray, zp_y: int, out: QType, lo:
     rounded = op.add(prod, relax.const((np.int64(1) << (total - 1)).astype(np.int64)))
     shifted = op.right_shift(rounded, relax.const(total.astype(np.int64)))
     q = op.add(shifted, relax.const(np.int64(zp_y)))
-    c = op.clip(q, relax.prim_value(int(lo)), relax.prim_value(int(out.qmax)))
+    c = op.minimum(op.maximum(q, relax.const(np.int64(lo))), relax.const(np.int64(out.qmax)))
     return op.astype(c, out.np_dtype.name)

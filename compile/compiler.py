@@ -73,6 +73,15 @@ def _float_islands(mod: tvm.IRModule, prep: PreparedModel) -> list[dict]:
     return islands
 
 
+def _to_layout(mod: tvm.IRModule, layout: str) -> tvm.IRModule:
+    """Switch integer conv2d to `layout`; the weight transposes are folded into the constants."""
+    if layout == "NCHW":
+        return mod
+    assert layout == "NHWC", layout
+    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+    return relax.transform.FoldConstant()(mod)
+
+
 def build(mod: tvm.IRModule, target: CompileTarget) -> tuple[relax.VMExecutable, dict]:
     """Build `mod` for `target`, trying its fallback target dicts if the main one fails; returns the dict used."""
     errors = []
@@ -120,7 +129,7 @@ def compile_onnx(
     if n_inputs != 1:
         raise PlateauError(f"{onnx_path}: expected one graph input (the image batch), found {n_inputs}")
     mod = lower_qdq(mod, requant=requant)
-    islands = _float_islands(mod, prep)
+    islands = _float_islands(mod, prep)  # before layout conversion, which folds dequantized float weights
     if islands and not allow_float:
         names = ", ".join(f"{i['node']!r} ({i['op_type']})" for i in islands)
         raise PlateauError(
@@ -129,6 +138,7 @@ def compile_onnx(
             "allow_float=True to keep them in float"
         )
 
+    mod = _to_layout(mod, tgt.conv_layout)
     ex, tdict = build(mod, tgt)
     out_dir.mkdir(parents=True, exist_ok=True)
     so = out_dir / "model.so"
@@ -154,6 +164,6 @@ def compile_onnx(
         inputs={"onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)}},
         target=target, tvm_target=tdict, arch=tgt.arch, tvm_version=tvm.__version__,
         input=inp, output=out, batch="dynamic" if isinstance(inp["shape"][0], str) else inp["shape"][0],
-        ops=op_counts(mod), float_islands=islands,
+        conv_layout=tgt.conv_layout, ops=op_counts(mod), float_islands=islands,
         weight_bytes=prep.weight_bytes, weight_bits=sorted(prep.compute_weight_bits),
     )

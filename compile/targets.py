@@ -31,6 +31,9 @@ class CompileTarget:
     description: str = ""
     # Tried in order when the main target dict fails to build (e.g. a host CPU name LLVM rejects).
     fallbacks: tuple[dict, ...] = field(default_factory=tuple)
+    # Layout of the integer conv2d. LLVM turns an NHWC/OHWI int8 conv (reduction over contiguous channels) into
+    # sdot on +dotprod; NCHW reduces over the 3-wide kernel row and gets smull/smlal only.
+    conv_layout: str = "NCHW"
 
     @property
     def arch(self) -> str:
@@ -87,7 +90,7 @@ def _arm(name: str, mattr: list[str], mcpu: str | None, description: str) -> Com
     t: dict = {"kind": "llvm", "mtriple": _AARCH64, "mattr": mattr}
     if mcpu:
         t["mcpu"] = mcpu
-    return CompileTarget(name, t, f"{_AARCH64}-gcc", description)
+    return CompileTarget(name, t, f"{_AARCH64}-gcc", description, conv_layout="NHWC")
 
 
 # int8 x int8 dot products (sdot) need +dotprod; LLVM emits them from the plain legalized reductions.

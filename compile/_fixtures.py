@@ -1,0 +1,164 @@
+"""Tiny QDQ ONNX models for the compile tests (16x16 inputs, a few hundred weights: seconds on two cores).
+
+- `tiny_cnn_onnx`: a torch conv-bn-relu x2 + residual add + global average pool + linear, exported to ONNX
+  (opset 17, dynamic batch), to be quantized with onnxruntime's quantize_static (`ort_qdq`).
+- `exporter_style_qdq`: an opset-21 graph built by hand the way our exporter writes it: explicit Relu between
+  Conv and QuantizeLinear, int32 biases with scale s_x * s_w, GlobalAveragePool and Flatten re-quantized with
+  their input's parameters, Gemm transB=1, and 4-bit (INT4) or 8-bit weights. Activation scales come from a
+  float run of the same graph over random calibration data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from plateau.quant import INT8, QType, choose_qparams, quantize_bias_np, quantize_np
+
+__all__ = ["tiny_cnn_onnx", "ort_qdq", "exporter_style_qdq", "calibration_batches", "HW"]
+
+HW = 16
+
+
+def calibration_batches(n: int = 8, batch: int = 4, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((batch, 3, HW, HW)).astype(np.float32) for _ in range(n)]
+
+
+def tiny_cnn_onnx(path: Path, seed: int = 0) -> Path:
+    import torch
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            y = torch.relu(self.b1(self.c1(x)))
+            z = torch.relu(self.b2(self.c2(y))) + y
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(z, 1), 1))
+
+    torch.manual_seed(seed)
+    net = Net().eval()
+    for bn in (net.b1, net.b2):  # non-trivial BN statistics so folding matters
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    torch.onnx.export(net, torch.randn(1, 3, HW, HW), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17, dynamo=False)
+    return path
+
+
+def ort_qdq(fp32: Path, path: Path, activation: str = "QInt8", weight: str = "QInt8") -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(calibration_batches())
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {"input": x}
+
+    quantize_static(str(fp32), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=getattr(QuantType, activation), weight_type=getattr(QuantType, weight))
+    return path
+
+
+def _graph(w_bits: int, params: dict, act: dict | None) -> onnx.ModelProto:
+    """The exporter-style graph; act=None gives the float twin (dequantized weights, every tensor an output)."""
+    nodes, inits, outs = [], [], []
+
+    def init(name, arr, dtype=None):
+        t = numpy_helper.from_array(np.asarray(arr), name)
+        if dtype is not None:  # 4-bit: make_tensor packs the values
+            t = helper.make_tensor(name, dtype, np.shape(arr), np.asarray(arr).flatten().tolist())
+        inits.append(t)
+        return name
+
+    def qdq(x, name, key=None):
+        if act is None:
+            outs.append(x)
+            return x
+        s, z = act[key or name]
+        init(f"{name}_s", np.float32(s)), init(f"{name}_z", np.int8(z))
+        nodes.append(helper.make_node("QuantizeLinear", [x, f"{name}_s", f"{name}_z"], [f"{name}_q"]))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [f"{name}_dq"]))
+        return f"{name}_dq"
+
+    def layer(op, x, x_name, name, relu, **attrs):
+        wq, sw, b = params[name]
+        if act is None:
+            w_in = init(f"{name}_w", (wq.astype(np.float32) * sw.reshape(-1, *[1] * (wq.ndim - 1))).astype(np.float32))
+            b_in = init(f"{name}_b", b)
+        else:
+            wdt = TensorProto.INT4 if w_bits == 4 else None
+            init(f"{name}_wq", wq, wdt), init(f"{name}_ws", sw), init(f"{name}_wz", np.zeros(len(sw), np.int8), wdt)
+            nodes.append(helper.make_node("DequantizeLinear", [f"{name}_wq", f"{name}_ws", f"{name}_wz"],
+                                          [f"{name}_w"], axis=0))
+            bq, sb = quantize_bias_np(b, act[x_name][0], sw)
+            init(f"{name}_bq", bq), init(f"{name}_bs", sb), init(f"{name}_bz", np.zeros(len(sb), np.int32))
+            nodes.append(helper.make_node("DequantizeLinear", [f"{name}_bq", f"{name}_bs", f"{name}_bz"],
+                                          [f"{name}_b"], axis=0))
+            w_in, b_in = f"{name}_w", f"{name}_b"
+        y = f"{name}_out"
+        nodes.append(helper.make_node(op, [x, w_in, b_in], [y], name=name, **attrs))
+        if relu:
+            nodes.append(helper.make_node("Relu", [y], [f"{name}_relu"], name=f"{name}_relu"))
+            y = f"{name}_relu"
+        return qdq(y, name)
+
+    x = qdq("input", "input")
+    a = layer("Conv", x, "input", "conv1", True, pads=[1, 1, 1, 1])
+    b = layer("Conv", a, "conv1", "conv2", True, pads=[1, 1, 1, 1])
+    nodes.append(helper.make_node("Add", [b, a], ["add"], name="add"))
+    nodes.append(helper.make_node("Relu", ["add"], ["add_relu"], name="add_relu"))
+    r = qdq("add_relu", "add")
+    nodes.append(helper.make_node("GlobalAveragePool", [r], ["gap"], name="gap"))
+    g = qdq("gap", "gap")
+    nodes.append(helper.make_node("Flatten", [g], ["flat"], name="flatten"))
+    f = qdq("flat", "flat", key="gap") if act is not None else "flat"
+    y = layer("Gemm", f, "gap", "fc", False, transB=1)
+    if act is not None:
+        nodes.append(helper.make_node("Identity", [y], ["logits"]))
+    else:
+        nodes.append(helper.make_node("Identity", ["fc_out"], ["logits"]))
+    vi = lambda n, shape: helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)  # noqa: E731
+    outputs = [vi("logits", ["N", 10])] + [vi(o, None) for o in outs if o != "fc_out"]
+    graph = helper.make_graph(nodes, "exporter_style", [vi("input", ["N", 3, HW, HW])], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def exporter_style_qdq(path: Path, w_bits: int = 4, seed: int = 0) -> Path:
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    wq_t = QType(w_bits, True, narrow=True)
+    params = {}
+    for name, shape in (("conv1", (8, 3, 3, 3)), ("conv2", (8, 8, 3, 3)), ("fc", (10, 8))):
+        w = (rng.standard_normal(shape) * 0.4).astype(np.float32)
+        amax = np.abs(w.reshape(shape[0], -1)).max(axis=1)
+        sw, _ = choose_qparams(-amax, amax, wq_t, symmetric=True)
+        params[name] = (quantize_np(w, sw, 0, wq_t, axis=0), sw, (rng.standard_normal(shape[0]) * 0.1).astype(np.float32))
+
+    # Calibrate activations on the float twin: min/max per tensor -> asymmetric int8 parameters.
+    fm = _graph(w_bits, params, None)
+    sess = ort.InferenceSession(fm.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    lo, hi = {}, {}
+    for xb in calibration_batches():
+        for n, v in zip(names, sess.run(None, {"input": xb}), strict=True):
+            lo[n], hi[n] = min(lo.get(n, 0.0), float(v.min())), max(hi.get(n, 0.0), float(v.max()))
+    tensor = {"input": "input", "conv1": "conv1_relu", "conv2": "conv2_relu", "add": "add_relu", "gap": "gap",
+              "fc": "logits"}
+    act = {k: tuple(np.asarray(p).item() for p in choose_qparams(lo[t], hi[t], INT8, symmetric=False))
+           for k, t in tensor.items()}
+    onnx.save(_graph(w_bits, params, act), str(path))
+    return path
