@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from .run import RunResult, elf_machine, list_devices, run_artifact
 from .serve import DeviceServer, add_device_arguments, device_main, serve
-from .sysroot import arm64_python, ensure_arm64_sysroot, sysroot_status
 
 __all__ = [
     "RunResult",
@@ -19,3 +18,14 @@ __all__ = [
     "add_device_arguments",
     "device_main",
 ]
+
+_SYSROOT_NAMES = {"ensure_arm64_sysroot", "sysroot_status", "arm64_python"}
+
+
+def __getattr__(name: str):
+    # sysroot is loaded on first use, so `python -m plateau.runtime.sysroot` does not find it half-imported.
+    if name in _SYSROOT_NAMES:
+        from . import sysroot
+
+        return getattr(sysroot, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

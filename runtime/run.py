@@ -22,7 +22,6 @@ import numpy as np
 from plateau.errors import PlateauError
 
 from . import _worker
-from .sysroot import arm64_python
 
 __all__ = ["RunResult", "run_artifact", "list_devices", "elf_machine", "DEVICES"]
 
@@ -225,6 +224,8 @@ def _label(latency: dict | None, emulated: bool) -> dict | None:
 
 # --- qemu --------------------------------------------------------------------------------------------------------
 def _run_qemu(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int], timing: bool) -> RunResult:
+    from .sysroot import arm64_python
+
     python = arm64_python()  # PlateauError "run `make arm64-sysroot`" when not set up
     with tempfile.TemporaryDirectory(prefix="plateau-qemu-") as tmp:
         t = Path(tmp)
@@ -285,8 +286,9 @@ def _run_rpc(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int]
     try:
         remote = tvm_rpc.connect(host, port, key=key)
     except Exception as e:  # noqa: BLE001
-        raise PlateauError(f"RPC server {host}:{port} refused the session ({_worker._oneline(e)}); "
-                           "check --key") from None
+        why = _worker._oneline(e)
+        hint = "; check rpc_key (the server's --key)" if "key" in why else "; is it a TVM RPC server?"
+        raise PlateauError(f"RPC session with {host}:{port} failed ({why}){hint}") from None
     info = _remote_info(remote)
     if info.get("machine") and info["machine"] != machine:
         raise PlateauError(f"{lib} is built for {machine}, the RPC server {host}:{port} is {info['machine']}")

@@ -23,7 +23,6 @@ from pathlib import Path
 from plateau.errors import PlateauError
 
 from . import _worker
-from .sysroot import arm64_python
 
 __all__ = ["DeviceServer", "serve", "add_device_arguments", "device_main"]
 
@@ -98,6 +97,8 @@ def serve(
         port = _free_port(host)
     worker = str(Path(_worker.__file__).resolve())
     if emulate:
+        from .sysroot import arm64_python
+
         python = arm64_python()  # PlateauError "run `make arm64-sysroot`" when not set up
         # The wrapper becomes sys.executable inside, so the server's own subprocesses run under qemu too.
         cmd = [*python, worker, "serve", "--executable", python[0], "--emulated"]

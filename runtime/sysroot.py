@@ -28,7 +28,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from plateau.data import cache_dir
 from plateau.errors import PlateauError
 
 __all__ = [
@@ -68,6 +67,8 @@ _RECIPE = hashlib.sha256(json.dumps([ARM64_DEBS, ARM64_WHEELS, PY_VERSION, 1]).e
 
 
 def _default_root() -> Path:
+    from plateau.data import cache_dir  # imported late: plateau.data pulls in torch (~2 s)
+
     return cache_dir() / "arm64"
 
 
@@ -128,15 +129,24 @@ def _lock(root: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _ensure_qemu(quiet: bool) -> None:
-    if shutil.which("qemu-aarch64"):
+# Host tools: qemu-aarch64 runs the arm64 Python; the cross gcc links arm64 model.so files (compile stage, tests).
+_HOST_TOOLS = {"qemu-aarch64": "qemu-user", "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu"}
+
+
+def _ensure_host_tools(quiet: bool) -> None:
+    missing = [pkg for tool, pkg in _HOST_TOOLS.items() if shutil.which(tool) is None]
+    if not missing:
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise PlateauError("arm64 sysroot: qemu-aarch64 not found (install qemu-user, e.g. `apt-get install qemu-user`)")
-    _log(quiet, "installing qemu-user")
+        if shutil.which("qemu-aarch64") is None:
+            raise PlateauError("arm64 sysroot: qemu-aarch64 not found (`apt-get install qemu-user` as root)")
+        _log(quiet, f"warning: {', '.join(missing)} not installed (needed to cross-compile arm64 models)")
+        return
+    _log(quiet, f"apt-get install {' '.join(missing)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     _run("apt-get update", ["apt-get", "update", "-q"], env=env)
-    _run("apt-get install qemu-user", ["apt-get", "install", "-y", "-q", "qemu-user"], env=env)
+    _run(f"apt-get install {' '.join(missing)}", ["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                                                  *missing], env=env)
 
 
 def _ensure_arm64_apt(quiet: bool) -> None:
@@ -145,7 +155,8 @@ def _ensure_arm64_apt(quiet: bool) -> None:
     has_index = False
     if "arm64" in archs:
         pol = _run("apt-cache policy", ["apt-cache", "policy", f"python{PY_VERSION}:arm64"])
-        has_index = "Candidate:" in pol and "(none)" not in pol
+        cand = [ln.split(":", 1)[1].strip() for ln in pol.splitlines() if ln.strip().startswith("Candidate:")]
+        has_index = bool(cand) and cand[0] != "(none)"
     if has_index:
         return
     if os.geteuid() != 0:
@@ -231,7 +242,7 @@ def ensure_arm64_sysroot(root: Path | None = None, *, quiet: bool = False) -> Pa
         if sysroot_status(root) is not None and shutil.which("qemu-aarch64"):
             return root
         t0 = time.monotonic()
-        _ensure_qemu(quiet)
+        _ensure_host_tools(quiet)
         _ensure_arm64_apt(quiet)
         deb_files = _download_debs(root / "debs", quiet)
         _download_wheels(root / "wheels", quiet)

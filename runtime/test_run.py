@@ -181,3 +181,30 @@ def test_device_cli_parses(capsys):
     assert (args.host, args.port, args.key, args.emulate) == ("127.0.0.1", 0, "k", True)
     assert device_main(ap.parse_args(["list"])) == 0
     assert capsys.readouterr().out.split() == ["local", "qemu", "rpc"]
+
+
+def test_rpc_to_something_else_names_address(artifacts, inputs):
+    # Something listens, but it is not a TVM RPC server: it answers with junk and hangs up.
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        with pytest.raises(PlateauError, match=f"127.0.0.1:{port}") as e:
+            run_artifact(artifacts("host", "int8"), inputs, device="rpc", rpc=f"127.0.0.1:{port}")
+        _one_line(e)
+    finally:
+        srv.close()
