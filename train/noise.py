@@ -1,0 +1,187 @@
+"""Quantization error modelled as Gaussian noise, injected while training.
+
+The flat-network view (Xia et al. 2025): rounding a tensor to a grid of step d adds an error that is, to a good
+approximation, independent per element with variance d^2 / 12. Training with that noise added finds minima where
+the loss does not care about it, so post-training quantization at the same precision costs little.
+
+    WQE (weights):      per output channel c, symmetric narrow range:  d_c = max|W_c| / (2^(b-1) - 1)
+    AQE (activations):  per tensor, asymmetric, from an EMA of the input's min/max:  d = (hi - lo) / (2^b - 1)
+    noise:              e ~ N(0, (alpha * d / sqrt(12))^2), drawn fresh each step, per element
+
+These grids match the export stage's defaults (symmetric per-channel narrow-range weights, per-tensor asymmetric
+activations), so the noise is the noise PTQ will actually add.
+
+    >>> inj = NoiseInjector(model, NoiseConfig(bits="W4A4", alpha=1.0))
+    >>> with inj.weight_noise():          # perturb weights in place ...
+    ...     loss = F.cross_entropy(model(x), y); loss.backward()
+    ... # ... and they are restored exactly here, before optimizer.step()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from plateau.quant import parse_bits, rounding_noise_std
+
+__all__ = [
+    "NOISE_TARGETS",
+    "NoiseConfig",
+    "NoiseInjector",
+    "quant_layers",
+    "weight_step",
+    "activation_step",
+]
+
+NOISE_TARGETS = ("weights", "activations", "both")
+
+
+@dataclass
+class NoiseConfig:
+    """What noise to inject. `scale` multiplies alpha at run time (the ramp method moves it from 0 to 1)."""
+
+    bits: str = "W8A8"
+    alpha: float = 1.0
+    target: str = "both"
+    first_last_8bit: bool = False
+    p: float = 1.0  # fraction of elements that get noise each step (quantnoise); 1.0 = all
+    ema_momentum: float = 0.1  # activation range tracker, as in PyTorch's MovingAverageMinMaxObserver
+
+    def __post_init__(self) -> None:
+        self.w_bits, self.a_bits = parse_bits(self.bits)
+        if self.target not in NOISE_TARGETS:
+            raise ValueError(f"noise target must be one of {', '.join(NOISE_TARGETS)}, got {self.target!r}")
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if not 0.0 < self.p <= 1.0:
+            raise ValueError(f"noise fraction p must be in (0, 1], got {self.p}")
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers PTQ quantizes: every Conv (1d/2d/3d) and Linear, in registration order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+
+
+def weight_step(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel symmetric narrow-range step, shaped to broadcast against w: max|W_c| / (2^(b-1) - 1)."""
+    amax = w.detach().abs().flatten(1).amax(1).clamp_min(1e-12)
+    return (amax / (2 ** (bits - 1) - 1)).view(-1, *([1] * (w.ndim - 1)))
+
+
+def activation_step(lo: torch.Tensor | float, hi: torch.Tensor | float, bits: int) -> torch.Tensor:
+    """Per-tensor asymmetric step over 2^b - 1 levels, the range widened to include 0 (as choose_qparams does)."""
+    lo_t = torch.as_tensor(lo, dtype=torch.float32).clamp_max(0.0)
+    hi_t = torch.as_tensor(hi, dtype=torch.float32).clamp_min(0.0)
+    return ((hi_t - lo_t) / (2**bits - 1)).clamp_min(1e-12)
+
+
+class NoiseInjector:
+    """Gaussian WQE/AQE for every Conv/Linear of `model`.
+
+    Activation noise and range tracking live in forward pre-hooks: they act only in training mode (or inside
+    `force()`, used by the flatness measurement). Weight noise is applied in place by the `weight_noise()` context
+    and undone from saved copies, so the optimizer steps the clean weights with the gradient taken at the noisy
+    point (the same mechanics as SAM).
+    """
+
+    def __init__(self, model: nn.Module, cfg: NoiseConfig, generator: torch.Generator | None = None) -> None:
+        self.cfg = cfg
+        self.scale = 1.0  # run-time multiplier on alpha
+        self.enabled = True
+        self._forced = False
+        self.gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.layers = quant_layers(model)
+        n = len(self.layers)
+        # First/last layers may stay at 8 bits: they then get the (smaller) 8-bit noise.
+        self.bits: dict[str, tuple[int, int]] = {}
+        for i, (name, _) in enumerate(self.layers):
+            edge = cfg.first_last_8bit and i in (0, n - 1)
+            self.bits[name] = (8, 8) if edge else (cfg.w_bits, cfg.a_bits)
+        # name -> tensor([min, max]) EMA of the layer input; empty until the first training forward.
+        self.act_ranges: dict[str, torch.Tensor] = {}
+        self._handles = [m.register_forward_pre_hook(self._make_hook(name)) for name, m in self.layers]
+
+    # --- switches ------------------------------------------------------------------------------------------------
+    @property
+    def noise_weights(self) -> bool:
+        return self.enabled and self.cfg.target in ("weights", "both") and self.cfg.alpha * self.scale > 0
+
+    @property
+    def noise_acts(self) -> bool:
+        return self.enabled and self.cfg.target in ("activations", "both") and self.cfg.alpha * self.scale > 0
+
+    @contextlib.contextmanager
+    def force(self) -> Iterator[None]:
+        """Inject activation noise even in eval mode (Monte Carlo flatness measurement); ranges are not updated."""
+        self._forced = True
+        try:
+            yield
+        finally:
+            self._forced = False
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # --- noise -----------------------------------------------------------------------------------------------------
+    def _gauss(self, like: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        e = torch.randn(like.shape, generator=self.gen, dtype=like.dtype).to(like.device) * std.to(like)
+        if self.cfg.p < 1.0:  # quantnoise: only a random fraction p of the elements is perturbed
+            keep = torch.rand(like.shape, generator=self.gen) < self.cfg.p
+            e = e * keep.to(e)
+        return e
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            if not args or not isinstance(args[0], torch.Tensor):
+                return None
+            x = args[0]
+            if module.training and not self._forced:
+                self._observe(name, x)
+            if not (self.noise_acts and (module.training or self._forced)) or name not in self.act_ranges:
+                return None
+            lo, hi = self.act_ranges[name]
+            std = rounding_noise_std(activation_step(lo, hi, self.bits[name][1])) * (self.cfg.alpha * self.scale)
+            return (x + self._gauss(x, std), *args[1:])
+
+        return hook
+
+    @torch.no_grad()
+    def _observe(self, name: str, x: torch.Tensor) -> None:
+        cur = torch.stack([x.detach().min(), x.detach().max()]).float().cpu()
+        old = self.act_ranges.get(name)
+        m = self.cfg.ema_momentum
+        self.act_ranges[name] = cur if old is None else (1 - m) * old + m * cur
+
+    @contextlib.contextmanager
+    def weight_noise(self) -> Iterator[None]:
+        """Add WQE to every Conv/Linear weight in place; restore the exact saved values on exit."""
+        if not self.noise_weights:
+            yield
+            return
+        saved = []
+        with torch.no_grad():
+            for name, m in self.layers:
+                w = m.weight
+                saved.append((w, w.detach().clone()))
+                std = rounding_noise_std(weight_step(w, self.bits[name][0])) * (self.cfg.alpha * self.scale)
+                w.add_(self._gauss(w, std))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for w, clean in saved:
+                    w.copy_(clean)
+
+    # --- state (checkpoints hold only tensors and plain values) ----------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"act_ranges": {k: v.clone() for k, v in self.act_ranges.items()}, "scale": float(self.scale)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.act_ranges = {k: v.clone().float() for k, v in state.get("act_ranges", {}).items()}
+        self.scale = float(state.get("scale", 1.0))
