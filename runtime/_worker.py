@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["load_vm", "run_batches", "time_batches", "summarize_ms", "register_device_info"]
+__all__ = ["load_vm", "run_batches", "time_batches", "summarize_ms", "register_device_info", "run_error"]
 
 
 def load_vm(lib_path: str, dev=None):
@@ -90,8 +90,13 @@ def time_batches(vm, dev, x: np.ndarray, sizes: list[int], repeat: int, upload: 
     for b in sizes:
         reps = -(-b // x.shape[0])  # tile the inputs when the batch is larger than what was given
         chunk = np.ascontiguousarray(np.concatenate([x] * reps)[:b]) if reps > 1 else np.ascontiguousarray(x[:b])
-        timer = vm.time_evaluator("main", dev, number=1, repeat=repeat)
-        res = timer(upload(chunk))
+        try:
+            timer = vm.time_evaluator("main", dev, number=1, repeat=repeat)
+            res = timer(upload(chunk))
+        except Exception as e:  # noqa: BLE001 - e.g. a static-batch model without a manifest to say so
+            # The outputs are already computed: report this size as failed rather than losing the run.
+            result[f"batch_{b}"] = {"batch": b, "error": _oneline(e)}
+            continue
         result[f"batch_{b}"] = {"batch": b, **summarize_ms(list(res.results))}
     return result
 
@@ -123,7 +128,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     try:
         y = run_batches(vm, dev, x, args.batch, args.fixed_batch, progress)
     except Exception as e:  # noqa: BLE001
-        raise _Fail(f"running {args.lib} failed ({_oneline(e)})") from None
+        raise _Fail(run_error(args.lib, e)) from None
     elapsed = time.perf_counter() - t0
     np.save(args.outputs, y)
     if args.timing:
@@ -156,6 +161,15 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 class _Fail(Exception):
     pass
+
+
+def run_error(lib: str, e: BaseException) -> str:
+    """One-line message for a failed run; a shape mismatch usually means a static batch the caller did not know."""
+    msg = _oneline(e)
+    hint = ""
+    if "mismatch" in msg or "shape" in msg:
+        hint = "; the model may take a fixed batch or input shape: keep its compile manifest.json beside model.so"
+    return f"running {lib} failed ({msg}){hint}"
 
 
 def _oneline(e: BaseException) -> str:

@@ -205,7 +205,7 @@ def _run_local(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[in
         try:
             y = _worker.run_batches(vm, dev, x, batch, fixed, lambda done, n: bar.update(done - bar.n))
         except Exception as e:  # noqa: BLE001
-            raise PlateauError(f"running {lib} failed ({_worker._oneline(e)})") from None
+            raise PlateauError(_worker.run_error(str(lib), e)) from None
     latency = _worker.time_batches(vm, dev, x, sizes, repeat=20) if timing else None
     return RunResult(y, "local", False, _label(latency, False), {"machine": _host_machine(), "artifact": str(lib),
                                                                   "batch": batch})

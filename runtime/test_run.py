@@ -208,3 +208,17 @@ def test_rpc_to_something_else_names_address(artifacts, inputs):
         _one_line(e)
     finally:
         srv.close()
+
+
+def test_static_batch_without_manifest(artifacts, inputs, tmp_path):
+    # Without the manifest the runtime cannot know the batch is fixed: a clear error, not a TVM traceback.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(artifacts("host", "int8", batch=4) / "model.so", bare / "model.so")
+    with pytest.raises(PlateauError, match="fixed batch") as e:
+        run_artifact(bare / "model.so", inputs, batch_size=4)  # 23 rows: the last chunk has 3
+    _one_line(e)
+    # Exact multiples run; a timing size the model cannot take is reported, not fatal.
+    res = run_artifact(bare / "model.so", inputs[:8], batch_size=4, timing=True)
+    assert res.outputs.shape == (8, 10)
+    assert "error" in res.latency["batch_1"] and res.latency["batch_4"]["median_ms"] > 0
