@@ -18,7 +18,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from plateau.quant import INT8, QType, choose_qparams, quantize_bias_np, quantize_np
 
-__all__ = ["tiny_cnn_onnx", "ort_qdq", "exporter_style_qdq", "calibration_batches", "HW"]
+__all__ = [
+    "tiny_cnn_onnx", "ort_qdq", "exporter_style_qdq", "single_conv_qdq", "calibration_batches", "output_step",
+    "compare_to_ort", "HW",
+]
 
 HW = 16
 
@@ -162,3 +165,63 @@ def exporter_style_qdq(path: Path, w_bits: int = 4, seed: int = 0) -> Path:
            for k, t in tensor.items()}
     onnx.save(_graph(w_bits, params, act), str(path))
     return path
+
+
+def single_conv_qdq(path: Path, w_zp: int = 0, op: str = "Conv", name: str = "odd_conv") -> Path:
+    """input -> Q/DQ -> Conv(DQ(W, zero point w_zp, uint8 when w_zp != 0)) -> Q/DQ -> output, or with
+    op="QLinearConv" the same layer as one QLinearConv node (an op the TVM importer cannot convert)."""
+    rng = np.random.default_rng(1)
+    wdt = np.uint8 if w_zp else np.int8
+    w = (rng.integers(-50, 50, (4, 3, 3, 3)) + w_zp).astype(wdt)
+    inits = [numpy_helper.from_array(a, n) for n, a in (
+        ("xs", np.float32(0.02)), ("xz", np.int8(3)), ("w", w), ("ws", np.float32(0.01)), ("wz", wdt(w_zp)),
+        ("ys", np.float32(0.05)), ("yz", np.int8(-5)))]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "xs", "xz"], ["xq"])]
+    if op == "QLinearConv":
+        nodes.append(helper.make_node("QLinearConv", ["xq", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["yq"],
+                                      name=name, pads=[1, 1, 1, 1]))
+    else:
+        nodes += [helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["x"]),
+                  helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wf"]),
+                  helper.make_node("Conv", ["x", "wf"], ["y"], name=name, pads=[1, 1, 1, 1]),
+                  helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"])]
+    nodes.append(helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["output"]))
+    vi = lambda n, shape: helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)  # noqa: E731
+    graph = helper.make_graph(nodes, "single_conv", [vi("input", [2, 3, 8, 8])], [vi("output", [2, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def output_step(path: Path) -> float:
+    """The quantization step of the graph output: the scale of the DequantizeLinear that produces it."""
+    model = onnx.load(str(path))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    node = producer[model.graph.output[0].name]
+    while node.op_type == "Identity":
+        node = producer[node.input[0]]
+    assert node.op_type == "DequantizeLinear", node.op_type
+    return float(inits[node.input[1]])
+
+
+def compare_to_ort(onnx_path: Path, so_path: Path, n_batches: int = 8, batch: int = 8, seed: int = 123) -> dict:
+    """Run the compiled library (plain TVM) and onnxruntime on the same random inputs; count output steps."""
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+
+    lib = tvm.runtime.load_module(str(so_path))
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    step = output_step(onnx_path)
+    steps, top1 = [], []
+    for x in calibration_batches(n_batches, batch, seed):
+        ours = vm["main"](tvm.runtime.tensor(x)).numpy()
+        ref = sess.run(None, {"input": x})[0]
+        steps.append(np.rint(np.abs(ours.astype(np.float64) - ref) / step).reshape(-1))
+        top1.append(ours.argmax(axis=1) == ref.argmax(axis=1))
+    d = np.concatenate(steps)
+    return {"n": int(d.size), "exact": float((d == 0).mean()), "max_steps": int(d.max()),
+            "top1": float(np.concatenate(top1).mean())}

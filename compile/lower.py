@@ -16,11 +16,12 @@ from tvm.relax.dpl import rewrite_call
 from ._common import REQUANT_MODES
 from .rewrite_conv import ConvRewrite
 from .rewrite_matmul import MatmulRewrite
+from .rewrite_pool import MeanRewrite
 
 __all__ = ["lower_qdq", "op_counts", "float_compute_calls", "REWRITES"]
 
 # Order matters only for speed: each rewrite matches a disjoint root (the quantize after its own op).
-REWRITES = {"conv2d": ConvRewrite, "matmul": MatmulRewrite}
+REWRITES = {"conv2d": ConvRewrite, "matmul": MatmulRewrite, "mean": MeanRewrite}
 _COMPUTE = {"relax.nn.conv2d": "conv2d", "relax.matmul": "matmul"}
 
 

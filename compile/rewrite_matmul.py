@@ -17,7 +17,7 @@ import numpy as np
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from ._common import const_np, multiplier, qtype_of, requantize, scalar
+from ._common import Multiplier, const_np, qtype_of, requantize, scalar
 
 __all__ = ["MatmulRewrite"]
 
@@ -81,4 +81,5 @@ class MatmulRewrite:
         acc = relax.op.matmul(x_q, relax.const(np.ascontiguousarray(w)), out_dtype="int32")
         acc = relax.op.add(acc, relax.const(bias.astype(np.int32)))
         lo = max(out_t.qmin, int(zp_y)) if self.relu in m else out_t.qmin
-        return requantize(acc, multiplier(s_x, s_w, s_y), int(zp_y), out_t, lo, (cout,), self.requant)
+        mult = Multiplier.for_product(s_x, s_w, s_y)
+        return requantize(acc, mult, int(zp_y), out_t, lo, (cout,), self.requant)

@@ -1,0 +1,37 @@
+"""Session-wide tiny QDQ models for the compile tests (built once, a few seconds in all)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from plateau.compile import _fixtures as fx
+
+needs_cross = pytest.mark.skipif(
+    shutil.which("aarch64-linux-gnu-gcc") is None,
+    reason="aarch64-linux-gnu-gcc not installed (apt-get install gcc-aarch64-linux-gnu)",
+)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("compile_models")
+
+
+@pytest.fixture(scope="session")
+def fp32_onnx(model_dir) -> Path:
+    return fx.tiny_cnn_onnx(model_dir / "fp32.onnx")
+
+
+@pytest.fixture(scope="session")
+def qdq_models(model_dir, fp32_onnx) -> dict[str, Path]:
+    """name -> QDQ ONNX: onnxruntime quantize_static (S8S8, U8S8, W4A8) and exporter-style opset 21 (int4, int8)."""
+    return {
+        "ort_s8s8": fx.ort_qdq(fp32_onnx, model_dir / "ort_s8s8.onnx", "QInt8", "QInt8"),
+        "ort_u8s8": fx.ort_qdq(fp32_onnx, model_dir / "ort_u8s8.onnx", "QUInt8", "QInt8"),
+        # 4-bit weights from onnxruntime: com.microsoft Q/DQ nodes at opset 17.
+        "ort_w4": fx.ort_qdq(fp32_onnx, model_dir / "ort_w4.onnx", "QInt8", "QInt4"),
+        "exporter_w4": fx.exporter_style_qdq(model_dir / "exporter_w4.onnx", w_bits=4),
+        "exporter_w8": fx.exporter_style_qdq(model_dir / "exporter_w8.onnx", w_bits=8),
+    }

@@ -1,0 +1,54 @@
+"""Rewrite dequantize -> mean over spatial axes -> quantize (GlobalAveragePool, ReduceMean) into an integer sum.
+
+    quantize(mean(dequantize(x_q, s_x, zp_x), axes), s_y, zp_y)
+=>
+    requantize(sum(int32(x_q), axes) - zp_x * K, s_x / (s_y * K))         K = number of averaged elements
+
+This is onnxruntime's QLinearGlobalAveragePool on x86 (which its QDQ optimizer fuses for these nodes): an exact
+int32 sum, then the float32 multiplier s_x / (s_y * float(K)). Where onnxruntime keeps the float mean instead,
+the two agree except on exact ties.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+from tvm.relax.dpl import is_const, is_op, wildcard
+
+from ._common import Multiplier, qtype_of, requantize, scalar
+
+__all__ = ["MeanRewrite"]
+
+
+class MeanRewrite:
+    """Pattern and rewriter for an average over static axes of a per-tensor quantized input."""
+
+    def __init__(self, requant: str = "float") -> None:
+        self.requant = requant
+        self.x_q, self.s_x, self.zp_x = wildcard(), is_const(), is_const()
+        self.s_y, self.zp_y = is_const(), is_const()
+        x = is_op("relax.dequantize")(self.x_q, self.s_x, self.zp_x)
+        self.mean = is_op("relax.mean")(x)
+        self.quant = is_op("relax.quantize")(self.mean, self.s_y, self.zp_y)
+        self.pattern = self.quant
+
+    def __call__(self, expr: relax.Expr, m: dict) -> relax.Expr:
+        x_q = m[self.x_q]
+        out_t = qtype_of(m[self.quant].attrs.out_dtype)
+        s_x, zp_x, s_y, zp_y = (scalar(m[p]) for p in (self.s_x, self.zp_x, self.s_y, self.zp_y))
+        if qtype_of(x_q.ty.dtype) is None or out_t is None or None in (s_x, zp_x, s_y, zp_y):
+            return expr
+        attrs = m[self.mean].attrs
+        shape = x_q.ty.shape
+        axes = range(len(shape)) if attrs.axis is None else [int(a) % len(shape) for a in attrs.axis]
+        try:
+            k = int(np.prod([int(shape[a]) for a in axes]))
+        except TypeError:  # a dynamic averaged axis: K unknown at compile time
+            return expr
+        if k >= 2**24 or k * 255 >= 2**31:
+            return expr
+        acc = relax.op.sum(relax.op.astype(x_q, "int32"), axis=list(axes), keepdims=bool(attrs.keepdims))
+        if int(zp_x):
+            acc = relax.op.add(acc, relax.const(np.int32(-int(zp_x) * k)))
+        mult = Multiplier.for_mean(s_x, s_y, k)
+        return requantize(acc, mult, int(zp_y), out_t, out_t.qmin, (), self.requant)

@@ -1,0 +1,77 @@
+"""Whole-model parity: compile tiny QDQ models for the host, load with plain TVM, compare with onnxruntime."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tvm
+from plateau.compile import _fixtures as fx
+from plateau.compile import compile_onnx
+from tvm import relax
+
+from plateau.artifacts import read_manifest, sha256_file
+
+MODELS = ["ort_s8s8", "ort_u8s8", "ort_w4", "exporter_w4", "exporter_w8"]
+N_BATCHES = 16  # x 8 images x 10 logits = 1280 logits per model
+
+
+@pytest.fixture(scope="module")
+def compiled(qdq_models, tmp_path_factory) -> dict:
+    """name -> (onnx path, out dir, manifest), compiled for the host once per module."""
+    out = {}
+    for name in MODELS:
+        d = tmp_path_factory.mktemp(f"host_{name}")
+        out[name] = (qdq_models[name], d, compile_onnx(qdq_models[name], "host", d))
+    return out
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_matches_onnxruntime(compiled, name):
+    onnx_path, out_dir, _ = compiled[name]
+    stats = fx.compare_to_ort(onnx_path, out_dir / "model.so", n_batches=N_BATCHES)
+    print(f"{name}: {json.dumps(stats)}")  # shown with pytest -s / -rA: the measured parity
+    assert stats["exact"] >= 0.999, stats
+    assert stats["max_steps"] <= 1, stats
+    assert stats["top1"] == 1.0, stats
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_layer_is_integer(compiled, name):
+    ops = compiled[name][2]["ops"]
+    assert ops["float_conv2d"] == 0 and ops["float_matmul"] == 0, ops
+    assert ops["int_conv2d"] == 2 and ops["int_matmul"] == 1, ops
+    assert compiled[name][2]["float_islands"] == []
+
+
+def test_manifest(compiled):
+    onnx_path, out_dir, m = compiled["exporter_w4"]
+    assert read_manifest(out_dir, "compile") == m
+    assert m["target"] == "host" and m["tvm_target"]["kind"] == "llvm" and m["tvm_version"] == tvm.__version__
+    assert m["input"] == {"shape": ["N", 3, fx.HW, fx.HW], "dtype": "float32", "name": "input"}
+    assert m["output"] == {"shape": ["N", 10], "dtype": "float32", "name": "logits"}
+    assert m["batch"] == "dynamic"
+    assert m["inputs"]["onnx"]["sha256"] == sha256_file(onnx_path)
+    assert m["outputs"]["library"]["sha256"] == sha256_file(out_dir / "model.so")
+    # 4-bit weights: (8*3*9 + 8*8*9 + 10*8) values at half a byte each.
+    assert m["weight_bits"] == [4] and m["weight_bytes"] == (216 + 576 + 80) // 2
+    assert not list(out_dir.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_dynamic_batch(compiled):
+    _, out_dir, _ = compiled["ort_s8s8"]
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(out_dir / "model.so")), tvm.cpu())
+    for n in (1, 3):
+        x = np.random.default_rng(n).standard_normal((n, 3, fx.HW, fx.HW)).astype(np.float32)
+        assert vm["main"](tvm.runtime.tensor(x)).numpy().shape == (n, 10)
+
+
+@pytest.mark.parametrize("requant", ["fixed", "float32"])
+def test_other_requant_modes(qdq_models, tmp_path, requant):
+    """Integer-only (ties round up) and float32-multiplier requantize: allow rare one-step differences."""
+    m = compile_onnx(qdq_models["exporter_w4"], "host", tmp_path, requant=requant)
+    assert m["config"]["requant"] == requant
+    stats = fx.compare_to_ort(qdq_models["exporter_w4"], tmp_path / "model.so", n_batches=N_BATCHES)
+    print(f"{requant}: {json.dumps(stats)}")
+    assert stats["max_steps"] <= 1 and stats["exact"] >= 0.99 and stats["top1"] == 1.0, stats
