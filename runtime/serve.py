@@ -77,6 +77,17 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def _check_bindable(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TVM's server does
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            msg = f"cannot bind the RPC server to {host}:{port} ({e.strerror}): pick another --port"
+            raise PlateauError(msg) from None
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 9090,
@@ -95,6 +106,8 @@ def serve(
         raise PlateauError(f"port must be 0..65535, got {port}")
     if port == 0:
         port = _free_port(host)
+    else:
+        _check_bindable(host, port)  # fail in milliseconds, not after the server's slow start-up
     worker = str(Path(_worker.__file__).resolve())
     if emulate:
         from .sysroot import arm64_python

@@ -222,3 +222,14 @@ def test_static_batch_without_manifest(artifacts, inputs, tmp_path):
     res = run_artifact(bare / "model.so", inputs[:8], batch_size=4, timing=True)
     assert res.outputs.shape == (8, 10)
     assert "error" in res.latency["batch_1"] and res.latency["batch_4"]["median_ms"] > 0
+
+
+def test_serve_port_in_use():
+    from plateau.runtime import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        with pytest.raises(PlateauError, match=f"127.0.0.1:{port}"):
+            serve(port=port, block=False, silent=True)
