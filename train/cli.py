@@ -3,7 +3,8 @@
     plateau train --run runs/default                                  # small_cnn on synthetic data
     plateau train --run runs/r20 --model cifar_resnet20 --data ../shared/data/cifar10 \
         --checkpoint ../shared/models/cifar-resnet/resnet20-12fca82f.th --bits W4A4 --noise gaussian --epochs 3
-    torchrun --nproc_per_node 2 -m plateau.train --run runs/ddp       # DistributedDataParallel, gloo on CPU
+    torchrun --nproc_per_node 2 -m plateau.train -- --run runs/ddp    # DistributedDataParallel, gloo on CPU
+    (the `--` keeps torchrun from reading --run as its own --run-path)
 """
 
 from __future__ import annotations
@@ -97,6 +98,11 @@ def _entry(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="plateau train", description="flat full-precision training")
     add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    # torchrun's own parser takes `--run` for an abbreviation of its `--run-path`, so under torchrun the options
+    # go after a `--`, which torchrun passes through: drop it here.
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
     args = parser.parse_args(argv)
     try:
         main(args)

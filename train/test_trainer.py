@@ -1,0 +1,195 @@
+"""The loop: outputs, every method, exact resume after a kill, NaN handling, bad input, fine-tuning, DDP."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from plateau.train import METHODS, TrainConfig, add_arguments, main, train
+from torch import nn
+
+from plateau.data import ImageSet
+from plateau.errors import PlateauError
+
+torch.set_num_threads(1)
+SHARED = Path("/work/shared")
+R20 = SHARED / "models/cifar-resnet/resnet20-12fca82f.th"
+
+
+class Tiny(nn.Module):
+    """Two convs and a linear: enough for BN, Conv and Linear layers, fast on one core."""
+
+    def __init__(self, fail_after: int | None = None, nan_after: int | None = None) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        )
+        self.fc = nn.Linear(16, 4)
+        self.plateau_cfg = {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.25] * 3}
+        self.plateau_name = "tiny"
+        self.calls, self.fail_after, self.nan_after = 0, fail_after, nan_after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.fail_after is not None and self.calls > self.fail_after:
+                raise KeyboardInterrupt("simulated kill")
+        out = self.fc(self.features(x).mean((2, 3)))
+        if self.nan_after is not None and self.calls > self.nan_after:
+            out = out * float("nan")
+        return out
+
+
+def _images(n: int, seed: int) -> ImageSet:
+    """Four classes told apart by the mean colour: learnable in a couple of epochs."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    base = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]])[labels]
+    imgs = base[:, None, None, :] + rng.normal(0, 40, (n, 16, 16, 3))
+    return ImageSet(np.clip(imgs, 0, 255).astype(np.uint8), labels.astype(np.int64), ["r", "g", "b", "y"], "test")
+
+
+TRAIN, TEST = _images(192, 0), _images(64, 1)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(epochs=2, batch_size=32, lr=0.05, bits="W4A4", noise="gaussian", flatness="off", progress=False,
+                flatness_images=64, trace_samples=2, eig_iters=3, mc_samples=2, calib_images=64)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_outputs_and_checkpoint_contract(tmp_path):
+    torch.manual_seed(0)
+    report = train(Tiny(), _cfg(flatness="epoch"), tmp_path, TRAIN, TEST)
+    out = tmp_path / "train"
+    for name in ("checkpoint-epoch001.pt", "checkpoint-epoch002.pt", "last.pt", "metrics.jsonl", "report.json",
+                 "report.md", "manifest.json"):
+        assert (out / name).is_file(), name
+    ck = torch.load(out / "last.pt", weights_only=True)  # only plain types: safe to load
+    for key in ("model", "model_name", "num_classes", "plateau_cfg", "classes", "config", "optimizer", "scheduler",
+                "rng", "noise", "epoch"):
+        assert key in ck, key
+    assert ck["epoch"] == 2 and ck["model_name"] == "tiny" and ck["classes"] == ["r", "g", "b", "y"]
+    assert set(ck["noise"]["act_ranges"]) == {"features.0", "features.3", "fc"}
+    lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2] and all("flatness" in r for r in lines)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["format"] == "plateau.train" and m["outputs"]["checkpoint"] == "last.pt"
+    f = report["flatness_final"]
+    assert f["hessian_trace"] > 0 and np.isfinite(f["top_eigenvalue"])
+    assert report["flatness_initial"] is not None  # epoch 0, before training
+    assert "quant_gap" in report and report["quant_gap"]["bits"] == "W4A4"
+    assert report["fp_top1"] > 60  # learnable toy data
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains(tmp_path, method):
+    torch.manual_seed(0)
+    r = train(Tiny(), _cfg(noise=method, epochs=1), tmp_path, TRAIN, TEST)
+    assert np.isfinite(r["final"]["train_loss"])
+
+
+@pytest.mark.parametrize("method", ["gaussian", "ramp", "sam-gaussian"])
+def test_resume_after_kill_reproduces_uninterrupted_run(tmp_path, method):
+    cfg = _cfg(noise=method, epochs=3)
+    torch.manual_seed(0)
+    ref = Tiny()
+    train(ref, cfg, tmp_path / "a", TRAIN, TEST)
+
+    steps = 6  # 192 images / batch 32
+    passes = 2 if method.startswith("sam") else 1
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):  # killed in the middle of epoch 3
+        train(Tiny(fail_after=(2 * steps + 3) * passes), cfg, tmp_path / "b", TRAIN, TEST)
+    assert torch.load(tmp_path / "b/train/last.pt", weights_only=True)["epoch"] == 2
+
+    torch.manual_seed(123)  # a new process: different init, overwritten by the checkpoint
+    resumed = Tiny()
+    rep = train(resumed, _cfg(noise=method, epochs=3, resume=True), tmp_path / "b", TRAIN, TEST)
+    assert rep["epochs_run"] == 3
+    a, b = ref.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    lines = (tmp_path / "b/train/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    with pytest.raises(PlateauError, match=r"NaN.*epoch 2.*last good checkpoint"):
+        train(Tiny(nan_after=8), _cfg(epochs=3), tmp_path, TRAIN, TEST)
+    ck = torch.load(tmp_path / "train/last.pt", weights_only=True)
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "train/checkpoint-epoch002.pt").exists()
+
+
+def test_nan_in_first_epoch_says_no_checkpoint(tmp_path):
+    with pytest.raises(PlateauError, match="no checkpoint was written"):
+        train(Tiny(nan_after=0), _cfg(epochs=1), tmp_path, TRAIN, TEST)
+
+
+def _args(tmp_path, *argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(["--run", str(tmp_path), "--no-progress", "--flatness", "off", "--threads", "1", *argv])
+
+
+def test_unknown_model_name(tmp_path):
+    with pytest.raises(PlateauError, match="unknown model 'no_such_net'"):
+        main(_args(tmp_path, "--model", "no_such_net", "--train-limit", "64"))
+
+
+def test_checkpoint_that_does_not_fit(tmp_path):
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": {"conv.weight": torch.zeros(2, 2)}}, bad)
+    with pytest.raises(PlateauError, match="does not fit model small_cnn"):
+        main(_args(tmp_path, "--checkpoint", str(bad), "--train-limit", "64"))
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="noise method must be one of"):
+        TrainConfig(noise="dropout")
+    with pytest.raises(ValueError, match="W<bits>A<bits>"):
+        TrainConfig(bits="int4")
+
+
+def test_resume_refuses_other_model(tmp_path):
+    train(Tiny(), _cfg(epochs=1), tmp_path, TRAIN, TEST)
+    other = Tiny()
+    other.plateau_name = "other"
+    with pytest.raises(PlateauError, match="holds model 'tiny'"):
+        train(other, _cfg(epochs=2, resume=True), tmp_path, TRAIN, TEST)
+
+
+@pytest.mark.skipif(not R20.is_file(), reason=f"pretrained checkpoint {R20} not present")
+def test_finetune_from_pretrained_cifar_resnet20(tmp_path):
+    from plateau.models import create_model
+
+    ref = torch.load(R20, map_location="cpu", weights_only=True)["state_dict"]["module.conv1.weight"]
+    assert torch.equal(create_model("cifar_resnet20", checkpoint=R20).conv1.weight.detach(), ref)
+    report = main(_args(tmp_path, "--model", "cifar_resnet20", "--checkpoint", str(R20), "--epochs", "1",
+                        "--train-limit", "128", "--eval-limit", "128", "--calib-images", "64", "--lr", "1e-4"))
+    assert report["model_name"] == "cifar_resnet20" and report["config"]["lr"] == 1e-4
+    m = json.loads((tmp_path / "train/manifest.json").read_text())
+    assert m["inputs"]["checkpoint_sha256"]
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "plateau.train", "--", "--run", str(tmp_path), "--epochs", "2", "--train-limit", "512",
+           "--eval-limit", "256", "--flatness", "end", "--flatness-images", "64", "--threads", "1", "--no-progress",
+           "--noise", "sam-gaussian", "--bits", "W4A8", "--calib-images", "64"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "train/report.json").read_text())
+    assert report["world_size"] == 2 and report["epochs_run"] == 2
+    assert report["flatness_final"]["hessian_trace"] > 0
+    ck = torch.load(tmp_path / "train/last.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in ck["model"])  # saved unwrapped, loadable by export
