@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +53,10 @@ def tiny_cnn_onnx(path: Path, seed: int = 0) -> Path:
     for bn in (net.b1, net.b2):  # non-trivial BN statistics so folding matters
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
-    torch.onnx.export(net, torch.randn(1, 3, HW, HW), str(path), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17, dynamo=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated, still fine
+        torch.onnx.export(net, torch.randn(1, 3, HW, HW), str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17, dynamo=False)
     return path
 
 

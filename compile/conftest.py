@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 from plateau.compile import _fixtures as fx
-
-needs_cross = pytest.mark.skipif(
-    shutil.which("aarch64-linux-gnu-gcc") is None,
-    reason="aarch64-linux-gnu-gcc not installed (apt-get install gcc-aarch64-linux-gnu)",
-)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,82 @@
+"""The target registry, arm64 cross-compilation (ELF machine, dot-product instructions) and a build per target."""
+
+from __future__ import annotations
+
+import platform
+import re
+import shutil
+
+import pytest
+from plateau.compile import compile_onnx, get_target, list_targets, lower_qdq
+from plateau.compile.compiler import build, import_onnx
+
+from plateau.errors import PlateauError
+
+EM_AARCH64, EM_X86_64 = 183, 62
+needs_cross = pytest.mark.skipif(
+    shutil.which("aarch64-linux-gnu-gcc") is None,
+    reason="aarch64-linux-gnu-gcc not installed (apt-get install gcc-aarch64-linux-gnu)",
+)
+
+
+def elf_machine(path) -> int:
+    """e_machine from the ELF header (bytes 18-19, little endian), without the `file` tool."""
+    head = open(path, "rb").read(20)
+    assert head[:4] == b"\x7fELF", "not an ELF file"
+    return int.from_bytes(head[18:20], "little")
+
+
+def test_registry_names():
+    assert set(list_targets()) >= {"host", "arm64", "arm64-neon", "arm64-dotprod", "arm64-i8mm", "rpi4", "rpi5"}
+    arm = get_target("arm64").tvm_target
+    assert arm["mtriple"] == "aarch64-linux-gnu" and arm["mattr"] == ["+neon", "+dotprod"]
+    assert "+dotprod" not in get_target("arm64-neon").tvm_target["mattr"]
+    assert "+i8mm" in get_target("arm64-i8mm").tvm_target["mattr"]
+    assert get_target("rpi4").tvm_target["mcpu"] == "cortex-a72"
+    assert "+dotprod" not in get_target("rpi4").tvm_target["mattr"]
+    assert get_target("rpi5").tvm_target["mcpu"] == "cortex-a76"
+
+
+def test_unknown_target_lists_valid_names(qdq_models, tmp_path):
+    with pytest.raises(PlateauError, match=r"unknown target 'arm65'.*arm64.*host"):
+        compile_onnx(qdq_models["ort_s8s8"], "arm65", tmp_path)
+
+
+def test_host_library_is_native(qdq_models, tmp_path):
+    compile_onnx(qdq_models["ort_s8s8"], "host", tmp_path)
+    if platform.machine() == "x86_64":
+        assert elf_machine(tmp_path / "model.so") == EM_X86_64
+
+
+@needs_cross
+def test_arm64_library_is_aarch64(qdq_models, tmp_path):
+    m = compile_onnx(qdq_models["exporter_w4"], "arm64", tmp_path)
+    assert elf_machine(tmp_path / "model.so") == EM_AARCH64
+    assert m["arch"] == "aarch64" and m["tvm_target"]["mattr"] == ["+neon", "+dotprod"]
+    assert m["conv_layout"] == "NHWC" and m["ops"]["float_conv2d"] == 0 and m["ops"]["int_conv2d"] == 2
+
+
+def _asm(qdq_path, target: str) -> str:
+    mod, _ = import_onnx(qdq_path)
+    from plateau.compile.compiler import _to_layout
+
+    tgt = get_target(target)
+    ex, _ = build(_to_layout(lower_qdq(mod), tgt.conv_layout), tgt)
+    return ex.mod.imports[0].inspect_source("asm")
+
+
+def test_arm64_dotprod_emits_sdot(qdq_models):
+    """int8 x int8 reductions become sdot with +dotprod (NHWC conv, reduction over contiguous channels)."""
+    asm = _asm(qdq_models["ort_s8s8"], "arm64-dotprod")
+    assert re.search(r"\bsdot\b", asm), "no sdot in the arm64-dotprod assembly"
+    assert not re.search(r"\bsdot\b", _asm(qdq_models["ort_s8s8"], "arm64-neon"))
+
+
+@pytest.mark.slow
+@needs_cross
+@pytest.mark.parametrize("target", list_targets())
+def test_every_target_builds(qdq_models, tmp_path, target):
+    m = compile_onnx(qdq_models["exporter_w8"], target, tmp_path)
+    if get_target(target).arch == "aarch64":
+        assert elf_machine(tmp_path / "model.so") == EM_AARCH64
+    assert m["target"] == target and m["ops"]["float_conv2d"] == 0
