@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from plateau.quant import INT8, QType, choose_qparams, quantize_bias_np, quantize_np
 
 __all__ = [
-    "tiny_cnn_onnx", "ort_qdq", "exporter_style_qdq", "single_conv_qdq", "calibration_batches", "output_step",
+    "tiny_cnn_onnx", "tiny_mobile_onnx", "ort_qdq", "exporter_style_qdq", "single_conv_qdq", "calibration_batches", "output_step",
     "compare_to_ort", "HW",
 ]
 
@@ -55,6 +55,25 @@ def tiny_cnn_onnx(path: Path, seed: int = 0) -> Path:
         bn.running_var.uniform_(0.5, 2.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated, still fine
+        torch.onnx.export(net, torch.randn(1, 3, HW, HW), str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17, dynamo=False)
+    return path
+
+
+def tiny_mobile_onnx(path: Path, seed: int = 0) -> Path:
+    """MobileNet-like: stride-2 stem, depthwise 3x3 + ReLU6, pointwise 1x1, MaxPool, Flatten, Linear."""
+    import torch
+    import torch.nn as nn
+
+    def block(cin, cout, k, s, groups=1, act=True):
+        layers = [nn.Conv2d(cin, cout, k, s, k // 2, groups=groups), nn.BatchNorm2d(cout)]
+        return nn.Sequential(*layers, nn.ReLU6()) if act else nn.Sequential(*layers)
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(block(3, 16, 3, 2), block(16, 16, 3, 1, groups=16), block(16, 24, 1, 1, act=False),
+                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(24 * (HW // 4) ** 2, 10)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(net, torch.randn(1, 3, HW, HW), str(path), input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17, dynamo=False)
     return path
