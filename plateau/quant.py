@@ -39,6 +39,8 @@ __all__ = [
     "rounding_noise_std",
     "requant_multiplier",
     "parse_bits",
+    "conv_multiplier",
+    "requantize",
 ]
 
 
@@ -279,3 +281,26 @@ def requant_multiplier(m: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mult = np.where(carry, mult // 2, mult)
     exp = np.where(carry, exp + 1, exp)
     return mult.astype(np.int32), (-exp).astype(np.int32)
+
+
+# --- integer-kernel numerics (what the reference, onnxruntime's QLinearConv and TVM's lowering compute) ------------------
+def conv_multiplier(s_x: float | np.ndarray, s_w: np.ndarray, s_y: float) -> np.ndarray:
+    """Requantization multiplier of a conv/matmul: float32(float32(s_x * s_w) / s_y), per output channel.
+
+    The evaluation order is fixed (as onnxruntime's QLinearConv does it) so every backend gets the same float32.
+    """
+    sxw = (np.float32(s_x) * np.asarray(s_w, dtype=np.float32)).astype(np.float32)
+    return (sxw / np.float32(s_y)).astype(np.float32)
+
+
+def requantize(acc: torch.Tensor, multiplier: torch.Tensor, zero_point: int, qtype: QType,
+               relu: bool = False, axis: int | None = 1) -> torch.Tensor:
+    """int32 accumulator -> output integers: saturate(round_half_even(float32(acc) * M) + zp).
+
+    acc holds exact integers (any float dtype or int); float32(acc) rounds like a cvtdq2ps when |acc| > 2^24.
+    A fused ReLU raises the lower bound to the zero point (round(max(y, 0)) == max(round(y), 0)).
+    """
+    m = _bcast(multiplier, acc, axis if torch.as_tensor(multiplier).ndim else None).to(torch.float32)
+    y = torch.round(acc.to(torch.float32) * m) + zero_point
+    lo = max(qtype.qmin, zero_point) if relu else qtype.qmin
+    return torch.clamp(y, lo, qtype.qmax)

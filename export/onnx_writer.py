@@ -1,0 +1,209 @@
+"""Write the quantized graph as a QDQ ONNX model (opset 21), or the BN-folded float graph as FP32 ONNX.
+
+Structure (every quantized operator's inputs are DequantizeLinear outputs, so consumers see one pattern):
+
+    input -> QuantizeLinear -> DequantizeLinear -> Conv(., DQ(W_q int8|int4, s_w[Cout], axis 0),
+                                                          DQ(b_q int32, s_x*s_w[Cout], axis 0)) [-> Relu]
+          -> QuantizeLinear -> DequantizeLinear -> ...
+    pass-through ops (MaxPool, Flatten, Slice, Pad, standalone Relu): DQ -> op -> Q with the same scale -> DQ
+    the last layer's DequantizeLinear is the graph output "logits".
+
+Weights are integer initializers (INT8, or INT4 packed by onnx's helpers), never float weights re-quantized at run
+time. The file carries metadata: Plateau's format version, bits, calibration, source checkpoint hash.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from plateau.artifacts import FORMAT_VERSION
+from plateau.quant import QType
+
+from .graph import QNode
+from .quantize import FakeQuantModel
+
+__all__ = ["to_qdq_onnx", "to_float_onnx", "OPSET", "INPUT_NAME", "OUTPUT_NAME"]
+
+OPSET = 21
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+def _onnx_type(qt: QType) -> int:
+    return {
+        "int8": TensorProto.INT8, "uint8": TensorProto.UINT8,
+        "int4": TensorProto.INT4, "uint4": TensorProto.UINT4, "int32": TensorProto.INT32,
+    }[qt.storage]
+
+
+def _int_initializer(name: str, values: np.ndarray, qt: QType) -> onnx.TensorProto:
+    values = np.asarray(values)
+    if qt.storage in ("int4", "uint4"):
+        # make_tensor packs 4-bit values two per byte.
+        return helper.make_tensor(name, _onnx_type(qt), list(values.shape), values.astype(np.int32).flatten().tolist())
+    return numpy_helper.from_array(values.astype(qt.np_dtype), name)
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def init(self, t: onnx.TensorProto) -> str:
+        self.inits.append(t)
+        return t.name
+
+    def const_f32(self, name: str, v: np.ndarray | float) -> str:
+        return self.init(numpy_helper.from_array(np.asarray(v, dtype=np.float32), name))
+
+    def node(self, op: str, ins: list[str], outs: list[str], name: str, **attrs) -> None:
+        self.nodes.append(helper.make_node(op, ins, outs, name=name, **attrs))
+
+
+def _op(b: _Builder, n: QNode, ins: list[str], out: str, w: str | None = None, bias: str | None = None) -> None:
+    """Emit the float operator for one node (shared by the QDQ and the FP32 writers)."""
+    a = n.attrs
+    if n.op == "conv":
+        p = a["padding"]
+        b.node("Conv", [ins[0], w, bias], [out], n.name, strides=a["stride"], pads=[p[0], p[1], p[0], p[1]],
+               dilations=a["dilation"], group=a["groups"], kernel_shape=a["kernel"])
+    elif n.op == "linear":
+        b.node("Gemm", [ins[0], w, bias], [out], n.name, transB=1)
+    elif n.op in ("add", "mul"):
+        b.node(n.op.capitalize(), ins, [out], n.name)
+    elif n.op == "gap":
+        b.node("GlobalAveragePool", ins, [out], n.name)
+    elif n.op in ("maxpool", "avgpool"):
+        p = a["padding"]
+        kw = dict(kernel_shape=a["kernel"], strides=a["stride"], pads=[p[0], p[1], p[0], p[1]],
+                  ceil_mode=int(a["ceil_mode"]))
+        if n.op == "maxpool":
+            b.node("MaxPool", ins, [out], n.name, dilations=a["dilation"], **kw)
+        else:
+            b.node("AveragePool", ins, [out], n.name, count_include_pad=int(a["count_include_pad"]), **kw)
+    elif n.op == "flatten":
+        b.node("Flatten", ins, [out], n.name, axis=1)
+    elif n.op == "slice":
+        args = [b.init(numpy_helper.from_array(np.asarray(a[k], np.int64), f"{n.name}_{k}"))
+                for k in ("starts", "ends", "axes", "steps")]
+        b.node("Slice", [ins[0], *args], [out], n.name)
+    elif n.op == "pad":
+        # torch pads last dimension first, (begin, end) pairs; ONNX lists all begins then all ends.
+        tp = a["pad"]
+        rank = 4
+        begins, ends = [0] * rank, [0] * rank
+        for i in range(len(tp) // 2):
+            begins[rank - 1 - i], ends[rank - 1 - i] = tp[2 * i], tp[2 * i + 1]
+        pads = b.init(numpy_helper.from_array(np.asarray(begins + ends, np.int64), f"{n.name}_pads"))
+        b.node("Pad", [ins[0], pads], [out], n.name, mode="constant")
+    elif n.op == "relu":
+        b.node("Relu", ins, [out], n.name)
+    elif n.op == "cat":
+        b.node("Concat", ins, [out], n.name, axis=a["dim"])
+    else:
+        raise AssertionError(n.op)
+
+
+def _finish(b: _Builder, shape: list[int], n_out: int | None, meta: dict, name: str) -> onnx.ModelProto:
+    inp = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", *shape[1:]])
+    out = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", n_out] if n_out else None)
+    graph = helper.make_graph(b.nodes, name, [inp], [out], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="plateau")
+    model.ir_version = 10
+    meta = {"plateau.format_version": str(FORMAT_VERSION), **{k: str(v) for k, v in meta.items()}}
+    helper.set_model_props(model, meta)
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None) -> onnx.ModelProto:
+    """The QDQ ONNX graph of a fake-quant reference model.
+
+    Each consumer gets its own DequantizeLinear (as onnxruntime's quantizer does): runtimes fuse DQ -> op -> Q
+    into one integer kernel only when the DQ feeds that op alone.
+    """
+    g, b = ref.graph, _Builder()
+    qout: dict[str, tuple[str, str, str]] = {}  # node -> (integer tensor, scale, zero point)
+    qp: dict[str, tuple[str, str]] = {}  # quant point -> (scale, zero point) initializer names
+
+    def quant(src: str, n_name: str, qsource: str) -> None:
+        s, z = qp[qsource]
+        b.node("QuantizeLinear", [src, s, z], [f"{n_name}_q"], f"{n_name}_Q")
+        qout[n_name] = (f"{n_name}_q", s, z)
+
+    def dq(src_node: str, consumer: str, out: str | None = None) -> str:
+        q, s, z = qout[src_node]
+        out = out or f"{src_node}_dq_{consumer}"
+        b.node("DequantizeLinear", [q, s, z], [out], f"{src_node}_DQ_{consumer}")
+        return out
+
+    for n in g.nodes:
+        if n.quantized_output:
+            a = ref.acts[n.name]
+            s = b.const_f32(f"{n.name}_scale", np.float32(a.scale))
+            z = b.init(_int_initializer(f"{n.name}_zero_point", np.asarray(a.zero_point), a.qtype))
+            qp[n.name] = (s, z)
+        if n.op == "input":
+            quant(INPUT_NAME, n.name, n.name)
+            continue
+        ins = [dq(i, n.name) for i in n.inputs]
+        w = bias = None
+        if n.is_weighted:
+            wq = ref.weights[n.name]
+            cout = wq.q.shape[0]
+            wi = b.init(_int_initializer(f"{n.name}_weight_q", wq.q.numpy().astype(np.int32), wq.qtype))
+            ws = b.const_f32(f"{n.name}_weight_scale", wq.scale.numpy())
+            wz = b.init(_int_initializer(f"{n.name}_weight_zero_point", np.zeros(cout, np.int32), wq.qtype))
+            b.node("DequantizeLinear", [wi, ws, wz], [f"{n.name}_weight"], f"{n.name}_weight_DQ", axis=0)
+            bi = b.init(numpy_helper.from_array(wq.bias_q.numpy().astype(np.int32), f"{n.name}_bias_q"))
+            bs = b.const_f32(f"{n.name}_bias_scale", wq.bias_scale.numpy())
+            bz = b.init(numpy_helper.from_array(np.zeros(cout, np.int32), f"{n.name}_bias_zero_point"))
+            b.node("DequantizeLinear", [bi, bs, bz], [f"{n.name}_bias"], f"{n.name}_bias_DQ", axis=0)
+            w, bias = f"{n.name}_weight", f"{n.name}_bias"
+        pre = f"{n.name}_out"
+        _op(b, n, ins, pre, w, bias)
+        a = ref.acts.get(n.name)
+        # With the output zero point at qmin, saturation already clamps negatives: Q(relu(y)) == Q(y). Leaving the
+        # Relu out lets runtimes fuse Conv/Add -> Q into one integer kernel.
+        if n.relu and not (a is not None and a.zero_point == a.qtype.qmin):
+            b.node("Relu", [pre], [f"{n.name}_relu"], f"{n.name}_Relu")
+            pre = f"{n.name}_relu"
+        quant(pre, n.name, g.quant_source(n.name))
+    dq(g.output, "output", OUTPUT_NAME)
+    n_out = ref.weights[g.output].q.shape[0] if g.output in ref.weights else None
+    return _finish(b, g.input_shape, n_out, meta or {}, "plateau_qdq")
+
+
+def to_float_onnx(ref: FakeQuantModel, meta: dict | None = None) -> onnx.ModelProto:
+    """The BN-folded float32 graph (the FP32 baseline for onnxruntime and TVM)."""
+    g, b = ref.graph, _Builder()
+    name: dict[str, str] = {}
+    for n in g.nodes:
+        if n.op == "input":
+            name[n.name] = INPUT_NAME
+            continue
+        w = bias = None
+        if n.is_weighted:
+            w = b.const_f32(f"{n.name}_weight", n.weight.numpy())
+            bias = b.const_f32(f"{n.name}_bias", n.bias.numpy())
+        out = OUTPUT_NAME if n.name == g.output and not n.relu else f"{n.name}_out"
+        _op(b, n, [name[i] for i in n.inputs], out, w, bias)
+        if n.relu:
+            r = OUTPUT_NAME if n.name == g.output else f"{n.name}_relu"
+            b.node("Relu", [out], [r], f"{n.name}_Relu")
+            out = r
+        name[n.name] = out
+    n_out = g.node(g.output).weight.shape[0] if g.node(g.output).is_weighted else None
+    return _finish(b, g.input_shape, n_out, meta or {}, "plateau_fp32")
+
+
+def metadata(model: onnx.ModelProto) -> dict:
+    out = {p.key: p.value for p in model.metadata_props}
+    if "plateau.config" in out:
+        out["plateau.config"] = json.loads(out["plateau.config"])
+    return out
