@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from RUN/train/last.pt")
     g.add_argument("--flatness", choices=FLATNESS_MODES, default=_D.flatness, help="when to measure flatness")
     g.add_argument("--flatness-images", type=int, default=_D.flatness_images)
+    g.add_argument("--trace-samples", type=int, default=_D.trace_samples, help="Hutchinson vectors")
+    g.add_argument("--eig-iters", type=int, default=_D.eig_iters, help="power iterations (0: skip)")
+    g.add_argument("--mc-samples", type=int, default=_D.mc_samples, help="Monte Carlo noise draws (0: skip)")
     g.add_argument("--train-limit", type=int, default=None, help="training images per epoch (quick runs)")
     g.add_argument("--eval-limit", type=int, default=None, help="test images per evaluation")
     g.add_argument("--calib-images", type=int, default=_D.calib_images, help="PTQ calibration images (train split)")
@@ -75,6 +78,7 @@ def main(args: argparse.Namespace) -> dict:
         weight_decay=args.weight_decay, warmup_epochs=warmup, bits=args.bits, noise=args.noise, alpha=args.alpha,
         noise_target=args.noise_target, noise_p=args.noise_p, rho=args.rho, first_last_8bit=args.first_last_8bit,
         seed=args.seed, resume=args.resume, flatness=args.flatness, flatness_images=args.flatness_images,
+        trace_samples=args.trace_samples, eig_iters=args.eig_iters, mc_samples=args.mc_samples,
         train_limit=args.train_limit, eval_limit=args.eval_limit, calib_images=args.calib_images,
         img_size=args.img_size, threads=args.threads, progress=not args.no_progress,
     )

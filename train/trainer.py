@@ -79,6 +79,7 @@ class TrainConfig:
     train_limit: int | None = None  # images per epoch
     eval_limit: int | None = None  # test images per evaluation
     calib_images: int = 512  # PTQ calibration images (train split) for the quantization gap
+    quant_gap: bool = True  # measure FP vs PTQ top-1 at the end (needs plateau.export)
     img_size: int | None = None
     augment: bool = True
     threads: int | None = None
@@ -252,7 +253,8 @@ def _quant_gap(model: nn.Module, cfg: TrainConfig, train_set: ImageSet, test_set
         return {**out, "skipped": True, "reason": f"plateau.export.quantize_model unavailable ({e})"}
     try:
         calib = [x for x, _ in _fixed_batches(train_set, cfg.calib_images, mean, std)]
-        qmodel = quantize_model(copy.deepcopy(model).eval(), calib, QuantConfig.from_bits(cfg.bits))
+        extra = {"keep_first_last_8bit": True} if cfg.first_last_8bit else {}
+        qmodel = quantize_model(copy.deepcopy(model).eval(), calib, QuantConfig.from_bits(cfg.bits, **extra))
         q = _evaluate(qmodel, test_set, mean, std, 256, 0, 1, cfg.eval_limit)
     except Exception as e:  # a failure in another stage is reported, not raised: the trained model is still good
         return {**out, "skipped": True, "reason": f"quantize_model failed: {type(e).__name__}: {e}"}
@@ -381,8 +383,7 @@ def _train(model, cfg, out_dir: Path, train_set, test_set, inputs, rank, world) 
     if cfg.flatness == "epoch" and start_epoch == 0 and blob is None and is_main:
         f0 = flatness()
         history.append({"epoch": 0, "flatness": f0})
-        print(f"epoch 0 (before training): Hessian trace {f0['hessian_trace']:.4g}, "
-              f"top eigenvalue {f0['top_eigenvalue']:.4g}, noise loss increase {f0['noise_loss_increase']:.4g}")
+        print(f"epoch 0 (before training):{_flat_txt(f0)}")
 
     last_good = str(last) if blob is not None else None
     t_start = time.time()
@@ -458,7 +459,7 @@ def _train(model, cfg, out_dir: Path, train_set, test_set, inputs, rank, world) 
             with open(out_dir / "metrics.jsonl", "a") as f:  # after the checkpoint: a line always has its checkpoint
                 f.write(json.dumps(rec) + "\n")
             fl = rec.get("flatness")
-            ftxt = f", trace {fl['hessian_trace']:.4g}, eig {fl['top_eigenvalue']:.4g}" if fl else ""
+            ftxt = "," + _flat_txt(fl) if fl else ""
             print(f"epoch {epoch}/{cfg.epochs}: train loss {rec['train_loss']:.4f} acc {rec['train_acc']:.2f}% | "
                   f"test top-1 {ev['top1']:.2f}% | {rec['epoch_time_s']:.1f}s{ftxt}", flush=True)
         if world > 1:
@@ -468,12 +469,18 @@ def _train(model, cfg, out_dir: Path, train_set, test_set, inputs, rank, world) 
     if is_main:
         final = history[-1] if history else {}
         fp = _evaluate(model, test_set, mean, std, 256, 0, 1, cfg.eval_limit)
-        gap = _quant_gap(model, cfg, train_set, test_set, mean, std, fp)
+        gap = (_quant_gap(model, cfg, train_set, test_set, mean, std, fp) if cfg.quant_gap
+               else {"bits": cfg.bits, "fp_top1": fp["top1"], "skipped": True, "reason": "switched off (quant_gap=False)"})
         report = _write_outputs(out_dir, cfg, model_name, pcfg, train_set, history, final, fp, gap, inputs,
                                 time.time() - t_start, world)
     if world > 1:
         dist.barrier()
     return report
+
+
+def _flat_txt(f: dict) -> str:
+    return (f" Hessian trace {_fmt(f['hessian_trace'])}, top eigenvalue {_fmt(f['top_eigenvalue'])}, "
+            f"noise loss increase {_fmt(f['noise_loss_increase'])}")
 
 
 def _sync_ranges(inj: NoiseInjector, world: int) -> None:
