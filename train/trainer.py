@@ -228,8 +228,10 @@ def _train_step(net, raw, inj, opt, x, y, cfg, crit) -> tuple[torch.Tensor, torc
 def _evaluate(model: nn.Module, data: ImageSet, mean, std, bs: int, rank: int, world: int, limit) -> dict:
     was = model.training
     model.eval()
+    if limit is not None and limit < len(data):  # a fixed random subset: ImageFolder order is sorted by class
+        data = data.subset(np.sort(np.random.default_rng(FLATNESS_SEED).permutation(len(data))[:limit]))
     t = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
-    for x, y in batches(data, bs, mean, std, rank=rank, world_size=world, limit=limit):
+    for x, y in batches(data, bs, mean, std, rank=rank, world_size=world):
         out = model(x)
         t += torch.tensor([float(F.cross_entropy(out, y, reduction="sum")), float((out.argmax(1) == y).sum()), len(y)],
                           dtype=torch.float64)
