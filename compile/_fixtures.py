@@ -21,7 +21,7 @@ from plateau.quant import INT8, QType, choose_qparams, quantize_bias_np, quantiz
 
 __all__ = [
     "tiny_cnn_onnx", "tiny_mobile_onnx", "ort_qdq", "exporter_style_qdq", "single_conv_qdq", "calibration_batches", "output_step",
-    "compare_to_ort", "HW",
+    "compare_to_ort", "conv_tie_report", "HW",
 ]
 
 HW = 16
@@ -247,3 +247,62 @@ def compare_to_ort(onnx_path: Path, so_path: Path, n_batches: int = 8, batch: in
     d = np.concatenate(steps)
     return {"n": int(d.size), "exact": float((d == 0).mean()), "max_steps": int(d.max()),
             "top1": float(np.concatenate(top1).mean())}
+
+
+def conv_tie_report(path: Path, n_batches: int = 4, batch: int = 8) -> list[dict]:
+    """Per Conv layer: recompute onnxruntime's QuantizeLinear output from its own quantized input with exact
+    integer arithmetic, and report where the two differ and how far those exact products are from a .5 tie.
+
+    Where onnxruntime runs the conv in float (S8S8 on x86, 4-bit weights), its rounding can only disagree with
+    the exact result on (near-)ties; a formula error would show up far from ties.
+    """
+    import onnxruntime as ort
+    import torch
+
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear":
+            dtype = helper.np_dtype_to_tensor_dtype(inits[n.input[2]].dtype)
+            model.graph.output.append(helper.make_tensor_value_info(n.output[0], dtype, None))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    runs = [dict(zip(names, sess.run(None, {"input": x}), strict=True))
+            for x in calibration_batches(n_batches, batch, seed=321)]
+    got = lambda t: np.concatenate([r[t] for r in runs]).astype(np.int64)  # noqa: E731
+    report = []
+    for conv in (n for n in model.graph.node if n.op_type == "Conv"):
+        dq_x, dq_w = producer[conv.input[0]], producer[conv.input[1]]
+        nxt = consumers[conv.output[0]][0]
+        relu = nxt.op_type == "Relu"
+        q = consumers[nxt.output[0]][0] if relu else nxt
+        if q.op_type != "QuantizeLinear":
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in conv.attribute}
+        t, left, b_, r = a.get("pads", [0, 0, 0, 0])
+        x = torch.tensor(got(dq_x.input[0]) - int(inits[dq_x.input[2]]), dtype=torch.float64)
+        w = torch.tensor(inits[dq_w.input[0]].astype(np.float64))
+        acc = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (left, r, t, b_)), w,
+                                         stride=a.get("strides", [1, 1]), groups=a.get("group", 1)).numpy()
+        if len(conv.input) > 2:
+            acc = acc + inits[producer[conv.input[2]].input[0]].astype(np.float64).reshape(1, -1, 1, 1)
+        s_x, s_y = inits[dq_x.input[1]], inits[q.input[1]]
+        s_w = inits[dq_w.input[1]].reshape(1, -1, 1, 1)
+        real = acc * np.float64(s_x) * s_w.astype(np.float64) / np.float64(s_y)
+        # the default "float" requantize: float32(acc) * ((s_x * s_w) / s_y), all in float32
+        f32 = acc.astype(np.float32) * ((np.float32(s_x) * s_w.astype(np.float32)) / np.float32(s_y))
+        info, zp = np.iinfo(inits[q.input[2]].dtype), int(inits[q.input[2]])
+        tie = np.abs(real - np.floor(real) - 0.5)
+        row = {"layer": conv.name, "n": int(real.size)}
+        for mode, v in (("exact", real), ("float", f32.astype(np.float64))):
+            v = np.maximum(v, 0.0) if relu else v
+            miss = np.clip(np.rint(v) + zp, info.min, info.max) != got(q.output[0])
+            row[f"{mode}_mismatches"] = int(miss.sum())
+            row[f"{mode}_max_tie_distance"] = float(tie[miss].max()) if miss.any() else 0.0
+        report.append(row)
+    return report

@@ -115,7 +115,8 @@ def compile_onnx(
 
     Every quantized conv2d / matmul is lowered to int8 x int8 -> int32 (see lower_qdq). One that cannot be
     lowered is a PlateauError naming its ONNX node, unless `allow_float`, which keeps it in float and lists it
-    in manifest["float_islands"]. `requant` is "float" (onnxruntime-compatible) or "fixed" (integer-only).
+    in manifest["float_islands"]. `requant` is "float" (float32 multiplier, as onnxruntime's
+    fused kernels), "float64" (the exact product) or "fixed" (integer-only); see plateau.compile._common.
     Returns the manifest dict.
     """
     tgt = get_target(target)

@@ -28,8 +28,8 @@ _COMPUTE = {"relax.nn.conv2d": "conv2d", "relax.matmul": "matmul"}
 def lower_qdq(mod: tvm.IRModule, requant: str = "float") -> tvm.IRModule:
     """Rewrite quantized conv2d / matmul patterns of every Relax function in `mod` into integer arithmetic.
 
-    `requant` chooses the requantize step: "float" (float32 multiplier, bit-compatible with onnxruntime) or
-    "fixed" (int32 multiplier and shift, integer-only). Patterns whose preconditions fail are left as they are.
+    `requant` chooses the requantize step: "float" (float32 multiplier, as onnxruntime's fused kernels),
+    "float64" (the exact product) or "fixed" (int32 multiplier and shift, integer-only). Patterns whose preconditions fail are left as they are.
     """
     if requant not in REQUANT_MODES:
         raise ValueError(f"requant must be one of {REQUANT_MODES}, got {requant!r}")

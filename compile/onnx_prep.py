@@ -3,6 +3,9 @@
 - A file that is not ONNX, or an op the importer has no converter for, is a PlateauError naming the node.
 - com.microsoft QuantizeLinear / DequantizeLinear (what onnxruntime writes for 4-bit types below opset 21) move
   to the default domain: same semantics, and the importer only knows the default one.
+- Subgraphs computed from constants only (torch exports F.pad's pads as Constant -> Concat -> Reshape -> Cast,
+  which the importer calls "dynamic pads") are folded into initializers with onnx's reference evaluator.
+  QuantizeLinear / DequantizeLinear are never folded: the rewrites need to see them.
 - INT4 / UINT4 initializers are unpacked to INT8 / UINT8 (exact: same values). The importer cannot read packed
   4-bit tensors, and TVM miscompiles native int4 buffers (shared notes). A QuantizeLinear whose zero point was
   4-bit gets a Clip to the 4-bit range after it, so activations still saturate at -8..7 (or 0..15).
@@ -67,16 +70,47 @@ def _check_ops(model: onnx.ModelProto, path: str | Path) -> None:
             )
 
 
+_NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "If", "Loop", "Scan"}
+
+
+def _fold_constants(model: onnx.ModelProto) -> None:
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    const = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    opsets = list(model.opset_import)
+    kept = []
+    for node in graph.node:
+        ins = [i for i in node.input if i]
+        if node.op_type in _NEVER_FOLD or node.domain not in ("", "ai.onnx") or not all(i in const for i in ins):
+            kept.append(node)
+            continue
+        vi = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(const[i].dtype), None) for i in ins]
+        outs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in node.output]
+        one = helper.make_model(helper.make_graph([node], "fold", vi, outs), opset_imports=opsets)
+        try:
+            values = ReferenceEvaluator(one).run(None, {i: const[i] for i in ins})
+        except Exception:  # an op the reference cannot run: leave it to the importer
+            kept.append(node)
+            continue
+        for name, v in zip(node.output, values, strict=True):
+            const[name] = np.asarray(v)
+            graph.initializer.append(numpy_helper.from_array(np.asarray(v), name))
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
 def prepare_onnx(path: str | Path) -> PreparedModel:
     """Load, check and normalize the model at `path` (see the module docstring)."""
     model = _load(path)
     _check_ops(model, path)
     prep = PreparedModel(model)
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
     for node in graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.domain == "com.microsoft":
             node.domain = ""
+    _fold_constants(model)
+    inits = {i.name: i for i in graph.initializer}
 
     four_bit_zp: dict[str, QType] = {}
     for name, init in list(inits.items()):

@@ -13,6 +13,10 @@ from tvm import relax
 
 from plateau.artifacts import read_manifest, sha256_file
 
+# onnxruntime runs these convs in float on dequantized values (no QLinearConv fusion on x86 for int8 activations
+# with int4 weights), so its rounding flips rare near-ties that the exact integer conv does not; one flipped
+# activation moves a few logits by one step. test_reference_disagrees_only_on_ties shows that is all it is.
+FLOAT_CONV_IN_ORT = {"exporter_w4"}
 MODELS = ["ort_s8s8", "ort_u8s8", "ort_w4", "ort_w4a4", "ort_mobile", "exporter_w4", "exporter_w8"]
 N_BATCHES = 16  # x 8 images x 10 logits = 1280 logits per model
 
@@ -32,9 +36,21 @@ def test_matches_onnxruntime(compiled, name):
     onnx_path, out_dir, _ = compiled[name]
     stats = fx.compare_to_ort(onnx_path, out_dir / "model.so", n_batches=N_BATCHES)
     print(f"{name}: {json.dumps(stats)}")  # shown with pytest -s / -rA: the measured parity
-    assert stats["exact"] >= 0.999, stats
+    assert stats["exact"] >= (0.995 if name in FLOAT_CONV_IN_ORT else 0.999), stats
     assert stats["max_steps"] <= 1, stats
     assert stats["top1"] == 1.0, stats
+
+
+@pytest.mark.parametrize("name", ["exporter_w4", "ort_s8s8"])
+def test_reference_disagrees_only_on_ties(qdq_models, name):
+    """Per conv layer, onnxruntime's quantized output vs the exact integer result from the same input: any
+    disagreement sits within 1e-4 of a .5 tie (float accumulation noise), never a formula difference."""
+    report = fx.conv_tie_report(qdq_models[name], n_batches=16)
+    print(f"{name}: {json.dumps(report)}")
+    for layer in report:
+        for mode in ("exact", "float"):
+            assert layer[f"{mode}_mismatches"] <= max(2, layer["n"] // 10_000), layer
+            assert layer[f"{mode}_max_tie_distance"] < 1e-4, layer
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -67,9 +83,9 @@ def test_dynamic_batch(compiled):
         assert vm["main"](tvm.runtime.tensor(x)).numpy().shape == (n, 10)
 
 
-@pytest.mark.parametrize("requant", ["fixed", "float32"])
+@pytest.mark.parametrize("requant", ["fixed", "float64"])
 def test_other_requant_modes(qdq_models, tmp_path, requant):
-    """Integer-only (ties round up) and float32-multiplier requantize: allow rare one-step differences."""
+    """Integer-only (ties round up) and exact-product requantize: allow rare one-step differences."""
     m = compile_onnx(qdq_models["exporter_w4"], "host", tmp_path, requant=requant)
     assert m["config"]["requant"] == requant
     stats = fx.compare_to_ort(qdq_models["exporter_w4"], tmp_path / "model.so", n_batches=N_BATCHES)

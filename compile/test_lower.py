@@ -53,14 +53,21 @@ def _run(mod: tvm.IRModule, *args: np.ndarray) -> np.ndarray:
     return vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
 
 
-def oracle(x_q: np.ndarray, relu: bool = True) -> np.ndarray:
-    """Integer conv in int64 (zero-point padded), exact bias, float64 requantize: the QDQ graph's meaning."""
+def _requant_ref(acc: np.ndarray, s_w: np.ndarray, mode: str, chan: tuple) -> np.ndarray:
+    """float: float32(acc) * ((s_x * s_w) / s_y) in float32 (onnxruntime's order); float64: the exact product."""
+    if mode == "float64":
+        return acc * (np.float64(S_X) * s_w.astype(np.float64) / np.float64(S_Y)).reshape(chan)
+    m32 = ((S_X * s_w).astype(np.float32) / S_Y).astype(np.float32).reshape(chan)
+    return (acc.astype(np.float32) * m32).astype(np.float32)
+
+
+def oracle(x_q: np.ndarray, relu: bool = True, mode: str = "float") -> np.ndarray:
+    """Integer conv in int64 (zero-point padded), exact bias, then requantize as `mode` says."""
     xp = np.pad(x_q.astype(np.int64) - ZP_X, ((0, 0), (0, 0), (1, 1), (1, 1)))
     win = np.lib.stride_tricks.sliding_window_view(xp, (3, 3), axis=(2, 3))  # n, c, h, w, kh, kw
     acc = np.einsum("nchwij,ocij->nohw", win, W.astype(np.int64)) + B.reshape(1, -1, 1, 1)
-    m = (np.float64(S_X) * S_W.astype(np.float64) / np.float64(S_Y)).reshape(1, -1, 1, 1)
     lo = max(INT8.qmin, ZP_Y) if relu else INT8.qmin
-    return np.clip(np.rint(acc * m) + ZP_Y, lo, INT8.qmax).astype(np.int8)
+    return np.clip(np.rint(_requant_ref(acc, S_W, mode, (1, -1, 1, 1))) + ZP_Y, lo, INT8.qmax).astype(np.int8)
 
 
 def test_conv_is_integer_after_lowering():
@@ -84,14 +91,15 @@ def test_conv_is_integer_after_lowering():
     assert float(maxi.args[1].value.numpy()) == max(INT8.qmin, ZP_Y)  # the ReLU, folded into the clamp
 
 
-def test_conv_matches_integer_oracle_and_float_graph():
+@pytest.mark.parametrize("mode", ["float", "float64"])
+def test_conv_matches_integer_oracle_and_float_graph(mode):
     x_q = RNG.integers(-128, 128, (2, 3, 6, 6)).astype(np.int8)
     # the oracle's float64 path agrees with plateau.quant's dequantize on the input
     np.testing.assert_allclose(dequantize_np(x_q, S_X, ZP_X), (x_q.astype(np.float64) - ZP_X) * S_X, rtol=1e-6)
     for relu in (True, False):
         before = qdq_conv_module(relu=relu)
-        ours = _run(lower_qdq(before), x_q)
-        np.testing.assert_array_equal(ours, oracle(x_q, relu))
+        ours = _run(lower_qdq(before, requant=mode), x_q)
+        np.testing.assert_array_equal(ours, oracle(x_q, relu, mode))
         # the float QDQ graph, as TVM computes it without the rewrite: at most one step away (float rounding)
         assert np.abs(ours.astype(int) - _run(before, x_q).astype(int)).max() <= 1
 
@@ -135,8 +143,8 @@ def test_matmul_lowering(transposed, bias_first):
     x_q = RNG.integers(0, 256, (3, 8)).astype(np.uint8)
     ours = _run(after, x_q)
     acc = (x_q.astype(np.int64) - 130) @ w.T.astype(np.int64) + b
-    m = np.float64(S_X) * s_w.astype(np.float64) / np.float64(S_Y)
-    np.testing.assert_array_equal(ours, np.clip(np.rint(acc * m) + ZP_Y, -128, 127).astype(np.int8))
+    ref = np.clip(np.rint(_requant_ref(acc, s_w, "float", (-1,))) + ZP_Y, -128, 127).astype(np.int8)
+    np.testing.assert_array_equal(ours, ref)
     assert np.abs(ours.astype(int) - _run(before, x_q).astype(int)).max() <= 1  # vs the float QDQ graph
 
 
@@ -156,7 +164,7 @@ ACC = np.array([1, 3, 5, -1, -3, 1000, -1000, 0], np.int32)  # x 0.5: ties at +-
 
 @pytest.mark.parametrize("mode,lo,expected", [
     ("float", -128, [-1, 1, 1, -1, -3, 127, -128, -1]),      # half to even: 0.5->0, 1.5->2, 2.5->2, -1.5->-2
-    ("float32", -128, [-1, 1, 1, -1, -3, 127, -128, -1]),
+    ("float64", -128, [-1, 1, 1, -1, -3, 127, -128, -1]),
     ("float", -1, [-1, 1, 1, -1, -1, 127, -1, -1]),          # ReLU folded: clamp at zp
     ("fixed", -128, [0, 1, 2, -1, -2, 127, -128, -1]),       # integer-only: ties round up
 ])

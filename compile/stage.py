@@ -1,0 +1,38 @@
+"""`plateau compile`: <run>/export/model_qdq.onnx (or --onnx FILE from any tool) -> <run>/compile/<target>/."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from plateau.artifacts import read_manifest
+
+from .compiler import compile_onnx
+from .targets import list_targets
+
+__all__ = ["add_arguments", "main"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="host", help=f"one of: {', '.join(list_targets())} (default host)")
+    p.add_argument("--onnx", help="compile this QDQ ONNX file (e.g. onnxruntime's quantize_static output) "
+                                  "instead of the run's export")
+    p.add_argument("--allow-float", action="store_true", help="leave ops that cannot be lowered in float, listed "
+                                                              "in the manifest, instead of failing")
+    p.add_argument("--requant", default="float", help="requantization: float (float32 multiplier, as onnxruntime) "
+                                                      "or fixed (integer multiplier and shift)")
+
+
+def main(args: argparse.Namespace) -> dict:
+    run = Path(args.run)
+    if args.onnx:
+        onnx_path = Path(args.onnx)
+    else:
+        man = read_manifest(run / "export", "export")
+        onnx_path = run / "export" / man["outputs"]["model_qdq.onnx"]
+    out = run / "compile" / args.target
+    manifest = compile_onnx(onnx_path, args.target, out, allow_float=args.allow_float, requant=args.requant)
+    ops = manifest.get("ops", {})
+    print(f"compile: {onnx_path} -> {out / 'model.so'} for {args.target}; ops {ops}; "
+          f"float islands: {manifest.get('float_islands') or 'none'}")
+    return manifest
