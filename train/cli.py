@@ -17,6 +17,7 @@ import torch
 
 from plateau.artifacts import sha256_file
 from plateau.data import load_split
+from plateau.errors import PlateauError
 from plateau.models import create_model
 
 from .noise import NOISE_TARGETS
@@ -73,15 +74,18 @@ def main(args: argparse.Namespace) -> dict:
     adamw = args.optimizer == "adamw"
     lr = args.lr if args.lr is not None else (1e-3 if adamw else 0.1) * (0.1 if finetune else 1.0)
     warmup = args.warmup_epochs if args.warmup_epochs is not None else (0.0 if finetune else 1.0)
-    cfg = TrainConfig(
-        data=str(args.data), epochs=args.epochs, batch_size=args.batch_size, lr=lr, optimizer=args.optimizer,
-        weight_decay=args.weight_decay, warmup_epochs=warmup, bits=args.bits, noise=args.noise, alpha=args.alpha,
-        noise_target=args.noise_target, noise_p=args.noise_p, rho=args.rho, first_last_8bit=args.first_last_8bit,
-        seed=args.seed, resume=args.resume, flatness=args.flatness, flatness_images=args.flatness_images,
-        trace_samples=args.trace_samples, eig_iters=args.eig_iters, mc_samples=args.mc_samples,
-        train_limit=args.train_limit, eval_limit=args.eval_limit, calib_images=args.calib_images,
-        img_size=args.img_size, threads=args.threads, progress=not args.no_progress,
-    )
+    try:
+        cfg = TrainConfig(
+            data=str(args.data), epochs=args.epochs, batch_size=args.batch_size, lr=lr, optimizer=args.optimizer,
+            weight_decay=args.weight_decay, warmup_epochs=warmup, bits=args.bits, noise=args.noise, alpha=args.alpha,
+            noise_target=args.noise_target, noise_p=args.noise_p, rho=args.rho, first_last_8bit=args.first_last_8bit,
+            seed=args.seed, resume=args.resume, flatness=args.flatness, flatness_images=args.flatness_images,
+            trace_samples=args.trace_samples, eig_iters=args.eig_iters, mc_samples=args.mc_samples,
+            train_limit=args.train_limit, eval_limit=args.eval_limit, calib_images=args.calib_images,
+            img_size=args.img_size, threads=args.threads, progress=not args.no_progress,
+        )
+    except ValueError as e:  # a bad option value: one line for the user, naming the valid choices
+        raise PlateauError(str(e)) from None
     train_set = load_split(cfg.data, "train", cfg.img_size)
     test_set = load_split(cfg.data, "test", cfg.img_size)
     torch.manual_seed(cfg.seed)  # deterministic initialization
@@ -97,8 +101,6 @@ def main(args: argparse.Namespace) -> dict:
 def _entry(argv: list[str] | None = None) -> int:
     """`python -m plateau.train`: same options; a PlateauError becomes one line on stderr and exit code 2."""
     import sys
-
-    from plateau.errors import PlateauError
 
     parser = argparse.ArgumentParser(prog="plateau train", description="flat full-precision training")
     add_arguments(parser)

@@ -92,6 +92,7 @@ class NoiseInjector:
         self.cfg = cfg
         self.scale = 1.0  # run-time multiplier on alpha
         self.enabled = True
+        self.observe = True  # update activation ranges in training forwards (off for SAM's second pass)
         self._forced = False
         self.gen = generator if generator is not None else torch.Generator().manual_seed(0)
         self.layers = quant_layers(model)
@@ -141,7 +142,7 @@ class NoiseInjector:
             if not args or not isinstance(args[0], torch.Tensor):
                 return None
             x = args[0]
-            if module.training and not self._forced:
+            if module.training and self.observe and not self._forced:
                 self._observe(name, x)
             if not (self.noise_acts and (module.training or self._forced)) or name not in self.act_ranges:
                 return None

@@ -193,3 +193,8 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert report["flatness_final"]["hessian_trace"] > 0
     ck = torch.load(tmp_path / "train/last.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in ck["model"])  # saved unwrapped, loadable by export
+
+
+def test_bad_option_value_is_plateau_error(tmp_path):
+    with pytest.raises(PlateauError, match="bad BITS 'W4'"):
+        main(_args(tmp_path, "--bits", "W4"))

@@ -215,11 +215,13 @@ def _train_step(net, raw, inj, opt, x, y, cfg, crit) -> tuple[torch.Tensor, torc
                     p.add_(p.grad * (cfg.rho / (gnorm + 1e-12)))
             opt.zero_grad(set_to_none=True)
             saved = _freeze_bn_stats(raw, True)
+            inj.observe = False  # the same batch again: count it once in the activation ranges too
             try:
                 with inj.weight_noise():
                     crit(net(x), y).backward()
             finally:
                 _freeze_bn_stats(raw, False, saved)
+                inj.observe = True
     return loss.detach(), out.detach()
 
 
