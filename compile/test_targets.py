@@ -80,3 +80,21 @@ def test_every_target_builds(qdq_models, tmp_path, target):
     if get_target(target).arch == "aarch64":
         assert elf_machine(tmp_path / "model.so") == EM_AARCH64
     assert m["target"] == target and m["ops"]["float_conv2d"] == 0
+
+
+@pytest.mark.parametrize("name", ["ort_s8s8", "ort_mobile", "exporter_w4"])
+def test_nhwc_layout_is_exact_on_host(qdq_models, tmp_path, name):
+    """arm64 targets build the integer conv in NHWC; run that same Relax on the host to check its numerics."""
+    from plateau.compile import _fixtures as fx
+    from plateau.compile.compiler import _to_layout
+
+    mod, _ = import_onnx(qdq_models[name])
+    nhwc = _to_layout(lower_qdq(mod), "NHWC")
+    convs = [b.value for blk in nhwc["main"].body.blocks for b in blk.bindings
+             if getattr(b.value, "op", None) is not None and getattr(b.value.op, "name", "") == "relax.nn.conv2d"]
+    assert convs and all(c.attrs.data_layout == "NHWC" and c.attrs.kernel_layout == "OHWI" for c in convs)
+    ex, _ = build(nhwc, get_target("host"))
+    ex.export_library(str(tmp_path / "model.so"))
+    ref_nchw = fx.compare_to_ort(qdq_models[name], tmp_path / "model.so", n_batches=4)
+    assert ref_nchw["max_steps"] <= 1 and ref_nchw["top1"] == 1.0, ref_nchw
+    assert ref_nchw["exact"] >= 0.995, ref_nchw
