@@ -142,32 +142,51 @@ def serve(
         lines.put(None)
 
     threading.Thread(target=pump, daemon=True).start()
+    # The server has its own session, so a Ctrl-C or SIGTERM reaches only us: in the CLI, turn SIGTERM/SIGHUP
+    # into KeyboardInterrupt too, and stop the server on any way out, start-up included.
+    old = {}
+    if block:
+        old = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        _wait_listening(server, lines, startup_timeout, log)
+        if not block:
+            return server
+        kind = "emulated arm64 (qemu-aarch64)" if emulate else "this machine"
+        print(f"serving TVM RPC on {server.address} ({kind}); Ctrl-C to stop", file=sys.stderr, flush=True)
+        try:
+            server.wait()
+        except KeyboardInterrupt:
+            pass
+        server.stop()
+        return server
+    except BaseException:
+        server.stop()
+        raise
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait_listening(server: DeviceServer, lines: queue.Queue, startup_timeout: float, log: Path | None) -> None:
+    """Wait for the worker's PLATEAU-RPC-LISTENING line; PlateauError if it dies or takes too long."""
+    where = server.address
     deadline = time.monotonic() + startup_timeout
     while True:
         try:
             line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
         except queue.Empty:
-            server.stop()
-            raise PlateauError(f"RPC server on {host}:{port} did not start within {startup_timeout:.0f} s") from None
+            raise PlateauError(f"RPC server on {where} did not start within {startup_timeout:.0f} s") from None
         if line is None:
-            server.stop()
             why = _last_line(log) if log else "see the log above"
-            raise PlateauError(f"RPC server on {host}:{port} failed to start: {why}")
+            raise PlateauError(f"RPC server on {where} failed to start: {why}")
         parts = line.split()
         if parts[:1] == ["PLATEAU-RPC-LISTENING"]:
             server.port = int(parts[2])
-            break
-    if not block:
-        return server
-    kind = "emulated arm64 (qemu-aarch64)" if emulate else "this machine"
-    print(f"serving TVM RPC on {server.address} ({kind}); Ctrl-C to stop", file=sys.stderr, flush=True)
-    try:
-        server.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    return server
+            return
 
 
 def _last_line(log: Path) -> str:
