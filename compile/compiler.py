@@ -167,4 +167,6 @@ def compile_onnx(
         input=inp, output=out, batch="dynamic" if isinstance(inp["shape"][0], str) else inp["shape"][0],
         conv_layout=tgt.conv_layout, ops=op_counts(mod), float_islands=islands,
         weight_bytes=prep.weight_bytes, weight_bits=sorted(prep.compute_weight_bits),
+        # 4-bit weights are unpacked to one int8 per value in the library (packing them is later work).
+        library_weight_bytes=prep.weight_values,
     )

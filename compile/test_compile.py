@@ -72,6 +72,7 @@ def test_manifest(compiled):
     assert m["outputs"]["library"]["sha256"] == sha256_file(out_dir / "model.so")
     # 4-bit weights: (8*3*9 + 8*8*9 + 10*8) values at half a byte each.
     assert m["weight_bits"] == [4] and m["weight_bytes"] == (216 + 576 + 80) // 2
+    assert m["library_weight_bytes"] == 216 + 576 + 80
     assert not list(out_dir.glob(".*tmp*")), "temporary files left behind"
 
 
