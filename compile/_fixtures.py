@@ -27,9 +27,9 @@ __all__ = [
 HW = 16
 
 
-def calibration_batches(n: int = 8, batch: int = 4, seed: int = 0) -> list[np.ndarray]:
+def calibration_batches(n: int = 8, batch: int = 4, seed: int = 0, hw: int = HW) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal((batch, 3, HW, HW)).astype(np.float32) for _ in range(n)]
+    return [rng.standard_normal((batch, 3, hw, hw)).astype(np.float32) for _ in range(n)]
 
 
 def tiny_cnn_onnx(path: Path, seed: int = 0) -> Path:
@@ -228,7 +228,8 @@ def output_step(path: Path) -> float:
     return float(inits[node.input[1]])
 
 
-def compare_to_ort(onnx_path: Path, so_path: Path, n_batches: int = 8, batch: int = 8, seed: int = 123) -> dict:
+def compare_to_ort(onnx_path: Path, so_path: Path, n_batches: int = 8, batch: int = 8, seed: int = 123,
+                   hw: int = HW) -> dict:
     """Run the compiled library (plain TVM) and onnxruntime on the same random inputs; count output steps."""
     import onnxruntime as ort
     import tvm
@@ -239,7 +240,7 @@ def compare_to_ort(onnx_path: Path, so_path: Path, n_batches: int = 8, batch: in
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     step = output_step(onnx_path)
     steps, top1 = [], []
-    for x in calibration_batches(n_batches, batch, seed):
+    for x in calibration_batches(n_batches, batch, seed, hw):
         ours = vm["main"](tvm.runtime.tensor(x)).numpy()
         ref = sess.run(None, {"input": x})[0]
         steps.append(np.rint(np.abs(ours.astype(np.float64) - ref) / step).reshape(-1))
