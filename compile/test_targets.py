@@ -98,3 +98,39 @@ def test_nhwc_layout_is_exact_on_host(qdq_models, tmp_path, name):
     ref_nchw = fx.compare_to_ort(qdq_models[name], tmp_path / "model.so", n_batches=4)
     assert ref_nchw["max_steps"] <= 1 and ref_nchw["top1"] == 1.0, ref_nchw
     assert ref_nchw["exact"] >= 0.995, ref_nchw
+
+
+_QEMU_RUNNER = """
+import sys, numpy as np, tvm
+from tvm.runtime.vm import VirtualMachine
+vm = VirtualMachine(tvm.runtime.load_module(sys.argv[1]), tvm.cpu())
+np.save(sys.argv[3], vm["main"](tvm.runtime.tensor(np.load(sys.argv[2]))).numpy())
+"""
+
+
+@pytest.mark.qemu
+@needs_cross
+@pytest.mark.parametrize("name", ["exporter_w4", "ort_s8s8"])
+def test_arm64_library_runs_under_qemu(qdq_models, tmp_path, name):
+    """The cross-compiled library loads in the aarch64 TVM runtime (qemu) and matches the host numerics."""
+    import os
+    import subprocess
+
+    import numpy as np
+    from plateau.compile import _fixtures as fx
+
+    runtime = pytest.importorskip("plateau.runtime")
+    if runtime.sysroot_status() is None or shutil.which("qemu-aarch64") is None:
+        pytest.skip("arm64 sysroot / qemu not set up (make arm64-sysroot)")
+    compile_onnx(qdq_models[name], "arm64", tmp_path)
+    x = np.concatenate(fx.calibration_batches(2, 8, seed=5))
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "run.py").write_text(_QEMU_RUNNER)
+    subprocess.run([*runtime.arm64_python(), str(tmp_path / "run.py"), str(tmp_path / "model.so"),
+                    str(tmp_path / "x.npy"), str(tmp_path / "y.npy")], check=True, timeout=300,
+                   env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"})
+    import onnxruntime as ort
+
+    ref = ort.InferenceSession(str(qdq_models[name]), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    steps = np.rint(np.abs(np.load(tmp_path / "y.npy") - ref) / fx.output_step(qdq_models[name]))
+    assert steps.max() <= 1 and (steps == 0).mean() >= 0.99, steps
