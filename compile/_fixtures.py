@@ -189,7 +189,8 @@ def exporter_style_qdq(path: Path, w_bits: int = 4, seed: int = 0) -> Path:
     return path
 
 
-def single_conv_qdq(path: Path, w_zp: int = 0, op: str = "Conv", name: str = "odd_conv") -> Path:
+def single_conv_qdq(path: Path, w_zp: int = 0, op: str = "Conv", name: str = "odd_conv",
+                    pads: tuple = (1, 1, 1, 1), strides: tuple = (1, 1), dilations: tuple = (1, 1)) -> Path:
     """input -> Q/DQ -> Conv(DQ(W, zero point w_zp, uint8 when w_zp != 0)) -> Q/DQ -> output, or with
     op="QLinearConv" the same layer as one QLinearConv node (an op the TVM importer cannot convert)."""
     rng = np.random.default_rng(1)
@@ -205,11 +206,12 @@ def single_conv_qdq(path: Path, w_zp: int = 0, op: str = "Conv", name: str = "od
     else:
         nodes += [helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["x"]),
                   helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wf"]),
-                  helper.make_node("Conv", ["x", "wf"], ["y"], name=name, pads=[1, 1, 1, 1]),
+                  helper.make_node("Conv", ["x", "wf"], ["y"], name=name, pads=list(pads), strides=list(strides),
+                                   dilations=list(dilations)),
                   helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"])]
     nodes.append(helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["output"]))
     vi = lambda n, shape: helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)  # noqa: E731
-    graph = helper.make_graph(nodes, "single_conv", [vi("input", [2, 3, 8, 8])], [vi("output", [2, 4, 8, 8])], inits)
+    graph = helper.make_graph(nodes, "single_conv", [vi("input", ["N", 3, 8, 8])], [vi("output", None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
     onnx.save(model, str(path))

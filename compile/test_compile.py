@@ -92,3 +92,24 @@ def test_other_requant_modes(qdq_models, tmp_path, requant):
     stats = fx.compare_to_ort(qdq_models["exporter_w4"], tmp_path / "model.so", n_batches=N_BATCHES)
     print(f"{requant}: {json.dumps(stats)}")
     assert stats["max_steps"] <= 1 and stats["exact"] >= 0.99 and stats["top1"] == 1.0, stats
+
+
+@pytest.mark.parametrize("pads,strides,dilations", [
+    ((0, 1, 1, 0), (2, 2), (1, 1)),   # asymmetric (TF "SAME" style) padding, stride 2
+    ((2, 2, 2, 2), (1, 1), (2, 2)),   # dilated
+    ((1, 0, 0, 1), (1, 2), (1, 1)),
+])
+def test_conv_geometry_with_input_zero_point(tmp_path, pads, strides, dilations):
+    """Input zero point 3 with padding: the zero-point pad must follow ONNX's (top, left, bottom, right) order."""
+    import onnxruntime as ort
+
+    path = fx.single_conv_qdq(tmp_path / "conv.onnx", pads=pads, strides=strides, dilations=dilations)
+    m = compile_onnx(path, "host", tmp_path / "out")
+    assert m["ops"]["int_conv2d"] == 1 and m["ops"]["float_conv2d"] == 0
+    x = np.random.default_rng(3).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "out" / "model.so")), tvm.cpu())
+    ours = vm["main"](tvm.runtime.tensor(x)).numpy()
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert ours.shape == ref.shape
+    steps = np.rint(np.abs(ours - ref) / fx.output_step(path))
+    assert steps.max() <= 1 and (steps == 0).mean() >= 0.999, steps

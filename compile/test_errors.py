@@ -49,7 +49,7 @@ def test_allow_float_keeps_and_reports_the_island(tmp_path):
     m = compile_onnx(path, "host", tmp_path / "out", allow_float=True)
     assert m["float_islands"] == [{"node": "asym_conv", "op_type": "Conv", "relax_op": "conv2d"}]
     assert m["ops"]["float_conv2d"] == 1 and m["ops"]["int_conv2d"] == 0
-    assert m["batch"] == 2  # this graph has a fixed batch: recorded as is
+    assert m["batch"] == "dynamic"
     import onnxruntime as ort
 
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
@@ -70,3 +70,11 @@ def test_multi_input_graph_is_refused(tmp_path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     with pytest.raises(PlateauError, match="expected one graph input"):
         compile_onnx(path, "host", tmp_path / "out")
+
+
+def test_missing_cross_compiler_says_what_to_install(qdq_models, tmp_path, monkeypatch):
+    import plateau.compile.targets as targets
+
+    monkeypatch.setattr(targets.shutil, "which", lambda name: None)
+    with pytest.raises(PlateauError, match="aarch64-linux-gnu-gcc.*apt-get install gcc-aarch64-linux-gnu"):
+        compile_onnx(qdq_models["ort_s8s8"], "arm64", tmp_path)
