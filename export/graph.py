@@ -151,10 +151,7 @@ def capture(model: nn.Module, input_shape: list[int] | tuple[int, ...]) -> QGrap
             nodes.append(q)
             alias[node.name] = q.name
         except (ValueError, KeyError, TypeError) as e:
-            raise PlateauError(
-                f"cannot quantize {_describe(node, gm)}: {e}; pass --allow-float to leave it in float"
-                if "unsupported" not in str(e) else f"cannot quantize {_describe(node, gm)}: {e}"
-            ) from None
+            raise PlateauError(f"cannot quantize {_describe(node, gm)}: {e}") from None
     assert output is not None
     # Names of modules in the original model (fx renames 'layer1.0.conv1' to 'layer1_0_conv1').
     return QGraph(nodes, output, list(input_shape))

@@ -84,7 +84,7 @@ def _apply(n: QNode, ins: list[torch.Tensor], weight: torch.Tensor | None, bias:
         y = torch.flatten(ins[0], 1)
     elif n.op == "slice":
         idx = [slice(None)] * ins[0].ndim
-        for ax, s, e, st in zip(a["axes"], a["starts"], a["ends"], a["steps"]):
+        for ax, s, e, st in zip(a["axes"], a["starts"], a["ends"], a["steps"], strict=False):
             idx[ax] = slice(s, e, st)
         y = ins[0][tuple(idx)]
     elif n.op == "pad":
@@ -181,7 +181,7 @@ def run_graph_int(graph: QGraph, x: torch.Tensor, acts: dict[str, ActQ], weights
             m = torch.tensor(np.float32(np.float64(ain[0].scale) / (np.float64(a.scale) * count)))
             y = requantize(acc, m, a.zero_point, a.qtype, axis=None)
         elif n.op in ("add", "mul", "avgpool", "cat"):
-            f = _apply(n, [_deq(t, ai) for t, ai in zip(ins, ain)], None, None)
+            f = _apply(n, [_deq(t, ai) for t, ai in zip(ins, ain, strict=False)], None, None)
             y = _requant_float(f, a)
         elif n.op == "maxpool":
             y = _apply(n, ins, None, None)

@@ -33,6 +33,7 @@ __all__ = [
     "read_manifest",
     "write_manifest",
     "sha256_file",
+    "save_npy",
     "stage_dir",
     "now",
 ]
@@ -79,6 +80,14 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def save_npy(path: str | Path, array: Any) -> None:
+    """np.save through a temporary file (np.save would append '.npy' to a temporary name)."""
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(array))
 
 
 def sha256_file(path: str | Path) -> str:

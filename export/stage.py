@@ -1,0 +1,232 @@
+"""`plateau export`: a trained model -> fake-quant reference + QDQ ONNX, validated on onnxruntime.
+
+Reads <run>/train/manifest.json (or --checkpoint with --model), writes <run>/export/:
+    model_qdq.onnx, model_fp32.onnx      the quantized graph and the BN-folded float graph
+    reference.pt                          what rebuilds the reference (weights_only-loadable)
+    reference_logits.npy, labels.npy      reference logits on the test split, for later stages
+    report.json, report.md, manifest.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from plateau.artifacts import (
+    atomic_path,
+    read_manifest,
+    save_npy,
+    sha256_file,
+    write_json,
+    write_manifest,
+    write_text,
+)
+from plateau.data import SYNTHETIC, batches, load_split
+from plateau.errors import PlateauError
+from plateau.models import create_model, load_state_dict_file, model_cfg
+
+from .config import ACT_CALIBRATIONS, ROUNDINGS, WEIGHT_CALIBRATIONS, QuantConfig
+from .onnx_writer import to_float_onnx, to_qdq_onnx
+from .quantize import FakeQuantModel, quantize_model
+from .validate import compare_logits, logits_of, ort_fn, ort_session, top1, torch_fn
+
+__all__ = ["add_arguments", "main", "export_model", "load_reference", "resolve_source"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="start from this checkpoint instead of the run's training output")
+    p.add_argument("--model", help="model name for --checkpoint (default: the name stored in the checkpoint)")
+    p.add_argument("--data", help="ImageFolder tree or 'synthetic' (default: the data the run trained on)")
+    p.add_argument("--bits", default="W8A8", help="W8A8 (default), W4A8, W4A4, ... (2..8 bits each)")
+    p.add_argument("--act-calibration", default="minmax", choices=ACT_CALIBRATIONS)
+    p.add_argument("--weight-calibration", default="minmax", choices=WEIGHT_CALIBRATIONS)
+    p.add_argument("--rounding", default="nearest", choices=ROUNDINGS, help="adaround: learned rounding")
+    p.add_argument("--adaround-iters", type=int, default=500)
+    p.add_argument("--keep-first-last-8bit", action="store_true", help="first and last layer at 8 bits")
+    p.add_argument("--act-unsigned", action="store_true", help="uint8 activations (default int8)")
+    p.add_argument("--calib-images", type=int, default=512, help="calibration images from the train split")
+    p.add_argument("--eval-limit", type=int, help="validate on the first N test images (default: all)")
+    p.add_argument("--img-size", type=int, help="resize ImageFolder images to this size")
+
+
+def resolve_source(run: Path, checkpoint: str | None, model_name: str | None) -> tuple[torch.nn.Module, dict]:
+    """The FP model to quantize and what is known about it (checkpoint, data, classes)."""
+    if checkpoint is None:
+        man = read_manifest(run / "train", "train")
+        ckpt = run / "train" / man["outputs"].get("checkpoint", "last.pt")
+        info = {"checkpoint": str(ckpt), "data": man["config"].get("data"), "model": man["config"].get("model")}
+    else:
+        ckpt = Path(checkpoint)
+        info = {"checkpoint": str(ckpt), "data": None, "model": model_name}
+    if not ckpt.is_file():
+        raise PlateauError(f"checkpoint {ckpt}: no such file")
+    try:
+        blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PlateauError(f"checkpoint {ckpt}: cannot be read as a torch checkpoint ({type(e).__name__})") from None
+    name = model_name or (blob.get("model_name") if isinstance(blob, dict) else None) or info["model"]
+    if not name:
+        raise PlateauError(f"checkpoint {ckpt} does not name its model: pass --model NAME")
+    num_classes = int(blob.get("num_classes", 10)) if isinstance(blob, dict) else 10
+    model = create_model(name, num_classes=num_classes)
+    load_state_dict_file(model, ckpt)
+    if isinstance(blob, dict) and isinstance(blob.get("plateau_cfg"), dict):
+        model.plateau_cfg = dict(blob["plateau_cfg"])
+    info.update(model=name, num_classes=num_classes, sha256=sha256_file(ckpt),
+                classes=blob.get("classes") if isinstance(blob, dict) else None)
+    return model.eval(), info
+
+
+def _calibration_batches(train, cfg: QuantConfig, mean, std) -> list[torch.Tensor]:
+    if len(train) < cfg.calib_images and cfg.calib_images > 0 and len(train) < 1:
+        raise PlateauError("calibration set is empty")
+    return [x for x, _ in batches(train, 128, mean, std, shuffle=True, seed=cfg.seed, limit=cfg.calib_images)]
+
+
+def export_model(model: torch.nn.Module, calib: list[torch.Tensor], cfg: QuantConfig, out_dir: str | Path,
+                 meta: dict | None = None) -> tuple[FakeQuantModel, dict]:
+    """Quantize `model` and write model_qdq.onnx, model_fp32.onnx and reference.pt into out_dir (atomically)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ref = quantize_model(model, calib, cfg, progress=True)
+    meta = {"plateau.bits": cfg.bits_name, "plateau.calibration": cfg.act_calibration,
+            "plateau.rounding": cfg.rounding, "plateau.config": json.dumps(cfg.to_dict()), **(meta or {})}
+    for name, proto in (("model_qdq.onnx", to_qdq_onnx(ref, meta)), ("model_fp32.onnx", to_float_onnx(ref, meta))):
+        with atomic_path(out_dir / name) as tmp:
+            onnx.save(proto, str(tmp))
+    with atomic_path(out_dir / "reference.pt") as tmp:
+        torch.save(reference_state(ref, model), tmp)
+    return ref, meta
+
+
+def reference_state(ref: FakeQuantModel, model: torch.nn.Module) -> dict:
+    """Everything needed to rebuild the reference, as tensors and plain values (loads with weights_only=True)."""
+    return {
+        "format": "plateau.reference", "version": 1,
+        "model_name": getattr(model, "plateau_name", None),
+        "num_classes": int(ref.graph.weighted()[-1].weight.shape[0]),
+        "plateau_cfg": model_cfg(model),
+        "model": model.state_dict(),
+        "config": ref.cfg.to_dict(),
+        "acts": {k: {"scale": a.scale, "zero_point": a.zero_point, **a.qtype.to_dict()} for k, a in ref.acts.items()},
+        "weights": {k: {"q": w.q.to(torch.int8 if w.qtype.bits <= 8 else torch.int32), "scale": w.scale,
+                        "bias_q": w.bias_q.to(torch.int32), "bias_scale": w.bias_scale, **w.qtype.to_dict()}
+                    for k, w in ref.weights.items()},
+    }
+
+
+def load_reference(path: str | Path) -> FakeQuantModel:
+    """Rebuild the fake-quant reference saved by `plateau export` (reference.pt)."""
+    from plateau.quant import QType
+
+    from .quantize import ActQ, WeightQ, prepare
+
+    path = Path(path)
+    if not path.is_file():
+        raise PlateauError(f"reference {path}: no such file (run `plateau export` first)")
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PlateauError(f"reference {path}: cannot be read ({type(e).__name__})") from None
+    if not isinstance(st, dict) or st.get("format") != "plateau.reference":
+        raise PlateauError(f"reference {path}: not a Plateau reference file")
+    model = create_model(st["model_name"], num_classes=st["num_classes"])
+    model.load_state_dict(st["model"], strict=False)
+    model.plateau_cfg = st["plateau_cfg"]
+    graph = prepare(model.eval(), [1, *st["plateau_cfg"]["input_size"]])
+    acts = {k: ActQ(a["scale"], a["zero_point"], QType(a["bits"], a["signed"], a["narrow"]))
+            for k, a in st["acts"].items()}
+    weights = {k: WeightQ(w["q"].float(), w["scale"], QType(w["bits"], w["signed"], w["narrow"]),
+                          w["bias_q"].long(), w["bias_scale"]) for k, w in st["weights"].items()}
+    return FakeQuantModel(graph, acts, weights, QuantConfig(**st["config"]), st["plateau_cfg"])
+
+
+def main(args: argparse.Namespace) -> dict:
+    run = Path(args.run)
+    out = run / "export"
+    t0 = time.time()
+    try:
+        cfg = QuantConfig.from_bits(
+            args.bits, act_calibration=args.act_calibration, weight_calibration=args.weight_calibration,
+            rounding=args.rounding, keep_first_last_8bit=args.keep_first_last_8bit, act_signed=not args.act_unsigned,
+            calib_images=args.calib_images, adaround_iters=args.adaround_iters)
+    except TypeError as e:
+        raise PlateauError(str(e)) from None
+    model, src = resolve_source(run, args.checkpoint, args.model)
+    data = args.data or src.get("data") or SYNTHETIC
+    mcfg = model_cfg(model)
+    mean, std = mcfg["mean"], mcfg["std"]
+    size = args.img_size
+    train, test = load_split(data, "train", size), load_split(data, "test", size)
+    if args.calib_images > len(train):
+        raise PlateauError(f"--calib-images {args.calib_images} exceeds the {len(train)} training images in {data}")
+    calib = _calibration_batches(train, cfg, mean, std)
+    print(f"export: {src['model']} at {cfg.bits_name}, {cfg.act_calibration} calibration on {args.calib_images} "
+          f"train images, {cfg.rounding} rounding")
+    ref, meta = export_model(model, calib, cfg, out, {"plateau.source_sha256": src["sha256"],
+                                                      "plateau.model": src["model"]})
+
+    # Validation on the test split: FP (folded float), the reference, onnxruntime FP32 and QDQ.
+    lim = args.eval_limit
+    labels = test.labels[: lim or len(test)]
+    fp = logits_of(torch_fn(ref.float_forward), test, mean, std, limit=lim, desc="fp32")
+    rl = logits_of(torch_fn(ref), test, mean, std, limit=lim, desc="reference")
+    report: dict = {
+        "model": src["model"], "data": str(data), "bits": cfg.bits_name, "config": cfg.to_dict(),
+        "test_images": int(len(labels)),
+        "top1": {"fp32": top1(fp, labels), "reference": top1(rl, labels)},
+        "output_step": ref.output_step,
+    }
+    try:
+        ort_fp = logits_of(ort_fn(ort_session(out / "model_fp32.onnx")), test, mean, std, limit=lim, desc="ort fp32")
+        ort_q = logits_of(ort_fn(ort_session(out / "model_qdq.onnx")), test, mean, std, limit=lim, desc="ort qdq")
+        report["top1"].update(onnxruntime_fp32=top1(ort_fp, labels), onnxruntime_qdq=top1(ort_q, labels))
+        report["onnxruntime_vs_reference"] = compare_logits(ort_q, rl, ref.output_step)
+        report["onnxruntime_fp32_max_abs_diff"] = float(np.abs(ort_fp - fp).max())
+        save_npy(out / "ort_logits.npy", ort_q)
+    except Exception as e:  # onnxruntime cannot run some configurations (e.g. 4-bit activations)
+        report["onnxruntime_error"] = f"onnxruntime could not run {cfg.bits_name}: {str(e).splitlines()[0][:300]}"
+    save_npy(out / "reference_logits.npy", rl)
+    save_npy(out / "labels.npy", labels)
+    report["seconds"] = round(time.time() - t0, 1)
+    write_json(out / "report.json", report)
+    write_text(out / "report.md", render_report(report))
+    a_in = ref.acts[ref.graph.nodes[0].name]
+    a_out = ref.acts[ref.graph.quant_source(ref.graph.output)]
+    files = {k: k for k in ("model_qdq.onnx", "model_fp32.onnx", "reference.pt", "reference_logits.npy",
+                            "labels.npy", "report.json", "report.md")}
+    write_manifest(out, "export", config={**cfg.to_dict(), "bits": cfg.bits_name, "model": src["model"],
+                                          "data": str(data), "img_size": size},
+                   outputs=files, inputs={"checkpoint": {"path": src["checkpoint"], "sha256": src["sha256"]}},
+                   model=src["model"], plateau_cfg=mcfg,
+                   quantization={"input": {"scale": a_in.scale, "zero_point": a_in.zero_point,
+                                           "dtype": a_in.qtype.storage},
+                                 "output": {"scale": a_out.scale, "zero_point": a_out.zero_point,
+                                            "dtype": a_out.qtype.storage}},
+                   eval_limit=lim, qdq_sha256=sha256_file(out / "model_qdq.onnx"))
+    print(render_report(report))
+    return report
+
+
+def render_report(r: dict) -> str:
+    t = r["top1"]
+    lines = [f"# Export report: {r['model']} at {r['bits']}", "",
+             f"Data: `{r['data']}`, {r['test_images']} test images. Output step: {r['output_step']:.6g}.", "",
+             "| model | top-1 |", "|---|---|"]
+    for k, v in t.items():
+        lines.append(f"| {k} | {100 * v:.2f}% |")
+    c = r.get("onnxruntime_vs_reference")
+    if c:
+        lines += ["", "onnxruntime QDQ against the fake-quant reference:", "",
+                  f"- top-1 agreement: {100 * c['top1_agreement']:.2f}%",
+                  f"- logits bit-exact: {100 * c['bit_exact']:.3f}%, within one step: "
+                  f"{100 * c['within_one_step']:.3f}%, max difference: {c['max_steps']} steps"]
+    if "onnxruntime_error" in r:
+        lines += ["", f"onnxruntime: {r['onnxruntime_error']}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,66 @@
+"""Hold onnxruntime to the fake-quant reference: top-1 of each, top-1 agreement, logit differences in output steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plateau.data import ImageSet, batches
+
+__all__ = ["logits_of", "ort_session", "compare_logits", "top1"]
+
+
+def logits_of(fn: Callable[[np.ndarray], np.ndarray], data: ImageSet, mean: list[float], std: list[float],
+              batch_size: int = 250, limit: int | None = None, desc: str = "eval") -> np.ndarray:
+    """Run fn over the (first `limit` images of the) set in order; fn takes and returns numpy arrays."""
+    from tqdm import tqdm
+
+    n = len(data) if limit is None else min(limit, len(data))
+    out = []
+    with tqdm(total=n, desc=desc, unit="img", leave=False, mininterval=1.0) as bar:
+        for x, _ in batches(data, batch_size, mean, std, limit=n):
+            out.append(np.asarray(fn(x.numpy()), dtype=np.float32))
+            bar.update(len(x))
+    return np.concatenate(out)
+
+
+def torch_fn(module: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[np.ndarray], np.ndarray]:
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+def ort_session(path: str | Path, threads: int = 2):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def ort_fn(sess) -> Callable[[np.ndarray], np.ndarray]:
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels[: len(logits)]).mean())
+
+
+def compare_logits(device: np.ndarray, reference: np.ndarray, step: float) -> dict:
+    """Differences counted in output quantization steps, and top-1 agreement."""
+    steps = np.rint(np.abs(device.astype(np.float64) - reference.astype(np.float64)) / step).astype(np.int64)
+    return {
+        "values": int(steps.size),
+        "bit_exact": float((steps == 0).mean()),
+        "within_one_step": float((steps <= 1).mean()),
+        "max_steps": int(steps.max()) if steps.size else 0,
+        "top1_agreement": float((device.argmax(1) == reference.argmax(1)).mean()),
+        "step_histogram": {str(k): int(v) for k, v in zip(*np.unique(np.minimum(steps, 10), return_counts=True), strict=False)},
+    }

@@ -1,0 +1,78 @@
+"""The `plateau` command: one subcommand per stage, each reading and writing a run folder.
+
+    plateau train    --run runs/default --model small_cnn --data synthetic
+    plateau export   --run runs/default --bits W8A8
+    plateau compile  --run runs/default --target arm64
+    plateau validate --run runs/default --target arm64
+    plateau bench    --run runs/default --target host
+    plateau device serve --host 127.0.0.1 --port 9090
+
+A user's mistake (a missing file, a bad option, a checkpoint that does not fit) prints one line naming it and exits
+with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+__all__ = ["main"]
+
+# subcommand -> (module with add_arguments/main, help). Modules are imported only when needed: torch and TVM are
+# slow to import, and `plateau compile --help` should not pay for torch.
+_STAGES = {
+    "train": ("plateau.train", "full-precision training with quantization-noise injection"),
+    "export": ("plateau.export.stage", "post-training quantization to a QDQ ONNX graph, checked on onnxruntime"),
+    "compile": ("plateau.compile.stage", "lower the QDQ graph to integer TVM kernels for a target"),
+    "validate": ("plateau.runtime.validate", "run the compiled artifact on a device and check it against the reference"),
+    "bench": ("plateau.runtime.bench", "latency of the artifact beside onnxruntime, on one device"),
+    "device": ("plateau.runtime.serve", "serve a board over TVM RPC (`plateau device serve`)"),
+}
+
+
+def _load(name: str):
+    module = importlib.import_module(_STAGES[name][0])
+    if name == "device":
+        return module.add_device_arguments, module.device_main
+    return module.add_arguments, module.main
+
+
+def _parser(only: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plateau", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (_, help_text) in _STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name != "device":
+            p.add_argument("--run", default=os.environ.get("PLATEAU_RUN", "runs/default"),
+                           help="run folder (default: runs/default)")
+        if name == only:
+            add, _ = _load(name)
+            add(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    only = command if command in _STAGES else None
+    from plateau.errors import PlateauError
+
+    try:
+        parser = _parser(only)
+        args = parser.parse_args(argv)
+        _, run = _load(args.command)
+        run(args)
+    except PlateauError as e:
+        print(f"plateau {command or ''}: error: {e}".replace("  ", " "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"plateau {command}: interrupted; finished artifacts are kept, none is half-written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
