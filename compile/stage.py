@@ -19,8 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                   "instead of the run's export")
     p.add_argument("--allow-float", action="store_true", help="leave ops that cannot be lowered in float, listed "
                                                               "in the manifest, instead of failing")
-    p.add_argument("--requant", default="float", help="requantization: float (float32 multiplier, as onnxruntime) "
-                                                      "or fixed (integer multiplier and shift)")
+    p.add_argument("--requant", default="float", help="requantization: float (float32 multiplier, as onnxruntime's "
+                                                      "fused kernels), float64 (the exact product) or fixed "
+                                                      "(integer multiplier and shift)")
 
 
 def main(args: argparse.Namespace) -> dict:

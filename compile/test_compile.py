@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import tvm
-from plateau.compile import _fixtures as fx
-from plateau.compile import compile_onnx
 from tvm import relax
 
 from plateau.artifacts import read_manifest, sha256_file
+from plateau.compile import _fixtures as fx
+from plateau.compile import compile_onnx
 
 # onnxruntime runs these convs in float on dequantized values (no QLinearConv fusion on x86 for int8 activations
 # with int4 weights), so its rounding flips rare near-ties that the exact integer conv does not; one flipped

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from plateau.compile import _fixtures as fx
-from plateau.compile import compile_onnx
 from tvm import relax
 
+from plateau.compile import _fixtures as fx
+from plateau.compile import compile_onnx
 from plateau.errors import PlateauError
 
 

@@ -10,9 +10,10 @@ import onnx
 import pytest
 import torch
 import tvm
+from tvm import relax
+
 from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx
-from tvm import relax
 
 export = pytest.importorskip("plateau.export")
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from tvm import relax
+
 from plateau.compile import lower_qdq, op_counts
 from plateau.compile._common import Multiplier, requantize
 from plateau.compile.lower import float_compute_calls
-from tvm import relax
-
 from plateau.quant import INT8, dequantize_np
 
 RNG = np.random.default_rng(7)

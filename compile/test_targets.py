@@ -7,9 +7,9 @@ import re
 import shutil
 
 import pytest
+
 from plateau.compile import compile_onnx, get_target, list_targets, lower_qdq
 from plateau.compile.compiler import build, import_onnx
-
 from plateau.errors import PlateauError
 
 EM_AARCH64, EM_X86_64 = 183, 62
@@ -117,6 +117,7 @@ def test_arm64_library_runs_under_qemu(qdq_models, tmp_path, name):
     import subprocess
 
     import numpy as np
+
     from plateau.compile import _fixtures as fx
 
     runtime = pytest.importorskip("plateau.runtime")
