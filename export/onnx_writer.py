@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from plateau.artifacts import FORMAT_VERSION
-from plateau.quant import QType
+from plateau.quant import QType, pack_int4
 
 from .graph import QNode
 from .quantize import FakeQuantModel
@@ -43,8 +43,8 @@ def _onnx_type(qt: QType) -> int:
 def _int_initializer(name: str, values: np.ndarray, qt: QType) -> onnx.TensorProto:
     values = np.asarray(values)
     if qt.storage in ("int4", "uint4"):
-        # make_tensor packs 4-bit values two per byte.
-        return helper.make_tensor(name, _onnx_type(qt), list(values.shape), values.astype(np.int32).flatten().tolist())
+        # Two values per byte in raw_data (the ONNX INT4 layout), so the file holds half a byte per weight.
+        return helper.make_tensor(name, _onnx_type(qt), list(values.shape), pack_int4(values).tobytes(), raw=True)
     return numpy_helper.from_array(values.astype(qt.np_dtype), name)
 
 
@@ -116,8 +116,10 @@ def _finish(b: _Builder, shape: list[int], n_out: int | None, meta: dict, name: 
     model.ir_version = 10
     meta = {"plateau.format_version": str(FORMAT_VERSION), **{k: str(v) for k, v in meta.items()}}
     helper.set_model_props(model, meta)
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    onnx.checker.check_model(model, full_check=True)
+    # Strict shape inference and the full checker must pass; the inferred value_info is then dropped again, since
+    # every consumer re-infers it and it would cost ~4% of an int4 file.
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    onnx.checker.check_model(inferred, full_check=True)
     return model
 
 
@@ -130,23 +132,25 @@ def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None) -> onnx.ModelProt
     g, b = ref.graph, _Builder()
     qout: dict[str, tuple[str, str, str]] = {}  # node -> (integer tensor, scale, zero point)
     qp: dict[str, tuple[str, str]] = {}  # quant point -> (scale, zero point) initializer names
+    uses: dict[str, int] = {}
 
     def quant(src: str, n_name: str, qsource: str) -> None:
         s, z = qp[qsource]
-        b.node("QuantizeLinear", [src, s, z], [f"{n_name}_q"], f"{n_name}_Q")
-        qout[n_name] = (f"{n_name}_q", s, z)
+        b.node("QuantizeLinear", [src, s, z], [f"{n_name}.q"], "")
+        qout[n_name] = (f"{n_name}.q", s, z)
 
     def dq(src_node: str, consumer: str, out: str | None = None) -> str:
         q, s, z = qout[src_node]
-        out = out or f"{src_node}_dq_{consumer}"
-        b.node("DequantizeLinear", [q, s, z], [out], f"{src_node}_DQ_{consumer}")
+        uses[src_node] = uses.get(src_node, 0) + 1
+        out = out or f"{src_node}.dq{uses[src_node]}"
+        b.node("DequantizeLinear", [q, s, z], [out], "")
         return out
 
     for n in g.nodes:
         if n.quantized_output:
             a = ref.acts[n.name]
-            s = b.const_f32(f"{n.name}_scale", np.float32(a.scale))
-            z = b.init(_int_initializer(f"{n.name}_zero_point", np.asarray(a.zero_point), a.qtype))
+            s = b.const_f32(f"{n.name}.s", np.float32(a.scale))
+            z = b.init(_int_initializer(f"{n.name}.zp", np.asarray(a.zero_point), a.qtype))
             qp[n.name] = (s, z)
         if n.op == "input":
             quant(INPUT_NAME, n.name, n.name)
@@ -156,23 +160,22 @@ def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None) -> onnx.ModelProt
         if n.is_weighted:
             wq = ref.weights[n.name]
             cout = wq.q.shape[0]
-            wi = b.init(_int_initializer(f"{n.name}_weight_q", wq.q.numpy().astype(np.int32), wq.qtype))
-            ws = b.const_f32(f"{n.name}_weight_scale", wq.scale.numpy())
-            wz = b.init(_int_initializer(f"{n.name}_weight_zero_point", np.zeros(cout, np.int32), wq.qtype))
-            b.node("DequantizeLinear", [wi, ws, wz], [f"{n.name}_weight"], f"{n.name}_weight_DQ", axis=0)
-            bi = b.init(numpy_helper.from_array(wq.bias_q.numpy().astype(np.int32), f"{n.name}_bias_q"))
-            bs = b.const_f32(f"{n.name}_bias_scale", wq.bias_scale.numpy())
-            bz = b.init(numpy_helper.from_array(np.zeros(cout, np.int32), f"{n.name}_bias_zero_point"))
-            b.node("DequantizeLinear", [bi, bs, bz], [f"{n.name}_bias"], f"{n.name}_bias_DQ", axis=0)
-            w, bias = f"{n.name}_weight", f"{n.name}_bias"
-        pre = f"{n.name}_out"
+            wi = b.init(_int_initializer(f"{n.name}.wq", wq.q.numpy().astype(np.int32), wq.qtype))
+            ws = b.const_f32(f"{n.name}.ws", wq.scale.numpy())
+            wz = b.init(_int_initializer(f"{n.name}.wzp", np.zeros(cout, np.int32), wq.qtype))
+            b.node("DequantizeLinear", [wi, ws, wz], [f"{n.name}.w"], "", axis=0)
+            bi = b.init(numpy_helper.from_array(wq.bias_q.numpy().astype(np.int32), f"{n.name}.bq"))
+            bs = b.const_f32(f"{n.name}.bs", wq.bias_scale.numpy())
+            b.node("DequantizeLinear", [bi, bs], [f"{n.name}.b"], "", axis=0)
+            w, bias = f"{n.name}.w", f"{n.name}.b"
+        pre = f"{n.name}.y"
         _op(b, n, ins, pre, w, bias)
         a = ref.acts.get(n.name)
         # With the output zero point at qmin, saturation already clamps negatives: Q(relu(y)) == Q(y). Leaving the
         # Relu out lets runtimes fuse Conv/Add -> Q into one integer kernel.
         if n.relu and not (a is not None and a.zero_point == a.qtype.qmin):
-            b.node("Relu", [pre], [f"{n.name}_relu"], f"{n.name}_Relu")
-            pre = f"{n.name}_relu"
+            b.node("Relu", [pre], [f"{n.name}.relu"], "")
+            pre = f"{n.name}.relu"
         quant(pre, n.name, g.quant_source(n.name))
     dq(g.output, "output", OUTPUT_NAME)
     n_out = ref.weights[g.output].q.shape[0] if g.output in ref.weights else None

@@ -41,6 +41,8 @@ __all__ = [
     "parse_bits",
     "conv_multiplier",
     "requantize",
+    "pack_int4",
+    "unpack_int4",
 ]
 
 
@@ -304,3 +306,26 @@ def requantize(acc: torch.Tensor, multiplier: torch.Tensor, zero_point: int, qty
     y = torch.round(acc.to(torch.float32) * m) + zero_point
     lo = max(qtype.qmin, zero_point) if relu else qtype.qmin
     return torch.clamp(y, lo, qtype.qmax)
+
+
+def pack_int4(values: np.ndarray) -> np.ndarray:
+    """Pack 4-bit integers two per byte, first element in the low nibble (ONNX INT4/UINT4 layout).
+
+    An odd count is padded with a zero nibble. Returns uint8 of length ceil(n / 2).
+    """
+    v = np.asarray(values).astype(np.int64).ravel()
+    if v.size % 2:
+        v = np.concatenate([v, np.zeros(1, np.int64)])
+    lo, hi = v[0::2] & 0xF, v[1::2] & 0xF
+    return (lo | (hi << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray, count: int, signed: bool = True) -> np.ndarray:
+    """Inverse of pack_int4: `count` values as int8 (sign-extended when signed)."""
+    p = np.asarray(packed, dtype=np.uint8).ravel()
+    v = np.empty(p.size * 2, np.int16)
+    v[0::2], v[1::2] = p & 0xF, p >> 4
+    v = v[:count]
+    if signed:
+        v = np.where(v >= 8, v - 16, v)
+    return v.astype(np.int8 if signed else np.uint8)
