@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from plateau.train import TrainConfig, hessian_trace, train
 
 from plateau.data import batches, load_split
 from plateau.models import create_model
+from plateau.train import TrainConfig, hessian_trace, train
 
 ROOT = Path(__file__).resolve().parent
 DATA = Path("/work/shared/data/cifar10")

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from plateau.train import NoiseConfig, hessian_trace, noise_loss_increase, quantized_weights, top_eigenvalue
 from torch import nn
+
+from plateau.train import NoiseConfig, hessian_trace, noise_loss_increase, quantized_weights, top_eigenvalue
 
 torch.set_num_threads(1)
 

@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
-from plateau.train import NoiseConfig, NoiseInjector, activation_step, weight_step
 from torch import nn
+
+from plateau.train import NoiseConfig, NoiseInjector, activation_step, weight_step
 
 torch.set_num_threads(1)
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from plateau.train import METHODS, TrainConfig, add_arguments, main, train
 from torch import nn
 
 from plateau.data import ImageSet
 from plateau.errors import PlateauError
+from plateau.train import METHODS, TrainConfig, add_arguments, main, train
 
 torch.set_num_threads(1)
 SHARED = Path("/work/shared")
