@@ -77,7 +77,7 @@ def hessian_trace(
 ) -> dict:
     """Hutchinson estimate of tr(H) of the mean loss over `batches` w.r.t. `params` (default: quantized weights).
 
-    Returns {'trace', 'std_err', 'n_samples', 'n_params'}; std_err is the Monte Carlo standard error.
+    Returns {'trace', 'std_err', 'n_samples', 'n_params'}; std_err is the Monte Carlo standard error (None for one sample).
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
@@ -95,7 +95,7 @@ def hessian_trace(
     var = sum((e - mean) ** 2 for e in est) / max(1, len(est) - 1)
     return {
         "trace": mean,
-        "std_err": math.sqrt(var / len(est)) if len(est) > 1 else float("nan"),
+        "std_err": math.sqrt(var / len(est)) if len(est) > 1 else None,
         "n_samples": n_samples,
         "n_params": sum(p.numel() for p in params),
     }
@@ -207,7 +207,7 @@ def noise_loss_increase(
         "base_loss": base_loss,
         "noisy_loss": mean,
         "increase": mean - base_loss,
-        "std_err": math.sqrt(var / len(losses)) if len(losses) > 1 else float("nan"),
+        "std_err": math.sqrt(var / len(losses)) if len(losses) > 1 else None,
         "base_acc": base_acc,
         "noisy_acc": sum(accs) / len(accs),
         "n_samples": n_samples,
