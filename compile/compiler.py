@@ -27,9 +27,10 @@ from plateau.errors import PlateauError
 from ._common import REQUANT_MODES, const_np
 from .lower import float_compute_calls, lower_qdq, op_counts
 from .onnx_prep import PreparedModel, array_key, prepare_onnx
+from .pack_int4 import build_pipeline, pack_int4_weights, packed_weight_bytes
 from .targets import CompileTarget, get_target
 
-__all__ = ["compile_onnx", "build", "import_onnx"]
+__all__ = ["compile_onnx", "build", "import_onnx", "lower_for_target"]
 
 
 def import_onnx(onnx_path: str | Path) -> tuple[tvm.IRModule, PreparedModel]:
@@ -82,12 +83,22 @@ def _to_layout(mod: tvm.IRModule, layout: str) -> tvm.IRModule:
     return relax.transform.FoldConstant()(mod)
 
 
+def lower_for_target(mod: tvm.IRModule, target: CompileTarget) -> tvm.IRModule:
+    """The target-specific steps after lower_qdq: conv layout, constant folding, 4-bit weight packing."""
+    mod = _to_layout(mod, target.conv_layout)
+    return pack_int4_weights(relax.transform.FoldConstant()(mod))
+
+
 def build(mod: tvm.IRModule, target: CompileTarget) -> tuple[relax.VMExecutable, dict]:
-    """Build `mod` for `target`, trying its fallback target dicts if the main one fails; returns the dict used."""
+    """Build `mod` for `target`, trying its fallback target dicts if the main one fails; returns the dict used.
+
+    The pipeline is TVM's default CPU pipeline without FoldConstant (see pack_int4): fold before calling this.
+    """
     errors = []
     for tdict in (target.tvm_target, *target.fallbacks):
         try:
-            return tvm.compile(mod, tvm.target.Target(tdict)), tdict
+            t = tvm.target.Target(tdict)
+            return tvm.compile(mod, t, relax_pipeline=build_pipeline(t)), tdict
         except Exception as e:  # LLVM rejects a CPU name or a schedule: try the next, report all if none builds
             errors.append(f"{tdict}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     raise PlateauError(f"target {target.name!r} failed to build: " + " | ".join(errors))
@@ -139,7 +150,8 @@ def compile_onnx(
             "allow_float=True to keep them in float"
         )
 
-    mod = _to_layout(mod, tgt.conv_layout)
+    mod = lower_for_target(mod, tgt)
+    lib_weight_bytes, n_packed = packed_weight_bytes(mod)
     ex, tdict = build(mod, tgt)
     out_dir.mkdir(parents=True, exist_ok=True)
     so = out_dir / "model.so"
@@ -167,6 +179,6 @@ def compile_onnx(
         input=inp, output=out, batch="dynamic" if isinstance(inp["shape"][0], str) else inp["shape"][0],
         conv_layout=tgt.conv_layout, ops=op_counts(mod), float_islands=islands,
         weight_bytes=prep.weight_bytes, weight_bits=sorted(prep.compute_weight_bits),
-        # 4-bit weights are unpacked to one int8 per value in the library (packing them is later work).
-        library_weight_bytes=prep.weight_values,
+        # weights whose values fit in 4 bits are stored two per byte and unpacked at run time (pack_int4.py)
+        library_weight_bytes=lib_weight_bytes, packed_int4_weights=n_packed,
     )

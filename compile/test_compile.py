@@ -72,7 +72,8 @@ def test_manifest(compiled):
     assert m["outputs"]["library"]["sha256"] == sha256_file(out_dir / "model.so")
     # 4-bit weights: (8*3*9 + 8*8*9 + 10*8) values at half a byte each.
     assert m["weight_bits"] == [4] and m["weight_bytes"] == (216 + 576 + 80) // 2
-    assert m["library_weight_bytes"] == 216 + 576 + 80
+    # ... and two per byte in the library too (pack_int4): all three weights are packed
+    assert m["library_weight_bytes"] == (216 + 576 + 80) // 2 and m["packed_int4_weights"] == 3
     assert not list(out_dir.glob(".*tmp*")), "temporary files left behind"
 
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from plateau.compile import compile_onnx, get_target, list_targets, lower_qdq
-from plateau.compile.compiler import build, import_onnx
+from plateau.compile.compiler import build, import_onnx, lower_for_target
 from plateau.errors import PlateauError
 
 EM_AARCH64, EM_X86_64 = 183, 62
@@ -58,10 +58,8 @@ def test_arm64_library_is_aarch64(qdq_models, tmp_path):
 
 def _asm(qdq_path, target: str) -> str:
     mod, _ = import_onnx(qdq_path)
-    from plateau.compile.compiler import _to_layout
-
     tgt = get_target(target)
-    ex, _ = build(_to_layout(lower_qdq(mod), tgt.conv_layout), tgt)
+    ex, _ = build(lower_for_target(lower_qdq(mod), tgt), tgt)
     return ex.mod.imports[0].inspect_source("asm")
 
 
@@ -86,10 +84,10 @@ def test_every_target_builds(qdq_models, tmp_path, target):
 def test_nhwc_layout_is_exact_on_host(qdq_models, tmp_path, name):
     """arm64 targets build the integer conv in NHWC; run that same Relax on the host to check its numerics."""
     from plateau.compile import _fixtures as fx
-    from plateau.compile.compiler import _to_layout
-
     mod, _ = import_onnx(qdq_models[name])
-    nhwc = _to_layout(lower_qdq(mod), "NHWC")
+    arm = get_target("arm64")
+    assert arm.conv_layout == "NHWC"
+    nhwc = lower_for_target(lower_qdq(mod), arm)
     convs = [b.value for blk in nhwc["main"].body.blocks for b in blk.bindings
              if getattr(b.value, "op", None) is not None and getattr(b.value.op, "name", "") == "relax.nn.conv2d"]
     assert convs and all(c.attrs.data_layout == "NHWC" and c.attrs.kernel_layout == "OHWI" for c in convs)

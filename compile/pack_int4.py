@@ -1,0 +1,102 @@
+"""Store 4-bit weights two per byte in the library and unpack them at run time.
+
+After lowering, every integer conv2d / matmul weight is an int8 constant. One whose values all fit in -8..7
+(4-bit weights, or any weight that happens to) is replaced by a uint8 constant of half the size and a chain of
+elementwise ops that restores it:
+
+    packed[i] = (w[2i] & 0xF) | (w[2i+1] << 4)                       (at compile time, numpy)
+    w = ((stack([packed & 0xF, packed >> 4], -1) as int8) ^ 8) - 8    (at run time: sign-extends the nibbles)
+
+The unpack runs once per inference as one fused elementwise kernel over the weights; the conv itself still reads
+int8 (so +dotprod still gives sdot). TVM's native int4 buffers are not used: they are miscompiled (shared notes).
+The default pipeline's FoldConstant would fold the unpack straight back into an int8 constant, so `build_pipeline`
+is the default CPU pipeline without it; constants are folded before packing instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+from ._common import const_np
+
+__all__ = ["pack_int4_weights", "packed_weight_bytes", "build_pipeline", "MIN_PACK_VALUES"]
+
+MIN_PACK_VALUES = 32  # smaller weights are not worth an extra kernel launch
+
+
+def _pack(w: np.ndarray) -> np.ndarray:
+    flat = w.reshape(-1).astype(np.int16)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.int16)])
+    nib = (flat & 0xF).astype(np.uint8)
+    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8)
+
+
+def _unpack(packed: relax.Expr, shape: tuple[int, ...], n: int) -> relax.Expr:
+    op = relax.op
+    lo = op.bitwise_and(packed, relax.const(np.uint8(0xF), "uint8"))
+    hi = op.right_shift(packed, relax.const(np.uint8(4), "uint8"))
+    nibbles = op.reshape(op.stack([lo, hi], axis=-1), (2 * int(packed.ty.shape[0]),))
+    if 2 * int(packed.ty.shape[0]) != n:
+        nibbles = op.strided_slice(nibbles, axes=[0], begin=[0], end=[n])
+    v = op.astype(nibbles, "int8")
+    signed = op.subtract(op.bitwise_xor(v, relax.const(np.int8(8), "int8")), relax.const(np.int8(8), "int8"))
+    return op.reshape(signed, shape)
+
+
+def pack_int4_weights(mod: tvm.IRModule) -> tvm.IRModule:
+    """Replace each packable int8 conv2d / matmul weight constant by packed bytes + an unpack (see module doc)."""
+    data, weight = wildcard(), is_const()
+    pattern = is_op("relax.nn.conv2d")(data, weight) | is_op("relax.matmul")(data, weight)
+
+    def rewriter(expr: relax.Call, m: dict) -> relax.Expr:
+        w = const_np(m[weight])
+        if w is None or w.dtype != np.int8 or w.size < MIN_PACK_VALUES or w.min() < -8 or w.max() > 7:
+            return expr
+        packed = relax.const(_pack(w), "uint8")
+        unpacked = _unpack(packed, tuple(w.shape), w.size)
+        return relax.Call(expr.op, [expr.args[0], unpacked], expr.attrs)
+
+    out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            out[gv] = rewrite_call(pattern, rewriter, func)
+    return out
+
+
+def packed_weight_bytes(mod: tvm.IRModule) -> tuple[int, int]:
+    """(bytes of conv2d / matmul weights as the library stores them, how many of those weights are packed)."""
+    total = packed = 0
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function):
+            continue
+        for block in func.body.blocks:
+            for b in block.bindings:
+                call = b.value
+                name = getattr(getattr(call, "op", None), "name", "")
+                arg = call.args[1] if name in ("relax.nn.conv2d", "relax.matmul") else (
+                    call.args[0] if name == "relax.bitwise_and" else None)
+                w = const_np(arg) if arg is not None else None
+                if w is not None and w.dtype in (np.int8, np.uint8):
+                    total += w.nbytes
+                    packed += name == "relax.bitwise_and"
+    return total, packed
+
+
+def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """TVM's default CPU pipeline minus FoldConstant (which would undo the packing)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    legalize = [p for p in cpu.legalize_passes(target) if "FoldConstant" not in str(p.info.name)]
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + legalize
+                                           + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline
