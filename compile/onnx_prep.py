@@ -43,7 +43,6 @@ class PreparedModel:
     weight_owner: dict[str, tuple[str, str]] = field(default_factory=dict)  # array_key -> (node name, op type)
     weight_bytes: int = 0  # bytes of quantized weights as stored in ONNX (4-bit counted as half a byte)
     compute_weight_bits: set[int] = field(default_factory=set)  # bit widths of conv / matmul weights
-    weight_values: int = 0  # number of quantized weight values: bytes in the library, where each is an int8
 
 
 def _load(path: str | Path) -> onnx.ModelProto:
@@ -157,6 +156,5 @@ def prepare_onnx(path: str | Path) -> PreparedModel:
             if quantized:
                 bits = prep.weight_bits.get(src, 8)
                 prep.weight_bytes += (arr.size * bits + 7) // 8
-                prep.weight_values += arr.size
                 prep.compute_weight_bits.add(bits)
     return prep
