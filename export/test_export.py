@@ -1,0 +1,185 @@
+"""Export: graph capture, the reference's numerics, the QDQ file's structure, and onnxruntime held to the reference."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+from torch import nn
+
+from plateau.data import SYNTHETIC, batches, load_split
+from plateau.errors import PlateauError
+from plateau.export import QuantConfig, capture, load_reference, quantize_model, to_float_onnx, to_qdq_onnx
+from plateau.export.stage import export_model
+from plateau.export.validate import compare_logits, ort_session
+from plateau.models import create_model
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def data():
+    test = load_split(SYNTHETIC, "test")
+    xs = [x for x, _ in batches(test, 64, [0.5] * 3, [0.25] * 3, limit=256)]
+    return xs[:2], torch.cat(xs[2:])
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = create_model("small_cnn")
+    # Non-trivial BN statistics, so folding is exercised.
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    return m.eval()
+
+
+def test_capture_folds_bn_and_fuses_relu(model):
+    g = capture(model, [1, 3, 32, 32])
+    ops = [n.op for n in g.nodes]
+    assert ops.count("conv") == 5 and "add" in ops and ops[-1] == "linear"
+    assert all(n.bias is not None for n in g.weighted())
+    assert g.node("add").relu and not any(n.op == "relu" for n in g.nodes)
+
+
+def test_unsupported_op_names_the_module():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.act = nn.GELU()
+
+        def forward(self, x):
+            return self.act(self.conv(x))
+
+    with pytest.raises(PlateauError, match="module 'act' \\(GELU\\)"):
+        capture(Odd(), [1, 3, 8, 8])
+
+
+def test_w8a8_reference_tracks_float(model, data):
+    calib, x = data
+    ref = quantize_model(model, calib, QuantConfig.from_bits("W8A8"))
+    fp, q = ref.float_forward(x), ref(x)
+    assert (fp.argmax(1) == q.argmax(1)).float().mean() >= 0.95
+    # The integer-exact reference and the float fake-quant simulation agree but for rare ties.
+    c = compare_logits(ref.simulate(x).numpy(), q.numpy(), ref.output_step)
+    assert c["within_one_step"] >= 0.999
+
+
+@pytest.mark.parametrize("bits", ["W8A8", "W4A8", "W4A4"])
+def test_qdq_file_structure(model, data, bits):
+    ref = quantize_model(model, data[0], QuantConfig.from_bits(bits))
+    m = to_qdq_onnx(ref, {"plateau.bits": bits})
+    onnx.checker.check_model(m, full_check=True)
+    assert m.opset_import[0].version == 21
+    inits = {t.name: t for t in m.graph.initializer}
+    wq = [t for n, t in inits.items() if n.endswith(".wq")]
+    want = TensorProto.INT8 if bits.startswith("W8") else TensorProto.INT4
+    assert len(wq) == 6 and all(t.data_type == want for t in wq)
+    # No float weight is re-quantized at run time: every QuantizeLinear quantizes an activation.
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in inits for n in m.graph.node)
+    per_axis = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith(".wq")]
+    assert all(a.i == 0 for n in per_axis for a in n.attribute if a.name == "axis") and len(per_axis) == 6
+    assert {p.key: p.value for p in m.metadata_props}["plateau.bits"] == bits
+
+
+@pytest.mark.parametrize("bits", ["W8A8", "W4A8"])
+def test_onnxruntime_matches_reference(model, data, bits, tmp_path):
+    calib, x = data
+    ref = quantize_model(model, calib, QuantConfig.from_bits(bits))
+    onnx.save(to_qdq_onnx(ref), tmp_path / "q.onnx")
+    out = ort_session(tmp_path / "q.onnx").run(None, {"input": x.numpy()})[0]
+    c = compare_logits(out, ref(x).numpy(), ref.output_step)
+    assert c["top1_agreement"] >= 0.99 and c["within_one_step"] >= 0.99, c
+
+
+def test_float_onnx_matches_folded_model(model, data, tmp_path):
+    calib, x = data
+    ref = quantize_model(model, calib, QuantConfig.from_bits("W8A8"))
+    onnx.save(to_float_onnx(ref), tmp_path / "f.onnx")
+    out = ort_session(tmp_path / "f.onnx").run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(x).numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_int4_file_is_small(tmp_path):
+    torch.manual_seed(0)
+    m = create_model("cifar_resnet20").eval()
+    calib = [torch.randn(16, 3, 32, 32)]
+    ref = quantize_model(m, calib, QuantConfig.from_bits("W4A8"))
+    onnx.save(to_qdq_onnx(ref), tmp_path / "q4.onnx")
+    onnx.save(to_float_onnx(ref), tmp_path / "f.onnx")
+    ratio = (tmp_path / "q4.onnx").stat().st_size / (tmp_path / "f.onnx").stat().st_size
+    assert ratio <= 0.15, ratio
+
+
+def test_relu_elision_keeps_values(model, data, tmp_path):
+    """Conv/Add + ReLU with the output zero point at qmin are written without the Relu node; the values agree."""
+    calib, x = data
+    ref = quantize_model(model, calib, QuantConfig.from_bits("W8A8"))
+    m = to_qdq_onnx(ref)
+    assert not any(n.op_type == "Relu" for n in m.graph.node)
+    onnx.save(m, tmp_path / "q.onnx")
+    out = ort_session(tmp_path / "q.onnx").run(None, {"input": x.numpy()})[0]
+    assert compare_logits(out, ref(x).numpy(), ref.output_step)["within_one_step"] >= 0.99
+
+
+def test_reference_round_trip(model, data, tmp_path):
+    calib, x = data
+    model.plateau_name = "small_cnn"
+    ref, _ = export_model(model, calib, QuantConfig.from_bits("W8A8"), tmp_path)
+    again = load_reference(tmp_path / "reference.pt")
+    torch.testing.assert_close(again(x), ref(x), rtol=0, atol=0)
+
+
+def test_config_errors():
+    with pytest.raises(PlateauError, match="W<bits>A<bits>"):
+        QuantConfig.from_bits("W16A8")
+    with pytest.raises(PlateauError, match="unknown activation calibration 'kl2'"):
+        QuantConfig(act_calibration="kl2")
+    with pytest.raises(PlateauError, match="calibration set is empty"):
+        quantize_model(create_model("small_cnn"), [], QuantConfig())
+
+
+def test_layer_bits_and_first_last(model, data):
+    from plateau.export.quantize import weight_bits
+
+    ref = quantize_model(model, data[0], QuantConfig.from_bits("W4A4", keep_first_last_8bit=True,
+                                                               layer_bits={"res.a.0": 6}))
+    wb = {n.module: ref.weights[n.name].qtype.bits for n in ref.graph.weighted()}
+    assert wb["stem.0.0"] == 8 and wb["fc"] == 8 and wb["res.a.0"] == 6 and wb["down1.0.0"] == 4
+    assert ref.acts["x"].qtype.bits == 8
+    with pytest.raises(PlateauError, match="not a conv/linear layer"):
+        weight_bits(ref.graph, QuantConfig(layer_bits={"nope": 4}))
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "data/cifar10/test").is_dir(), reason="../shared/data/cifar10 is not present")
+def test_pretrained_resnet20_w8a8_on_cifar10():
+    """Real data: the reference stays within 0.5 points of FP and onnxruntime agrees with it (1000 test images)."""
+    from plateau.export.validate import logits_of, ort_fn, top1, torch_fn
+
+    m = create_model("cifar_resnet20", checkpoint=SHARED / "models/cifar-resnet/resnet20-12fca82f.th").eval()
+    mean, std = m.plateau_cfg["mean"], m.plateau_cfg["std"]
+    train, test = load_split(SHARED / "data/cifar10", "train"), load_split(SHARED / "data/cifar10", "test")
+    calib = [x for x, _ in batches(train, 128, mean, std, shuffle=True, limit=512)]
+    ref = quantize_model(m, calib, QuantConfig.from_bits("W8A8"))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        onnx.save(to_qdq_onnx(ref), f"{d}/q.onnx")
+        ort = logits_of(ort_fn(ort_session(f"{d}/q.onnx")), test, mean, std, limit=1000)
+    rl = logits_of(torch_fn(ref), test, mean, std, limit=1000)
+    fp = logits_of(torch_fn(ref.float_forward), test, mean, std, limit=1000)
+    assert top1(rl, test.labels) >= top1(fp, test.labels) - 0.005
+    c = compare_logits(ort, rl, ref.output_step)
+    assert c["top1_agreement"] >= 0.995 and c["within_one_step"] >= 0.99, c
