@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from plateau.runtime.sysroot import sysroot_status
 from plateau.runtime.testmodels import build_tiny
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from plateau.runtime import run_artifact
 
 from plateau.errors import PlateauError
+from plateau.runtime import run_artifact
 
 pytestmark = pytest.mark.qemu
 

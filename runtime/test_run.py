@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from plateau.runtime import add_device_arguments, device_main, elf_machine, list_devices, run_artifact
 
 from plateau.errors import PlateauError
+from plateau.runtime import add_device_arguments, device_main, elf_machine, list_devices, run_artifact
 
 
 def test_list_devices():

@@ -6,10 +6,10 @@ import json
 import time
 
 import pytest
-from plateau.runtime import ensure_arm64_sysroot, sysroot_status
-from plateau.runtime import sysroot as sr
 
 from plateau.errors import PlateauError
+from plateau.runtime import ensure_arm64_sysroot, sysroot_status
+from plateau.runtime import sysroot as sr
 
 
 def _fake_complete(root):

@@ -1,25 +1,45 @@
 """`plateau validate`: run the compiled artifact on a device over the test split and hold it to the reference.
 
-Reads <run>/export (reference logits, onnxruntime logits, labels, data) and <run>/compile/<target> (model.so),
-writes <run>/validate/<target>/report.json and report.md. Emulated runs say so in every line that reports speed.
+Reads <run>/export (reference logits, onnxruntime logits, labels, data, reference.pt) and <run>/compile/<target>
+(model.so), writes <run>/validate/<target>/: report.json, report.md, report.html (plots embedded) and the PNGs.
+
+    top-1 of the device, the fake-quant reference, onnxruntime and FP32; top-1 agreement of the device with the
+    reference and with onnxruntime; logit differences in output steps.
+    When the device leaves the reference by more than one step (or with --per-layer): a debug build of the same
+    ONNX with every quantization point exposed runs on the same device, and the report names the FIRST layer whose
+    integer outputs differ by more than one step, with the size of the difference per layer (plateau.runtime.layers).
+
+Emulated runs say so in the title and in every line that reports time. Nothing is written unless the whole
+validation succeeded; every file is written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
-from plateau.artifacts import read_manifest, sha256_file, write_json, write_text
+from plateau.artifacts import read_manifest, sha256_file
 from plateau.data import batches, load_split
 from plateau.errors import PlateauError
 
 from .run import DEVICES, elf_machine, run_artifact
 
-__all__ = ["add_arguments", "main", "compare_logits", "render_report"]
+__all__ = ["add_arguments", "main", "compare_logits", "render_report", "check_artifact", "pick_device",
+           "run_on_device", "QEMU_CPU_FEATURES"]
+
+# Features of the CPU models qemu-aarch64 emulates (QEMU_CPU=...), for a clear error before a SIGILL.
+QEMU_CPU_FEATURES: dict[str, set[str]] = {
+    "cortex-a53": set(), "cortex-a57": set(), "cortex-a72": set(), "a64fx": set(),
+    "cortex-a55": {"dotprod"}, "cortex-a76": {"dotprod"}, "neoverse-n1": {"dotprod"},
+    "cortex-a710": {"dotprod", "i8mm"}, "neoverse-v1": {"dotprod", "i8mm"}, "neoverse-n2": {"dotprod", "i8mm"},
+    "max": {"dotprod", "i8mm"},
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,6 +51,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="validate on the first N test images (default: all that export "
                                              "validated)")
     p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--compiled", help="validate this compile folder (model.so + manifest.json) instead of "
+                                      "<run>/compile/<target>, even if it was compiled from another ONNX "
+                                      "(e.g. a modified copy): the report says so")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--per-layer", action="store_true", help="always run the per-layer comparison (default: only "
+                                                            "when the device leaves the reference)")
+    g.add_argument("--no-per-layer", action="store_true", help="never run the per-layer comparison")
+    p.add_argument("--per-layer-images", type=int, default=8, help="images for the per-layer comparison (the "
+                                                                   "most divergent ones; default 8)")
+    p.add_argument("--tolerance", type=int, default=1, help="allowed difference in integer steps (default 1)")
 
 
 def compare_logits(device: np.ndarray, reference: np.ndarray, step: float) -> dict:
@@ -40,82 +70,273 @@ def compare_logits(device: np.ndarray, reference: np.ndarray, step: float) -> di
     return _cmp(device, reference, step)
 
 
-def _pick_device(args: argparse.Namespace, lib: Path) -> str:
-    if args.rpc:
+# --- checks shared with `plateau bench` ------------------------------------------------------------------------------
+def _host_machine() -> str:
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+
+
+def check_artifact(comp_dir: Path, target: str, export_manifest: dict | None, *, strict_onnx: bool = True) -> dict:
+    """The compile manifest of comp_dir, checked: built for `target`, for that target's CPU, from the run's export.
+
+    A mismatch is a one-line PlateauError saying what to do. strict_onnx=False accepts a library compiled from
+    another ONNX (returns the manifest; the caller reports it).
+    """
+    comp = read_manifest(comp_dir, "compile")
+    lib = comp_dir / "model.so"
+    if not lib.is_file():
+        raise PlateauError(f"{lib}: no such compiled model (run `plateau compile --target {target}`)")
+    built_for = comp.get("target") or comp.get("config", {}).get("target")
+    if built_for and built_for != target:
+        raise PlateauError(f"{lib} was compiled for target {built_for!r}, not {target!r}: run "
+                           f"`plateau compile --target {target}`")
+    want = _target_machine(target)
+    got = elf_machine(lib)
+    if want and got != want:
+        raise PlateauError(f"{lib} is {got} code but target {target!r} is {want}: the artifact was replaced; run "
+                           f"`plateau compile --target {target}`")
+    onnx_rec = comp.get("inputs", {}).get("onnx", {})
+    if strict_onnx and export_manifest is not None:
+        if onnx_rec.get("sha256") and export_manifest.get("qdq_sha256") and \
+                onnx_rec["sha256"] != export_manifest["qdq_sha256"]:
+            raise PlateauError(f"{lib} is stale: it was compiled from another export of {onnx_rec.get('path')}; run "
+                               f"`plateau compile --target {target}` again")
+    return comp
+
+
+def _target_machine(target: str) -> str | None:
+    try:
+        from plateau.compile import get_target
+
+        t = get_target(target)
+    except PlateauError:
+        return None
+    return "aarch64" if t.arch == "aarch64" else _host_machine()
+
+
+def needed_features(comp: dict) -> set[str]:
+    """CPU features the library was compiled to use (from the manifest's TVM target)."""
+    mattr = (comp.get("tvm_target") or {}).get("mattr") or []
+    return {a.lstrip("+") for a in mattr if a.lstrip("+") in ("dotprod", "i8mm", "sve", "sve2")}
+
+
+def pick_device(device: str | None, rpc: str | None, lib: Path) -> str:
+    if rpc:
         return "rpc"
-    if args.device:
-        return args.device
-    host = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
-    return "local" if elf_machine(lib) == host else "qemu"
+    if device:
+        return device
+    return "local" if elf_machine(lib) == _host_machine() else "qemu"
+
+
+def _check_emulated_cpu(comp: dict, device: str, target: str) -> None:
+    cpu = os.environ.get("QEMU_CPU", "").strip().lower()
+    if device != "qemu" or not cpu:
+        return
+    have = QEMU_CPU_FEATURES.get(cpu)
+    missing = sorted(needed_features(comp) - have) if have is not None else []
+    if missing:
+        raise PlateauError(f"the emulated CPU QEMU_CPU={cpu} lacks {', '.join(missing)}, which target {target!r} "
+                           f"uses: compile for a target without it (e.g. arm64-neon or rpi4) or unset QEMU_CPU")
+
+
+def run_on_device(lib: Path, x: np.ndarray, device: str, comp: dict, target: str, **kw):
+    """run_artifact with device-side failures explained: a CPU without the features the build uses dies of SIGILL."""
+    _check_emulated_cpu(comp, device, target)
+    try:
+        return run_artifact(lib, x, device, **kw)
+    except PlateauError as e:
+        msg = str(e)
+        feats = needed_features(comp)
+        sigill = "exit -4" in msg or "Illegal instruction" in msg or "signal 4" in msg
+        died = device == "rpc" and any(s in msg.lower() for s in ("closed", "reset", "broken pipe", "eof"))
+        if feats and (sigill or died):
+            why = "illegal instruction" if sigill else "the session died while running it"
+            raise PlateauError(f"{lib} failed on the {device} device ({why}): target {target!r} uses "
+                               f"{', '.join(sorted(feats))}, which this CPU seems to lack; compile for "
+                               "arm64-neon / rpi4 instead") from None
+        raise
+
+
+# --- the stage --------------------------------------------------------------------------------------------------------
+def _test_inputs(exp: dict, n: int) -> np.ndarray:
+    cfg = exp["plateau_cfg"]
+    test = load_split(exp["config"]["data"], "test", exp["config"].get("img_size"))
+    return np.concatenate([xb.numpy() for xb, _ in batches(test, 500, cfg["mean"], cfg["std"], limit=n)])
+
+
+def _divergent_images(out: np.ndarray, ref: np.ndarray, step: float, tolerance: int, k: int) -> list[int]:
+    """Up to k images where the device leaves the reference: top-1 differs first, then the largest logit gap."""
+    steps = np.rint(np.abs(out.astype(np.float64) - ref.astype(np.float64)) / step).max(1)
+    flip = out.argmax(1) != ref.argmax(1)
+    bad = np.flatnonzero(flip | (steps > tolerance))
+    order = sorted(bad.tolist(), key=lambda i: (not flip[i], -steps[i], i))
+    return order[:k]
 
 
 def main(args: argparse.Namespace) -> dict:
     run = Path(args.run)
     exp = read_manifest(run / "export", "export")
-    comp_dir = run / "compile" / args.target
-    comp = read_manifest(comp_dir, "compile")
-    onnx_rec = comp.get("inputs", {}).get("onnx", {})
-    if onnx_rec.get("sha256") and exp.get("qdq_sha256") and onnx_rec["sha256"] != exp["qdq_sha256"]:
-        raise PlateauError(f"{comp_dir}/model.so is stale: it was compiled from another export of "
-                           f"{onnx_rec.get('path')}; run `plateau compile --target {args.target}` again")
+    comp_dir = Path(args.compiled) if args.compiled else run / "compile" / args.target
+    comp = check_artifact(comp_dir, args.target, exp, strict_onnx=not args.compiled)
     lib = comp_dir / "model.so"
-    device = _pick_device(args, lib)
+    device = pick_device(args.device, args.rpc, lib)
+    if args.per_layer_images < 1 or args.tolerance < 0:
+        raise PlateauError("--per-layer-images must be >= 1 and --tolerance >= 0")
 
     ref = np.load(run / "export" / "reference_logits.npy")
     labels = np.load(run / "export" / "labels.npy")
     ort_path = run / "export" / "ort_logits.npy"
     ort = np.load(ort_path) if ort_path.is_file() else None
     n = len(ref) if args.limit is None else min(args.limit, len(ref))
-    cfg = exp["plateau_cfg"]
-    test = load_split(exp["config"]["data"], "test", exp["config"].get("img_size"))
-    x = np.concatenate([xb.numpy() for xb, _ in batches(test, 500, cfg["mean"], cfg["std"], limit=n)])
+    x = _test_inputs(exp, n)
 
     t0 = time.time()
-    res = run_artifact(lib, x, device, batch_size=args.batch_size, rpc=args.rpc, rpc_key=args.rpc_key)
+    res = run_on_device(lib, x, device, comp, args.target, batch_size=args.batch_size, rpc=args.rpc,
+                        rpc_key=args.rpc_key)
     seconds = time.time() - t0
     out = res.outputs
     step = float(exp["quantization"]["output"]["scale"])
-    report = {
+    onnx_rec = comp.get("inputs", {}).get("onnx", {})
+    report: dict = {
         "run": str(run), "target": args.target, "device": res.device, "emulated": res.emulated,
-        "artifact": {"path": str(lib), "sha256": sha256_file(lib), "machine": elf_machine(lib)},
+        "machine": res.info.get("machine"),
+        "artifact": {"path": str(lib), "sha256": sha256_file(lib), "machine": elf_machine(lib),
+                     "bytes": lib.stat().st_size, "onnx": onnx_rec.get("path"),
+                     "from_run_export": onnx_rec.get("sha256") == exp.get("qdq_sha256")},
         "model": exp.get("model"), "bits": exp["config"].get("bits"), "data": exp["config"]["data"],
         "test_images": int(n),
         "top1": {"device": float((out.argmax(1) == labels[:n]).mean()),
                  "reference": float((ref[:n].argmax(1) == labels[:n]).mean())},
         "device_vs_reference": compare_logits(out, ref[:n], step),
+        "output_step": step,
         "seconds": round(seconds, 1),
         "note": ("emulated with qemu-aarch64: correctness only, timings are not representative" if res.emulated
-                 else "run on this machine"),
+                 else f"run on {res.info.get('machine') or 'this machine'}"),
     }
     export_report = run / "export" / "report.json"
     if export_report.is_file():
-        import json
-
         fp = json.loads(export_report.read_text())["top1"].get("fp32")
         if fp is not None:
             report["top1"]["fp32"] = fp
     if ort is not None:
         report["top1"]["onnxruntime"] = float((ort[:n].argmax(1) == labels[:n]).mean())
         report["device_vs_onnxruntime"] = compare_logits(out, ort[:n], step)
+
+    c = report["device_vs_reference"]
+    agrees = c["max_steps"] <= args.tolerance and c["top1_agreement"] == 1.0
+    if args.no_per_layer or (agrees and not args.per_layer):
+        report["per_layer"] = {"skipped": ("--no-per-layer" if args.no_per_layer else
+                                           f"the device agrees with the reference within {args.tolerance} step(s) "
+                                           "on every logit")}
+    else:
+        report["per_layer"] = _per_layer(args, run, comp, comp_dir, x, out, ref[:n], step, device)
     out_dir = run / "validate" / args.target
-    write_json(out_dir / "report.json", report)
-    write_text(out_dir / "report.md", render_report(report))
+    doc = render_document(report, run)
+    doc.write(out_dir, data=report)
     print(render_report(report))
+    print(f"validate: report in {out_dir}/report.md and report.html")
     return report
 
 
-def render_report(r: dict) -> str:
+def _per_layer(args, run: Path, comp: dict, comp_dir: Path, x: np.ndarray, out: np.ndarray, ref: np.ndarray,
+               step: float, device: str) -> dict:
+    from plateau.export.stage import load_reference
+
+    from .layers import locate
+
+    idx = _divergent_images(out, ref, step, args.tolerance, args.per_layer_images)
+    if not idx:  # forced with --per-layer while everything agrees: the first images
+        idx = list(range(min(args.per_layer_images, len(x))))
+    onnx_path = Path(comp.get("inputs", {}).get("onnx", {}).get("path") or run / "export" / "model_qdq.onnx")
+    rec = comp.get("inputs", {}).get("onnx", {})
+    if not onnx_path.is_file() or (rec.get("sha256") and sha256_file(onnx_path) != rec["sha256"]):
+        raise PlateauError(f"{onnx_path}: the ONNX {comp_dir}/model.so was compiled from is gone or changed: the "
+                           "per-layer debug build needs it (recompile, or pass --no-per-layer)")
+    reference = load_reference(run / "export" / "reference.pt")
+    cfg = comp.get("config", {})
+    t0 = time.time()
+    debug_dir = run / "validate" / args.target / "debug"
+    res = locate(reference, onnx_path, args.target, x[idx], debug_dir, device=device, rpc=args.rpc,
+                 rpc_key=args.rpc_key, tolerance=args.tolerance, requant=cfg.get("requant", "float"),
+                 allow_float=bool(cfg.get("allow_float", False)), images=idx)
+    res["seconds"] = round(time.time() - t0, 1)
+    return res
+
+
+# --- rendering ---------------------------------------------------------------------------------------------------------
+def _title(r: dict) -> str:
     emu = " (EMULATED: qemu-aarch64, correctness only)" if r["emulated"] else ""
-    lines = [f"# Validation: {r['model']} {r['bits']} on {r['target']}, device {r['device']}{emu}", "",
-             f"{r['test_images']} test images of `{r['data']}`; artifact `{r['artifact']['path']}` "
-             f"({r['artifact']['machine']}).", "", "| model | top-1 |", "|---|---|"]
-    for k, v in r["top1"].items():
-        lines.append(f"| {k} | {100 * v:.2f}% |")
+    return f"Validation: {r['model']} {r['bits']} on {r['target']}, device {r['device']}{emu}"
+
+
+def render_document(r: dict, run: Path | None = None, plots: bool = True):
+    """The report as a Document (Markdown + HTML with plots; plots=False for the console)."""
+    from .report import Document, accuracy_plot, layer_plot, pct, steps_plot
+
+    doc = Document(_title(r))
+    if r["emulated"]:
+        doc.warning("Emulated with qemu-aarch64: the outputs are the arm64 code's real outputs, the times are not.")
+    a = r["artifact"]
+    doc.text(f"{r['test_images']} test images of `{r['data']}`; artifact `{a['path']}` ({a['machine']}, "
+             f"{a.get('bytes', 0) / 1e6:.2f} MB), device {r['device']} on {r.get('machine') or '?'}.")
+    if a.get("from_run_export") is False:
+        doc.warning(f"This artifact was compiled from {a.get('onnx')}, not from the run's export: it is validated "
+                    "against the run's reference anyway.")
+    doc.heading("Accuracy")
+    doc.table(["model", "top-1"], [[k, pct(v)] for k, v in r["top1"].items()])
+    rows = []
     for key, name in (("device_vs_reference", "fake-quant reference"), ("device_vs_onnxruntime", "onnxruntime")):
         c = r.get(key)
         if c:
-            lines.append(f"\nDevice against the {name}: top-1 agreement {100 * c['top1_agreement']:.2f}%, logits "
-                         f"bit-exact {100 * c['bit_exact']:.3f}%, within one step {100 * c['within_one_step']:.3f}%, "
-                         f"max {c['max_steps']} steps.")
-    lines.append(f"\nWall time {r['seconds']} s ({r['note']}).")
-    return "\n".join(lines) + "\n"
+            rows.append([name, pct(c["top1_agreement"]), pct(c["bit_exact"], 3), pct(c["within_one_step"], 3),
+                         c["max_steps"]])
+    doc.table(["device against", "top-1 agreement", "logits bit-exact", "within one step", "max steps"], rows)
+    groups = {"fp32": {"PyTorch": r["top1"]["fp32"]}} if "fp32" in r["top1"] else {}
+    groups[r["bits"] or "quantized"] = {k: v for k, v in r["top1"].items() if k != "fp32"}
+    groups.update(_bench_accuracy(run, r["target"]) if run is not None else {})
+    doc.figure("accuracy", accuracy_plot(groups) if plots else None, "top-1 per bit width")
+    hist = {name: r[key]["step_histogram"] for key, name in (("device_vs_reference", "vs reference"),
+                                                              ("device_vs_onnxruntime", "vs onnxruntime")) if key in r}
+    doc.figure("logit_steps", steps_plot(hist) if plots else None, "logit differences in output steps")
+    doc.heading("Per-layer comparison")
+    pl = r.get("per_layer") or {}
+    if "skipped" in pl:
+        doc.text(f"Not run: {pl['skipped']}.")
+    elif pl:
+        first = pl["first_divergent"]
+        emu = " (emulated)" if pl.get("emulated") else ""
+        doc.text(f"Debug build `{pl['debug_artifact']}` run on {pl['device']}{emu} for test images "
+                 f"{', '.join(map(str, pl['images']))}; each quantization point's integer output against "
+                 f"`FakeQuantModel.intermediates`, tolerance {pl['tolerance_steps']} step.")
+        if first:
+            doc.warning(f"First layer off by more than {pl['tolerance_steps']} step: {first}")
+        else:
+            doc.text(f"Every layer is within {pl['tolerance_steps']} step of the reference.")
+        doc.table(["layer", "op", "shape", "bit-exact", f"> {pl['tolerance_steps']} step", "max steps",
+                   "mean |steps|"],
+                  [[("**" + x["layer"] + "**") if x["layer"] == first else x["layer"], x["op"],
+                    "x".join(map(str, x["shape"])), pct(x["bit_exact"], 3), pct(x["over_tolerance"], 3),
+                    x["max_steps"], f"{x['mean_abs_steps']:.4f}"] for x in pl["layers"]])
+        doc.figure("per_layer", layer_plot(pl["layers"], first, pl["tolerance_steps"]) if plots else None,
+                   "per-layer difference")
+    doc.text(f"Wall time {r['seconds']} s ({r['note']}).")
+    return doc
+
+
+def _bench_accuracy(run: Path, target: str) -> dict:
+    """Top-1 of other bit widths measured by `plateau bench` on this target, if it ran."""
+    path = run / "bench" / target / "report.json"
+    try:
+        b = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    out: dict = {}
+    for e in b.get("engines", []):
+        if e.get("top1") is not None and e.get("bits") not in (None, "fp32"):
+            out.setdefault(f"{e['bits']} (bench, {b.get('eval_images')} img)", {})[e["engine"]] = e["top1"]
+    return out
+
+
+def render_report(r: dict) -> str:
+    """The Markdown report (text only)."""
+    return render_document(r, plots=False).markdown() + "\n"
