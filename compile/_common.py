@@ -18,7 +18,10 @@ from tvm import relax
 
 from plateau.quant import QType, requant_multiplier
 
-__all__ = ["const_np", "scalar", "qtype_of", "Multiplier", "requantize", "REQUANT_MODES"]
+__all__ = [
+    "const_np", "scalar", "qtype_of", "Multiplier", "requantize", "REQUANT_MODES", "per_tensor", "f32",
+    "dequantize_f32", "quantize_f32", "requantize_elementwise",
+]
 
 REQUANT_MODES = ("float", "float64", "fixed")  # see the module docstring
 
@@ -109,3 +112,41 @@ def _requantize_fixed(acc: relax.Expr, m: np.ndarray, zp_y: int, out: QType, lo:
     q = op.add(shifted, i64(zp_y))
     c = op.minimum(op.maximum(q, i64(lo)), i64(out.qmax))
     return op.astype(c, out.np_dtype.name)
+
+
+def per_tensor(s: relax.Expr, z: relax.Expr) -> tuple[np.float32, int] | None:
+    """(scale, zero point) of a per-tensor quantization (one-element constants), else None."""
+    sv, zv = scalar(s), scalar(z)
+    if sv is None or zv is None or not np.isfinite(sv) or float(sv) <= 0:
+        return None
+    return np.float32(sv), int(zv)
+
+
+def f32(v: float | np.ndarray) -> relax.Expr:
+    """A float32 relax constant (explicit dtype: relax.const narrows python floats otherwise)."""
+    return relax.const(np.asarray(v, np.float32), "float32")
+
+
+def dequantize_f32(q: relax.Expr, s: np.float32, zp: int) -> relax.Expr:
+    """ONNX DequantizeLinear on integers, in the reference's order: float32(int32(q) - zp) * s."""
+    op = relax.op
+    centered = op.subtract(op.astype(q, "int32"), relax.const(np.int32(zp), "int32"))
+    return op.multiply(op.astype(centered, "float32"), f32(s))
+
+
+def quantize_f32(y: relax.Expr, s: np.float32, zp: int, out: QType, lo: int | None = None) -> relax.Expr:
+    """ONNX QuantizeLinear of a float32 tensor: saturate(round_half_even(y / s) + zp), clamped below at `lo`
+    (out.qmin, or zp when a ReLU is folded in: round is monotone and round(0) = 0)."""
+    op = relax.op
+    r = op.add(op.round(op.divide(y, f32(s))), f32(zp))
+    lo = out.qmin if lo is None else lo
+    return op.astype(op.minimum(op.maximum(r, f32(lo)), f32(out.qmax)), out.np_dtype.name)
+
+
+def requantize_elementwise(q: relax.Expr, src: tuple[np.float32, int], dst: tuple[np.float32, int],
+                           out: QType) -> relax.Expr:
+    """quantize(dequantize(q, *src), *dst) on integers, exactly as the QDQ pair computes it (float32, same
+    order). Returns `q` itself when the parameters and the type agree (then the pair is the identity)."""
+    if src[0] == dst[0] and src[1] == dst[1] and str(q.ty.dtype) == out.np_dtype.name:
+        return q
+    return quantize_f32(dequantize_f32(q, *src), *dst, out)

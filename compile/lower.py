@@ -14,19 +14,30 @@ from tvm import relax
 from tvm.relax.dpl import rewrite_call
 
 from ._common import REQUANT_MODES
+from .rewrite_binary import BinaryRewrite
+from .rewrite_concat import ConcatRewrite
 from .rewrite_conv import ConvRewrite
 from .rewrite_matmul import MatmulRewrite
+from .rewrite_passthrough import PassThroughRewrite
 from .rewrite_pool import MeanRewrite
+from .rewrite_requant import RequantRewrite
 
-__all__ = ["lower_qdq", "op_counts", "float_compute_calls", "REWRITES"]
+__all__ = ["lower_qdq", "op_counts", "float_compute_calls", "float_ops", "REWRITES", "PRE_REWRITES"]
 
-# Order matters only for speed: each rewrite matches a disjoint root (the quantize after its own op).
-REWRITES = {"conv2d": ConvRewrite, "matmul": MatmulRewrite, "mean": MeanRewrite}
+# First, until nothing changes: move per-tensor dequantizes below pass-through ops (reshape, transpose, max
+# pooling, ...) and cancel the quantize(dequantize()) pairs that then meet, so every compute op below sees
+# dequantize(integer tensor) as its input.
+PRE_REWRITES = {"passthrough": PassThroughRewrite, "requant": RequantRewrite}
+_MAX_PRE_ROUNDS = 16
+# Then the compute patterns; each matches a disjoint root (the quantize after its own op).
+REWRITES = {"conv2d": ConvRewrite, "matmul": MatmulRewrite, "mean": MeanRewrite, "binary": BinaryRewrite,
+            "concat": ConcatRewrite}
 _COMPUTE = {"relax.nn.conv2d": "conv2d", "relax.matmul": "matmul"}
 
 
 def lower_qdq(mod: tvm.IRModule, requant: str = "float") -> tvm.IRModule:
-    """Rewrite quantized conv2d / matmul patterns of every Relax function in `mod` into integer arithmetic.
+    """Rewrite the quantized patterns of every Relax function in `mod` into integer arithmetic: conv2d,
+    matmul, mean (GlobalAveragePool), add / multiply, concat, and the pass-through ops between them.
 
     `requant` chooses the requantize step: "float" (float32 multiplier, as onnxruntime's fused kernels),
     "float64" (the exact product) or "fixed" (int32 multiplier and shift, integer-only). Patterns whose preconditions fail are left as they are.
@@ -37,6 +48,13 @@ def lower_qdq(mod: tvm.IRModule, requant: str = "float") -> tvm.IRModule:
     for gv, func in mod.functions.items():
         if not isinstance(func, relax.Function):
             continue
+        for _ in range(_MAX_PRE_ROUNDS):
+            before = func
+            for rewrite_cls in PRE_REWRITES.values():
+                rw = rewrite_cls(requant)
+                func = rewrite_call(rw.pattern, rw, func)
+            if func.same_as(before):  # rewrite_call returns its input when nothing matched
+                break
         for rewrite_cls in REWRITES.values():
             rw = rewrite_cls(requant)
             func = rewrite_call(rw.pattern, rw, func)
