@@ -19,11 +19,38 @@ from tvm import relax
 from plateau.quant import QType, requant_multiplier
 
 __all__ = [
-    "const_np", "scalar", "qtype_of", "Multiplier", "requantize", "REQUANT_MODES", "per_tensor", "f32",
+    "const_np", "scalar", "qtype_of", "Multiplier", "requantize", "REQUANT_MODES", "REQUANT_DOC", "per_tensor", "f32",
     "dequantize_f32", "quantize_f32", "requantize_elementwise",
 ]
 
 REQUANT_MODES = ("float", "float64", "fixed")  # see the module docstring
+
+# What each mode computes, recorded in the compile manifest ("requantize").
+REQUANT_DOC = {
+    "float": {
+        "conv_matmul": "round_half_even(float32(acc) * float32(float32(s_x * s_w) / s_y)) + zp_y, saturated",
+        "mean": "round_half_even(float32(sum - zp_x * K) * float32(s_x / (s_y * K))) + zp_y, saturated",
+        "add_mul": "round_half_even((float32(a - zp_a) * s_a (+|*) float32(b - zp_b) * s_b) / s_y) + zp_y",
+        "rounding": "half to even",
+        "matches": "Plateau's reference (export run_graph_int) and onnxruntime's fused QLinear kernels",
+    },
+    "float64": {
+        "conv_matmul": "round_half_even(acc * (s_x * s_w / s_y) in float64) + zp_y, saturated",
+        "mean": "round_half_even(float64(sum - zp_x * K) * s_x / (s_y * K)) + zp_y, saturated",
+        "add_mul": "as 'float' (the reference's float32 order)",
+        "rounding": "half to even",
+        "matches": "the real-valued QDQ graph, up to float64 rounding",
+    },
+    "fixed": {
+        "conv_matmul": "((int64(acc) * M + 2^(30 + n)) >> (31 + n)) + zp_y, saturated; M int32 (Q31) and n from "
+                       "plateau.quant.requant_multiplier(s_x * s_w / s_y), per output channel",
+        "mean": "as conv_matmul with the multiplier s_x / (s_y * K)",
+        "add_mul": "add: ((int64(a - zp_a) * M_a + int64(b - zp_b) * M_b + 2^(k-1)) >> k) + zp_y, "
+                   "M = round(s / s_y * 2^k) < 2^31; mul: int32 (a - zp_a) * (b - zp_b), then as conv_matmul",
+        "rounding": "half up (ties differ from the reference by one step)",
+        "matches": "integer-only devices (gemmlowp / TFLite style, single rounding)",
+    },
+}
 
 
 def const_np(expr: relax.Expr) -> np.ndarray | None:

@@ -14,6 +14,7 @@ The library holds the weights (imported with keep_params_in_input=False), so loa
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,8 @@ from tvm.relax.frontend import onnx as relax_onnx
 from plateau.artifacts import atomic_path, sha256_file, write_manifest
 from plateau.errors import PlateauError
 
-from ._common import REQUANT_MODES, const_np
-from .lower import float_compute_calls, lower_qdq, op_counts
+from ._common import REQUANT_DOC, REQUANT_MODES, const_np
+from .lower import float_compute_calls, float_ops, lower_qdq, op_counts
 from .onnx_prep import PreparedModel, array_key, prepare_onnx
 from .pack_int4 import build_pipeline, pack_int4_weights, packed_weight_bytes
 from .targets import CompileTarget, get_target
@@ -59,18 +60,47 @@ def _weight_of(call: relax.Call, bindings: dict) -> np.ndarray | None:
     return None
 
 
+# Relax op -> the ONNX op types it comes from, to name the node behind a float island (by order of appearance).
+_ONNX_TYPES = {
+    "nn.softmax": ("Softmax",), "nn.log_softmax": ("LogSoftmax",), "nn.layer_norm": ("LayerNormalization",),
+    "nn.gelu": ("Gelu",), "nn.gelu_tanh": ("Gelu",), "sigmoid": ("Sigmoid", "HardSigmoid"), "tanh": ("Tanh",),
+    "mean": ("GlobalAveragePool", "ReduceMean"), "nn.avg_pool2d": ("AveragePool",), "nn.max_pool2d": ("MaxPool",),
+    "add": ("Add", "Sum"), "multiply": ("Mul",), "subtract": ("Sub",), "divide": ("Div",), "concat": ("Concat",),
+    "reshape": ("Reshape", "Flatten"), "permute_dims": ("Transpose",), "strided_slice": ("Slice",),
+    "nn.pad": ("Pad",), "nn.relu": ("Relu",), "clip": ("Clip",), "erf": ("Erf",),
+}
+
+
 def _float_islands(mod: tvm.IRModule, prep: PreparedModel) -> list[dict]:
+    """Every op left computing in float, in order: conv2d / matmul ("compute": an error unless allow_float,
+    named by the ONNX node owning the weight) and other ops on dequantized values ("float_op": Softmax,
+    LayerNorm, GELU kept between a dequantize and a quantize, or a pattern that could not be lowered)."""
     bindings = {
         b.var: b.value
         for f in mod.functions.values() if isinstance(f, relax.Function)
         for blk in f.body.blocks for b in blk.bindings
     }
     islands = []
-    for i, (kind, call) in enumerate(float_compute_calls(mod)):
+    compute = float_compute_calls(mod)
+    for i, (kind, call) in enumerate(compute):
         w = _weight_of(call, bindings)
         node, op_type = prep.weight_owner.get(array_key(w), (f"{kind}#{i}", "?")) if w is not None else (
             f"{kind}#{i}", "?")
-        islands.append({"node": node, "op_type": op_type, "relax_op": kind})
+        islands.append({"node": node, "op_type": op_type, "relax_op": kind, "kind": "compute"})
+    compute_calls = [c for _, c in compute]
+    others = [(n, c) for n, c in float_ops(mod) if not any(c.same_as(x) for x in compute_calls)]
+    remaining = Counter(n for n, _ in others)
+    seen: dict[str, int] = {}
+    for name, _call in others:
+        nodes = [n for n in prep.model.graph.node if n.op_type in _ONNX_TYPES.get(name, ())]
+        k = seen.get(name, 0)
+        seen[name] = k + 1
+        # The k-th remaining op is the k-th ONNX node only when none of that type was lowered.
+        if len(nodes) == remaining[name]:
+            node, op_type = nodes[k].name or nodes[k].output[0], nodes[k].op_type
+        else:
+            node, op_type = f"{name}#{k}", "/".join(_ONNX_TYPES.get(name, ("?",)))
+        islands.append({"node": node, "op_type": op_type, "relax_op": name, "kind": "float_op"})
     return islands
 
 
@@ -142,8 +172,9 @@ def compile_onnx(
         raise PlateauError(f"{onnx_path}: expected one graph input (the image batch), found {n_inputs}")
     mod = lower_qdq(mod, requant=requant)
     islands = _float_islands(mod, prep)  # before layout conversion, which folds dequantized float weights
-    if islands and not allow_float:
-        names = ", ".join(f"{i['node']!r} ({i['op_type']})" for i in islands)
+    blocking = [i for i in islands if i["kind"] == "compute"]
+    if blocking and not allow_float:
+        names = ", ".join(f"{i['node']!r} ({i['op_type']})" for i in blocking)
         raise PlateauError(
             f"{onnx_path}: cannot lower to integer arithmetic: {names}. Quantize these layers with symmetric "
             "int8/int4 weights (per-tensor or per-output-channel) followed by QuantizeLinear, or pass "
@@ -178,6 +209,7 @@ def compile_onnx(
         target=target, tvm_target=tdict, arch=tgt.arch, tvm_version=tvm.__version__,
         input=inp, output=out, batch="dynamic" if isinstance(inp["shape"][0], str) else inp["shape"][0],
         conv_layout=tgt.conv_layout, ops=op_counts(mod), float_islands=islands,
+        requantize={"mode": requant, **REQUANT_DOC[requant]},
         weight_bytes=prep.weight_bytes, weight_bits=sorted(prep.compute_weight_bits),
         # weights whose values fit in 4 bits are stored two per byte and unpacked at run time (pack_int4.py)
         library_weight_bytes=lib_weight_bytes, packed_int4_weights=n_packed,

@@ -84,6 +84,32 @@ def float_compute_calls(mod: tvm.IRModule) -> list[tuple[str, relax.Call]]:
     return found
 
 
+def float_ops(mod: tvm.IRModule) -> list[tuple[str, relax.Call]]:
+    """(relax op name, call) for each op that computes on dequantized float values: everything downstream of a
+    relax.dequantize up to the next quantize (or the function output), other than dequantize itself.
+
+    After lower_qdq these are the float islands a model keeps on purpose (Softmax, LayerNorm, GELU between a
+    dequantize and a quantize) or a pattern that could not be lowered. The requantize tails the rewrites emit
+    start from integer accumulators, so they are not counted.
+    """
+    tainted: set = set()
+    found = []
+    for var, call in _calls(mod):
+        name = call.op.name
+        if name == "relax.dequantize":
+            tainted.add(var)
+        elif name != "relax.quantize" and any(_refs(a, tainted) for a in call.args):
+            tainted.add(var)
+            found.append((name.removeprefix("relax."), call))
+    return found
+
+
+def _refs(arg: relax.Expr, tainted: set) -> bool:
+    if isinstance(arg, relax.Tuple):
+        return any(_refs(f, tainted) for f in arg.fields)
+    return arg in tainted
+
+
 def op_counts(mod: tvm.IRModule) -> dict[str, int]:
     """Counts of integer / float conv2d and matmul, and of the float ops that read dequantized tensors
     (add, mean, pooling...: the float islands between a dequantize and the next quantize)."""
