@@ -22,7 +22,7 @@ from plateau.artifacts import atomic_path, sha256_file
 from plateau.errors import PlateauError
 
 __all__ = ["DEBUG_OUTPUT", "quant_points", "debug_onnx", "build_debug_artifact", "compare_layers",
-           "first_divergent", "locate"]
+           "first_divergent", "locate", "plant_scale_error"]
 
 DEBUG_OUTPUT = "plateau_debug"
 
@@ -142,3 +142,26 @@ def locate(reference, onnx_path: str | Path, target: str, x: np.ndarray, out_dir
         "device": res.device, "emulated": res.emulated, "debug_artifact": str(Path(folder) / "model.so"),
         "onnx": str(onnx_path),
     }
+
+
+def plant_scale_error(src: str | Path, dst: str | Path, layer: str, factor: float = 1.25) -> None:
+    """A copy of the QDQ ONNX in which `layer`'s requantization (its QuantizeLinear scale) is off by `factor`.
+
+    Only that QuantizeLinear gets the new scale; its consumers' DequantizeLinear keep the old one, as a wrong
+    multiplier in a compiled kernel would. For testing that the per-layer report finds the layer.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    g = model.graph
+    node = next((n for n in g.node if n.op_type == "QuantizeLinear" and n.output[0] == f"{layer}.q"), None)
+    if node is None:
+        raise PlateauError(f"{src}: no QuantizeLinear writes {layer}.q")
+    inits = {i.name: i for i in g.initializer}
+    scale = numpy_helper.to_array(inits[node.input[1]])
+    g.initializer.append(numpy_helper.from_array((scale * np.float32(factor)).astype(scale.dtype),
+                                                 f"{layer}.s_planted"))
+    node.input[1] = f"{layer}.s_planted"
+    with atomic_path(dst) as tmp:
+        onnx.save(model, str(tmp))

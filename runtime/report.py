@@ -214,6 +214,7 @@ def layer_plot(rows: list[dict], first: str | None, tolerance: int) -> bytes:
     ax.set_xticks(xs, names, rotation=75, fontsize=7)
     ax.set_ylabel("difference (integer steps)")
     ax.set_yscale("symlog", linthresh=1)
+    ax.set_ylim(0, max(2.0, float(mx.max(initial=0)) * 1.5))
     ax.set_title("per-layer difference, device vs fake-quant reference" + (f" (first: {first})" if first else ""))
     ax.legend(fontsize=8)
     return _png(fig)

@@ -313,7 +313,7 @@ def render_document(r: dict, run: Path | None = None, plots: bool = True):
         else:
             doc.text(f"Every layer is within {pl['tolerance_steps']} step of the reference.")
         doc.table(["layer", "op", "shape", "bit-exact", f"> {pl['tolerance_steps']} step", "max steps",
-                   "mean |steps|"],
+                   "mean abs steps"],
                   [[("**" + x["layer"] + "**") if x["layer"] == first else x["layer"], x["op"],
                     "x".join(map(str, x["shape"])), pct(x["bit_exact"], 3), pct(x["over_tolerance"], 3),
                     x["max_steps"], f"{x['mean_abs_steps']:.4f}"] for x in pl["layers"]])
