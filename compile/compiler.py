@@ -13,6 +13,7 @@ The library holds the weights (imported with keep_params_in_input=False), so loa
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -26,6 +27,7 @@ from plateau.artifacts import atomic_path, sha256_file, write_manifest
 from plateau.errors import PlateauError
 
 from ._common import REQUANT_DOC, REQUANT_MODES, const_np
+from .gpu import SOURCE_SUFFIX, device_source, dp4a_count, gpu_pipeline, runtime_available
 from .lower import float_compute_calls, float_ops, lower_qdq, op_counts
 from .onnx_prep import PreparedModel, array_key, prepare_onnx
 from .pack_int4 import build_pipeline, pack_int4_weights, packed_weight_bytes
@@ -128,7 +130,8 @@ def build(mod: tvm.IRModule, target: CompileTarget) -> tuple[relax.VMExecutable,
     for tdict in (target.tvm_target, *target.fallbacks):
         try:
             t = tvm.target.Target(tdict)
-            return tvm.compile(mod, t, relax_pipeline=build_pipeline(t)), tdict
+            pipeline = build_pipeline(t) if target.device == "cpu" else gpu_pipeline(t)
+            return tvm.compile(mod, t, relax_pipeline=pipeline), tdict
         except Exception as e:  # LLVM rejects a CPU name or a schedule: try the next, report all if none builds
             errors.append(f"{tdict}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     raise PlateauError(f"target {target.name!r} failed to build: " + " | ".join(errors))
@@ -197,6 +200,20 @@ def compile_onnx(
         finally:
             tmp_so.unlink(missing_ok=True)
 
+    extra: dict = {}
+    if tgt.device != "cpu":
+        # GPU: keep the generated kernels next to the library; say whether this machine could run them.
+        src = out_dir / f"model{SOURCE_SUFFIX[tgt.device]}"
+        with atomic_path(src) as tmp:
+            tmp.write_text(device_source(ex))
+        extra["device_source"] = {"path": src.name, "sha256": sha256_file(src), "kernels": _kernel_count(src)}
+        if tgt.device == "cuda":
+            extra["device_source"]["dp4a"] = dp4a_count(src.read_text())
+        extra["runs_here"] = runtime_available(tgt.device)
+        extra["run_note"] = ("run where a GPU exists: " + ("a CUDA driver and GPU" if tgt.device == "cuda" else
+                             "an OpenCL device and a TVM runtime built with USE_OPENCL=ON (the apache-tvm wheel "
+                             "has no OpenCL runtime)"))
+
     inp, out = _io_info(mod)
     out["name"] = next((o.name for o in prep.model.graph.output), "output")
     inp["name"] = next(i.name for i in prep.model.graph.input if i.name not in {x.name for x in
@@ -212,5 +229,10 @@ def compile_onnx(
         requantize={"mode": requant, **REQUANT_DOC[requant]},
         weight_bytes=prep.weight_bytes, weight_bits=sorted(prep.compute_weight_bits),
         # weights whose values fit in 4 bits are stored two per byte and unpacked at run time (pack_int4.py)
-        library_weight_bytes=lib_weight_bytes, packed_int4_weights=n_packed,
+        library_weight_bytes=lib_weight_bytes, packed_int4_weights=n_packed, **extra,
     )
+
+
+def _kernel_count(src: Path) -> int:
+    """Kernel definitions in CUDA / OpenCL source (CUDA sources also declare each kernel first)."""
+    return len(re.findall(r"(?:__global__|__kernel) void[^;{]*\{", src.read_text()))

@@ -1,7 +1,7 @@
 """Compile targets, filed by name in a registry.
 
     >>> list_targets()
-    ['arm64', 'arm64-dotprod', 'arm64-i8mm', 'arm64-neon', 'host', 'rpi4', 'rpi5']
+    ['arm64', 'arm64-dotprod', 'arm64-i8mm', 'arm64-neon', 'cuda', 'host', 'opencl', 'rpi4', 'rpi5']
     >>> get_target("arm64").tvm_target      # {"kind": "llvm", "mtriple": "aarch64-linux-gnu", ...}
 
 A target is a TVM target dict (TVM 0.27 refuses target strings) plus how to link the shared library: host targets
@@ -36,7 +36,15 @@ class CompileTarget:
     conv_layout: str = "NCHW"
 
     @property
+    def device(self) -> str:
+        """"cpu" for llvm targets, else the GPU API: "cuda" or "opencl"."""
+        kind = self.tvm_target.get("kind", "llvm")
+        return "cpu" if kind == "llvm" else kind
+
+    @property
     def arch(self) -> str:
+        if self.device != "cpu":
+            return self.device
         return "aarch64" if self.tvm_target.get("mtriple", "").startswith("aarch64") else "host"
 
     def check_toolchain(self) -> None:
@@ -100,6 +108,17 @@ register_target("arm64-dotprod")(lambda: _arm("arm64-dotprod", ["+neon", "+dotpr
 register_target("arm64-i8mm")(
     lambda: _arm("arm64-i8mm", ["+neon", "+dotprod", "+i8mm"], None, "ARMv8.6-A: dotprod + i8mm (usdot, smmla)")
 )
+# GPU targets: kernels scheduled by dlight (see gpu.py); the library embeds the device code. They build here;
+# running them needs the GPU API at run time (a CUDA GPU; an OpenCL device and a TVM runtime built with OpenCL).
+# CUDA 13's nvcc accepts sm_75 and newer; sm_61+ has dp4a.
+register_target("cuda")(lambda: CompileTarget(
+    "cuda", {"kind": "cuda", "arch": "sm_75", "max_threads_per_block": 1024, "max_shared_memory_per_block": 49152,
+             "thread_warp_size": 32},
+    description="NVIDIA GPU, sm_75+ (int8 dp4a from sm_61)"))
+register_target("opencl")(lambda: CompileTarget(
+    "opencl", {"kind": "opencl", "max_threads_per_block": 256, "max_shared_memory_per_block": 32768,
+               "thread_warp_size": 1},
+    description="OpenCL GPU (ARM Mali, Qualcomm Adreno, ...): OpenCL C kernels"))
 register_target("rpi4")(lambda: _arm("rpi4", ["+neon"], "cortex-a72", "Raspberry Pi 4 (Cortex-A72, no dotprod)"))
 register_target("rpi5")(
     lambda: _arm("rpi5", ["+neon", "+dotprod"], "cortex-a76", "Raspberry Pi 5 (Cortex-A76, dotprod)")

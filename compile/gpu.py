@@ -1,0 +1,65 @@
+"""GPU targets (CUDA, OpenCL): the build pipeline with dlight schedules, and the generated device source.
+
+    >>> ex = build(mod, get_target("cuda"))           # via compiler.build, which picks gpu_pipeline
+    >>> src = device_source(ex)                       # the CUDA C / OpenCL C kernels as text
+
+Every GPU kernel needs a thread binding: `gpu_pipeline` is TVM's generic GPU pipeline (legalize, fuse, dlight
+schedules: Matmul, GEMV, Reduction, GeneralReduction, then Fallback for everything else) without FoldConstant,
+which would undo the 4-bit weight packing (see pack_int4). dlight's Matmul rule takes the integer conv2d as an
+implicit GEMM (int8 x int8 -> int32 in shared memory); its int8 tensor-core path needs every GEMM extent > 64.
+
+Whether a library can be built and run here:
+- CUDA: TVM 0.27's wheel has CUDA codegen and calls `nvcc` (CUDA 13 here: sm_75 is the oldest arch it accepts;
+  dp4a exists from sm_61) to embed the kernels; running needs a CUDA driver and GPU.
+- OpenCL: the wheel is built with USE_OPENCL=OFF: it generates OpenCL C and packs it into the library, but has no
+  OpenCL runtime to load it, so it cannot run here even with PoCL; a TVM runtime built with USE_OPENCL=ON can.
+"""
+
+from __future__ import annotations
+
+import re
+
+import tvm
+from tvm import relax
+
+__all__ = ["gpu_pipeline", "device_source", "runtime_available", "dp4a_count", "SOURCE_SUFFIX"]
+
+SOURCE_SUFFIX = {"cuda": ".cu", "opencl": ".cl"}
+
+
+def gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """TVM's generic GPU pipeline (dlight default schedules) minus FoldConstant."""
+    from tvm.relax.backend.gpu_generic import pipeline as gpu
+
+    legalize = [p for p in gpu.legalize_passes(target) if "FoldConstant" not in str(p.info.name)]
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(gpu.library_dispatch_passes(target) + legalize
+                                           + gpu.dataflow_lower_passes(target) + gpu.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline
+
+
+def device_source(ex: relax.VMExecutable) -> str:
+    """The device kernels of a GPU build as source text (CUDA C or OpenCL C)."""
+    for host in ex.mod.imports:
+        for dev in host.imports:
+            if dev.kind in SOURCE_SUFFIX:
+                return dev.inspect_source("cuda" if dev.kind == "cuda" else "cl")
+    raise ValueError("no CUDA / OpenCL device module in this executable")
+
+
+def runtime_available(kind: str) -> bool:
+    """Whether this TVM can run `kind` ("cuda" / "opencl") kernels on a device present now."""
+    if tvm.get_global_func(f"device_api.{kind}", allow_missing=True) is None:
+        return False
+    dev = tvm.cuda(0) if kind == "cuda" else tvm.opencl(0)
+    return bool(dev.exist)
+
+
+def dp4a_count(source: str) -> int:
+    """Number of __dp4a calls in CUDA source (int8 4-way dot products, sm_61+)."""
+    return len(re.findall(r"__dp4a\s*\(", source))

@@ -1,0 +1,74 @@
+"""GPU targets: CUDA and OpenCL sources generated here (no GPU needed); running them is marked gpu."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from plateau.compile import compile_onnx, get_target, list_targets
+from plateau.compile.gpu import runtime_available
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH (the CUDA build embeds "
+                                                                      "kernels compiled by nvcc)")
+
+
+def test_gpu_targets_registered():
+    assert {"cuda", "opencl"} <= set(list_targets())
+    assert get_target("cuda").device == "cuda" and get_target("cuda").arch == "cuda"
+    assert get_target("opencl").tvm_target["kind"] == "opencl"
+    assert get_target("host").device == "cpu"
+
+
+@pytest.fixture(scope="module")
+def gpu_builds(qdq_models, tmp_path_factory) -> dict:
+    out = {}
+    for target in ("cuda", "opencl"):
+        if target == "cuda" and shutil.which("nvcc") is None:
+            continue
+        d = tmp_path_factory.mktemp(target)
+        out[target] = (d, compile_onnx(qdq_models["ort_s8s8"], target, d))
+    return out
+
+
+@needs_nvcc
+def test_cuda_source_has_integer_kernels(gpu_builds):
+    d, m = gpu_builds["cuda"]
+    src = (d / m["device_source"]["path"]).read_text()
+    assert m["ops"]["int_conv2d"] == 2 and m["ops"]["float_conv2d"] == 0
+    convs = re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w*conv2d\w*)\(([^)]*)\)", src)
+    assert convs, "no conv kernel in the CUDA source"
+    assert all("signed char" in args for _, args in convs)  # int8 operands, int32 accumulation
+    assert m["device_source"]["kernels"] >= 4 and m["runs_here"] == runtime_available("cuda")
+    assert (d / "model.so").stat().st_size > 0 and "GPU" in m["run_note"]
+
+
+def test_opencl_source_has_integer_kernels(gpu_builds):
+    d, m = gpu_builds["opencl"]
+    src = (d / m["device_source"]["path"]).read_text()
+    assert re.search(r"__kernel void \w*conv2d\w*\([^)]*__global char\*", src), "no int8 conv kernel"
+    assert m["device_source"]["kernels"] >= 4 and "USE_OPENCL" in m["run_note"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("target", ["cuda", "opencl"])
+def test_gpu_library_matches_onnxruntime(gpu_builds, qdq_models, target):
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+
+    from plateau.compile import _fixtures as fx
+
+    if target not in gpu_builds or not runtime_available(target):
+        pytest.skip(f"no {target} runtime / device here")
+    d, _ = gpu_builds[target]
+    dev = tvm.cuda(0) if target == "cuda" else tvm.opencl(0)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(d / "model.so")), dev)
+    x = np.concatenate(fx.calibration_batches(2, 8, seed=5))
+    ours = vm["main"](tvm.runtime.tensor(x, dev)).numpy()
+    ref = ort.InferenceSession(str(qdq_models["ort_s8s8"]), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})[0]
+    steps = np.rint(np.abs(ours - ref) / fx.output_step(qdq_models["ort_s8s8"]))
+    assert steps.max() <= 1 and (steps == 0).mean() >= 0.99, steps
