@@ -215,9 +215,12 @@ def main(args: argparse.Namespace) -> dict:
     }
     export_report = run / "export" / "report.json"
     if export_report.is_file():
-        fp = json.loads(export_report.read_text())["top1"].get("fp32")
-        if fp is not None:
+        er = json.loads(export_report.read_text())
+        fp = er["top1"].get("fp32")
+        if fp is not None and er.get("test_images") == n:  # FP32 logits are not kept: only comparable on all
             report["top1"]["fp32"] = fp
+        elif fp is not None:
+            report["fp32_note"] = f"FP32 top-1 {100 * fp:.2f}% was measured by export on {er.get('test_images')} images"
     if ort is not None:
         report["top1"]["onnxruntime"] = float((ort[:n].argmax(1) == labels[:n]).mean())
         report["device_vs_onnxruntime"] = compare_logits(out, ort[:n], step)
@@ -284,6 +287,8 @@ def render_document(r: dict, run: Path | None = None, plots: bool = True):
                     "against the run's reference anyway.")
     doc.heading("Accuracy")
     doc.table(["model", "top-1"], [[k, pct(v)] for k, v in r["top1"].items()])
+    if r.get("fp32_note"):
+        doc.text(r["fp32_note"] + ".")
     rows = []
     for key, name in (("device_vs_reference", "fake-quant reference"), ("device_vs_onnxruntime", "onnxruntime")):
         c = r.get(key)
