@@ -9,7 +9,7 @@ from plateau.quant import QType, parse_bits
 
 __all__ = ["QuantConfig", "ACT_CALIBRATIONS", "WEIGHT_CALIBRATIONS", "ROUNDINGS"]
 
-ACT_CALIBRATIONS = ("minmax", "percentile", "mse")
+ACT_CALIBRATIONS = ("minmax", "percentile", "mse", "kl")
 WEIGHT_CALIBRATIONS = ("minmax", "mse")
 ROUNDINGS = ("nearest", "adaround")
 

@@ -223,6 +223,10 @@ class _Observer:
         lo, hi = min(self.lo, 0.0), max(self.hi, 0.0)
         return lo, hi if hi > lo else lo + 1e-8
 
+    @staticmethod
+    def _kl_clip(h: np.ndarray, edges: np.ndarray, qtype: QType) -> tuple[float, float]:
+        return _kl_clip_impl(h, edges, qtype)
+
     def clip(self, method: str, qtype: QType, percentile: float) -> tuple[float, float]:
         lo, hi = self._range()
         if method == "minmax" or self.hist is None:
@@ -236,6 +240,8 @@ class _Observer:
             c_lo = edges[np.searchsorted(cdf, 1.0 - p)] if lo < 0 else 0.0
             c_hi = edges[min(np.searchsorted(cdf, p) + 1, self.BINS)]
             return min(float(c_lo), 0.0), max(float(c_hi), 1e-8)
+        if method == "kl":
+            return self._kl_clip(h, edges, qtype)
         # mse: shrink the range by a common factor, keep the one with the least expected squared error.
         best, best_err = (lo, hi), float("inf")
         for r in np.linspace(0.2, 1.0, 81):
@@ -245,6 +251,44 @@ class _Observer:
             if err < best_err:
                 best, best_err = (lo * r, hi * r), err
         return float(best[0]), float(best[1])
+
+
+def _kl_divergence(h: np.ndarray, a: int, b: int, levels: int) -> float:
+    """KL(P || Q): P = histogram clipped to bins [a, b) with outliers folded into the edge bins, Q = the clipped
+    histogram merged into `levels` buckets and spread back evenly over each bucket's non-empty bins."""
+    inside = h[a:b].astype(np.float64)
+    p = inside.copy()
+    p[0] += h[:a].sum()
+    p[-1] += h[b:].sum()
+    # Q is built from the clipped histogram without the folded outliers, so clipping mass away costs divergence.
+    q = np.zeros_like(p)
+    for chunk in np.array_split(np.arange(len(p)), levels):
+        nz = chunk[inside[chunk] > 0]
+        if len(nz):
+            q[nz] = inside[chunk].sum() / len(nz)
+    mask = p > 0
+    pn, qn = p[mask] / p.sum(), np.maximum(q[mask], 1e-12) / q.sum()
+    return float((pn * np.log(pn / qn)).sum())
+
+
+def _kl_clip_impl(h: np.ndarray, edges: np.ndarray, qtype: QType) -> tuple[float, float]:
+    """KL-entropy calibration: the clipping range whose quantized histogram diverges least from the observed one.
+
+    The upper end is searched first (lower end at the minimum), then the lower end with that upper end; each over
+    a geometric grid from `levels` bins in range up to all of them. A range that starts at 0 (ReLU) keeps lo = 0.
+    """
+    levels, nb = qtype.levels + 1, len(h)
+    if h.sum() == 0 or nb <= levels:
+        return float(edges[0]), float(edges[-1])
+    zero = int(np.clip(np.searchsorted(edges, 0.0) - 1, 0, nb - 1))
+    best_b = min(range(max(zero + 1, levels), nb + 1, max(1, (nb - levels) // 64)),
+                 key=lambda b: _kl_divergence(h, 0, b, levels), default=nb)
+    if zero > 0 and best_b - levels > 0:
+        best_a = min(range(0, min(zero, best_b - levels) + 1, max(1, zero // 32)),
+                     key=lambda a: _kl_divergence(h, a, best_b, levels))
+    else:
+        best_a = 0
+    return min(float(edges[best_a]), 0.0), max(float(edges[min(best_b, nb)]), 1e-8)
 
 
 def _act_bits(graph: QGraph, cfg: QuantConfig) -> dict[str, int]:

@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounding", default="nearest", choices=ROUNDINGS, help="adaround: learned rounding")
     p.add_argument("--adaround-iters", type=int, default=500)
     p.add_argument("--keep-first-last-8bit", action="store_true", help="first and last layer at 8 bits")
+    p.add_argument("--mixed-precision", type=float, metavar="AVG_BITS",
+                   help="choose per-layer weight bits from measured sensitivity so that the parameter-weighted "
+                        "average is at most AVG_BITS (e.g. 4.5); the choice goes into the manifest")
     p.add_argument("--act-unsigned", action="store_true", help="uint8 activations (default int8)")
     p.add_argument("--calib-images", type=int, default=512, help="calibration images from the train split")
     p.add_argument("--eval-limit", type=int, help="validate on the first N test images (default: all)")
@@ -167,6 +170,15 @@ def main(args: argparse.Namespace) -> dict:
     if args.calib_images > len(train):
         raise PlateauError(f"--calib-images {args.calib_images} exceeds the {len(train)} training images in {data}")
     calib = _calibration_batches(train, cfg, mean, std)
+    mixed = None
+    if args.mixed_precision is not None:
+        from .quantize import prepare
+        from .sensitivity import choose_bits, layer_sensitivity
+
+        graph = prepare(model, [1, *mcfg["input_size"]])
+        sens = layer_sensitivity(graph, calib, cfg)
+        cfg.layer_bits = choose_bits(graph, sens, args.mixed_precision)
+        mixed = {"budget_avg_bits": args.mixed_precision, "layer_bits": cfg.layer_bits, "sensitivity": sens}
     print(f"export: {src['model']} at {cfg.bits_name}, {cfg.act_calibration} calibration on {args.calib_images} "
           f"train images, {cfg.rounding} rounding")
     ref, meta = export_model(model, calib, cfg, out, {"plateau.source_sha256": src["sha256"],
@@ -209,7 +221,7 @@ def main(args: argparse.Namespace) -> dict:
                                            "dtype": a_in.qtype.storage},
                                  "output": {"scale": a_out.scale, "zero_point": a_out.zero_point,
                                             "dtype": a_out.qtype.storage}},
-                   eval_limit=lim, qdq_sha256=sha256_file(out / "model_qdq.onnx"))
+                   eval_limit=lim, qdq_sha256=sha256_file(out / "model_qdq.onnx"), mixed_precision=mixed)
     print(render_report(report))
     return report
 

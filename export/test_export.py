@@ -201,3 +201,28 @@ def test_learned_rounding_beats_nearest_on_reconstruction(model, data):
     err_near = float((near(x) - fp).pow(2).mean())
     err_ada = float((ada(x) - fp).pow(2).mean())
     assert err_ada < err_near, (err_ada, err_near)
+
+
+def test_kl_calibration_clips_outliers():
+    from plateau.export.quantize import _Observer
+    from plateau.quant import INT8
+
+    o = _Observer()
+    t = torch.cat([torch.randn(100000), torch.tensor([60.0])])
+    o.update_range(t)
+    o.update_hist(t)
+    lo, hi = o.clip("kl", INT8, 99.99)
+    assert 2.0 < hi < 30.0 and -30.0 < lo < -2.0
+
+
+def test_mixed_precision_meets_budget_and_spares_sensitive_layers(model, data):
+    from plateau.export.quantize import prepare
+    from plateau.export.sensitivity import choose_bits, layer_sensitivity
+
+    g = prepare(model, [1, 3, 32, 32])
+    sens = layer_sensitivity(g, data[0][:1], QuantConfig(), bits=(8, 4))
+    assert all(s[4] >= 0 for s in sens.values())
+    choice = choose_bits(g, sens, 6.0)
+    size = {n.module: n.weight.numel() for n in g.weighted()}
+    assert sum(choice[k] * size[k] for k in size) / sum(size.values()) <= 6.0
+    assert set(choice.values()) <= {4, 8}
