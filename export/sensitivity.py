@@ -34,7 +34,7 @@ def layer_sensitivity(graph: QGraph, calib: list[torch.Tensor], cfg: QuantConfig
             s = weight_scales(n.weight, qt, cfg.weight_calibration)
             w = {n.name: _with_bias(n, quantize(n.weight, s, 0, qt, axis=0), s, qt, acts)}
             kl = sum(F.kl_div(F.log_softmax(run_graph(graph, x, None, w), 1), f, log_target=True,
-                              reduction="batchmean").item() for x, f in zip(calib, fp))
+                              reduction="batchmean").item() for x, f in zip(calib, fp, strict=True))
             out[n.module or n.name][b] = kl / len(calib)
     return out
 
