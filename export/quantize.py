@@ -37,7 +37,7 @@ from plateau.quant import (
 from .config import QuantConfig
 from .graph import QGraph, QNode, capture
 
-__all__ = ["ActQ", "WeightQ", "FakeQuantModel", "quantize_model", "calibrate", "run_graph", "run_graph_int"]
+__all__ = ["ActQ", "WeightQ", "FakeQuantModel", "quantize_model", "calibrate", "run_graph", "run_graph_int", "quantize_graph"]
 
 
 @dataclass
@@ -423,6 +423,21 @@ def prepare(model: nn.Module, input_shape: list[int]) -> QGraph:
     return graph
 
 
+def quantize_graph(graph: QGraph, calib: Iterable[torch.Tensor], cfg: QuantConfig, progress: bool = False,
+                   model_cfg: dict | None = None) -> FakeQuantModel:
+    """quantize_model for a graph that did not come from torch (e.g. read from an FP32 ONNX file)."""
+    for n in graph.weighted():
+        n.attrs["_in_q"] = graph.quant_source(n.inputs[0])
+    batches = [x for x in calib]
+    acts = calibrate(graph, batches, cfg)
+    weights = quantize_weights(graph, acts, cfg)
+    if cfg.rounding == "adaround":
+        from .adaround import learn_rounding
+
+        weights = learn_rounding(graph, acts, weights, batches, cfg, progress=progress)
+    return FakeQuantModel(graph, acts, weights, cfg, model_cfg)
+
+
 def quantize_model(model: nn.Module, calib: Iterable[torch.Tensor], cfg: QuantConfig,
                    input_shape: list[int] | None = None, progress: bool = False) -> FakeQuantModel:
     """Fold BN, calibrate activations, quantize weights (rounding to nearest or learned) -> the reference model.
@@ -434,12 +449,4 @@ def quantize_model(model: nn.Module, calib: Iterable[torch.Tensor], cfg: QuantCo
 
     mcfg = model_cfg(model)
     shape = input_shape or [1, *mcfg["input_size"]]
-    graph = prepare(model, shape)
-    batches = [x for x in calib]
-    acts = calibrate(graph, batches, cfg)
-    weights = quantize_weights(graph, acts, cfg)
-    if cfg.rounding == "adaround":
-        from .adaround import learn_rounding
-
-        weights = learn_rounding(graph, acts, weights, batches, cfg, progress=progress)
-    return FakeQuantModel(graph, acts, weights, cfg, mcfg)
+    return quantize_graph(prepare(model, shape), calib, cfg, progress, mcfg)

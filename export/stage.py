@@ -29,11 +29,12 @@ from plateau.artifacts import (
 )
 from plateau.data import SYNTHETIC, batches, load_split
 from plateau.errors import PlateauError
-from plateau.models import create_model, load_state_dict_file, model_cfg
+from plateau.models import IMAGENET_MEAN, IMAGENET_STD, create_model, load_state_dict_file, model_cfg
 
 from .config import ACT_CALIBRATIONS, ROUNDINGS, WEIGHT_CALIBRATIONS, QuantConfig
+from .graph import QGraph
 from .onnx_writer import to_float_onnx, to_qdq_onnx
-from .quantize import FakeQuantModel, quantize_model
+from .quantize import FakeQuantModel, quantize_graph, quantize_model
 from .validate import compare_logits, logits_of, ort_fn, ort_session, top1, torch_fn
 
 __all__ = ["add_arguments", "main", "export_model", "load_reference", "resolve_source"]
@@ -42,6 +43,10 @@ __all__ = ["add_arguments", "main", "export_model", "load_reference", "resolve_s
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="start from this checkpoint instead of the run's training output")
     p.add_argument("--model", help="model name for --checkpoint (default: the name stored in the checkpoint)")
+    p.add_argument("--onnx", help="quantize this FP32 ONNX file (from any tool) instead of a checkpoint; "
+                                  "needs --data")
+    p.add_argument("--mean", type=float, nargs=3, help="input normalization mean for --onnx (default ImageNet's)")
+    p.add_argument("--std", type=float, nargs=3, help="input normalization std for --onnx (default ImageNet's)")
     p.add_argument("--data", help="ImageFolder tree or 'synthetic' (default: the data the run trained on)")
     p.add_argument("--bits", default="W8A8", help="W8A8 (default), W4A8, W4A4, ... (2..8 bits each)")
     p.add_argument("--act-calibration", default="minmax", choices=ACT_CALIBRATIONS)
@@ -92,30 +97,36 @@ def _calibration_batches(train, cfg: QuantConfig, mean, std) -> list[torch.Tenso
     return [x for x, _ in batches(train, 128, mean, std, shuffle=True, seed=cfg.seed, limit=cfg.calib_images)]
 
 
-def export_model(model: torch.nn.Module, calib: list[torch.Tensor], cfg: QuantConfig, out_dir: str | Path,
-                 meta: dict | None = None) -> tuple[FakeQuantModel, dict]:
-    """Quantize `model` and write model_qdq.onnx, model_fp32.onnx and reference.pt into out_dir (atomically)."""
+def export_model(model: torch.nn.Module | QGraph, calib: list[torch.Tensor], cfg: QuantConfig, out_dir: str | Path,
+                 meta: dict | None = None, source: dict | None = None) -> tuple[FakeQuantModel, dict]:
+    """Quantize `model` (a torch module, or a graph read from ONNX) and write model_qdq.onnx, model_fp32.onnx and
+    reference.pt into out_dir (atomically)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ref = quantize_model(model, calib, cfg, progress=True)
+    if isinstance(model, QGraph):
+        ref = quantize_graph(model, calib, cfg, progress=True, model_cfg=(source or {}).get("plateau_cfg"))
+    else:
+        ref = quantize_model(model, calib, cfg, progress=True)
     meta = {"plateau.bits": cfg.bits_name, "plateau.calibration": cfg.act_calibration,
             "plateau.rounding": cfg.rounding, "plateau.config": json.dumps(cfg.to_dict()), **(meta or {})}
     for name, proto in (("model_qdq.onnx", to_qdq_onnx(ref, meta)), ("model_fp32.onnx", to_float_onnx(ref, meta))):
         with atomic_path(out_dir / name) as tmp:
             onnx.save(proto, str(tmp))
     with atomic_path(out_dir / "reference.pt") as tmp:
-        torch.save(reference_state(ref, model), tmp)
+        torch.save(reference_state(ref, model, source), tmp)
     return ref, meta
 
 
-def reference_state(ref: FakeQuantModel, model: torch.nn.Module) -> dict:
+def reference_state(ref: FakeQuantModel, model: torch.nn.Module | QGraph, source: dict | None = None) -> dict:
     """Everything needed to rebuild the reference, as tensors and plain values (loads with weights_only=True)."""
+    from_onnx = isinstance(model, QGraph)
     return {
         "format": "plateau.reference", "version": 1,
-        "model_name": getattr(model, "plateau_name", None),
+        "model_name": None if from_onnx else getattr(model, "plateau_name", None),
+        "onnx_path": (source or {}).get("onnx") if from_onnx else None,
         "num_classes": int(ref.graph.weighted()[-1].weight.shape[0]),
-        "plateau_cfg": model_cfg(model),
-        "model": model.state_dict(),
+        "plateau_cfg": ref.model_cfg if from_onnx else model_cfg(model),
+        "model": {} if from_onnx else model.state_dict(),
         "config": ref.cfg.to_dict(),
         "acts": {k: {"scale": a.scale, "zero_point": a.zero_point, **a.qtype.to_dict()} for k, a in ref.acts.items()},
         "weights": {k: {"q": w.q.to(torch.int8 if w.qtype.bits <= 8 else torch.int32), "scale": w.scale,
@@ -139,10 +150,17 @@ def load_reference(path: str | Path) -> FakeQuantModel:
         raise PlateauError(f"reference {path}: cannot be read ({type(e).__name__})") from None
     if not isinstance(st, dict) or st.get("format") != "plateau.reference":
         raise PlateauError(f"reference {path}: not a Plateau reference file")
-    model = create_model(st["model_name"], num_classes=st["num_classes"])
-    model.load_state_dict(st["model"], strict=False)
-    model.plateau_cfg = st["plateau_cfg"]
-    graph = prepare(model.eval(), [1, *st["plateau_cfg"]["input_size"]])
+    if st.get("onnx_path"):
+        from .onnx_reader import read_onnx
+
+        graph = read_onnx(st["onnx_path"])
+        for n in graph.weighted():
+            n.attrs["_in_q"] = graph.quant_source(n.inputs[0])
+    else:
+        model = create_model(st["model_name"], num_classes=st["num_classes"])
+        model.load_state_dict(st["model"], strict=False)
+        model.plateau_cfg = st["plateau_cfg"]
+        graph = prepare(model.eval(), [1, *st["plateau_cfg"]["input_size"]])
     acts = {k: ActQ(a["scale"], a["zero_point"], QType(a["bits"], a["signed"], a["narrow"]))
             for k, a in st["acts"].items()}
     weights = {k: WeightQ(w["q"].float(), w["scale"], QType(w["bits"], w["signed"], w["narrow"]),
@@ -161,9 +179,20 @@ def main(args: argparse.Namespace) -> dict:
             calib_images=args.calib_images, adaround_iters=args.adaround_iters)
     except TypeError as e:
         raise PlateauError(str(e)) from None
-    model, src = resolve_source(run, args.checkpoint, args.model)
+    if args.onnx:
+        from .onnx_reader import read_onnx
+
+        if not args.data:
+            raise PlateauError("--onnx needs --data (calibration and test images)")
+        model = read_onnx(args.onnx)
+        mcfg = {"input_size": model.input_shape[1:], "mean": list(args.mean or IMAGENET_MEAN),
+                "std": list(args.std or IMAGENET_STD)}
+        src = {"checkpoint": str(args.onnx), "onnx": str(Path(args.onnx).resolve()), "sha256": sha256_file(args.onnx),
+               "model": Path(args.onnx).stem, "plateau_cfg": mcfg}
+    else:
+        model, src = resolve_source(run, args.checkpoint, args.model)
+        mcfg = model_cfg(model)
     data = args.data or src.get("data") or SYNTHETIC
-    mcfg = model_cfg(model)
     mean, std = mcfg["mean"], mcfg["std"]
     size = args.img_size
     train, test = load_split(data, "train", size), load_split(data, "test", size)
@@ -175,14 +204,14 @@ def main(args: argparse.Namespace) -> dict:
         from .quantize import prepare
         from .sensitivity import choose_bits, layer_sensitivity
 
-        graph = prepare(model, [1, *mcfg["input_size"]])
+        graph = model if isinstance(model, QGraph) else prepare(model, [1, *mcfg["input_size"]])
         sens = layer_sensitivity(graph, calib, cfg)
         cfg.layer_bits = choose_bits(graph, sens, args.mixed_precision)
         mixed = {"budget_avg_bits": args.mixed_precision, "layer_bits": cfg.layer_bits, "sensitivity": sens}
     print(f"export: {src['model']} at {cfg.bits_name}, {cfg.act_calibration} calibration on {args.calib_images} "
           f"train images, {cfg.rounding} rounding")
     ref, meta = export_model(model, calib, cfg, out, {"plateau.source_sha256": src["sha256"],
-                                                      "plateau.model": src["model"]})
+                                                      "plateau.model": src["model"]}, source=src)
 
     # Validation on the test split: FP (folded float), the reference, onnxruntime FP32 and QDQ.
     lim = args.eval_limit

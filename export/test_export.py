@@ -226,3 +226,37 @@ def test_mixed_precision_meets_budget_and_spares_sensitive_layers(model, data):
     size = {n.module: n.weight.numel() for n in g.weighted()}
     assert sum(choice[k] * size[k] for k in size) / sum(size.values()) <= 6.0
     assert set(choice.values()) <= {4, 8}
+
+
+def test_fp32_onnx_input_quantizes_like_the_torch_model(model, data, tmp_path):
+    """A float ONNX file from torch.onnx (BN unfolded) reads into the same graph and quantizes identically."""
+    from plateau.export.onnx_reader import read_onnx
+    from plateau.export.quantize import quantize_graph
+
+    calib, x = data
+    torch.onnx.export(model, torch.zeros(1, 3, 32, 32), tmp_path / "m.onnx", input_names=["input"],
+                      dynamo=False, opset_version=17)
+    g = read_onnx(tmp_path / "m.onnx")
+    assert [n.op for n in g.nodes].count("conv") == 5 and g.node(g.output).op == "linear"
+    with torch.no_grad():
+        from plateau.export.quantize import run_graph
+
+        torch.testing.assert_close(run_graph(g, x), model(x), atol=1e-4, rtol=1e-4)
+    a = quantize_graph(g, calib, QuantConfig.from_bits("W8A8"))
+    b = quantize_model(model, calib, QuantConfig.from_bits("W8A8"))
+    c = compare_logits(a(x).numpy(), b(x).numpy(), b.output_step)
+    assert c["top1_agreement"] >= 0.99 and c["within_one_step"] >= 0.99
+    onnx.checker.check_model(to_qdq_onnx(a))
+
+
+def test_onnx_input_with_unsupported_op_names_the_node(tmp_path):
+    from onnx import helper
+
+    from plateau.export.onnx_reader import read_onnx
+
+    node = helper.make_node("Softmax", ["input"], ["y"], name="probs")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 10])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])])
+    onnx.save(helper.make_model(g), tmp_path / "s.onnx")
+    with pytest.raises(PlateauError, match="'probs' \\(Softmax\\)"):
+        read_onnx(tmp_path / "s.onnx")
