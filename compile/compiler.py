@@ -31,6 +31,7 @@ from .gpu import SOURCE_SUFFIX, device_source, dp4a_count, gpu_pipeline, runtime
 from .lower import float_compute_calls, float_ops, lower_qdq, op_counts
 from .onnx_prep import PreparedModel, array_key, prepare_onnx
 from .pack_int4 import build_pipeline, pack_int4_weights, packed_weight_bytes
+from .schedule import SCHEDULES, TileChooser, graph_layout, scheduled_pipeline
 from .targets import CompileTarget, get_target
 
 __all__ = ["compile_onnx", "build", "import_onnx", "lower_for_target"]
@@ -115,22 +116,30 @@ def _to_layout(mod: tvm.IRModule, layout: str) -> tvm.IRModule:
     return relax.transform.FoldConstant()(mod)
 
 
-def lower_for_target(mod: tvm.IRModule, target: CompileTarget) -> tvm.IRModule:
+def lower_for_target(mod: tvm.IRModule, target: CompileTarget, schedule: str = "default") -> tvm.IRModule:
     """The target-specific steps after lower_qdq: conv layout, constant folding, 4-bit weight packing."""
-    mod = _to_layout(mod, target.conv_layout)
+    mod = _to_layout(mod, graph_layout(target, schedule))
     return pack_int4_weights(relax.transform.FoldConstant()(mod))
 
 
-def build(mod: tvm.IRModule, target: CompileTarget) -> tuple[relax.VMExecutable, dict]:
+def build(mod: tvm.IRModule, target: CompileTarget, schedule: str = "default",
+          tiles: TileChooser | None = None) -> tuple[relax.VMExecutable, dict]:
     """Build `mod` for `target`, trying its fallback target dicts if the main one fails; returns the dict used.
 
     The pipeline is TVM's default CPU pipeline without FoldConstant (see pack_int4): fold before calling this.
+    On CPUs, schedule "default" adds the hand schedules of schedule.py (`tiles`: tuned conv tiles, tune.py);
+    "none" builds the kernels unscheduled.
     """
+    if schedule not in SCHEDULES:
+        raise PlateauError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
     errors = []
     for tdict in (target.tvm_target, *target.fallbacks):
         try:
             t = tvm.target.Target(tdict)
-            pipeline = build_pipeline(t) if target.device == "cpu" else gpu_pipeline(t)
+            if target.device != "cpu":
+                pipeline = gpu_pipeline(t)
+            else:
+                pipeline = scheduled_pipeline(t, tiles) if schedule == "default" else build_pipeline(t)
             return tvm.compile(mod, t, relax_pipeline=pipeline), tdict
         except Exception as e:  # LLVM rejects a CPU name or a schedule: try the next, report all if none builds
             errors.append(f"{tdict}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -154,6 +163,8 @@ def compile_onnx(
     *,
     allow_float: bool = False,
     requant: str = "float",
+    schedule: str = "default",
+    tune_minutes: float = 0.0,
 ) -> dict:
     """Compile the QDQ ONNX model at `onnx_path` for `target`; write out_dir/model.so and manifest.json.
 
@@ -161,7 +172,9 @@ def compile_onnx(
     lowered is a PlateauError naming its ONNX node, unless `allow_float`, which keeps it in float and lists it
     in manifest["float_islands"]. `requant` is "float" (float32 multiplier, as onnxruntime's
     fused kernels), "float64" (the exact product) or "fixed" (integer-only); see plateau.compile._common.
-    Returns the manifest dict.
+    `schedule` "default" uses the hand-written CPU schedules (schedule.py), "none" TVM's unscheduled kernels.
+    `tune_minutes` > 0 searches conv tiles on this machine within that budget (tune.py), kept in
+    out_dir/tuning/ so later builds reuse them. Returns the manifest dict.
     """
     tgt = get_target(target)
     if requant not in REQUANT_MODES:
@@ -184,9 +197,14 @@ def compile_onnx(
             "allow_float=True to keep them in float"
         )
 
-    mod = lower_for_target(mod, tgt)
+    mod = lower_for_target(mod, tgt, schedule)
     lib_weight_bytes, n_packed = packed_weight_bytes(mod)
-    ex, tdict = build(mod, tgt)
+    tiles, tuning = None, None
+    if schedule == "default":
+        from .tune import tuned_tiles  # the database in out_dir/tuning/, searched when tune_minutes > 0
+
+        tiles, tuning = tuned_tiles(mod, tgt, out_dir / "tuning", tune_minutes)
+    ex, tdict = build(mod, tgt, schedule, tiles)
     out_dir.mkdir(parents=True, exist_ok=True)
     so = out_dir / "model.so"
     with atomic_path(so) as tmp:
@@ -218,14 +236,14 @@ def compile_onnx(
     out["name"] = next((o.name for o in prep.model.graph.output), "output")
     inp["name"] = next(i.name for i in prep.model.graph.input if i.name not in {x.name for x in
                                                                                  prep.model.graph.initializer})
-    config = {"target": target, "allow_float": allow_float, "requant": requant}
+    config = {"target": target, "allow_float": allow_float, "requant": requant, "schedule": schedule}
     return write_manifest(
         out_dir, "compile", config=config,
         outputs={"library": {"path": so.name, "sha256": sha256_file(so), "bytes": so.stat().st_size}},
         inputs={"onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)}},
         target=target, tvm_target=tdict, arch=tgt.arch, tvm_version=tvm.__version__,
         input=inp, output=out, batch="dynamic" if isinstance(inp["shape"][0], str) else inp["shape"][0],
-        conv_layout=tgt.conv_layout, ops=op_counts(mod), float_islands=islands,
+        conv_layout=graph_layout(tgt, schedule), ops=op_counts(mod), float_islands=islands, tuning=tuning,
         requantize={"mode": requant, **REQUANT_DOC[requant]},
         weight_bytes=prep.weight_bytes, weight_bits=sorted(prep.compute_weight_bits),
         # weights whose values fit in 4 bits are stored two per byte and unpacked at run time (pack_int4.py)

@@ -1,0 +1,192 @@
+"""Hand-written CPU schedules applied inside the build: fast integer kernels without tuning.
+
+TVM's default CPU pipeline schedules nothing: every kernel runs single-threaded loops as legalized. This module
+adds, around the default pipeline (see `scheduled_pipeline`):
+
+1. before legalization, on x86 with AVX-512 VNNI: each integer NHWC conv2d becomes the packed-weight `vpdpbusd`
+   kernel of schedule_vnni.py;
+2. after FuseOps / FuseTIR, on every fused PrimFunc:
+   - the VNNI conv: register tiling, tensorize, the fused epilogue computed per tile, parallel (n, oh) rows;
+   - every other kernel made only of spatial blocks (pad, quantize, residual add, ...): intermediate blocks
+     inlined where that cannot change a float result, the outer loops parallel, the inner loop vectorized.
+
+Bit-exactness: the arithmetic of every block is unchanged. TVM compiles with LLVM's fp-contract=fast, so a float
+multiply inlined into an add could become an FMA and round differently than the untuned build; `inline_safe`
+refuses exactly that case. Integer arithmetic is exact in any order.
+
+    >>> ex = tvm.compile(mod, target, relax_pipeline=scheduled_pipeline(target))
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import tvm
+from tvm import tirx
+from tvm.s_tir import Schedule
+
+from .schedule_vnni import VNNI_BLOCK, ConvTile, has_vnni, rewrite_convs_vnni, schedule_vnni_conv
+from .targets import CompileTarget
+
+__all__ = ["SCHEDULES", "graph_layout", "scheduled_pipeline", "find_conv_block", "schedule_primfuncs", "inline_safe", "schedule_injective",
+           "conv_funcs", "TileChooser"]
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("default", "none")  # "default": the hand schedules of this module; "none": TVM's pipeline as is
+
+# name of a fused PrimFunc -> its conv tile (None: the default tile); what tuning searches over
+TileChooser = Callable[[str, Schedule], "ConvTile | None"]
+
+
+def graph_layout(target: CompileTarget, schedule: str = "default") -> str:
+    """The conv layout of the graph: NHWC where the VNNI kernel runs (x86 AVX-512 VNNI), else the target's."""
+    if schedule == "default" and has_vnni(tvm.target.Target(target.tvm_target)):
+        return "NHWC"
+    return target.conv_layout
+
+
+def _float(dtype: str) -> bool:
+    return str(dtype).startswith(("float", "bfloat"))
+
+
+def _stored_value(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV) -> tvm.ir.expr.Expr | None:
+    body = sch.get(block).body
+    return body.value if isinstance(body, tirx.BufferStore) else None
+
+
+def inline_safe(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV) -> bool:
+    """Whether inlining `block` into its consumers keeps float results bit-identical: not when it computes a
+    float product that a consumer adds or subtracts (LLVM would contract the pair into one FMA)."""
+    value = _stored_value(sch, block)
+    if value is None:
+        return False
+    if not (_float(str(value.ty)) and isinstance(value, tirx.Mul)):
+        return True
+    buf = sch.get(block).writes[0].source
+    return not any(_adds_load_of(_stored_value(sch, c), buf) for c in sch.get_consumers(block))
+
+
+def _is_load(expr: object) -> bool:
+    return type(expr).__name__ in ("TensorLoad", "BufferLoad")
+
+
+def _adds_load_of(expr: object, buf: tirx.Buffer) -> bool:
+    """Whether `expr` has an Add / Sub with a load of `buf` as a direct operand (None: unknown, so True)."""
+    if expr is None:
+        return True
+    if isinstance(expr, tirx.Add | tirx.Sub):
+        if any(_is_load(o) and o.source.same_as(buf) for o in (expr.a, expr.b)):
+            return True
+    children: list = []
+    for attr in ("a", "b", "value", "condition", "true_value", "false_value"):
+        child = getattr(expr, attr, None)
+        if isinstance(child, tvm.ir.expr.Expr):
+            children.append(child)
+    children.extend(a for a in (getattr(expr, "args", None) or []) if isinstance(a, tvm.ir.expr.Expr))
+    return any(_adds_load_of(c, buf) for c in children)
+
+
+def _spatial_only(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV) -> bool:
+    return all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars)
+
+
+def schedule_injective(sch: Schedule, max_vector: int = 64) -> bool:
+    """Inline safe intermediate blocks, then parallelize and vectorize every remaining block of a function made
+    only of spatial blocks. Returns False (and leaves sch unchanged in spirit) when the function has a reduction."""
+    root = sch.get_sblock("root") if _has_root(sch) else None
+    blocks = sch.get_child_blocks(root) if root is not None else []
+    if not blocks or not all(_spatial_only(sch, b) for b in blocks):
+        return False
+    local = list(sch.get(root).alloc_buffers)  # intermediates; everything else is a parameter
+    for blk in reversed(blocks[:-1]):
+        writes = sch.get(blk).writes
+        if not all(any(w.source.same_as(b) for b in local) for w in writes) or not sch.get_consumers(blk):
+            continue
+        if inline_safe(sch, blk):
+            try:
+                sch.compute_inline(blk)
+            except Exception:  # noqa: BLE001 (a block TVM cannot inline stays a block)
+                pass
+    for blk in sch.get_child_blocks(sch.get_sblock("root")):
+        loops = sch.get_loops(blk)
+        if not loops:
+            continue
+        inner = sch.get(loops[-1]).extent
+        if len(loops) >= 2 and isinstance(inner, tirx.IntImm) and 1 < int(inner) <= max_vector:
+            sch.vectorize(loops[-1])
+            outer = loops[:-1]
+        else:
+            outer = loops
+        if len(outer) >= 2:
+            sch.parallel(sch.fuse(*outer[: min(2, len(outer))]))
+        elif outer:
+            sch.parallel(outer[0])
+    return True
+
+
+def _has_root(sch: Schedule) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # no block named root: a hand-written PrimFunc, leave it
+        return False
+
+
+def conv_funcs(mod: tvm.IRModule) -> list[str]:
+    """Names of the PrimFuncs in `mod` that hold a VNNI conv block."""
+    names = []
+    for gv, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc) and VNNI_BLOCK in func.script():
+            names.append(gv.name_hint)
+    return names
+
+
+def find_conv_block(sch: Schedule) -> tvm.s_tir.schedule.SBlockRV | None:
+    if not _has_root(sch):
+        return None
+    found = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint.startswith(VNNI_BLOCK)]
+    return found[0] if len(found) == 1 else None
+
+
+def schedule_primfuncs(mod: tvm.IRModule, tiles: TileChooser | None = None) -> tvm.IRModule:
+    """Schedule every PrimFunc of `mod` (after FuseTIR): VNNI convs tiled, spatial kernels parallel/vectorized.
+    A function a schedule fails on is kept as it was (logged), so the build never fails because of this."""
+    out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        name = gv.name_hint
+        sch = Schedule(tvm.IRModule({"main": func}))
+        try:
+            block = find_conv_block(sch)
+            if block is not None:
+                schedule_vnni_conv(sch, block, tiles(name, sch) if tiles else None)
+            elif not schedule_injective(sch):
+                continue
+        except Exception as e:  # noqa: BLE001 (ScheduleError, TVM FFI errors: the function stays as built)
+            log.warning("schedule of %s failed, left unscheduled: %s", name, str(e).splitlines()[0] if str(e) else e)
+            continue
+        out[gv] = sch.mod["main"]
+    return out
+
+
+def scheduled_pipeline(target: tvm.target.Target, tiles: TileChooser | None = None) -> tvm.transform.Pass:
+    """TVM's default CPU pipeline minus FoldConstant (pack_int4 needs that), with the hand schedules added."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    legalize = [p for p in cpu.legalize_passes(target) if "FoldConstant" not in str(p.info.name)]
+    vnni = has_vnni(target)
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            if vnni:
+                mod, _ = rewrite_convs_vnni(mod)
+            mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + legalize)(mod)
+            mod = schedule_primfuncs(mod, tiles)
+            seq = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline

@@ -1,0 +1,185 @@
+"""Tuning: a search over the conv tiles of schedule_vnni.py, measured on this machine, kept in a database.
+
+The hand schedules are parameterized by one small choice per conv shape, the register tile (pixels x 16-channel
+blocks). `tune_tiles` builds every candidate of every conv kernel of the model, times it on random inputs at a
+tuning batch, and keeps the fastest; the answers go to `<dir>/tiles.json`, keyed by the target and the conv shape,
+so a model is tuned once per target and later builds read the file (no measuring, seconds).
+
+    >>> tiles, info = tuned_tiles(mod, target, Path("runs/r1/compile/host/tuning"), minutes=5)
+    >>> ex, _ = build(mod, target, tiles=tiles)
+
+A time budget stops the search early; shapes not reached keep the default tile. Timings are the minimum over
+repeats (the least disturbed by other processes on a shared machine).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm.s_tir import Schedule
+
+from plateau.artifacts import atomic_path
+
+from .schedule import TileChooser, find_conv_block
+from .schedule_vnni import (
+    ConvTile,
+    conv_extents,
+    default_tile,
+    has_vnni,
+    rewrite_convs_vnni,
+    schedule_vnni_conv,
+)
+from .targets import CompileTarget
+
+__all__ = ["DB_FORMAT", "DB_VERSION", "conv_key", "candidate_tiles", "tune_tiles", "tuned_tiles", "load_db"]
+
+log = logging.getLogger(__name__)
+
+DB_FORMAT, DB_VERSION = "plateau.tuning", 1
+DB_FILE = "tiles.json"
+TUNE_BATCH = 8
+
+
+def conv_key(sch: Schedule) -> str | None:
+    """The shape key of the VNNI conv in `sch` (output HxWxC, kernel, input channels), None without one."""
+    block = find_conv_block(sch)
+    if block is None:
+        return None
+    ext = [sch.get(lp).extent for lp in sch.get_loops(block)]
+    _, oh, ow, oc, kh, kw, c = (str(e) for e in ext)
+    return f"out{oh}x{ow}x{oc}-k{kh}x{kw}x{c}"
+
+
+def candidate_tiles(ow_extent: int, oc_blocks: int) -> list[ConvTile]:
+    """Tiles that divide the output: pixels 1..16 dividing the width, channel blocks dividing the channels."""
+    out = []
+    for ow in (1, 2, 4, 7, 8, 14, 16, 28, 32):
+        for oc in (1, 2, 4):
+            if ow_extent % ow == 0 and oc_blocks % oc == 0 and 4 <= ow * oc <= 24:
+                out.append(ConvTile(ow, oc))
+    return out or [default_tile(ow_extent, oc_blocks)]
+
+
+def _target_key(target: tvm.target.Target) -> str:
+    return json.dumps({k: str(v) for k, v in sorted(target.export().items()) if k in ("kind", "mcpu", "mtriple",
+                                                                                      "mattr")}, sort_keys=True)
+
+
+def load_db(path: Path) -> dict:
+    """The tiles database at `path` (empty when absent or of another format/version, with a warning)."""
+    if not path.exists():
+        return {"format": DB_FORMAT, "version": DB_VERSION, "targets": {}}
+    db = json.loads(path.read_text())
+    if db.get("format") != DB_FORMAT or db.get("version") != DB_VERSION:
+        log.warning("%s: format %s v%s, expected %s v%s; ignored", path, db.get("format"), db.get("version"),
+                    DB_FORMAT, DB_VERSION)
+        return {"format": DB_FORMAT, "version": DB_VERSION, "targets": {}}
+    return db
+
+
+def _fused_convs(mod: tvm.IRModule, target: tvm.target.Target) -> dict[str, tvm.tirx.PrimFunc]:
+    """key -> one fused conv PrimFunc of each shape, as the build pipeline produces them."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    legalize = [p for p in cpu.legalize_passes(target) if "FoldConstant" not in str(p.info.name)]
+    with target:
+        mod, _ = rewrite_convs_vnni(mod)
+        mod = tvm.transform.Sequential(legalize)(mod)
+    out: dict = {}
+    for _, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            key = conv_key(Schedule(tvm.IRModule({"main": func})))
+            if key is not None and key not in out:
+                out[key] = func
+    return out
+
+
+def _random_args(func: tvm.tirx.PrimFunc, batch: int, dev: tvm.runtime.Device) -> list:
+    rng = np.random.default_rng(0)
+    args = []
+    for p in func.params:
+        shape = [batch if not isinstance(d, tvm.tirx.IntImm) else int(d) for d in p.ty.shape]
+        dtype = str(p.ty.dtype)
+        if dtype.startswith(("int", "uint")):
+            a = rng.integers(0, 100, shape).astype(dtype)
+        else:
+            a = rng.standard_normal(shape).astype(dtype)
+        args.append(tvm.runtime.tensor(a, dev))
+    return args
+
+
+def _time_tile(func: tvm.tirx.PrimFunc, tile: ConvTile, target: tvm.target.Target, batch: int) -> float:
+    sch = Schedule(tvm.IRModule({"main": func}))
+    schedule_vnni_conv(sch, find_conv_block(sch), tile)
+    lib = tvm.compile(sch.mod, target)
+    dev = tvm.cpu()
+    args = _random_args(func, batch, dev)
+    timer = lib.mod.time_evaluator("main", dev, number=3, repeat=5, min_repeat_ms=20)
+    return float(min(timer(*args).results))
+
+
+def tune_tiles(mod: tvm.IRModule, target: tvm.target.Target, minutes: float, batch: int = TUNE_BATCH,
+               known: dict | None = None) -> dict[str, dict]:
+    """Search the conv tiles of `mod` (a lowered Relax module) within `minutes`; key -> {ow, oc, ms, default_ms}.
+    Keys already in `known` are skipped."""
+    deadline = time.monotonic() + minutes * 60
+    found: dict[str, dict] = {}
+    for key, func in _fused_convs(mod, target).items():
+        if known and key in known:
+            continue
+        sch = Schedule(tvm.IRModule({"main": func}))
+        ow_ext, ocb = conv_extents(sch, find_conv_block(sch))
+        default = default_tile(ow_ext, ocb)
+        timings: dict[ConvTile, float] = {}
+        for tile in [default] + [t for t in candidate_tiles(ow_ext, ocb) if t != default]:
+            if time.monotonic() > deadline:
+                break
+            try:
+                timings[tile] = _time_tile(func, tile, target, batch)
+            except Exception as e:  # noqa: BLE001 (a tile TVM cannot build is just not a candidate)
+                log.info("tile %s of %s failed: %s", tile, key, str(e).splitlines()[0] if str(e) else e)
+        if not timings:
+            break
+        best = min(timings, key=timings.__getitem__)
+        found[key] = {"ow": best.ow, "oc": best.oc, "ms": timings[best] * 1e3,
+                      "default_ms": timings.get(default, float("nan")) * 1e3, "tried": len(timings)}
+        log.info("tuned %s: %s %.3f ms (default %s)", key, best, timings[best] * 1e3, default)
+    return found
+
+
+def tuned_tiles(mod: tvm.IRModule, target: CompileTarget, db_dir: Path, minutes: float = 0.0
+                ) -> tuple[TileChooser | None, dict | None]:
+    """(tile chooser for build(), manifest summary) from the database in `db_dir`, tuning first when
+    `minutes` > 0. Without a database or tuning: (None, None), the default tiles."""
+    tdict = target.tvm_target
+    t = tvm.target.Target(tdict)
+    if not has_vnni(t):
+        return None, None
+    path = Path(db_dir) / DB_FILE
+    db = load_db(path)
+    tkey = _target_key(t)
+    entries = db["targets"].setdefault(tkey, {})
+    searched = 0.0
+    if minutes > 0:
+        start = time.monotonic()
+        new = tune_tiles(mod, t, minutes, known=entries)
+        searched = time.monotonic() - start
+        if new:
+            entries.update(new)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(db, indent=1, sort_keys=True))
+    if not entries:
+        return None, None
+
+    def choose(_name: str, sch: Schedule) -> ConvTile | None:
+        e = entries.get(conv_key(sch) or "")
+        return ConvTile(e["ow"], e["oc"]) if e else None
+
+    info = {"database": str(path), "entries": len(entries), "search_seconds": round(searched, 1)}
+    return choose, info
