@@ -38,6 +38,15 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
+    # VmHWM: this process image's high-water RSS. ru_maxrss is not used first: Linux carries the forking parent's
+    # peak across exec, so every worker started from a torch-loaded parent would report the parent's ~1 GB.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 

@@ -271,15 +271,23 @@ def main(args: argparse.Namespace) -> dict:
             plan.append({"engine": f"ORT int8 {f.upper()} {a}s8", "kind": "ort", "bits": "W8A8", "format": f,
                          "act": a, "runtime": "onnxruntime", "path": eng_dir / "ort" / f"{f}_{a}.onnx"})
 
-    rows = []
+    rows: list[dict] = []
+    failed: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="plateau-bench-") as tmp:
         for i, e in enumerate(plan):
             print(f"bench: {e['engine']} ({device}{', emulated' if emulated else ''})", flush=True)
-            if device == "rpc":
-                r, out = _measure_rpc(Path(e["path"]), comp if e["path"] == lib else {}, args.target, args,
-                                      x_lat, x_eval)
-            else:
-                r, out = _measure(e["kind"], Path(e["path"]), device, args, x_lat, x_eval, Path(tmp), f"e{i}")
+            try:
+                if device == "rpc":
+                    r, out = _measure_rpc(Path(e["path"]), comp if e["path"] == lib else {}, args.target, args,
+                                          x_lat, x_eval)
+                else:
+                    r, out = _measure(e["kind"], Path(e["path"]), device, args, x_lat, x_eval, Path(tmp), f"e{i}")
+            except PlateauError as err:
+                if e["path"] == lib:
+                    raise  # the run's own artifact must work; a derived engine may fail and is reported
+                failed.append({**{k: str(v) for k, v in e.items()}, "error": str(err)})
+                print(f"bench: {e['engine']} failed: {err}", flush=True)
+                continue
             row = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in e.items()}, **r,
                    "bytes": Path(e["path"]).stat().st_size,
                    "top1": float((out.argmax(1) == y_eval).mean()) if out is not None else None}
@@ -292,7 +300,7 @@ def main(args: argparse.Namespace) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "settings": {"warmup": args.warmup, "min_repeats": args.min_repeats, "max_repeats": args.repeats,
                      "max_seconds": args.max_seconds, "stability": "running median within 2% between checks"},
-        "engines": rows, "skipped": skipped, "seconds": round(time.time() - t_start, 1),
+        "engines": rows, "failed": failed, "skipped": skipped, "seconds": round(time.time() - t_start, 1),
         "note": ("EMULATED with qemu-aarch64: times and memory are the emulator's, not a board's" if emulated
                  else "one run, engines one after another on the same machine; shared machines make times noisy"),
     }
@@ -338,8 +346,8 @@ def render_document(r: dict):
     doc.text(f"{r['machine']}; {r['threads']} threads per engine; {r['date']}. {r['note']}.")
     doc.text(f"Latency per call: {r['settings']['warmup']} warm-up calls, then repeats until the running median "
              f"is stable within 2% (at least {r['settings']['min_repeats']}, at most {r['settings']['max_repeats']} "
-             f"calls or {r['settings']['max_seconds']} s). Peak memory: the engine's process maximum RSS "
-             "(ru_maxrss); model = peak minus RSS after imports. top-1 on the first "
+             f"calls or {r['settings']['max_seconds']} s). Peak memory: the engine's process high-water RSS "
+             "(VmHWM); model = peak minus RSS after imports. top-1 on the first "
              f"{r['eval_images']} test images.")
     shown = [e for e in r["engines"] if e.get("shown", True)]
     bs = r["batches"]
@@ -362,6 +370,8 @@ def render_document(r: dict):
             f"top-1 {pct(e.get('top1'))}" for e in hidden) + ".")
     for s in r.get("skipped", []):
         doc.text(f"Skipped: {s}.")
+    for f in r.get("failed", []):
+        doc.text(f"Failed: {f['engine']}: {f['error']}")
     doc.figure("latency", latency_plot(shown, bs, "latency" + (" (EMULATED)" if r["emulated"] else "")),
                "latency per call")
     groups: dict[str, dict[str, float]] = {}
