@@ -347,7 +347,7 @@ def render_document(r: dict):
     doc.text(f"Latency per call: {r['settings']['warmup']} warm-up calls, then repeats until the running median "
              f"is stable within 2% (at least {r['settings']['min_repeats']}, at most {r['settings']['max_repeats']} "
              f"calls or {r['settings']['max_seconds']} s). Peak memory: the engine's process high-water RSS "
-             "(VmHWM); model = peak minus RSS after imports. top-1 on the first "
+             "(VmHWM); model = peak minus RSS before the engine library was imported and loaded. top-1 on the first "
              f"{r['eval_images']} test images.")
     shown = [e for e in r["engines"] if e.get("shown", True)]
     bs = r["batches"]
