@@ -23,7 +23,7 @@ TRAIN_OPTS  := --model $(MODEL) --data $(DATA) --bits $(BITS) $(if $(CKPT),--che
 EXPORT_OPTS := --bits $(BITS) $(if $(CKPT),--checkpoint $(CKPT)) $(if $(call user_set,MODEL),--model $(MODEL)) \
                $(if $(call user_set,DATA),--data $(DATA)) $(if $(LIMIT),--eval-limit $(LIMIT)) $(EXPORT_ARGS)
 VALIDATE_OPTS := --target $(TARGET) $(if $(DEVICE),--device $(DEVICE)) $(if $(RPC),--rpc $(RPC)) \
-               $(if $(LIMIT),--limit $(LIMIT))
+               $(if $(LIMIT),--limit $(LIMIT)) $(VALIDATE_ARGS)
 # arm64 builds run under qemu here unless a board is given: they need the arm64 Python root.
 NEEDS_SYSROOT := $(if $(and $(filter arm64% rpi%,$(TARGET)),$(if $(RPC),,x)),arm64-sysroot)
 
@@ -58,19 +58,20 @@ arm64-sysroot:
 	$(PYTHON) -m plateau.runtime.sysroot
 
 train:
-	$(PLATEAU) train --run $(RUN_DIR) $(TRAIN_OPTS)
+	$(PLATEAU) train --run $(RUN_DIR) $(TRAIN_OPTS) $(TRAIN_ARGS)
 
 export:
 	$(PLATEAU) export --run $(RUN_DIR) $(EXPORT_OPTS)
 
 compile:
-	$(PLATEAU) compile --run $(RUN_DIR) --target $(TARGET)
+	$(PLATEAU) compile --run $(RUN_DIR) --target $(TARGET) $(COMPILE_ARGS)
 
 validate: $(NEEDS_SYSROOT)
 	$(PLATEAU) validate --run $(RUN_DIR) $(VALIDATE_OPTS)
 
 bench:
-	$(PLATEAU) bench --run $(RUN_DIR) --target $(TARGET) $(if $(DEVICE),--device $(DEVICE)) $(if $(RPC),--rpc $(RPC))
+	$(PLATEAU) bench --run $(RUN_DIR) --target $(TARGET) $(if $(DEVICE),--device $(DEVICE)) $(if $(RPC),--rpc $(RPC)) \
+	  $(BENCH_ARGS)
 
 test:
 	$(PYTHON) -m pytest -q

@@ -336,10 +336,12 @@ def calibrate(graph: QGraph, calib: Iterable[torch.Tensor], cfg: QuantConfig) ->
         for x in batches:
             run_graph(graph, x, observe=lambda name, t: obs[name].update_hist(t))
     bits = _act_bits(graph, cfg)
+    logits = graph.quant_source(graph.output)
     acts = {}
     for name, o in obs.items():
         qt = cfg.act_qtype(bits[name])
-        lo, hi = o.clip(cfg.act_calibration, qt, cfg.percentile)
+        # The logits keep their whole range: clipping them would make the argmax a tie.
+        lo, hi = o.clip("minmax" if name == logits else cfg.act_calibration, qt, cfg.percentile)
         s, z = choose_qparams(lo, hi, qt, symmetric=False)
         acts[name] = ActQ(float(s), int(z), qt)
     return acts

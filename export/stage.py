@@ -213,9 +213,14 @@ def main(args: argparse.Namespace) -> dict:
     ref, meta = export_model(model, calib, cfg, out, {"plateau.source_sha256": src["sha256"],
                                                       "plateau.model": src["model"]}, source=src)
 
-    # Validation on the test split: FP (folded float), the reference, onnxruntime FP32 and QDQ.
+    # Validation on the test split: FP (folded float), the reference, onnxruntime FP32 and QDQ. A limit takes a
+    # fixed random subset (ImageFolder order is sorted by class); validate reads the same indices.
     lim = args.eval_limit
-    labels = test.labels[: lim or len(test)]
+    idx = np.arange(len(test)) if not lim or lim >= len(test) else np.sort(
+        np.random.default_rng(0).permutation(len(test))[:lim])
+    test = test.subset(idx)
+    lim = None
+    labels = test.labels
     fp = logits_of(torch_fn(ref.float_forward), test, mean, std, limit=lim, desc="fp32")
     rl = logits_of(torch_fn(ref), test, mean, std, limit=lim, desc="reference")
     report: dict = {
@@ -235,13 +240,14 @@ def main(args: argparse.Namespace) -> dict:
         report["onnxruntime_error"] = f"onnxruntime could not run {cfg.bits_name}: {str(e).splitlines()[0][:300]}"
     save_npy(out / "reference_logits.npy", rl)
     save_npy(out / "labels.npy", labels)
+    save_npy(out / "test_indices.npy", idx)
     report["seconds"] = round(time.time() - t0, 1)
     write_json(out / "report.json", report)
     write_text(out / "report.md", render_report(report))
     a_in = ref.acts[ref.graph.nodes[0].name]
     a_out = ref.acts[ref.graph.quant_source(ref.graph.output)]
     files = {k: k for k in ("model_qdq.onnx", "model_fp32.onnx", "reference.pt", "reference_logits.npy",
-                            "labels.npy", "report.json", "report.md")}
+                            "labels.npy", "test_indices.npy", "report.json", "report.md")}
     write_manifest(out, "export", config={**cfg.to_dict(), "bits": cfg.bits_name, "model": src["model"],
                                           "data": str(data), "img_size": size},
                    outputs=files, inputs={"checkpoint": {"path": src["checkpoint"], "sha256": src["sha256"]}},
@@ -250,7 +256,7 @@ def main(args: argparse.Namespace) -> dict:
                                            "dtype": a_in.qtype.storage},
                                  "output": {"scale": a_out.scale, "zero_point": a_out.zero_point,
                                             "dtype": a_out.qtype.storage}},
-                   eval_limit=lim, qdq_sha256=sha256_file(out / "model_qdq.onnx"), mixed_precision=mixed)
+                   eval_limit=args.eval_limit, qdq_sha256=sha256_file(out / "model_qdq.onnx"), mixed_precision=mixed)
     print(render_report(report))
     return report
 

@@ -158,9 +158,13 @@ def run_on_device(lib: Path, x: np.ndarray, device: str, comp: dict, target: str
 
 
 # --- the stage --------------------------------------------------------------------------------------------------------
-def _test_inputs(exp: dict, n: int) -> np.ndarray:
+def _test_inputs(exp: dict, n: int, run: Path | None = None) -> np.ndarray:
+    """The first n of the test images export validated (export's fixed subset when it used --eval-limit)."""
     cfg = exp["plateau_cfg"]
     test = load_split(exp["config"]["data"], "test", exp["config"].get("img_size"))
+    idx_file = run / "export" / "test_indices.npy" if run is not None else None
+    if idx_file is not None and idx_file.is_file():
+        test = test.subset(np.load(idx_file))
     return np.concatenate([xb.numpy() for xb, _ in batches(test, 500, cfg["mean"], cfg["std"], limit=n)])
 
 
@@ -188,7 +192,7 @@ def main(args: argparse.Namespace) -> dict:
     ort_path = run / "export" / "ort_logits.npy"
     ort = np.load(ort_path) if ort_path.is_file() else None
     n = len(ref) if args.limit is None else min(args.limit, len(ref))
-    x = _test_inputs(exp, n)
+    x = _test_inputs(exp, n, run)
 
     t0 = time.time()
     res = run_on_device(lib, x, device, comp, args.target, batch_size=args.batch_size, rpc=args.rpc,
