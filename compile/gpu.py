@@ -10,7 +10,8 @@ implicit GEMM (int8 x int8 -> int32 in shared memory); its int8 tensor-core path
 
 Whether a library can be built and run here:
 - CUDA: TVM 0.27's wheel has CUDA codegen and calls `nvcc` (CUDA 13 here: sm_75 is the oldest arch it accepts;
-  dp4a exists from sm_61) to embed the kernels; running needs a CUDA driver and GPU.
+  dp4a exists from sm_61) to embed the kernels; running needs a CUDA driver and GPU. int8 conv2d / matmul
+  reductions are tensorized with `__dp4a` by gpu_dp4a.Dp4aMatmul (tried before dlight's rules).
 - OpenCL: the wheel is built with USE_OPENCL=OFF: it generates OpenCL C and packs it into the library, but has no
   OpenCL runtime to load it, so it cannot run here even with PoCL; a TVM runtime built with USE_OPENCL=ON can.
 """
@@ -28,10 +29,17 @@ SOURCE_SUFFIX = {"cuda": ".cu", "opencl": ".cl"}
 
 
 def gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's generic GPU pipeline (dlight default schedules) minus FoldConstant."""
+    """TVM's generic GPU pipeline minus FoldConstant, with dlight's default rules (and dp4a first on CUDA)."""
     from tvm.relax.backend.gpu_generic import pipeline as gpu
+    from tvm.s_tir import dlight as dl
 
-    legalize = [p for p in gpu.legalize_passes(target) if "FoldConstant" not in str(p.info.name)]
+    from .gpu_dp4a import Dp4aMatmul
+
+    legalize = [p for p in gpu.legalize_passes(target)
+                if not any(n in str(p.info.name) for n in ("FoldConstant", "ApplyDefaultSchedule"))]
+    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    # CUDA: int8 GEMM-like reductions first try the dp4a rule (gpu_dp4a.py); what it declines goes to dlight's.
+    legalize.append(dl.ApplyDefaultSchedule(*([Dp4aMatmul()] if target.kind.name == "cuda" else []), *rules))
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -60,6 +68,17 @@ def runtime_available(kind: str) -> bool:
     return bool(dev.exist)
 
 
-def dp4a_count(source: str) -> int:
-    """Number of __dp4a calls in CUDA source (int8 4-way dot products, sm_61+)."""
-    return len(re.findall(r"__dp4a\s*\(", source))
+def dp4a_count(source: str) -> dict[str, int]:
+    """__dp4a calls per kernel in CUDA source (int8 4-way dot products, sm_61+); kernels without any are left
+    out. The declarations of the intrinsic in the source's header are not counted."""
+    counts: dict[str, int] = {}
+    kernel = None
+    for line in source.splitlines():
+        m = re.search(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(.*\{\s*$", line)
+        if m:
+            kernel = m.group(1)
+        elif kernel and "__SM_61_INTRINSICS_DECL__" not in line:
+            n = len(re.findall(r"__dp4a\s*\(", line))
+            if n:
+                counts[kernel] = counts.get(kernel, 0) + n
+    return counts

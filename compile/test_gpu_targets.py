@@ -25,11 +25,11 @@ def test_gpu_targets_registered():
 @pytest.fixture(scope="module")
 def gpu_builds(qdq_models, tmp_path_factory) -> dict:
     out = {}
-    for target in ("cuda", "opencl"):
-        if target == "cuda" and shutil.which("nvcc") is None:
+    for target, model in (("cuda", "ort_s8s8"), ("cuda-u8", "ort_u8s8"), ("opencl", "ort_s8s8")):
+        if target.startswith("cuda") and shutil.which("nvcc") is None:
             continue
         d = tmp_path_factory.mktemp(target)
-        out[target] = (d, compile_onnx(qdq_models["ort_s8s8"], target, d))
+        out[target] = (d, compile_onnx(qdq_models[model], target.removesuffix("-u8"), d))
     return out
 
 
@@ -41,8 +41,16 @@ def test_cuda_source_has_integer_kernels(gpu_builds):
     convs = re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w*conv2d\w*)\(([^)]*)\)", src)
     assert convs, "no conv kernel in the CUDA source"
     assert all("signed char" in args for _, args in convs)  # int8 operands, int32 accumulation
-    assert m["device_source"]["kernels"] >= 4 and m["runs_here"] == runtime_available("cuda")
-    assert (d / "model.so").stat().st_size > 0 and "GPU" in m["run_note"]
+    # every conv and the matmul reduce with 4-byte dot products (gpu_dp4a.Dp4aMatmul)
+    dp4a = m["device_source"]["dp4a"]
+    assert {name for name, _ in convs} <= set(dp4a) and any("matmul" in k for k in dp4a), dp4a
+
+
+@needs_nvcc
+def test_cuda_dp4a_with_uint8_activations(gpu_builds):
+    d, m = gpu_builds["cuda-u8"]
+    assert sum(m["device_source"]["dp4a"].values()) == 3, m["device_source"]
+    assert "__dp4a(*(uint*)" in (d / "model.cu").read_text()  # the unsigned x signed overload: u8 x s8
 
 
 def test_opencl_source_has_integer_kernels(gpu_builds):
