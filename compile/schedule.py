@@ -23,13 +23,14 @@ import logging
 from collections.abc import Callable
 
 import tvm
-from tvm import tirx
+from tvm import relax, te, tirx
 from tvm.s_tir import Schedule
 
 from .schedule_vnni import VNNI_BLOCK, ConvTile, has_vnni, rewrite_convs_vnni, schedule_vnni_conv
 from .targets import CompileTarget
 
-__all__ = ["SCHEDULES", "graph_layout", "scheduled_pipeline", "find_conv_block", "schedule_primfuncs", "inline_safe", "schedule_injective",
+__all__ = ["SCHEDULES", "graph_layout", "scheduled_pipeline", "find_conv_block", "inline_spatial",
+           "parallel_vectorize", "fresh_schedule", "schedule_primfuncs", "inline_safe", "schedule_injective",
            "conv_funcs", "TileChooser"]
 
 log = logging.getLogger(__name__)
@@ -88,41 +89,62 @@ def _adds_load_of(expr: object, buf: tirx.Buffer) -> bool:
     return any(_adds_load_of(c, buf) for c in children)
 
 
+def fresh_schedule(func: tirx.PrimFunc, global_symbol: str | None = None) -> Schedule:
+    """A Schedule over a deep copy of `func`: TVM's schedule state edits the PrimFunc it is given in place."""
+    func = tvm.ir.load_json(tvm.ir.save_json(func))
+    if global_symbol:
+        func = func.with_attr("global_symbol", global_symbol)
+    return Schedule(tvm.IRModule({"main": func}))
+
+
 def _spatial_only(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV) -> bool:
     return all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars)
 
 
-def schedule_injective(sch: Schedule, max_vector: int = 64) -> bool:
-    """Inline safe intermediate blocks, then parallelize and vectorize every remaining block of a function made
-    only of spatial blocks. Returns False (and leaves sch unchanged in spirit) when the function has a reduction."""
-    root = sch.get_sblock("root") if _has_root(sch) else None
-    blocks = sch.get_child_blocks(root) if root is not None else []
-    if not blocks or not all(_spatial_only(sch, b) for b in blocks):
-        return False
+def inline_spatial(sch: Schedule, skip: frozenset | set = frozenset()) -> None:
+    """Inline every spatial intermediate block (not writing a parameter) where inline_safe allows it."""
+    root = sch.get_sblock("root")
     local = list(sch.get(root).alloc_buffers)  # intermediates; everything else is a parameter
-    for blk in reversed(blocks[:-1]):
-        writes = sch.get(blk).writes
-        if not all(any(w.source.same_as(b) for b in local) for w in writes) or not sch.get_consumers(blk):
+    for blk in reversed(sch.get_child_blocks(root)):
+        b = sch.get(blk)
+        if b.name_hint in skip or not _spatial_only(sch, blk) or not sch.get_consumers(blk):
+            continue
+        if not all(any(w.source.same_as(x) for x in local) for w in b.writes):
             continue
         if inline_safe(sch, blk):
             try:
                 sch.compute_inline(blk)
             except Exception:  # noqa: BLE001 (a block TVM cannot inline stays a block)
                 pass
+
+
+def parallel_vectorize(sch: Schedule, blk: tvm.s_tir.schedule.SBlockRV, max_vector: int = 64) -> None:
+    """Vectorize the innermost loop of `blk` when it is short and constant; parallelize the outer two."""
+    loops = sch.get_loops(blk)
+    if not loops:
+        return
+    inner = sch.get(loops[-1]).extent
+    outer = loops
+    if len(loops) >= 2 and isinstance(inner, tirx.IntImm) and 1 < int(inner) <= max_vector:
+        sch.vectorize(loops[-1])
+        outer = loops[:-1]
+    if len(outer) >= 2:
+        sch.parallel(sch.fuse(*outer[:2]))
+    elif outer:
+        sch.parallel(outer[0])
+
+
+def schedule_injective(sch: Schedule) -> bool:
+    """For a function made only of spatial blocks: inline the safe intermediates, then parallelize and vectorize
+    every remaining block. Returns False, changing nothing, when the function has a reduction."""
+    if not _has_root(sch):
+        return False
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    if not blocks or not all(_spatial_only(sch, b) for b in blocks):
+        return False
+    inline_spatial(sch)
     for blk in sch.get_child_blocks(sch.get_sblock("root")):
-        loops = sch.get_loops(blk)
-        if not loops:
-            continue
-        inner = sch.get(loops[-1]).extent
-        if len(loops) >= 2 and isinstance(inner, tirx.IntImm) and 1 < int(inner) <= max_vector:
-            sch.vectorize(loops[-1])
-            outer = loops[:-1]
-        else:
-            outer = loops
-        if len(outer) >= 2:
-            sch.parallel(sch.fuse(*outer[: min(2, len(outer))]))
-        elif outer:
-            sch.parallel(outer[0])
+        parallel_vectorize(sch, blk)
     return True
 
 
@@ -158,11 +180,11 @@ def schedule_primfuncs(mod: tvm.IRModule, tiles: TileChooser | None = None) -> t
         if not isinstance(func, tirx.PrimFunc):
             continue
         name = gv.name_hint
-        sch = Schedule(tvm.IRModule({"main": func}))
+        sch = fresh_schedule(func)
         try:
             block = find_conv_block(sch)
             if block is not None:
-                schedule_vnni_conv(sch, block, tiles(name, sch) if tiles else None)
+                sch = schedule_vnni_conv(sch, block, tiles(name, sch) if tiles else None)
             elif not schedule_injective(sch):
                 continue
         except Exception as e:  # noqa: BLE001 (ScheduleError, TVM FFI errors: the function stays as built)
@@ -172,11 +194,38 @@ def schedule_primfuncs(mod: tvm.IRModule, tiles: TileChooser | None = None) -> t
     return out
 
 
+def _round_te(x: te.Tensor) -> te.Tensor:
+    # llvm.nearbyint is what TVM emits for tirx.nearbyint; spelled as an LLVM intrinsic TVM's loop vectorizer
+    # accepts it (it scalarizes tirx.nearbyint), so requantize epilogues vectorize. Same instruction, same bits.
+    return te.compute(x.shape, lambda *i: tirx.call_llvm_pure_intrin(x.dtype, "llvm.nearbyint", x(*i)),
+                      name="round_nearbyint")
+
+
+def _legalize_round(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    if not str(call.args[0].ty.dtype).startswith("float"):
+        return call.args[0]  # rounding an integer tensor is the identity
+    return bb.call_te(_round_te, call.args[0], primfunc_name_hint="round")
+
+
+def legalize_passes(target: tvm.target.Target) -> list:
+    """TVM's CPU legalization passes minus FoldConstant (pack_int4 needs that), rounding as llvm.nearbyint."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    out = []
+    for p in cpu.legalize_passes(target):
+        name = str(p.info.name)
+        if "FoldConstant" in name:
+            continue
+        out.append(relax.transform.LegalizeOps({"relax.round": _legalize_round}) if name.endswith("LegalizeOps")
+                   else p)
+    return out
+
+
 def scheduled_pipeline(target: tvm.target.Target, tiles: TileChooser | None = None) -> tvm.transform.Pass:
     """TVM's default CPU pipeline minus FoldConstant (pack_int4 needs that), with the hand schedules added."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    legalize = [p for p in cpu.legalize_passes(target) if "FoldConstant" not in str(p.info.name)]
+    legalize = legalize_passes(target)
     vnni = has_vnni(target)
 
     @tvm.transform.module_pass(opt_level=0)

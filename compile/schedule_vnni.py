@@ -19,6 +19,7 @@ fails to compile, so this file registers its own.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,8 @@ from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
 from ._common import const_np
+
+log = logging.getLogger(__name__)
 
 __all__ = ["VNNI_INTRIN", "VNNI_BLOCK", "ConvTile", "rewrite_convs_vnni", "schedule_vnni_conv", "has_vnni"]
 
@@ -213,12 +216,28 @@ def conv_extents(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV) -> tuple[int
     return int(sch.get(loops[2]).extent), int(sch.get(loops[3]).extent) // 16
 
 
-def schedule_vnni_conv(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV, tile: ConvTile | None = None) -> None:
-    """Tile, tensorize and parallelize the conv `block` of sch; fuse its elementwise consumers into the tile."""
+def schedule_vnni_conv(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV, tile: ConvTile | None = None) -> Schedule:
+    """Tile, tensorize and parallelize the conv `block` of sch with its elementwise consumers fused per tile;
+    returns the schedule holding the result (`sch` or a fresh one).
+
+    First choice: anchor on the function's single output block (same NHWC shape as the conv), tile it, and
+    compute every producer (conv included) inside its tile; this keeps float blocks that must stay separate
+    (see schedule.inline_safe) inside the tile too. Otherwise the conv is the anchor and what follows is moved
+    after it where TVM allows (_fuse_epilogue).
+    """
+    from .schedule import fresh_schedule  # late import: schedule imports this module
+
     ow_ext, ocb = conv_extents(sch, block)
     tile = tile or default_tile(ow_ext, ocb)
     if ow_ext % tile.ow or ocb % tile.oc:
         raise ValueError(f"{tile} does not divide the output (width {ow_ext}, {ocb} channel blocks)")
+    trial = fresh_schedule(sch.mod["main"])
+    try:
+        _anchor_on_output(trial, trial.get_sblock(sch.get(block).name_hint), tile)
+    except Exception as e:  # noqa: BLE001 (a shape the output anchor does not handle: the conv anchor below)
+        log.debug("output-anchored conv schedule failed (%s); conv-anchored instead", e)
+    else:
+        return trial
     n, h, w, o, kh, kw, c = sch.get_loops(block)
     oco, oci = sch.split(o, [None, 16])
     co, ci = sch.split(c, [None, 4])
@@ -228,6 +247,11 @@ def schedule_vnni_conv(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV, tile: 
     nh = sch.fuse(n, h)
     _fuse_epilogue(sch, block, ocoo)
     sch.parallel(nh)
+    _tensorize_inner(sch, block, kh, wi, ocoi, oci)
+    return sch
+
+
+def _tensorize_inner(sch: Schedule, block, kh, wi, ocoi, oci) -> None:
     init = sch.decompose_reduction(block, kh)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(oci, VNNI_INTRIN)
@@ -235,23 +259,83 @@ def schedule_vnni_conv(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV, tile: 
     sch.unroll(wi)
 
 
-def _fuse_epilogue(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, at: tvm.s_tir.schedule.LoopRV) -> None:
-    """Move the conv's consumer chain (bias, requantize, ...) into the register tile at loop `at`."""
-    from .schedule import inline_safe  # late import: schedule imports this module
+def _anchor_on_output(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, tile: ConvTile) -> None:
+    from .schedule import inline_spatial
 
-    consumers = sch.get_consumers(conv)
-    chain = []
-    while len(consumers) == 1:
-        chain.append(consumers[0])
-        consumers = sch.get_consumers(consumers[0])
-    if not chain:
-        return
-    for blk in chain[:-1]:
-        if not inline_safe(sch, blk):
-            return  # a float multiply would meet an add: keep the blocks apart (bit-exactness)
-    for blk in chain[:-1]:
-        sch.compute_inline(blk)
-    last = chain[-1]
-    sch.reverse_compute_at(last, at)
-    loops = sch.get_loops(last)
-    sch.vectorize(loops[-1])
+    root = sch.get_sblock("root")
+    conv_name = sch.get(conv).name_hint
+    inline_spatial(sch, skip={conv_name})
+    blocks = sch.get_child_blocks(root)
+    outs = [b for b in blocks if not sch.get_consumers(b)]
+    if len(outs) != 1 or sch.get(outs[0]).name_hint == conv_name:
+        raise ValueError("not a single elementwise output block")
+    out = outs[0]
+    loops = sch.get_loops(out)
+    conv_loops = sch.get_loops(conv)
+    if len(loops) != 4 or [str(sch.get(lp).extent) for lp in loops] != [str(sch.get(lp).extent)
+                                                                          for lp in conv_loops[:4]]:
+        raise ValueError("the output block is not shaped like the conv output")
+    n, h, w, c = loops
+    wo, wi = sch.split(w, [None, tile.ow])
+    co, ci = sch.split(c, [None, 16 * tile.oc])
+    sch.reorder(n, h, wo, co, wi, ci)
+    nh = sch.fuse(n, h)
+    # producers, last first, into the output's tile
+    for blk in reversed(sch.get_child_blocks(root)):
+        if sch.get(blk).name_hint != sch.get(out).name_hint:
+            sch.compute_at(blk, co)
+    sch.parallel(nh)
+    # the conv, now at the tile: (1, 1, ow, 16*oc, kh, kw, c) loops below co
+    b, y, x, o, kh, kw, c = sch.get_loops(conv)[-7:]
+    oco, oci = sch.split(o, [None, 16])
+    c4o, c4i = sch.split(c, [None, 4])
+    sch.reorder(kh, kw, c4o, x, oco, oci, c4i)
+    _tensorize_inner(sch, conv, kh, x, oco, oci)
+    for blk in sch.get_child_blocks(co):
+        name = sch.get(blk).name_hint
+        if name.startswith(conv_name):
+            continue
+        inner = sch.get_loops(blk)[-1]
+        ext = sch.get(inner).extent
+        if isinstance(ext, tvm.tirx.IntImm) and int(ext) > 1 and int(ext) % 16 == 0:
+            _, vi = sch.split(inner, [None, 16])
+            sch.vectorize(vi)
+
+
+def _fuse_epilogue(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, at: tvm.s_tir.schedule.LoopRV) -> None:
+    """Compute the conv's elementwise consumers (bias, requantize, a residual add...) per register tile at `at`.
+
+    Blocks that can be inlined without changing a float result are inlined; the others become separate loops
+    inside the tile (their intermediates shrink to the tile). What cannot be moved stays a parallel loop nest.
+    """
+    from .schedule import inline_spatial, parallel_vectorize  # late import: schedule imports this module
+
+    root = sch.get_sblock("root")
+    conv_name = sch.get(conv).name_hint
+    inline_spatial(sch, skip={conv_name})
+    name = lambda b: sch.get(b).name_hint  # noqa: E731
+    tiled = {conv_name}
+    progress = True
+    while progress:
+        progress = False
+        for blk in sch.get_child_blocks(root):
+            n = name(blk)
+            if n in tiled:
+                continue
+            try:
+                if any(name(p) in tiled for p in sch.get_producers(blk)):
+                    sch.reverse_compute_at(blk, at)
+                elif sch.get_consumers(blk) and all(name(c) in tiled for c in sch.get_consumers(blk)):
+                    sch.compute_at(blk, at)
+                else:
+                    continue
+            except Exception:  # noqa: BLE001 (a block TVM cannot move stays a loop nest of its own)
+                continue
+            tiled.add(n)
+            progress = True
+            inner = sch.get_loops(blk)[-1]
+            if isinstance(sch.get(inner).extent, tvm.tirx.IntImm) and int(sch.get(inner).extent) > 1:
+                sch.vectorize(inner)
+    for blk in sch.get_child_blocks(root):
+        if name(blk) not in tiled:
+            parallel_vectorize(sch, blk)

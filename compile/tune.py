@@ -25,7 +25,7 @@ from tvm.s_tir import Schedule
 
 from plateau.artifacts import atomic_path
 
-from .schedule import TileChooser, find_conv_block
+from .schedule import TileChooser, find_conv_block, fresh_schedule, legalize_passes
 from .schedule_vnni import (
     ConvTile,
     conv_extents,
@@ -51,7 +51,7 @@ def conv_key(sch: Schedule) -> str | None:
     if block is None:
         return None
     ext = [sch.get(lp).extent for lp in sch.get_loops(block)]
-    _, oh, ow, oc, kh, kw, c = (str(e) for e in ext)
+    _, oh, ow, oc, kh, kw, c = (int(e) if isinstance(e, tvm.tirx.IntImm) else str(e) for e in ext)
     return f"out{oh}x{ow}x{oc}-k{kh}x{kw}x{c}"
 
 
@@ -84,16 +84,15 @@ def load_db(path: Path) -> dict:
 
 def _fused_convs(mod: tvm.IRModule, target: tvm.target.Target) -> dict[str, tvm.tirx.PrimFunc]:
     """key -> one fused conv PrimFunc of each shape, as the build pipeline produces them."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-    legalize = [p for p in cpu.legalize_passes(target) if "FoldConstant" not in str(p.info.name)]
+    legalize = legalize_passes(target)
     with target:
         mod, _ = rewrite_convs_vnni(mod)
         mod = tvm.transform.Sequential(legalize)(mod)
     out: dict = {}
-    for _, func in mod.functions_items():
+    for gv, func in mod.functions_items():
         if isinstance(func, tvm.tirx.PrimFunc):
             key = conv_key(Schedule(tvm.IRModule({"main": func})))
+            log.debug("%s: conv key %s", gv.name_hint, key)
             if key is not None and key not in out:
                 out[key] = func
     return out
@@ -114,8 +113,8 @@ def _random_args(func: tvm.tirx.PrimFunc, batch: int, dev: tvm.runtime.Device) -
 
 
 def _time_tile(func: tvm.tirx.PrimFunc, tile: ConvTile, target: tvm.target.Target, batch: int) -> float:
-    sch = Schedule(tvm.IRModule({"main": func}))
-    schedule_vnni_conv(sch, find_conv_block(sch), tile)
+    sch = fresh_schedule(func, "main")
+    sch = schedule_vnni_conv(sch, find_conv_block(sch), tile)
     lib = tvm.compile(sch.mod, target)
     dev = tvm.cpu()
     args = _random_args(func, batch, dev)

@@ -1,0 +1,284 @@
+"""Issue 7: TVM int8 (hand schedules, tuned tiles) against onnxruntime on the same CPU, side by side in one run.
+
+    .venv/bin/python bench/compile_speed.py --run runs/perf --data /work/shared/data/cifar10 --tune-minutes 10
+
+Needs <run>/export/model_qdq.onnx and model_fp32.onnx (plateau export). Engines, all in this one process and timed
+in interleaved rounds (each round times every engine once per batch size; the figure is the median over rounds):
+
+    tvm-int8-untuned   plateau compile with schedule="none" (TVM's default CPU pipeline)
+    tvm-int8           plateau compile with the hand schedules and the tuned-tile database (tuned first if absent)
+    ort-fp32           onnxruntime on model_fp32.onnx
+    ort-qop-u8s8       quantize_static QOperator, U8 activations, S8 per-channel weights, min-max
+    ort-qdq-u8s8       quantize_static QDQ, same settings
+
+Also: tuning time, a second build from the database, tvm-int8 == tvm-int8-untuned on real test images
+(np.array_equal), and the int8 MAC rate at the large batch as a fraction of the CPU's VNNI peak
+(cores x 64 MACs/cycle: one 512-bit vpdpbusd per cycle, x the clock in /proc/cpuinfo).
+Writes bench/results/compile_speed.json and prints the markdown for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main", "conv_macs", "ort_quantize"]
+
+
+def conv_macs(fp32_onnx: Path) -> int:
+    """Multiply-accumulates of one image through every Conv / Gemm / MatMul of the float model."""
+    import onnx
+    from onnx import shape_inference
+
+    m = onnx.load(str(fp32_onnx))
+    inp = m.graph.input[0]
+    for d in inp.type.tensor_type.shape.dim[:1]:
+        d.ClearField("dim_param")
+        d.dim_value = 1
+    m = shape_inference.infer_shapes(m)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input)}
+    inits = {i.name: list(i.dims) for i in m.graph.initializer}
+    total = 0
+    for n in m.graph.node:
+        if n.op_type == "Conv":
+            w = inits[n.input[1]]
+            out = shapes[n.output[0]]
+            total += int(np.prod(out)) * int(np.prod(w[1:]))
+        elif n.op_type in ("Gemm", "MatMul") and n.input[1] in inits:
+            w = inits[n.input[1]]
+            out = shapes[n.output[0]]
+            total += int(np.prod(out)) * (w[0] if n.op_type == "MatMul" or not _trans_b(n) else w[1])
+    return total
+
+
+def _trans_b(node) -> bool:
+    return any(a.name == "transB" and a.i for a in node.attribute)
+
+
+def _cpu() -> tuple[str, float]:
+    name, mhz = platform.processor() or "?", 0.0
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("?", ""):
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("cpu MHz"):
+                mhz = max(mhz, float(line.split(":", 1)[1]))
+    except OSError:
+        pass
+    return name, mhz
+
+
+def ort_quantize(fp32: Path, calib: np.ndarray, out: Path, fmt: str) -> Path:
+    """onnxruntime quantize_static, U8 activations, S8 per-channel weights, min-max; fmt "qdq" or "qop"."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    name = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(np.split(calib, max(1, len(calib) // 32)))
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {name: x}
+
+    quantize_static(str(fp32), str(out), Reader(), per_channel=True, calibrate_method=CalibrationMethod.MinMax,
+                    quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def _images(data: str, n: int, mean: list, std: list) -> np.ndarray:
+    from plateau.data import load_split, normalize
+
+    test = load_split(data, "test")
+    return normalize(test.images[:n], mean, std).numpy().astype(np.float32)
+
+
+class _Engine:
+    def __init__(self, name: str, fn) -> None:
+        self.name, self.fn, self.times = name, fn, {}
+
+    def time(self, x: np.ndarray, calls: int) -> float:
+        self.fn(x)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            self.fn(x)
+        return (time.perf_counter() - t0) / calls
+
+
+def _ort(path: Path, threads: int) -> _Engine:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    return _Engine(path.stem, lambda x: s.run(None, {name: x})[0])
+
+
+def _tvm(so: Path) -> _Engine:
+    import tvm
+    from tvm import relax
+
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(so)), dev)
+    f = vm["main"]
+    cache: dict = {}
+
+    def run(x: np.ndarray) -> np.ndarray:
+        key = (x.shape, x.ctypes.data)
+        if key not in cache:  # upload once per input array: the timed part is the model, as for onnxruntime
+            cache[key] = tvm.runtime.tensor(x, dev)
+        return f(cache[key]).numpy()
+
+    return _Engine(so.parent.name, run)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default="runs/perf")
+    p.add_argument("--data", default="/work/shared/data/cifar10")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median over them)")
+    p.add_argument("--seconds", type=float, default=0.5, help="time per engine, batch and round")
+    p.add_argument("--tune-minutes", type=float, default=10.0, help="tile search budget when no database exists")
+    p.add_argument("--retune", action="store_true", help="delete the tile database first")
+    p.add_argument("--out", default="bench/results/compile_speed.json")
+    args = p.parse_args(argv)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its thread pool
+
+    from plateau.compile import compile_onnx
+
+    run = Path(args.run)
+    fp32, qdq = run / "export" / "model_fp32.onnx", run / "export" / "model_qdq.onnx"
+    man = json.loads((run / "export" / "manifest.json").read_text())
+    cfg = man.get("plateau_cfg", {})
+    x_all = _images(args.data, max(args.batches) + 256, cfg.get("mean", [0.485, 0.456, 0.406]),
+                    cfg.get("std", [0.229, 0.224, 0.225]))
+    eng_dir = run / "bench" / "compile_speed"
+    eng_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- builds -------------------------------------------------------------------------------------------------
+    out_untuned, out_tuned = run / "compile" / "host-untuned", run / "compile" / "host"
+    db = out_tuned / "tuning" / "tiles.json"
+    if args.retune and db.exists():
+        db.unlink()
+    builds = {}
+    t0 = time.perf_counter()
+    compile_onnx(qdq, "host", out_untuned, schedule="none")
+    builds["untuned_build_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    first = compile_onnx(qdq, "host", out_tuned, tune_minutes=0.0 if db.exists() else args.tune_minutes)
+    builds["first_build_s"] = time.perf_counter() - t0
+    builds["tuning_search_s"] = (first.get("tuning") or {}).get("search_seconds", 0.0)
+    t0 = time.perf_counter()
+    second = compile_onnx(qdq, "host", out_tuned)  # reads the database: no measuring
+    builds["second_build_s"] = time.perf_counter() - t0
+    builds["tuning"] = second.get("tuning")
+
+    # -- onnxruntime variants (calibrated on 256 test images the timing does not use) -------------------------------
+    calib = x_all[-256:]
+    qop = eng_dir / "ort_qop_u8s8.onnx"
+    qdq_ort = eng_dir / "ort_qdq_u8s8.onnx"
+    if not qop.exists():
+        ort_quantize(fp32, calib, qop, "qop")
+    if not qdq_ort.exists():
+        ort_quantize(fp32, calib, qdq_ort, "qdq")
+
+    engines = {"tvm-int8": _tvm(out_tuned / "model.so"), "tvm-int8-untuned": _tvm(out_untuned / "model.so"),
+               "ort-qop-u8s8": _ort(qop, args.threads), "ort-qdq-u8s8": _ort(qdq_ort, args.threads),
+               "ort-fp32": _ort(fp32, args.threads)}
+
+    # -- exactness: the scheduled build against the untuned one ---------------------------------------------------
+    exact = {}
+    for b in args.batches:
+        xb = x_all[:b]
+        exact[b] = bool(np.array_equal(engines["tvm-int8"].fn(xb), engines["tvm-int8-untuned"].fn(xb)))
+
+    # -- interleaved timing ------------------------------------------------------------------------------------
+    samples: dict = {n: {b: [] for b in args.batches} for n in engines}
+    for _ in range(args.rounds):
+        for b in args.batches:
+            xb = np.ascontiguousarray(x_all[:b])
+            for name, e in engines.items():
+                est = e.time(xb, 1)
+                calls = max(1, min(200, int(args.seconds / max(est, 1e-6))))
+                if name == "tvm-int8-untuned":
+                    calls = 1  # ~10x slower: one call is enough to show it
+                samples[name][b].append(e.time(xb, calls))
+    res = {n: {b: {"median_ms": float(np.median(v)) * 1e3, "min_ms": float(np.min(v)) * 1e3,
+                   "max_ms": float(np.max(v)) * 1e3} for b, v in d.items()} for n, d in samples.items()}
+
+    macs = conv_macs(fp32)
+    cpu, mhz = _cpu()
+    cores = args.threads
+    peak = cores * 64 * mhz * 1e6  # MAC/s
+    big = max(args.batches)
+    t_big = res["tvm-int8"][big]["median_ms"] / 1e3
+    rate = macs * big / t_big
+    ort_best = {b: min(res["ort-qop-u8s8"][b]["median_ms"], res["ort-qdq-u8s8"][b]["median_ms"])
+                for b in args.batches}
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
+        "machine": {"cpu": cpu, "mhz": mhz, "threads": args.threads, "load_avg": os.getloadavg()},
+        "builds": builds, "exact_vs_untuned": exact, "macs_per_image": macs, "latency": res,
+        "ratios": {b: {"tvm_over_best_ort_int8": res["tvm-int8"][b]["median_ms"] / ort_best[b],
+                       "ort_fp32_over_tvm": res["ort-fp32"][b]["median_ms"] / res["tvm-int8"][b]["median_ms"],
+                       "untuned_over_tvm": res["tvm-int8-untuned"][b]["median_ms"] / res["tvm-int8"][b]["median_ms"]}
+                   for b in args.batches},
+        "mac_rate": {"batch": big, "gmac_per_s": rate / 1e9, "vnni_peak_gmac_per_s": peak / 1e9,
+                     "fraction_of_peak": rate / peak if peak else None},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+    print(_markdown(report, args.batches))
+    return report
+
+
+def _markdown(r: dict, batches: list[int]) -> str:
+    lines = [f"- date: {r['date']}; machine: {r['machine']['cpu']}, {r['machine']['mhz']:.0f} MHz, "
+             f"{r['machine']['threads']} threads; load average at the end {r['machine']['load_avg']}",
+             "", "| engine | " + " | ".join(f"batch {b} median (min-max) ms" for b in batches) + " |",
+             "|---|" + "---|" * len(batches)]
+    for name, d in r["latency"].items():
+        cells = [f"{d[b]['median_ms']:.3f} ({d[b]['min_ms']:.3f}-{d[b]['max_ms']:.3f})" for b in batches]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for b in batches:
+        q = r["ratios"][b]
+        lines.append(f"- batch {b}: tvm-int8 / fastest onnxruntime int8 = {q['tvm_over_best_ort_int8']:.2f}x; "
+                     f"ort-fp32 / tvm-int8 = {q['ort_fp32_over_tvm']:.2f}x; untuned / tuned = "
+                     f"{q['untuned_over_tvm']:.1f}x; bit-exact vs untuned: {r['exact_vs_untuned'][b]}")
+    m = r["mac_rate"]
+    lines.append(f"- int8 MAC rate at batch {m['batch']}: {m['gmac_per_s']:.1f} GMAC/s = "
+                 f"{100 * (m['fraction_of_peak'] or 0):.1f}% of the VNNI peak {m['vnni_peak_gmac_per_s']:.0f} GMAC/s "
+                 f"({r['macs_per_image'] / 1e6:.1f} M MAC per image)")
+    bd = r["builds"]
+    lines.append(f"- builds: untuned {bd['untuned_build_s']:.0f} s; first scheduled build "
+                 f"{bd['first_build_s']:.0f} s (tile search {bd['tuning_search_s']:.0f} s); second build from the "
+                 f"database {bd['second_build_s']:.0f} s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
