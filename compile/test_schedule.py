@@ -1,0 +1,147 @@
+"""Hand schedules (schedule.py, schedule_vnni.py) and tile tuning (tune.py): exact, and used where they apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, te, tirx
+from tvm.s_tir import Schedule
+
+from plateau.compile import _fixtures as fx
+from plateau.compile import compile_onnx, get_target
+from plateau.compile.compiler import build, import_onnx, lower_for_target
+from plateau.compile.lower import lower_qdq
+from plateau.compile.schedule import inline_safe
+from plateau.compile.schedule_vnni import ConvTile, has_vnni, rewrite_convs_vnni, schedule_vnni_conv
+from plateau.compile.tune import DB_FILE, load_db, tuned_tiles
+from plateau.errors import PlateauError
+
+HOST = tvm.target.Target(get_target("host").tvm_target)
+needs_vnni = pytest.mark.skipif(not has_vnni(HOST), reason="host CPU has no AVX-512 VNNI")
+
+
+def _resnet_block_onnx(path: Path) -> Path:
+    """conv(3->16) -> [conv(16->16) relu conv(16->16)] + skip -> stride-2 conv(16->32) -> pool -> fc: 16-channel
+    multiples, so the VNNI kernel applies (the shared tiny fixtures have 8 channels)."""
+    import torch
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c0, self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), \
+                nn.Conv2d(16, 16, 3, padding=1)
+            self.c3, self.fc = nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.c0(x))
+            x = torch.relu(self.c2(torch.relu(self.c1(x))) + x)
+            return self.fc(torch.relu(self.c3(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    torch.onnx.export(Net().eval(), torch.randn(1, 3, fx.HW, fx.HW), str(path), input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "N"}}, opset_version=17, dynamo=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def block_models(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("sched_models")
+    fp32 = _resnet_block_onnx(d / "fp32.onnx")
+    return {"s8s8": fx.ort_qdq(fp32, d / "s8s8.onnx", "QInt8", "QInt8"),
+            "u8s8": fx.ort_qdq(fp32, d / "u8s8.onnx", "QUInt8", "QInt8")}
+
+
+def _run(so: Path, x: np.ndarray) -> np.ndarray:
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(so)), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+@needs_vnni
+@pytest.mark.parametrize("name", ["s8s8", "u8s8"])
+def test_scheduled_build_is_bit_exact(block_models, tmp_path, name):
+    """The scheduled library gives the same logits as TVM's unscheduled kernels, at batch 1 and 5."""
+    onnx_path = block_models[name]
+    m = compile_onnx(onnx_path, "host", tmp_path / "sched")
+    compile_onnx(onnx_path, "host", tmp_path / "plain", schedule="none")
+    assert m["conv_layout"] == "NHWC" and m["config"]["schedule"] == "default"
+    rng = np.random.default_rng(1)
+    for batch in (1, 5):
+        x = rng.standard_normal((batch, 3, fx.HW, fx.HW)).astype(np.float32)
+        np.testing.assert_array_equal(_run(tmp_path / "sched" / "model.so", x),
+                                      _run(tmp_path / "plain" / "model.so", x))
+
+
+@needs_vnni
+def test_every_conv_gets_the_vnni_kernel(block_models):
+    mod, _ = import_onnx(block_models["s8s8"])
+    mod = lower_for_target(lower_qdq(mod), get_target("host"))
+    _, n = rewrite_convs_vnni(mod)
+    assert n == 4
+
+
+@needs_vnni
+@pytest.mark.parametrize("stride,tile", [(1, ConvTile(4, 1)), (2, ConvTile(2, 2)), (1, None)])
+def test_vnni_conv_kernel_exact(stride, tile):
+    """The tensorized kernel alone against numpy: u8 x s8 -> s32, packed weights."""
+    from plateau.compile.schedule_vnni import _conv_te, _pack_weight
+
+    n, h, w, c, o, k = 2, 10, 10, 16, 32, 3
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, h, w, c)).astype(np.uint8)
+    wt = rng.integers(-128, 128, (o, k, k, c)).astype(np.int8)
+    wp, _ = _pack_weight(wt)
+    data, wpt = te.placeholder(x.shape, "uint8"), te.placeholder(wp.shape, "int8")
+    out = _conv_te(data, wpt, stride, stride)
+    sch = Schedule(te.create_prim_func([data, wpt, out]).with_attr("global_symbol", "main"))
+    sch = schedule_vnni_conv(sch, sch.get_sblock(out.op.name), tile)
+    lib = tvm.compile(sch.mod, HOST)
+    oh = (h - k) // stride + 1
+    res = tvm.runtime.tensor(np.zeros((n, oh, oh, o), np.int32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(wp), res)
+    ref = np.zeros((n, oh, oh, o), np.int64)
+    for a in range(k):
+        for b in range(k):
+            patch = x[:, a:a + stride * oh:stride, b:b + stride * oh:stride].astype(np.int64)
+            ref += np.einsum("nhwc,oc->nhwo", patch, wt[:, a, b].astype(np.int64))
+    np.testing.assert_array_equal(res.numpy(), ref)
+    assert "vpdpbusd" in lib.mod.inspect_source("asm")
+
+
+def _two_blocks(consumer) -> Schedule:
+    a = te.placeholder((8,), "float32")
+    m = te.compute((8,), lambda i: a[i] * tirx.const(0.5, "float32"), name="mul")
+    out = te.compute((8,), lambda i: consumer(m[i], a[i]), name="out")
+    return Schedule(te.create_prim_func([a, out]))
+
+
+def test_inline_safe_refuses_multiply_into_add():
+    """A float product inlined into an add could become an FMA (fp-contract=fast): not inlined."""
+    sch = _two_blocks(lambda m, a: m + a)
+    assert not inline_safe(sch, sch.get_sblock("mul"))
+    sch = _two_blocks(lambda m, a: tirx.nearbyint(m))
+    assert inline_safe(sch, sch.get_sblock("mul"))
+
+
+@needs_vnni
+def test_tuning_database_written_then_reused(block_models, tmp_path):
+    mod, _ = import_onnx(block_models["s8s8"])
+    mod = lower_for_target(lower_qdq(mod), get_target("host"))
+    choose, info = tuned_tiles(mod, get_target("host"), tmp_path, minutes=0.05)  # a few candidates at most
+    assert choose is not None and info["entries"] >= 1
+    db = load_db(tmp_path / DB_FILE)
+    (entries,) = db["targets"].values()
+    assert all({"ow", "oc", "ms"} <= set(e) for e in entries.values())
+    choose2, info2 = tuned_tiles(mod, get_target("host"), tmp_path)  # no budget: read only
+    assert info2["search_seconds"] == 0 and info2["entries"] == info["entries"]
+    ex, _ = build(mod, get_target("host"), tiles=choose2)
+    assert ex is not None
+
+
+def test_unknown_schedule_is_an_error():
+    mod = tvm.IRModule()
+    with pytest.raises(PlateauError, match="unknown schedule 'fast'"):
+        build(mod, get_target("host"), schedule="fast")
