@@ -22,6 +22,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requant", default="float", help="requantization: float (float32 multiplier, as onnxruntime's "
                                                       "fused kernels), float64 (the exact product) or fixed "
                                                       "(integer multiplier and shift)")
+    p.add_argument("--schedule", default="default", choices=["default", "none"],
+                   help="default: hand-written CPU schedules (x86 VNNI int8 conv, parallel kernels); none: TVM's "
+                        "unscheduled kernels")
+    p.add_argument("--tune-minutes", type=float, default=0.0,
+                   help="search conv tiles on this machine for up to this long (x86 VNNI); the answers are kept in "
+                        "<run>/compile/<target>/tuning/tiles.json and reused by later builds")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -32,7 +38,8 @@ def main(args: argparse.Namespace) -> dict:
         man = read_manifest(run / "export", "export")
         onnx_path = run / "export" / man["outputs"]["model_qdq.onnx"]
     out = run / "compile" / args.target
-    manifest = compile_onnx(onnx_path, args.target, out, allow_float=args.allow_float, requant=args.requant)
+    manifest = compile_onnx(onnx_path, args.target, out, allow_float=args.allow_float, requant=args.requant,
+                            schedule=args.schedule, tune_minutes=args.tune_minutes)
     ops = manifest.get("ops", {})
     print(f"compile: {onnx_path} -> {out / 'model.so'} for {args.target}; ops {ops}; "
           f"float islands: {manifest.get('float_islands') or 'none'}")
