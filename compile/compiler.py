@@ -31,6 +31,7 @@ from .gpu import SOURCE_SUFFIX, device_source, dp4a_count, gpu_pipeline, runtime
 from .lower import float_compute_calls, float_ops, lower_qdq, op_counts
 from .onnx_prep import PreparedModel, array_key, prepare_onnx
 from .pack_int4 import build_pipeline, pack_int4_weights, packed_weight_bytes
+from .rewrite_pad import onnx_constant_pads, restore_pads
 from .schedule import SCHEDULES, TileChooser, graph_layout, scheduled_pipeline
 from .targets import CompileTarget, get_target
 
@@ -46,7 +47,7 @@ def import_onnx(onnx_path: str | Path) -> tuple[tvm.IRModule, PreparedModel]:
             mod = relax_onnx.from_onnx(prep.model, keep_params_in_input=False)
         except Exception as e:  # the importer raises bare TVMError / ValueError / KeyError on malformed graphs
             raise PlateauError(f"{onnx_path}: the TVM ONNX importer failed: {type(e).__name__}: {e}") from None
-    return mod, prep
+    return restore_pads(mod, onnx_constant_pads(prep.model)), prep
 
 
 def _weight_of(call: relax.Call, bindings: dict) -> np.ndarray | None:
@@ -107,10 +108,19 @@ def _float_islands(mod: tvm.IRModule, prep: PreparedModel) -> list[dict]:
     return islands
 
 
+def _op_names(mod: tvm.IRModule):
+    for f in mod.functions.values():
+        if isinstance(f, relax.Function):
+            for blk in f.body.blocks:
+                for b in blk.bindings:
+                    if isinstance(b.value, relax.Call) and hasattr(b.value.op, "name"):
+                        yield b.value.op.name
+
+
 def _to_layout(mod: tvm.IRModule, layout: str) -> tvm.IRModule:
     """Switch integer conv2d to `layout`; the weight transposes are folded into the constants."""
-    if layout == "NCHW":
-        return mod
+    if layout == "NCHW" or not any(name == "relax.nn.conv2d" for name in _op_names(mod)):
+        return mod  # nothing to convert (ConvertLayout also fails on some conv-free graphs, e.g. 4-D Max)
     assert layout == "NHWC", layout
     mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
     return relax.transform.FoldConstant()(mod)
