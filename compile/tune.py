@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 DB_FORMAT, DB_VERSION = "plateau.tuning", 1
 DB_FILE = "tiles.json"
 TUNE_BATCH = 8
+ROUNDS = 3  # timing rounds over all candidates of a shape
 
 
 def conv_key(sch: Schedule) -> str | None:
@@ -91,7 +92,7 @@ def _fused_convs(mod: tvm.IRModule, target: tvm.target.Target) -> dict[str, tvm.
     out: dict = {}
     for gv, func in mod.functions_items():
         if isinstance(func, tvm.tirx.PrimFunc):
-            key = conv_key(Schedule(tvm.IRModule({"main": func})))
+            key = conv_key(fresh_schedule(func))
             log.debug("%s: conv key %s", gv.name_hint, key)
             if key is not None and key not in out:
                 out[key] = func
@@ -112,14 +113,15 @@ def _random_args(func: tvm.tirx.PrimFunc, batch: int, dev: tvm.runtime.Device) -
     return args
 
 
-def _time_tile(func: tvm.tirx.PrimFunc, tile: ConvTile, target: tvm.target.Target, batch: int) -> float:
+def _tile_timer(func: tvm.tirx.PrimFunc, tile: ConvTile, target: tvm.target.Target, batch: int):
+    """Build `func` with `tile`; a zero-argument callable giving one timing (seconds, min over repeats)."""
     sch = fresh_schedule(func, "main")
     sch = schedule_vnni_conv(sch, find_conv_block(sch), tile)
     lib = tvm.compile(sch.mod, target)
     dev = tvm.cpu()
     args = _random_args(func, batch, dev)
-    timer = lib.mod.time_evaluator("main", dev, number=3, repeat=5, min_repeat_ms=20)
-    return float(min(timer(*args).results))
+    timer = lib.mod.time_evaluator("main", dev, number=3, repeat=5, min_repeat_ms=10)
+    return lambda: float(min(timer(*args).results))
 
 
 def tune_tiles(mod: tvm.IRModule, target: tvm.target.Target, minutes: float, batch: int = TUNE_BATCH,
@@ -131,17 +133,22 @@ def tune_tiles(mod: tvm.IRModule, target: tvm.target.Target, minutes: float, bat
     for key, func in _fused_convs(mod, target).items():
         if known and key in known:
             continue
-        sch = Schedule(tvm.IRModule({"main": func}))
+        sch = fresh_schedule(func)
         ow_ext, ocb = conv_extents(sch, find_conv_block(sch))
         default = default_tile(ow_ext, ocb)
-        timings: dict[ConvTile, float] = {}
+        timers: dict = {}
         for tile in [default] + [t for t in candidate_tiles(ow_ext, ocb) if t != default]:
             if time.monotonic() > deadline:
                 break
             try:
-                timings[tile] = _time_tile(func, tile, target, batch)
+                timers[tile] = _tile_timer(func, tile, target, batch)
             except Exception as e:  # noqa: BLE001 (a tile TVM cannot build is just not a candidate)
                 log.info("tile %s of %s failed: %s", tile, key, str(e).splitlines()[0] if str(e) else e)
+        # interleaved rounds, minimum per candidate: other processes disturb all candidates alike
+        timings: dict[ConvTile, float] = {}
+        for _ in range(ROUNDS):
+            for tile, timer in timers.items():
+                timings[tile] = min(timings.get(tile, float("inf")), timer())
         if not timings:
             break
         best = min(timings, key=timings.__getitem__)
