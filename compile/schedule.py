@@ -35,7 +35,12 @@ __all__ = ["SCHEDULES", "graph_layout", "scheduled_pipeline", "find_conv_block",
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("default", "none")  # "default": the hand schedules of this module; "none": TVM's pipeline as is
+SCHEDULES = ("default", "none")
+
+# Elementwise kernels (pad + shift, residual adds outside a conv, quantize) are memory copies of a few KB per
+# image. A parallel loop costs a thread-pool barrier per kernel, and on a loaded machine the barrier waits for a
+# descheduled worker (milliseconds at batch 1); serial vectorized loops cost less at batch 1 and little at 64.
+PARALLEL_ELEMENTWISE = False  # "default": the hand schedules of this module; "none": TVM's pipeline as is
 
 # name of a fused PrimFunc -> its conv tile (None: the default tile); what tuning searches over
 TileChooser = Callable[[str, Schedule], "ConvTile | None"]
@@ -118,7 +123,8 @@ def inline_spatial(sch: Schedule, skip: frozenset | set = frozenset()) -> None:
                 pass
 
 
-def parallel_vectorize(sch: Schedule, blk: tvm.s_tir.schedule.SBlockRV, max_vector: int = 64) -> None:
+def parallel_vectorize(sch: Schedule, blk: tvm.s_tir.schedule.SBlockRV, max_vector: int = 64,
+                       parallel: bool = True) -> None:
     """Vectorize the innermost loop of `blk` when it is short and constant; parallelize the outer two."""
     loops = sch.get_loops(blk)
     if not loops:
@@ -128,6 +134,8 @@ def parallel_vectorize(sch: Schedule, blk: tvm.s_tir.schedule.SBlockRV, max_vect
     if len(loops) >= 2 and isinstance(inner, tirx.IntImm) and 1 < int(inner) <= max_vector:
         sch.vectorize(loops[-1])
         outer = loops[:-1]
+    if not parallel:
+        return
     if len(outer) >= 2:
         sch.parallel(sch.fuse(*outer[:2]))
     elif outer:
@@ -144,7 +152,7 @@ def schedule_injective(sch: Schedule) -> bool:
         return False
     inline_spatial(sch)
     for blk in sch.get_child_blocks(sch.get_sblock("root")):
-        parallel_vectorize(sch, blk)
+        parallel_vectorize(sch, blk, parallel=PARALLEL_ELEMENTWISE)
     return True
 
 
