@@ -142,6 +142,14 @@ def _deq(q: torch.Tensor, a: ActQ) -> torch.Tensor:
     return (q - a.zero_point).to(torch.float32) * np.float32(a.scale)
 
 
+def _exact_dtype(n: QNode, xin: torch.Tensor, w: WeightQ) -> torch.dtype:
+    """float32 when every partial sum of integer products stays below 2^24 (then float32 sums are exact and much
+    faster), float64 otherwise."""
+    k = w.q[0].numel()
+    bound = k * float(xin.abs().max()) * float(w.q.abs().max())
+    return torch.float32 if bound < 2**24 else torch.float64
+
+
 @torch.no_grad()
 def run_graph_int(graph: QGraph, x: torch.Tensor, acts: dict[str, ActQ], weights: dict[str, WeightQ],
                   keep: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -168,11 +176,13 @@ def run_graph_int(graph: QGraph, x: torch.Tensor, acts: dict[str, ActQ], weights
         if n.op in ("conv", "linear"):
             w = weights[n.name]
             xin = ins[0] - ain[0].zero_point
+            dt = _exact_dtype(n, xin, w)
             if n.op == "conv":
-                acc = F.conv2d(xin, w.q.double(), None, at["stride"], at["padding"], at["dilation"], at["groups"])
+                acc = F.conv2d(xin.to(dt), w.q.to(dt), None, at["stride"], at["padding"], at["dilation"],
+                               at["groups"]).double()
                 acc = acc + w.bias_q.double().view(1, -1, 1, 1)
             else:
-                acc = F.linear(xin, w.q.double(), w.bias_q.double())
+                acc = F.linear(xin.to(dt), w.q.to(dt)).double() + w.bias_q.double()
             m = torch.from_numpy(conv_multiplier(ain[0].scale, w.scale.numpy(), a.scale))
             y = requantize(acc, m, a.zero_point, a.qtype, relu=n.relu, axis=1)
         elif n.op == "gap":

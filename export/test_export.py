@@ -260,3 +260,14 @@ def test_onnx_input_with_unsupported_op_names_the_node(tmp_path):
     onnx.save(helper.make_model(g), tmp_path / "s.onnx")
     with pytest.raises(PlateauError, match="'probs' \\(Softmax\\)"):
         read_onnx(tmp_path / "s.onnx")
+
+
+def test_float32_accumulation_path_is_exact(model, data, monkeypatch):
+    """The reference's fast float32 accumulation equals float64 accumulation exactly."""
+    from plateau.export import quantize as qz
+
+    calib, x = data
+    ref = quantize_model(model, calib, QuantConfig.from_bits("W8A8"))
+    fast = ref(x)
+    monkeypatch.setattr(qz, "_exact_dtype", lambda *a: torch.float64)
+    torch.testing.assert_close(ref(x), fast, rtol=0, atol=0)
