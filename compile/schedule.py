@@ -156,6 +156,41 @@ def schedule_injective(sch: Schedule) -> bool:
     return True
 
 
+MIN_PARALLEL_WORK = 1 << 16  # iterations per image below which a reduction kernel stays serial
+
+
+def _static_work(sch: Schedule, blk: tvm.s_tir.schedule.SBlockRV) -> int:
+    """Iterations of `blk` per image: the product of its constant loop extents (the batch is symbolic)."""
+    work = 1
+    for lp in sch.get_loops(blk):
+        ext = sch.get(lp).extent
+        if isinstance(ext, tirx.IntImm):
+            work *= int(ext)
+    return work
+
+
+def schedule_outer_parallel(sch: Schedule) -> bool:
+    """Any other kernel (a conv the VNNI kernel does not take, a matmul, a mean): run the leading spatial loops of
+    each block in parallel, the rest as built. The reduction order inside each output is untouched."""
+    if not _has_root(sch):
+        return False
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    if max(_static_work(sch, b) for b in blocks) < MIN_PARALLEL_WORK:
+        return False  # a mean or a classifier: a pool barrier costs more than the loop
+    done = False
+    for blk in blocks:
+        loops = sch.get_loops(blk)
+        ivs = sch.get(blk).iter_vars
+        lead = 0
+        while lead < min(len(loops), len(ivs), 2) and ivs[lead].iter_type == tirx.IterVar.DataPar:
+            lead += 1
+        if lead == 0 or len(loops) != len(ivs):
+            continue
+        sch.parallel(sch.fuse(*loops[:lead]) if lead > 1 else loops[0])
+        done = True
+    return done
+
+
 def _has_root(sch: Schedule) -> bool:
     try:
         sch.get_sblock("root")
@@ -193,7 +228,7 @@ def schedule_primfuncs(mod: tvm.IRModule, tiles: TileChooser | None = None) -> t
             block = find_conv_block(sch)
             if block is not None:
                 sch = schedule_vnni_conv(sch, block, tiles(name, sch) if tiles else None)
-            elif not schedule_injective(sch):
+            elif not (schedule_injective(sch) or schedule_outer_parallel(sch)):
                 continue
         except Exception as e:  # noqa: BLE001 (ScheduleError, TVM FFI errors: the function stays as built)
             log.warning("schedule of %s failed, left unscheduled: %s", name, str(e).splitlines()[0] if str(e) else e)
