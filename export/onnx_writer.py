@@ -159,11 +159,10 @@ def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None) -> onnx.ModelProt
         w = bias = None
         if n.is_weighted:
             wq = ref.weights[n.name]
-            cout = wq.q.shape[0]
             wi = b.init(_int_initializer(f"{n.name}.wq", wq.q.numpy().astype(np.int32), wq.qtype))
             ws = b.const_f32(f"{n.name}.ws", wq.scale.numpy())
-            wz = b.init(_int_initializer(f"{n.name}.wzp", np.zeros(cout, np.int32), wq.qtype))
-            b.node("DequantizeLinear", [wi, ws, wz], [f"{n.name}.w"], "", axis=0)
+            # Symmetric weights: the zero point input is left out (ONNX's default is 0 of the weight's type).
+            b.node("DequantizeLinear", [wi, ws], [f"{n.name}.w"], "", axis=0)
             bi = b.init(numpy_helper.from_array(wq.bias_q.numpy().astype(np.int32), f"{n.name}.bq"))
             bs = b.const_f32(f"{n.name}.bs", wq.bias_scale.numpy())
             b.node("DequantizeLinear", [bi, bs], [f"{n.name}.b"], "", axis=0)
