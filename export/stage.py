@@ -29,7 +29,14 @@ from plateau.artifacts import (
 )
 from plateau.data import SYNTHETIC, batches, load_split
 from plateau.errors import PlateauError
-from plateau.models import IMAGENET_MEAN, IMAGENET_STD, create_model, load_state_dict_file, model_cfg
+from plateau.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    create_model,
+    load_state_dict_file,
+    model_cfg,
+    read_torch_file,
+)
 
 from .config import ACT_CALIBRATIONS, ROUNDINGS, WEIGHT_CALIBRATIONS, QuantConfig
 from .graph import QGraph
@@ -72,12 +79,7 @@ def resolve_source(run: Path, checkpoint: str | None, model_name: str | None) ->
     else:
         ckpt = Path(checkpoint)
         info = {"checkpoint": str(ckpt), "data": None, "model": model_name}
-    if not ckpt.is_file():
-        raise PlateauError(f"checkpoint {ckpt}: no such file")
-    try:
-        blob = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise PlateauError(f"checkpoint {ckpt}: cannot be read as a torch checkpoint ({type(e).__name__})") from None
+    blob = read_torch_file(ckpt)
     name = model_name or (blob.get("model_name") if isinstance(blob, dict) else None) or info["model"]
     if not name:
         raise PlateauError(f"checkpoint {ckpt} does not name its model: pass --model NAME")
@@ -142,12 +144,7 @@ def load_reference(path: str | Path) -> FakeQuantModel:
     from .quantize import ActQ, WeightQ, prepare
 
     path = Path(path)
-    if not path.is_file():
-        raise PlateauError(f"reference {path}: no such file (run `plateau export` first)")
-    try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise PlateauError(f"reference {path}: cannot be read ({type(e).__name__})") from None
+    st = read_torch_file(path, "reference", " (run `plateau export` first)")
     if not isinstance(st, dict) or st.get("format") != "plateau.reference":
         raise PlateauError(f"reference {path}: not a Plateau reference file")
     if st.get("onnx_path"):

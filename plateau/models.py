@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import PlateauError
 
-__all__ = ["register_model", "create_model", "list_models", "load_state_dict_file", "model_cfg"]
+__all__ = ["register_model", "create_model", "list_models", "load_state_dict_file", "model_cfg", "read_torch_file"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -86,12 +86,7 @@ def load_state_dict_file(model: nn.Module, path: str | Path) -> dict:
     """Load weights from a Plateau checkpoint, a bare state dict, or a {'state_dict': ...} file (DataParallel
     'module.' prefixes are stripped). Never unpickles arbitrary objects. Returns the file's other fields."""
     path = Path(path)
-    if not path.is_file():
-        raise PlateauError(f"checkpoint {path}: no such file")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or not a torch file
-        raise PlateauError(f"checkpoint {path}: cannot be read as a torch checkpoint ({type(e).__name__})") from None
+    blob = read_torch_file(path)
     if not isinstance(blob, dict):
         raise PlateauError(f"checkpoint {path}: expected a dict of tensors, got {type(blob).__name__}")
     state = blob.get("model", blob.get("state_dict", blob))
@@ -116,6 +111,18 @@ def load_state_dict_file(model: nn.Module, path: str | Path) -> dict:
         raise PlateauError(f"checkpoint {path} does not fit model {name}: " + "; ".join(detail))
     model.load_state_dict(state, strict=False)
     return {k: v for k, v in blob.items() if k not in ("model", "state_dict")}
+
+
+def read_torch_file(path: str | Path, what: str = "checkpoint", hint: str = "") -> object:
+    """torch.load with weights_only=True (never unpickles arbitrary objects); a missing or unreadable file is a
+    PlateauError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise PlateauError(f"{what} {path}: no such file{hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or not a torch file
+        raise PlateauError(f"{what} {path}: cannot be read as a torch {what} ({type(e).__name__})") from None
 
 
 # --- Plateau's small default CNN ---------------------------------------------------------------------------------------
