@@ -193,9 +193,7 @@ def run_graph_int(graph: QGraph, x: torch.Tensor, acts: dict[str, ActQ], weights
         elif n.op in ("add", "mul", "avgpool", "cat"):
             f = _apply(n, [_deq(t, ai) for t, ai in zip(ins, ain, strict=False)], None, None)
             y = _requant_float(f, a)
-        elif n.op == "maxpool":
-            y = _apply(n, ins, None, None)
-        elif n.op in ("flatten", "slice"):
+        elif n.op in ("maxpool", "flatten", "slice"):  # exact on integers
             y = _apply(n, ins, None, None)
         elif n.op == "pad":
             y = F.pad(ins[0], at["pad"], value=float(ain[0].zero_point))
@@ -233,10 +231,6 @@ class _Observer:
         lo, hi = min(self.lo, 0.0), max(self.hi, 0.0)
         return lo, hi if hi > lo else lo + 1e-8
 
-    @staticmethod
-    def _kl_clip(h: np.ndarray, edges: np.ndarray, qtype: QType) -> tuple[float, float]:
-        return _kl_clip_impl(h, edges, qtype)
-
     def clip(self, method: str, qtype: QType, percentile: float) -> tuple[float, float]:
         lo, hi = self._range()
         if method == "minmax" or self.hist is None:
@@ -251,7 +245,7 @@ class _Observer:
             c_hi = edges[min(np.searchsorted(cdf, p) + 1, self.BINS)]
             return min(float(c_lo), 0.0), max(float(c_hi), 1e-8)
         if method == "kl":
-            return self._kl_clip(h, edges, qtype)
+            return _kl_clip(h, edges, qtype)
         # mse: shrink the range by a common factor, keep the one with the least expected squared error.
         best, best_err = (lo, hi), float("inf")
         for r in np.linspace(0.2, 1.0, 81):
@@ -281,7 +275,7 @@ def _kl_divergence(h: np.ndarray, a: int, b: int, levels: int) -> float:
     return float((pn * np.log(pn / qn)).sum())
 
 
-def _kl_clip_impl(h: np.ndarray, edges: np.ndarray, qtype: QType) -> tuple[float, float]:
+def _kl_clip(h: np.ndarray, edges: np.ndarray, qtype: QType) -> tuple[float, float]:
     """KL-entropy calibration: the clipping range whose quantized histogram diverges least from the observed one.
 
     The upper end is searched first (lower end at the minimum), then the lower end with that upper end; each over
@@ -386,8 +380,7 @@ def quantize_weights(graph: QGraph, acts: dict[str, ActQ], cfg: QuantConfig) -> 
     return out
 
 
-def _with_bias(n: QNode, q: torch.Tensor, s_w: torch.Tensor, qt: QType, acts: dict[str, ActQ],
-               graph: QGraph | None = None) -> WeightQ:
+def _with_bias(n: QNode, q: torch.Tensor, s_w: torch.Tensor, qt: QType, acts: dict[str, ActQ]) -> WeightQ:
     s_x = torch.tensor(acts[n.attrs["_in_q"]].scale, dtype=torch.float32)
     s_b = (s_x * s_w).to(torch.float32)
     b_q = torch.clamp(torch.round(n.bias.double() / s_b.double()), -(2**31), 2**31 - 1).to(torch.int64)
