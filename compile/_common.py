@@ -14,11 +14,13 @@ saturated. Three ways to take the product:
 from __future__ import annotations
 
 import numpy as np
+import tvm
 from tvm import relax
 
 from plateau.quant import QType, requant_multiplier
 
 __all__ = [
+    "backend_pipeline",
     "const_np", "scalar", "qtype_of", "Multiplier", "requantize", "REQUANT_MODES", "REQUANT_DOC", "per_tensor", "f32",
     "dequantize_f32", "quantize_f32", "requantize_elementwise",
 ]
@@ -177,3 +179,17 @@ def requantize_elementwise(q: relax.Expr, src: tuple[np.float32, int], dst: tupl
     if src[0] == dst[0] and src[1] == dst[1] and str(q.ty.dtype) == out.np_dtype.name:
         return q
     return quantize_f32(dequantize_f32(q, *src), *dst, out)
+
+
+def backend_pipeline(backend, target: tvm.target.Target, legalize: list) -> tvm.transform.Pass:
+    """TVM's pipeline for `backend` (tvm.relax.backend.cpu_generic / gpu_generic's `pipeline` module) with the
+    legalize passes replaced by `legalize`: library dispatch, legalize, dataflow lowering, finalize."""
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(backend.library_dispatch_passes(target) + legalize
+                                           + backend.dataflow_lower_passes(target) + backend.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline

@@ -33,6 +33,7 @@ def gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     from tvm.relax.backend.gpu_generic import pipeline as gpu
     from tvm.s_tir import dlight as dl
 
+    from ._common import backend_pipeline
     from .gpu_dp4a import Dp4aMatmul
 
     legalize = [p for p in gpu.legalize_passes(target)
@@ -40,15 +41,7 @@ def gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
     # CUDA: int8 GEMM-like reductions first try the dp4a rule (gpu_dp4a.py); what it declines goes to dlight's.
     legalize.append(dl.ApplyDefaultSchedule(*([Dp4aMatmul()] if target.kind.name == "cuda" else []), *rules))
-
-    @tvm.transform.module_pass(opt_level=0)
-    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        with target:
-            seq = tvm.transform.Sequential(gpu.library_dispatch_passes(target) + legalize
-                                           + gpu.dataflow_lower_passes(target) + gpu.finalize_passes(target))
-            return seq(mod)
-
-    return _pipeline
+    return backend_pipeline(gpu, target, legalize)
 
 
 def device_source(ex: relax.VMExecutable) -> str:

@@ -90,13 +90,7 @@ def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     """TVM's default CPU pipeline minus FoldConstant (which would undo the packing)."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from ._common import backend_pipeline
+
     legalize = [p for p in cpu.legalize_passes(target) if "FoldConstant" not in str(p.info.name)]
-
-    @tvm.transform.module_pass(opt_level=0)
-    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        with target:
-            seq = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + legalize
-                                           + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
-            return seq(mod)
-
-    return _pipeline
+    return backend_pipeline(cpu, target, legalize)
