@@ -7,7 +7,7 @@ saturated. Three ways to take the product:
   its fused MLAS kernels (QLinearConv, QGemm, QLinearGlobalAveragePool) do. Bit-exact against onnxruntime wherever
   it fuses the layer: 100% of logits on ResNet-20 U8S8 over 400 CIFAR images.
 - "float64": the real product rounded once, the meaning of the QDQ graph. Closer where onnxruntime runs a float
-  conv on dequantized values instead (S8S8 on x86, 4-bit weights), but misses onnxruntime's fused kernels on ties.
+  conv on dequantized values instead (4-bit weights; S8S8 on x86 unless int8 QDQ is allowed), but misses onnxruntime's fused kernels on ties.
 - "fixed": int32 multiplier and right shift in int64 for integer-only devices (ties round up).
 """
 

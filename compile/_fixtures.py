@@ -162,7 +162,7 @@ def _graph(w_bits: int, params: dict, act: dict | None) -> onnx.ModelProto:
 
 
 def exporter_style_qdq(path: Path, w_bits: int = 4, seed: int = 0) -> Path:
-    import onnxruntime as ort
+    from plateau.export.validate import ort_session
 
     rng = np.random.default_rng(seed)
     wq_t = QType(w_bits, True, narrow=True)
@@ -175,7 +175,7 @@ def exporter_style_qdq(path: Path, w_bits: int = 4, seed: int = 0) -> Path:
 
     # Calibrate activations on the float twin: min/max per tensor -> asymmetric int8 parameters.
     fm = _graph(w_bits, params, None)
-    sess = ort.InferenceSession(fm.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort_session(fm.SerializeToString())
     names = [o.name for o in sess.get_outputs()]
     lo, hi = {}, {}
     for xb in calibration_batches():
@@ -233,13 +233,14 @@ def output_step(path: Path) -> float:
 def compare_to_ort(onnx_path: Path, so_path: Path, n_batches: int = 8, batch: int = 8, seed: int = 123,
                    hw: int = HW) -> dict:
     """Run the compiled library (plain TVM) and onnxruntime on the same random inputs; count output steps."""
-    import onnxruntime as ort
     import tvm
     from tvm import relax
 
+    from plateau.export.validate import ort_session
+
     lib = tvm.runtime.load_module(str(so_path))
     vm = relax.VirtualMachine(lib, tvm.cpu())
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sess = ort_session(str(onnx_path))
     step = output_step(onnx_path)
     steps, top1 = [], []
     for x in calibration_batches(n_batches, batch, seed, hw):
@@ -256,11 +257,12 @@ def conv_tie_report(path: Path, n_batches: int = 4, batch: int = 8) -> list[dict
     """Per Conv layer: recompute onnxruntime's QuantizeLinear output from its own quantized input with exact
     integer arithmetic, and report where the two differ and how far those exact products are from a .5 tie.
 
-    Where onnxruntime runs the conv in float (S8S8 on x86, 4-bit weights), its rounding can only disagree with
+    Where onnxruntime runs the conv in float (4-bit weights; S8S8 on x86 without `session.qdqisint8allowed`), its rounding can only disagree with
     the exact result on (near-)ties; a formula error would show up far from ties.
     """
-    import onnxruntime as ort
     import torch
+
+    from plateau.export.validate import ort_session
 
     model = onnx.load(str(path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -273,7 +275,7 @@ def conv_tie_report(path: Path, n_batches: int = 4, batch: int = 8) -> list[dict
         if n.op_type == "QuantizeLinear":
             dtype = helper.np_dtype_to_tensor_dtype(inits[n.input[2]].dtype)
             model.graph.output.append(helper.make_tensor_value_info(n.output[0], dtype, None))
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort_session(model.SerializeToString(), int8_qdq=False)  # the float path is what this inspects
     names = [o.name for o in sess.get_outputs()]
     runs = [dict(zip(names, sess.run(None, {"input": x}), strict=True))
             for x in calibration_batches(n_batches, batch, seed=321)]

@@ -63,11 +63,11 @@ def test_opencl_source_has_integer_kernels(gpu_builds):
 @pytest.mark.gpu
 @pytest.mark.parametrize("target", ["cuda", "opencl"])
 def test_gpu_library_matches_onnxruntime(gpu_builds, qdq_models, target):
-    import onnxruntime as ort
     import tvm
     from tvm import relax
 
     from plateau.compile import _fixtures as fx
+    from plateau.export.validate import ort_session
 
     if target not in gpu_builds or not runtime_available(target):
         pytest.skip(f"no {target} runtime / device here")
@@ -76,7 +76,7 @@ def test_gpu_library_matches_onnxruntime(gpu_builds, qdq_models, target):
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(d / "model.so")), dev)
     x = np.concatenate(fx.calibration_batches(2, 8, seed=5))
     ours = vm["main"](tvm.runtime.tensor(x, dev)).numpy()
-    ref = ort.InferenceSession(str(qdq_models["ort_s8s8"]), providers=["CPUExecutionProvider"]).run(
+    ref = ort_session(str(qdq_models["ort_s8s8"])).run(
         None, {"input": x})[0]
     steps = np.rint(np.abs(ours - ref) / fx.output_step(qdq_models["ort_s8s8"]))
     assert steps.max() <= 1 and (steps == 0).mean() >= 0.99, steps

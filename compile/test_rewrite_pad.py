@@ -52,14 +52,15 @@ def test_pad_structure(tmp_path):
 
 
 def test_pad_matches_onnxruntime(tmp_path):
-    import onnxruntime as ort
     import tvm
     from tvm import relax
+
+    from plateau.export.validate import ort_session
 
     _shortcut_qdq(tmp_path / "m.onnx")
     m = compile_onnx(tmp_path / "m.onnx", "host", tmp_path / "out")
     assert m["float_islands"] == []
     x = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "out" / "model.so")), tvm.cpu())
-    ref = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    ref = ort_session(str(tmp_path / "m.onnx")).run(None, {"input": x})[0]
     np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), ref)

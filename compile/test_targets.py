@@ -130,8 +130,8 @@ def test_arm64_library_runs_under_qemu(qdq_models, tmp_path, name):
     subprocess.run([*runtime.arm64_python(), str(tmp_path / "run.py"), str(tmp_path / "model.so"),
                     str(tmp_path / "x.npy"), str(tmp_path / "y.npy")], check=True, timeout=300,
                    env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"})
-    import onnxruntime as ort
+    from plateau.export.validate import ort_session
 
-    ref = ort.InferenceSession(str(qdq_models[name]), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    ref = ort_session(str(qdq_models[name])).run(None, {"input": x})[0]
     steps = np.rint(np.abs(np.load(tmp_path / "y.npy") - ref) / fx.output_step(qdq_models[name]))
     assert steps.max() <= 1 and (steps == 0).mean() >= 0.99, steps

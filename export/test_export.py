@@ -96,7 +96,9 @@ def test_onnxruntime_matches_reference(model, data, bits, tmp_path):
     onnx.save(to_qdq_onnx(ref), tmp_path / "q.onnx")
     out = ort_session(tmp_path / "q.onnx").run(None, {"input": x.numpy()})[0]
     c = compare_logits(out, ref(x).numpy(), ref.output_step)
-    assert c["top1_agreement"] >= 0.99 and c["within_one_step"] >= 0.99, c
+    # W8A8 runs in onnxruntime's integer kernels; 4-bit weights run as a float conv, which may flip a near-tie.
+    assert c["max_steps"] <= 1 and c["bit_exact"] >= (0.999 if bits == "W8A8" else 0.99), c
+    assert c["top1_agreement"] >= 0.99, c
 
 
 def test_float_onnx_matches_folded_model(model, data, tmp_path):
@@ -182,7 +184,7 @@ def test_pretrained_resnet20_w8a8_on_cifar10():
     fp = logits_of(torch_fn(ref.float_forward), test, mean, std, limit=1000)
     assert top1(rl, test.labels) >= top1(fp, test.labels) - 0.005
     c = compare_logits(ort, rl, ref.output_step)
-    assert c["top1_agreement"] >= 0.995 and c["within_one_step"] >= 0.99, c
+    assert c["top1_agreement"] >= 0.999 and c["bit_exact"] >= 0.999 and c["max_steps"] <= 1, c
 
 
 def test_learned_rounding_beats_nearest_on_reconstruction(model, data):

@@ -35,13 +35,23 @@ def torch_fn(module: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[np.nda
     return run
 
 
-def ort_session(path: str | Path, threads: int = 2):
+def ort_session(path: str | Path | bytes, threads: int = 2, int8_qdq: bool = True):
+    """An onnxruntime CPU session for checking numerics.
+
+    int8_qdq sets `session.qdqisint8allowed`: onnxruntime's default on ARM, off on x86. Off, x86 onnxruntime fuses a
+    signed-int8 QDQ Conv into its integer kernel only where its S8->U8 rewrite applies (a QuantizeLinear with a single
+    DequantizeLinear consumer); a tensor with two consumers (a residual fork) leaves both neighbouring convs as
+    DQ -> float Conv -> Q, whose float rounding flips near-ties by one step. On, every QDQ conv runs in integers.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    if int8_qdq:
+        so.add_session_config_entry("session.qdqisint8allowed", "1")
+    src = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
 def ort_fn(sess) -> Callable[[np.ndarray], np.ndarray]:
