@@ -12,7 +12,7 @@ under qemu on the first --qemu-images; compare with onnxruntime (every model) an
 reference (Plateau exports, first --ref-images): bit-exact logits, max difference in output steps, top-1
 agreement. Writes bench/results/compile_parity.json and prints a Markdown section.
 
-    .venv/bin/python bench/compile_parity.py [--ref-images 2000] [--qemu-images 200]
+    .venv/bin/python bench/compile_parity.py [--ref-images 2000] [--qemu-images 200] [--qemu-full plateau_s8,...]
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from plateau.compile import compile_onnx, get_target, lower_qdq
 from plateau.compile.compiler import build, import_onnx, lower_for_target
 from plateau.data import batches, load_split
 from plateau.export.stage import load_reference
+from plateau.export.validate import ort_session
 from plateau.runtime import run_artifact
 
 DATA = "/work/shared/data/cifar10"
@@ -55,6 +55,12 @@ def ort_quantize(fp32: Path, out: Path, act: str, calib: list[np.ndarray]) -> Pa
         quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=getattr(QuantType, act), weight_type=QuantType.QInt8)
     return out
+
+
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def output_step(path: Path) -> float:
@@ -102,6 +108,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ref-images", type=int, default=2000)
     ap.add_argument("--qemu-images", type=int, default=200)
+    ap.add_argument("--qemu-full", default="", help="comma-separated models whose arm64 library runs under qemu on "
+                    "the whole test split (the others take --qemu-images)")
     ap.add_argument("--out", default="runs/compile_parity")
     ap.add_argument("--gpu-only", action="store_true", help="only add the cuda / opencl builds to the results")
     args = ap.parse_args()
@@ -132,11 +140,12 @@ def main() -> None:
 
     results: dict = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     "test_images": int(len(x_test)), "models": {}}
+                     "test_images": int(len(x_test)), "models": {},
+                     "onnxruntime": {"version": ort_version(), "session_config": {"session.qdqisint8allowed": "1"}}}
     for name, path in models.items():
         r: dict = {"onnx": str(path)}
         step = output_step(path)
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sess = ort_session(path)  # int8 QDQ allowed: onnxruntime runs S8S8 convs in integers on x86 too
         t = time.time()
         ort_out = np.concatenate([sess.run(None, {"input": x_test[i:i + 500]})[0] for i in range(0, len(x_test), 500)])
         r["ort_seconds"] = round(time.time() - t, 1)
@@ -152,7 +161,7 @@ def main() -> None:
         r["host_seconds"] = round(time.time() - t, 1)
         r["top1"]["tvm_host"] = float((host.argmax(1) == labels).mean())
         r["host_vs_onnxruntime"] = compare(host, ort_out, step)
-        n_q = args.qemu_images
+        n_q = len(x_test) if name in args.qemu_full.split(",") else min(args.qemu_images, len(x_test))
         t = time.time()
         arm = run_artifact(out / name / "arm64", x_test[:n_q], device="qemu", batch_size=100).outputs
         r["qemu_seconds"] = round(time.time() - t, 1)

@@ -34,6 +34,7 @@ class QuantConfig:
     adaround_iters: int = 500
     adaround_batch: int = 32
     adaround_act_quant: bool = True  # QDrop-style: quantized activations inside the reconstruction
+    allow_float: bool = False  # ops with no integer form (GELU, Softmax, ...) stay float islands between DQ and Q
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -5,7 +5,8 @@ numbers the reference defines and the graph onnxruntime and TVM execute have the
 
 BatchNorm is folded into the preceding convolution first (torch.fx's conv-bn fusion). Then each FX node maps to
 one QNode op:
-    compute ops (own output quantization): conv, linear, add, mul, gap, avgpool, cat
+    compute ops (own output quantization): conv, linear, add, mul, gap, avgpool, cat, float (an island kept in
+        float with allow_float: GELU, Softmax, LayerNorm, ... see float_ops.py)
     pass-through ops (exact on the integer grid, share their input's scale): maxpool, flatten, slice, pad, relu
 A ReLU whose input has no other user is fused into the producing compute op (quantized after the ReLU).
 """
@@ -22,9 +23,11 @@ from torch.fx.experimental.optimization import fuse as fuse_conv_bn
 
 from plateau.errors import PlateauError
 
+from .float_ops import float_op_of_function, float_op_of_module
+
 __all__ = ["QNode", "QGraph", "capture", "COMPUTE_OPS", "PASS_THROUGH_OPS"]
 
-COMPUTE_OPS = {"conv", "linear", "add", "mul", "gap", "avgpool", "cat"}
+COMPUTE_OPS = {"conv", "linear", "add", "mul", "gap", "avgpool", "cat", "float"}
 PASS_THROUGH_OPS = {"maxpool", "flatten", "slice", "pad", "relu"}
 _RELU_FUSABLE = {"conv", "linear", "add"}
 
@@ -99,8 +102,10 @@ def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
     return f"node {node.name!r} ({node.op} {t})"
 
 
-def capture(model: nn.Module, input_shape: list[int] | tuple[int, ...]) -> QGraph:
-    """Fold BN, trace with torch.fx and map every node to a QNode; unsupported ops raise PlateauError naming them."""
+def capture(model: nn.Module, input_shape: list[int] | tuple[int, ...], allow_float: bool = False) -> QGraph:
+    """Fold BN, trace with torch.fx and map every node to a QNode; unsupported ops raise PlateauError naming them.
+
+    allow_float keeps ops with no integer form but a float one (float_ops.FLOAT_KINDS) as float islands."""
     model = model.eval()
     try:
         gm = fuse_conv_bn(model, inplace=False)
@@ -129,7 +134,7 @@ def capture(model: nn.Module, input_shape: list[int] | tuple[int, ...]) -> QGrap
                 continue
             if node.op == "get_attr":
                 raise ValueError("parameter used outside a layer")
-            kind, attrs, inputs = _classify(node, gm)
+            kind, attrs, inputs = _classify(node, gm, allow_float)
             if kind == "identity":
                 alias[node.name] = src(inputs[0])
                 continue
@@ -157,7 +162,15 @@ def capture(model: nn.Module, input_shape: list[int] | tuple[int, ...]) -> QGrap
     return QGraph(nodes, output, list(input_shape))
 
 
-def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str, dict, list]:
+def _island(found: tuple[str, dict], what: str, allow_float: bool, inputs: list) -> tuple[str, dict, list]:
+    if not allow_float:
+        raise ValueError(f"no integer form for {what}; --allow-float (allow_float=True) keeps it in float between "
+                         "DequantizeLinear and QuantizeLinear")
+    kind, params = found
+    return "float", {"kind": kind, "params": params}, inputs
+
+
+def _classify(node: fx.Node, gm: fx.GraphModule, allow_float: bool = False) -> tuple[str, dict, list]:
     """(op kind, attributes, tensor inputs) for one FX node."""
     args = list(node.args)
     if node.op == "call_module":
@@ -186,6 +199,9 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str, dict, list]:
             if m.start_dim != 1 or m.end_dim != -1:
                 raise ValueError("Flatten other than start_dim=1")
             return "flatten", {}, args[:1]
+        found = float_op_of_module(m)
+        if found is not None:
+            return _island(found, type(m).__name__, allow_float, args[:1])
         raise ValueError(f"no quantized form for {type(m).__name__}")
     if node.op == "call_function":
         f = node.target
@@ -220,6 +236,9 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str, dict, list]:
         if f is torch.cat:
             dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
             return "cat", {"dim": dim}, list(args[0])
+        found = float_op_of_function(f, args, dict(node.kwargs))
+        if found is not None:
+            return _island(found, f"function {getattr(f, '__name__', f)}", allow_float, args[:1])
         raise ValueError(f"no quantized form for function {getattr(f, '__name__', f)}")
     if node.op == "call_method":
         if node.target == "relu":
@@ -231,6 +250,8 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str, dict, list]:
             return "flatten", {}, args[:1]
         if node.target in ("contiguous",):
             return "identity", {}, args[:1]
+        if node.target in ("sigmoid", "tanh"):
+            return _island((node.target, {}), f"method .{node.target}()", allow_float, args[:1])
         raise ValueError(f"no quantized form for method .{node.target}()")
     raise ValueError(f"unsupported FX op {node.op}")
 

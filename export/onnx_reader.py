@@ -2,7 +2,8 @@
 
 Supported: Conv (+ BatchNormalization folded into it), Gemm, MatMul with a constant weight (+ Add of a constant
 bias), Relu, Add, Mul, GlobalAveragePool, MaxPool, AveragePool, Flatten / Reshape to (N, -1), Slice, Pad
-(constant zero), Concat, Identity, Dropout. Anything else is a PlateauError naming the node and its op type.
+(constant zero), Concat, Identity, Dropout. With allow_float also the float islands of float_ops.py (Gelu, Sigmoid,
+Softmax, LayerNormalization, ...). Anything else is a PlateauError naming the node and its op type.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from onnx import numpy_helper
 
 from plateau.errors import PlateauError
 
+from .float_ops import float_op_of_onnx
 from .graph import QGraph, QNode
 
 __all__ = ["read_onnx"]
@@ -32,7 +34,7 @@ def _sym_pads(node: onnx.NodeProto, pads: list[int]) -> list[int]:
     return list(pads[:half])
 
 
-def read_onnx(path: str | Path) -> QGraph:
+def read_onnx(path: str | Path, allow_float: bool = False) -> QGraph:
     path = Path(path)
     try:
         model = onnx.load(str(path))
@@ -147,6 +149,11 @@ def read_onnx(path: str | Path) -> QGraph:
                 q = QNode(name, "pad", [alias[ins[0]]], attrs={"pad": torch_pad})
             elif op == "Concat":
                 q = QNode(name, "cat", [alias[x] for x in ins], attrs={"dim": int(a["axis"])})
+            elif (found := float_op_of_onnx(op, a, consts, list(n.input))) is not None and len(ins) == 1:
+                if not allow_float:
+                    raise PlateauError(f"cannot quantize node {name!r} ({op}) of {path}: no integer form; "
+                                       "--allow-float keeps it in float between DequantizeLinear and QuantizeLinear")
+                q = QNode(name, "float", [alias[ins[0]]], attrs={"kind": found[0], "params": found[1]})
             else:
                 raise PlateauError(f"cannot quantize node {name!r} ({op}) of {path}: no quantized form")
         except (KeyError, StopIteration, IndexError):

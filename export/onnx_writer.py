@@ -104,8 +104,39 @@ def _op(b: _Builder, n: QNode, ins: list[str], out: str, w: str | None = None, b
         b.node("Relu", ins, [out], n.name)
     elif n.op == "cat":
         b.node("Concat", ins, [out], n.name, axis=a["dim"])
+    elif n.op == "float":
+        _float_op(b, n.name, a["kind"], a["params"], ins[0], out)
     else:
         raise AssertionError(n.op)
+
+
+def _float_op(b: _Builder, name: str, kind: str, p: dict, x: str, out: str) -> None:
+    """The ONNX node(s) of a float island (export/float_ops.py has the torch side)."""
+    if kind == "gelu":
+        b.node("Gelu", [x], [out], name, approximate=p["approximate"])
+    elif kind == "silu":
+        b.node("Sigmoid", [x], [f"{name}.sigmoid"], f"{name}_sigmoid")
+        b.node("Mul", [x, f"{name}.sigmoid"], [out], name)
+    elif kind in ("sigmoid", "tanh"):
+        b.node(kind.capitalize(), [x], [out], name)
+    elif kind == "hardswish":
+        b.node("HardSwish", [x], [out], name)
+    elif kind == "hardsigmoid":
+        b.node("HardSigmoid", [x], [out], name, alpha=float(p["alpha"]), beta=float(p["beta"]))
+    elif kind == "softmax":
+        b.node("Softmax", [x], [out], name, axis=p["axis"])
+    elif kind == "layer_norm":
+        w = b.const_f32(f"{name}.ln_scale", p["weight"].numpy())
+        bias = b.const_f32(f"{name}.ln_bias", p["bias"].numpy())
+        b.node("LayerNormalization", [x, w, bias], [out], name, axis=-p["weight"].dim(), epsilon=p["eps"])
+    elif kind == "leaky_relu":
+        b.node("LeakyRelu", [x], [out], name, alpha=p["alpha"])
+    elif kind == "elu":
+        b.node("Elu", [x], [out], name, alpha=p["alpha"])
+    elif kind == "clip":
+        b.node("Clip", [x, b.const_f32(f"{name}.min", p["min"]), b.const_f32(f"{name}.max", p["max"])], [out], name)
+    else:
+        raise AssertionError(kind)
 
 
 def _finish(b: _Builder, shape: list[int], n_out: int | None, meta: dict, name: str) -> onnx.ModelProto:

@@ -35,6 +35,7 @@ from plateau.quant import (
 )
 
 from .config import QuantConfig
+from .float_ops import run_float_op
 from .graph import QGraph, QNode, capture
 
 __all__ = ["ActQ", "WeightQ", "FakeQuantModel", "quantize_model", "calibrate", "run_graph", "run_graph_int", "quantize_graph"]
@@ -93,6 +94,8 @@ def _apply(n: QNode, ins: list[torch.Tensor], weight: torch.Tensor | None, bias:
         y = F.relu(ins[0])
     elif n.op == "cat":
         y = torch.cat(ins, dim=a["dim"])
+    elif n.op == "float":
+        y = run_float_op(a["kind"], a["params"], ins[0])
     else:
         raise AssertionError(n.op)
     return F.relu(y) if n.relu else y
@@ -158,7 +161,7 @@ def run_graph_int(graph: QGraph, x: torch.Tensor, acts: dict[str, ActQ], weights
     conv/linear: exact integer accumulation of (q_x - z_x) * q_w plus the int32 bias, then
         requantize(acc, float32(float32(s_x * s_w) / s_y))            -- as integer kernels compute it
     gap:  exact integer sum over H*W, then requantize with float32(s_x / (s_y * H * W))
-    add/mul/avgpool/cat: DQ in float32, the float32 op, Q                 -- ONNX float semantics, fixed order
+    add/mul/avgpool/cat/float islands: DQ in float32, the float32 op, Q   -- ONNX float semantics, fixed order
     pass-through ops act on integers (zero padding pads with the zero point, ReLU clamps at it).
     Returns dequantized logits, or with keep=True the integer outputs of every quantization point.
     """
@@ -190,7 +193,7 @@ def run_graph_int(graph: QGraph, x: torch.Tensor, acts: dict[str, ActQ], weights
             count = ins[0].shape[2] * ins[0].shape[3]
             m = torch.tensor(np.float32(np.float64(ain[0].scale) / (np.float64(a.scale) * count)))
             y = requantize(acc, m, a.zero_point, a.qtype, axis=None)
-        elif n.op in ("add", "mul", "avgpool", "cat"):
+        elif n.op in ("add", "mul", "avgpool", "cat", "float"):
             f = _apply(n, [_deq(t, ai) for t, ai in zip(ins, ain, strict=False)], None, None)
             y = _requant_float(f, a)
         elif n.op in ("maxpool", "flatten", "slice"):  # exact on integers
@@ -421,8 +424,8 @@ class FakeQuantModel(nn.Module):
         return self.acts[self.graph.quant_source(self.graph.output)].scale
 
 
-def prepare(model: nn.Module, input_shape: list[int]) -> QGraph:
-    graph = capture(model, input_shape)
+def prepare(model: nn.Module, input_shape: list[int], allow_float: bool = False) -> QGraph:
+    graph = capture(model, input_shape, allow_float)
     for n in graph.weighted():
         n.attrs["_in_q"] = graph.quant_source(n.inputs[0])
     return graph
@@ -454,4 +457,4 @@ def quantize_model(model: nn.Module, calib: Iterable[torch.Tensor], cfg: QuantCo
 
     mcfg = model_cfg(model)
     shape = input_shape or [1, *mcfg["input_size"]]
-    return quantize_graph(prepare(model, shape), calib, cfg, progress, mcfg)
+    return quantize_graph(prepare(model, shape, cfg.allow_float), calib, cfg, progress, mcfg)

@@ -65,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="choose per-layer weight bits from measured sensitivity so that the parameter-weighted "
                         "average is at most AVG_BITS (e.g. 4.5); the choice goes into the manifest")
     p.add_argument("--act-unsigned", action="store_true", help="uint8 activations (default int8)")
+    p.add_argument("--allow-float", action="store_true", help="keep ops with no integer form (GELU, Softmax, "
+                   "LayerNorm, ...) in float between DequantizeLinear and QuantizeLinear, listed in the report")
     p.add_argument("--calib-images", type=int, default=512, help="calibration images from the train split")
     p.add_argument("--eval-limit", type=int, help="validate on the first N test images (default: all)")
     p.add_argument("--img-size", type=int, help="resize ImageFolder images to this size")
@@ -149,14 +151,14 @@ def load_reference(path: str | Path) -> FakeQuantModel:
     if st.get("onnx_path"):
         from .onnx_reader import read_onnx
 
-        graph = read_onnx(st["onnx_path"])
+        graph = read_onnx(st["onnx_path"], allow_float=st["config"].get("allow_float", False))
         for n in graph.weighted():
             n.attrs["_in_q"] = graph.quant_source(n.inputs[0])
     else:
         model = create_model(st["model_name"], num_classes=st["num_classes"])
         model.load_state_dict(st["model"], strict=False)
         model.plateau_cfg = st["plateau_cfg"]
-        graph = prepare(model.eval(), [1, *st["plateau_cfg"]["input_size"]])
+        graph = prepare(model.eval(), [1, *st["plateau_cfg"]["input_size"]], st["config"].get("allow_float", False))
     acts = {k: ActQ(a["scale"], a["zero_point"], QType(a["bits"], a["signed"], a["narrow"]))
             for k, a in st["acts"].items()}
     weights = {k: WeightQ(w["q"].float(), w["scale"], QType(w["bits"], w["signed"], w["narrow"]),
@@ -172,7 +174,8 @@ def main(args: argparse.Namespace) -> dict:
         cfg = QuantConfig.from_bits(
             args.bits, act_calibration=args.act_calibration, weight_calibration=args.weight_calibration,
             rounding=args.rounding, keep_first_last_8bit=args.keep_first_last_8bit, act_signed=not args.act_unsigned,
-            calib_images=args.calib_images, adaround_iters=args.adaround_iters)
+            calib_images=args.calib_images, adaround_iters=args.adaround_iters,
+            allow_float=getattr(args, "allow_float", False))
     except TypeError as e:
         raise PlateauError(str(e)) from None
     if args.onnx:
@@ -180,7 +183,7 @@ def main(args: argparse.Namespace) -> dict:
 
         if not args.data:
             raise PlateauError("--onnx needs --data (calibration and test images)")
-        model = read_onnx(args.onnx)
+        model = read_onnx(args.onnx, allow_float=cfg.allow_float)
         mcfg = {"input_size": model.input_shape[1:], "mean": list(args.mean or IMAGENET_MEAN),
                 "std": list(args.std or IMAGENET_STD)}
         src = {"checkpoint": str(args.onnx), "onnx": str(Path(args.onnx).resolve()), "sha256": sha256_file(args.onnx),
@@ -200,7 +203,7 @@ def main(args: argparse.Namespace) -> dict:
         from .quantize import prepare
         from .sensitivity import choose_bits, layer_sensitivity
 
-        graph = model if isinstance(model, QGraph) else prepare(model, [1, *mcfg["input_size"]])
+        graph = model if isinstance(model, QGraph) else prepare(model, [1, *mcfg["input_size"]], cfg.allow_float)
         sens = layer_sensitivity(graph, calib, cfg)
         cfg.layer_bits = choose_bits(graph, sens, args.mixed_precision)
         mixed = {"budget_avg_bits": args.mixed_precision, "layer_bits": cfg.layer_bits, "sensitivity": sens}
@@ -224,6 +227,9 @@ def main(args: argparse.Namespace) -> dict:
         "test_images": int(len(labels)),
         "top1": {"fp32": top1(fp, labels), "reference": top1(rl, labels)},
         "output_step": ref.output_step,
+        "float_islands": [{"node": n.name, "module": n.module, "kind": n.attrs["kind"]}
+                          for n in ref.graph.nodes if n.op == "float"],
+        "onnxruntime_session": {"session.qdqisint8allowed": "1"},
     }
     try:
         ort_fp = logits_of(ort_fn(ort_session(out / "model_fp32.onnx")), test, mean, std, limit=lim, desc="ort fp32")
@@ -272,4 +278,7 @@ def render_report(r: dict) -> str:
                   f"{100 * c['within_one_step']:.3f}%, max difference: {c['max_steps']} steps"]
     if "onnxruntime_error" in r:
         lines += ["", f"onnxruntime: {r['onnxruntime_error']}"]
+    islands = r.get("float_islands") or []
+    lines += ["", f"Float islands (--allow-float): {len(islands)}" + ("" if islands else ", every op is integer")]
+    lines += [f"- `{i['node']}` ({i['kind']}{', module ' + i['module'] if i.get('module') else ''})" for i in islands]
     return "\n".join(lines) + "\n"

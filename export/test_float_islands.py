@@ -1,0 +1,123 @@
+"""Float islands (--allow-float): an op with no integer form names itself and the flag; with the flag it stays in
+float between DequantizeLinear and QuantizeLinear, and onnxruntime, the reference and TVM agree."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+from plateau.errors import PlateauError
+from plateau.export import QuantConfig, quantize_model, to_float_onnx, to_qdq_onnx
+from plateau.export.onnx_reader import read_onnx
+from plateau.export.validate import compare_logits, ort_session
+
+
+class Islands(nn.Module):
+    """conv -> GELU -> conv -> Hardswish -> x * sigmoid(x) -> pool -> LayerNorm -> fc -> Softmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.GELU()
+        self.c2, self.hs = nn.Conv2d(8, 8, 3, padding=1), nn.Hardswish()
+        self.pool, self.ln, self.fc, self.sm = nn.AdaptiveAvgPool2d(1), nn.LayerNorm(8), nn.Linear(8, 10), nn.Softmax(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.hs(self.c2(self.act(self.c1(x))))
+        x = x * torch.sigmoid(x)
+        return self.sm(self.fc(self.ln(torch.flatten(self.pool(x), 1))))
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    m = Islands().eval()
+    with torch.no_grad():
+        m.ln.weight.uniform_(0.5, 1.5)
+        m.ln.bias.uniform_(-0.2, 0.2)
+    m.plateau_cfg = {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.25] * 3}
+    return m
+
+
+def test_without_the_flag_the_error_names_module_op_and_flag(model):
+    with pytest.raises(PlateauError, match=r"module 'act' \(GELU\).*--allow-float"):
+        quantize_model(model, [torch.randn(8, 3, 16, 16)], QuantConfig())
+
+
+def test_islands_match_onnxruntime(model, tmp_path):
+    torch.manual_seed(1)
+    ref = quantize_model(model, [torch.randn(64, 3, 16, 16)], QuantConfig(allow_float=True))
+    kinds = [n.attrs["kind"] for n in ref.graph.nodes if n.op == "float"]
+    assert kinds == ["gelu", "hardswish", "sigmoid", "layer_norm", "softmax"]
+    qdq = to_qdq_onnx(ref)
+    ops = {n.op_type for n in qdq.graph.node}
+    assert {"Gelu", "HardSwish", "Sigmoid", "LayerNormalization", "Softmax"} <= ops
+
+    # Every quantization point: onnxruntime's integer tensor against the reference's.
+    for q in (n.output[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"):
+        qdq.graph.output.append(helper.make_tensor_value_info(q, TensorProto.INT8, None))
+    sess = ort_session(qdq.SerializeToString())
+    x = torch.randn(64, 3, 16, 16)
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x.numpy()}), strict=True))
+    islands = {n.name for n in ref.graph.nodes if n.op == "float"}
+    for name, want in ref.intermediates(x).items():
+        d = np.abs(got[f"{name}.q"].astype(np.int64) - want.numpy().astype(np.int64).reshape(got[f"{name}.q"].shape))
+        # An island may round a near-tie the other way: onnxruntime's float ops are not torch's, and it fuses
+        # DQ -> Softmax -> Q into its lookup-table QLinearSoftmax. One step at most; integer layers stay exact.
+        assert d.max() <= 1 and (d == 0).mean() >= (0.9 if name in islands else 0.999), (name, (d != 0).mean())
+    c = compare_logits(got["logits"], ref(x).numpy(), ref.output_step)
+    assert c["max_steps"] <= 1 and c["top1_agreement"] >= 0.98, c
+
+    onnx.save(to_float_onnx(ref), tmp_path / "f.onnx")
+    with torch.no_grad():
+        np.testing.assert_allclose(ort_session(tmp_path / "f.onnx").run(None, {"input": x.numpy()})[0],
+                                   model(x).numpy(), atol=1e-5)
+
+
+def _float_onnx_with_gelu(path) -> None:
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.random.default_rng(0).standard_normal(108) * 0.3)
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Gelu", ["c"], ["g"], name="the_gelu"),
+             helper.make_node("GlobalAveragePool", ["g"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["logits"], name="flat", axis=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]), path)
+
+
+def test_onnx_reader_keeps_gelu_in_float(tmp_path):
+    _float_onnx_with_gelu(tmp_path / "g.onnx")
+    with pytest.raises(PlateauError, match=r"'the_gelu' \(Gelu\).*--allow-float"):
+        read_onnx(tmp_path / "g.onnx")
+    g = read_onnx(tmp_path / "g.onnx", allow_float=True)
+    assert [(n.op, n.attrs.get("kind")) for n in g.nodes][1:3] == [("conv", None), ("float", "gelu")]
+
+
+@pytest.mark.slow
+def test_cli_export_and_compile_list_the_island(tmp_path):
+    """`plateau export --onnx` refuses the Gelu in one line, then with --allow-float writes it as an island that
+    `plateau compile --allow-float` keeps and lists."""
+    _float_onnx_with_gelu(tmp_path / "g.onnx")
+    cmd = [sys.executable, "-m", "plateau", "export", "--run", "r", "--onnx", "g.onnx", "--data", "synthetic",
+           "--calib-images", "64", "--eval-limit", "64"]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "'the_gelu' (Gelu)" in p.stderr and "--allow-float" in p.stderr, p.stderr
+    p = subprocess.run([*cmd, "--allow-float"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads((tmp_path / "r/export/report.json").read_text())
+    assert rep["float_islands"] == [{"node": "the_gelu", "module": None, "kind": "gelu"}]
+    assert rep["onnxruntime_vs_reference"]["max_steps"] <= 1
+    p = subprocess.run([sys.executable, "-m", "plateau", "compile", "--run", "r", "--target", "host",
+                        "--allow-float"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    man = json.loads((tmp_path / "r/compile/host/manifest.json").read_text())
+    assert [(i["node"], i["op_type"]) for i in man["float_islands"]] == [("the_gelu", "Gelu")]
+    assert man["ops"]["int_conv2d"] == 1 and man["ops"]["float_conv2d"] == 0
