@@ -7,6 +7,9 @@ and the Hessian trace on the same 256 train images.
 
     python bench/train_flatness.py                         # ~30-40 min on 2 busy cores
     python bench/train_flatness.py --methods none gaussian sam-gaussian --seeds 0 1 --epochs 2 --train-limit 5000
+    python bench/train_flatness.py --methods none gaussian gaussian@0.5 ramp   # METHOD@ALPHA sets that row's alpha
+
+Runs go seed by seed (every method at seed 0, then seed 1, ...), so a stopped run still compares like with like.
 
 Writes bench/results/train_flatness.json (after every run, so a partial run keeps what it measured) and .md.
 """
@@ -116,7 +119,8 @@ def _write(results: dict, out: Path) -> None:
         "# Flat fine-tuning vs PTQ: CIFAR ResNet-20 on JPEG CIFAR-10",
         "",
         f"Fine-tuning from the pretrained checkpoint: {a['epochs']} epoch(s) x {a['train_limit']} train images, "
-        f"SGD lr {a['lr']} cosine, batch {a['batch_size']}; noise at {a['bits']} (alpha {a['alpha']}, weights+activations). "
+        f"SGD lr {a['lr']} cosine, batch {a['batch_size']}; noise at {a['bits']} (alpha {a['alpha']} unless the row names one, weights+activations); BN statistics re-estimated "
+        f"without noise on {a.get('bn_recalibrate', 0)} train images after training, for every row. "
         f"PTQ top-1 via the reference's {'integer-exact forward' if a['exact'] else 'float fake-quant simulate()'}. "
         f"Top-1 on a fixed random {a['eval_limit']} of the 10,000 test images; PTQ = {results['quantizer']} (min/max, 512 train images); "
         f"Hessian trace: Hutchinson, {a['trace_samples']} Rademacher vectors, {a['flat_images']} fixed train images, "
@@ -132,7 +136,7 @@ def _write(results: dict, out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=["none", "gaussian"])
+    p.add_argument("--methods", nargs="+", default=["none", "gaussian"], help="METHOD or METHOD@ALPHA")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-limit", type=int, default=5000)
@@ -145,6 +149,8 @@ def main() -> None:
     p.add_argument("--flat-images", type=int, default=256)
     p.add_argument("--trace-samples", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bn-recalibrate", type=int, default=TrainConfig.bn_recalibrate,
+                   help="train images re-estimating BN statistics without noise after training (0: off)")
     p.add_argument("--exact", action="store_true", help="PTQ top-1 with the integer-exact forward (slow)")
     p.add_argument("--runs", default="runs/bench-train-flatness")
     p.add_argument("--out", default=str(ROOT / "results"))
@@ -162,21 +168,22 @@ def main() -> None:
     results["runs"].append({"method": "pretrained", "seed": 0, **evaluate(model, train_set, test_set, args)})
     print("pretrained:", results["runs"][-1], flush=True)
     _write(results, out)
-    for method in args.methods:
-        for seed in args.seeds:
+    for seed in args.seeds:
+        for spec in args.methods:
+            method, _, alpha = spec.partition("@")
             torch.manual_seed(seed)
             model = create_model("cifar_resnet20", checkpoint=CKPT)
             cfg = TrainConfig(data=str(DATA), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=0,
-                              bits=args.bits, noise=method, alpha=args.alpha, rho=args.rho, seed=seed, flatness="off",
-                              train_limit=args.train_limit, eval_limit=args.eval_limit, quant_gap=False, progress=False,
-                              threads=args.threads)
+                              bits=args.bits, noise=method, alpha=float(alpha or args.alpha), rho=args.rho, seed=seed,
+                              flatness="off", train_limit=args.train_limit, eval_limit=args.eval_limit, quant_gap=False,
+                              progress=False, threads=args.threads, bn_recalibrate=args.bn_recalibrate)
             t = time.time()
-            rep = train(model, cfg, Path(args.runs) / f"{method}-s{seed}", train_set, test_set)
-            r = {"method": method, "seed": seed, "train_s": round(time.time() - t, 1),
+            rep = train(model, cfg, Path(args.runs) / f"{spec}-s{seed}", train_set, test_set)
+            r = {"method": spec, "seed": seed, "alpha": cfg.alpha, "train_s": round(time.time() - t, 1),
                  "train_acc": rep["final"]["train_acc"], **evaluate(model, train_set, test_set, args)}
             results["runs"].append(r)
             results["wall_s"] = time.time() - t0
-            print(f"{method} seed {seed}:", r, flush=True)
+            print(f"{spec} seed {seed}:", r, flush=True)
             _write(results, out)
     results["wall_s"] = time.time() - t0
     _write(results, out)

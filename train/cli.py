@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train-limit", type=int, default=None, help="training images per epoch (quick runs)")
     g.add_argument("--eval-limit", type=int, default=None, help="test images per evaluation")
     g.add_argument("--calib-images", type=int, default=_D.calib_images, help="PTQ calibration images (train split)")
+    g.add_argument("--bn-recalibrate", type=int, default=_D.bn_recalibrate, help="train images re-estimating "
+                   "BatchNorm statistics without noise after the last epoch (0: off)")
     g.add_argument("--img-size", type=int, default=None)
     g.add_argument("--threads", type=int, default=None, help="torch threads per process")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -82,6 +84,7 @@ def main(args: argparse.Namespace) -> dict:
             seed=args.seed, resume=args.resume, flatness=args.flatness, flatness_images=args.flatness_images,
             trace_samples=args.trace_samples, eig_iters=args.eig_iters, mc_samples=args.mc_samples,
             train_limit=args.train_limit, eval_limit=args.eval_limit, calib_images=args.calib_images,
+            bn_recalibrate=args.bn_recalibrate,
             img_size=args.img_size, threads=args.threads, progress=not args.no_progress,
         )
     except ValueError as e:  # a bad option value: one line for the user, naming the valid choices

@@ -202,3 +202,26 @@ def test_ddp_two_gloo_processes(tmp_path):
 def test_bad_option_value_is_plateau_error(tmp_path):
     with pytest.raises(PlateauError, match="bad BITS 'W4'"):
         main(_args(tmp_path, "--bits", "W4"))
+
+
+def test_bn_recalibration_uses_clean_forwards():
+    """After noisy training, BN statistics are re-estimated without noise: equal to the clean batch statistics,
+    whatever the noise, and the injector is left as it was."""
+    from plateau.train.noise import NoiseConfig, NoiseInjector
+    from plateau.train.trainer import recalibrate_bn
+
+    torch.manual_seed(0)
+    model = Tiny()
+    inj = NoiseInjector(model, NoiseConfig(bits="W2A2", alpha=50.0), torch.Generator().manual_seed(0))
+    x = torch.randn(32, 3, 16, 16)
+    model.train()
+    model(x)  # a noisy forward: activation ranges observed, noise on
+    ranges = {k: v.clone() for k, v in inj.act_ranges.items()}
+    assert recalibrate_bn(model, inj, [(x, None)]) == 32
+    bn = model.features[1]
+    assert inj.enabled and inj.observe and bn.momentum == 0.1 and model.training
+    assert all(torch.equal(ranges[k], inj.act_ranges[k]) for k in ranges)
+    with torch.no_grad():
+        h = model.features[0].eval()(x)  # eval mode: the injector's hooks stay out
+    torch.testing.assert_close(bn.running_mean, h.mean((0, 2, 3)))
+    torch.testing.assert_close(bn.running_var, h.var((0, 2, 3), unbiased=True))

@@ -82,6 +82,7 @@ class TrainConfig:
     quant_gap: bool = True  # measure FP vs PTQ top-1 at the end (needs plateau.export)
     img_size: int | None = None
     augment: bool = True
+    bn_recalibrate: int = 2048  # train images re-estimating BN statistics without noise after the last epoch (0: off)
     threads: int | None = None
     progress: bool = True
 
@@ -193,6 +194,38 @@ def _freeze_bn_stats(model: nn.Module, freeze: bool, saved: dict | None = None) 
             elif m in saved:
                 m.momentum = saved[m]
     return saved
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, inj: NoiseInjector | None, data) -> int:
+    """Re-estimate every BatchNorm's running mean and variance from clean forwards (no noise) over `data` batches.
+
+    Training with activation noise leaves the running statistics of noisy activations (the variance inflated by the
+    noise); evaluation and PTQ (which folds BN into the conv) see clean ones. Returns the images used.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    saved = {m: m.momentum for m in bns}
+    was, enabled, observe = model.training, inj.enabled if inj else None, inj.observe if inj else None
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+    if inj is not None:
+        inj.enabled, inj.observe = False, False
+    model.train()
+    n = 0
+    try:
+        for x, _ in data:
+            model(x)
+            n += len(x)
+    finally:
+        for m in bns:
+            m.momentum = saved[m]
+        if inj is not None:
+            inj.enabled, inj.observe = enabled, observe
+        model.train(was)
+    return n
 
 
 def _train_step(net, raw, inj, opt, x, y, cfg, crit) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,6 +459,11 @@ def _train(model, cfg, out_dir: Path, train_set, test_set, inputs, rank, world) 
         bar.close()
         sums = _all_sum(sums, world)
         _sync_ranges(inj, world)
+        bn_images = 0
+        if epoch == cfg.epochs and cfg.bn_recalibrate > 0:
+            bn_images = recalibrate_bn(model, inj, batches(
+                train_set, local_bs, mean, std, shuffle=True, augment=cfg.augment, seed=cfg.seed * 100_003 + 99_991,
+                rank=rank, world_size=world, limit=cfg.bn_recalibrate))
         ev = _evaluate(model, test_set, mean, std, 256, rank, world, cfg.eval_limit)
         rec = {
             "epoch": epoch,
@@ -436,6 +474,7 @@ def _train(model, cfg, out_dir: Path, train_set, test_set, inputs, rank, world) 
             "test_loss": ev["loss"],
             "test_top1": ev["top1"],
             "noise_scale": cfg.alpha * inj.scale if inj.enabled else 0.0,
+            "bn_recalibrated_images": bn_images,
             "epoch_time_s": round(time.time() - t0, 2),
         }
         if is_main and (cfg.flatness == "epoch" or (cfg.flatness == "end" and epoch == cfg.epochs)):
