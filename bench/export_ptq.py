@@ -60,6 +60,30 @@ def ort_quantizer(fp32: Path, out: Path, data: Path, mean, std, weight: str, act
     return out
 
 
+def _revalidate(d: Path, data: str, compare_logits, logits_of, ort_fn, ort_session, top1) -> dict:
+    """An existing export's report with onnxruntime's logits measured again (same test images, same reference)."""
+    import numpy as np
+
+    from plateau.data import load_split
+
+    rep = json.loads((d / "report.json").read_text())
+    man = json.loads((d / "manifest.json").read_text())
+    ref = np.load(d / "reference_logits.npy")
+    test = load_split(data, "test")
+    if (d / "test_indices.npy").exists():
+        test = test.subset(np.load(d / "test_indices.npy"))
+    mean, std = man["plateau_cfg"]["mean"], man["plateau_cfg"]["std"]
+    try:
+        lg = logits_of(ort_fn(ort_session(d / "model_qdq.onnx")), test, mean, std, limit=len(ref))
+        rep["top1"]["onnxruntime_qdq"] = top1(lg, test.labels)
+        rep["onnxruntime_vs_reference"] = compare_logits(lg, ref, rep["output_step"])
+        rep.pop("onnxruntime_error", None)
+    except Exception as e:  # onnxruntime cannot run some configurations (e.g. 4-bit activations)
+        rep["onnxruntime_error"] = str(e).splitlines()[0][:300]
+    rep["revalidated"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return rep
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--data", default=str(SHARED / "data/cifar10"))
@@ -67,16 +91,21 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="test images (default all 10,000)")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--out", default=str(ROOT / "runs/bench-ptq"))
+    p.add_argument("--reuse-exports", action="store_true",
+                   help="keep each config's existing export (its reference logits) and re-run only onnxruntime on it")
     a = p.parse_args()
     from plateau.data import load_split
     from plateau.export import stage
-    from plateau.export.validate import logits_of, ort_fn, ort_session, top1
+    from plateau.export.validate import compare_logits, logits_of, ort_fn, ort_session, top1
 
     rows = {}
     for name in a.configs.split(","):
         t0 = time.time()
         run = Path(a.out) / name
-        rep = stage.main(export_args(run, Path(a.ckpt), Path(a.data), a.limit, **CONFIGS[name]))
+        if a.reuse_exports and (run / "export" / "reference_logits.npy").exists():
+            rep = _revalidate(run / "export", a.data, compare_logits, logits_of, ort_fn, ort_session, top1)
+        else:
+            rep = stage.main(export_args(run, Path(a.ckpt), Path(a.data), a.limit, **CONFIGS[name]))
         rows[name] = {"top1": rep["top1"], "onnxruntime_vs_reference": rep.get("onnxruntime_vs_reference"),
                       "onnxruntime_error": rep.get("onnxruntime_error"), "seconds": round(time.time() - t0, 1),
                       "config": CONFIGS[name]}
