@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -77,19 +76,13 @@ def compare(ours: np.ndarray, ref: np.ndarray, step: float) -> dict:
 
 
 def sdot_per_kernel(onnx_path: Path) -> dict[str, int]:
-    """Build for arm64-dotprod and count `sdot` per function holding a conv (asm symbol blocks)."""
+    """Build for arm64-dotprod and count `sdot` per conv kernel (with the parallel loop bodies it launches)."""
+    from plateau.compile.asm import instructions_per_function
+
     mod, _ = import_onnx(onnx_path)
     tgt = get_target("arm64-dotprod")
     ex, _ = build(lower_for_target(lower_qdq(mod), tgt), tgt)
-    asm = ex.mod.imports[0].inspect_source("asm")
-    counts: dict[str, int] = {}
-    name = None
-    for line in asm.splitlines():
-        m = re.match(r"^([A-Za-z_][\w.]*):", line)
-        if m and not m.group(1).startswith(".L"):
-            name = m.group(1)
-        elif name and re.search(r"\bsdot\b", line):
-            counts[name] = counts.get(name, 0) + 1
+    counts = instructions_per_function(ex.mod.imports[0].inspect_source("asm"), "sdot")
     return {k: v for k, v in counts.items() if "conv2d" in k}
 
 

@@ -3,10 +3,10 @@
 TVM's default CPU pipeline schedules nothing: every kernel runs single-threaded loops as legalized. This module
 adds, around the default pipeline (see `scheduled_pipeline`):
 
-1. before legalization, on x86 with AVX-512 VNNI: each integer NHWC conv2d becomes the packed-weight `vpdpbusd`
-   kernel of schedule_vnni.py;
+1. before legalization, on x86 with AVX-512 VNNI and on aarch64 with dotprod: each integer NHWC conv2d becomes the
+   packed-weight dot-product kernel of schedule_dot.py (`vpdpbusd`, `sdot`);
 2. after FuseOps / FuseTIR, on every fused PrimFunc:
-   - the VNNI conv: register tiling, tensorize, the fused epilogue computed per tile, parallel (n, oh) rows;
+   - the dot conv: register tiling, tensorize, the fused epilogue computed per tile, parallel (n, oh) rows;
    - every other kernel made only of spatial blocks (pad, quantize, residual add, ...): intermediate blocks
      inlined where that cannot change a float result, the outer loops parallel, the inner loop vectorized.
 
@@ -26,7 +26,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.s_tir import Schedule
 
-from .schedule_vnni import VNNI_BLOCK, ConvTile, has_vnni, rewrite_convs_vnni, schedule_vnni_conv
+from .schedule_dot import DOT_BLOCK, ConvTile, DotKernel, dot_kernel, rewrite_convs_dot, schedule_dot_conv
 from .targets import CompileTarget
 
 __all__ = ["SCHEDULES", "graph_layout", "scheduled_pipeline", "find_conv_block", "inline_spatial",
@@ -47,8 +47,8 @@ TileChooser = Callable[[str, Schedule], "ConvTile | None"]
 
 
 def graph_layout(target: CompileTarget, schedule: str = "default") -> str:
-    """The conv layout of the graph: NHWC where the VNNI kernel runs (x86 AVX-512 VNNI), else the target's."""
-    if schedule == "default" and has_vnni(tvm.target.Target(target.tvm_target)):
+    """The conv layout of the graph: NHWC where a dot kernel runs (x86 VNNI, aarch64 sdot), else the target's."""
+    if schedule == "default" and dot_kernel(tvm.target.Target(target.tvm_target)) is not None:
         return "NHWC"
     return target.conv_layout
 
@@ -170,7 +170,7 @@ def _static_work(sch: Schedule, blk: tvm.s_tir.schedule.SBlockRV) -> int:
 
 
 def schedule_outer_parallel(sch: Schedule) -> bool:
-    """Any other kernel (a conv the VNNI kernel does not take, a matmul, a mean): run the leading spatial loops of
+    """Any other kernel (a conv the dot kernel does not take, a matmul, a mean): run the leading spatial loops of
     each block in parallel, the rest as built. The reduction order inside each output is untouched."""
     if not _has_root(sch):
         return False
@@ -200,10 +200,10 @@ def _has_root(sch: Schedule) -> bool:
 
 
 def conv_funcs(mod: tvm.IRModule) -> list[str]:
-    """Names of the PrimFuncs in `mod` that hold a VNNI conv block."""
+    """Names of the PrimFuncs in `mod` that hold a dot conv block."""
     names = []
     for gv, func in mod.functions_items():
-        if isinstance(func, tirx.PrimFunc) and VNNI_BLOCK in func.script():
+        if isinstance(func, tirx.PrimFunc) and DOT_BLOCK in func.script():
             names.append(gv.name_hint)
     return names
 
@@ -211,12 +211,13 @@ def conv_funcs(mod: tvm.IRModule) -> list[str]:
 def find_conv_block(sch: Schedule) -> tvm.s_tir.schedule.SBlockRV | None:
     if not _has_root(sch):
         return None
-    found = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint.startswith(VNNI_BLOCK)]
+    found = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint.startswith(DOT_BLOCK)]
     return found[0] if len(found) == 1 else None
 
 
-def schedule_primfuncs(mod: tvm.IRModule, tiles: TileChooser | None = None) -> tvm.IRModule:
-    """Schedule every PrimFunc of `mod` (after FuseTIR): VNNI convs tiled, spatial kernels parallel/vectorized.
+def schedule_primfuncs(mod: tvm.IRModule, tiles: TileChooser | None = None,
+                       kernel: DotKernel | None = None) -> tvm.IRModule:
+    """Schedule every PrimFunc of `mod` (after FuseTIR): dot convs tiled, spatial kernels parallel/vectorized.
     A function a schedule fails on is kept as it was (logged), so the build never fails because of this."""
     out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     for gv, func in mod.functions_items():
@@ -226,8 +227,8 @@ def schedule_primfuncs(mod: tvm.IRModule, tiles: TileChooser | None = None) -> t
         sch = fresh_schedule(func)
         try:
             block = find_conv_block(sch)
-            if block is not None:
-                sch = schedule_vnni_conv(sch, block, tiles(name, sch) if tiles else None)
+            if block is not None and kernel is not None:
+                sch = schedule_dot_conv(sch, block, tiles(name, sch) if tiles else None, kernel)
             elif not (schedule_injective(sch) or schedule_outer_parallel(sch)):
                 continue
         except Exception as e:  # noqa: BLE001 (ScheduleError, TVM FFI errors: the function stays as built)
@@ -269,15 +270,15 @@ def scheduled_pipeline(target: tvm.target.Target, tiles: TileChooser | None = No
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     legalize = legalize_passes(target)
-    vnni = has_vnni(target)
+    kernel = dot_kernel(target)
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
-            if vnni:
-                mod, _ = rewrite_convs_vnni(mod)
+            if kernel is not None:
+                mod, _ = rewrite_convs_dot(mod, kernel)
             mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + legalize)(mod)
-            mod = schedule_primfuncs(mod, tiles)
+            mod = schedule_primfuncs(mod, tiles, kernel)
             seq = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
             return seq(mod)
 

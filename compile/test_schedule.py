@@ -1,7 +1,8 @@
-"""Hand schedules (schedule.py, schedule_vnni.py) and tile tuning (tune.py): exact, and used where they apply."""
+"""Hand schedules (schedule.py, schedule_dot.py) and tile tuning (tune.py): exact, and used where they apply."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from plateau.compile import compile_onnx, get_target
 from plateau.compile.compiler import build, import_onnx, lower_for_target
 from plateau.compile.lower import lower_qdq
 from plateau.compile.schedule import inline_safe
-from plateau.compile.schedule_vnni import ConvTile, has_vnni, rewrite_convs_vnni, schedule_vnni_conv
+from plateau.compile.schedule_dot import ConvTile, has_vnni, rewrite_convs_dot, schedule_dot_conv
 from plateau.compile.tune import DB_FILE, load_db, tuned_tiles
 from plateau.errors import PlateauError
 
@@ -81,7 +82,7 @@ def test_scheduled_build_is_bit_exact(block_models, tmp_path, name):
 def test_every_conv_gets_the_vnni_kernel(block_models):
     mod, _ = import_onnx(block_models["s8s8"])
     mod = lower_for_target(lower_qdq(mod), get_target("host"))
-    _, n = rewrite_convs_vnni(mod)
+    _, n = rewrite_convs_dot(mod)
     assert n == 4
 
 
@@ -89,17 +90,17 @@ def test_every_conv_gets_the_vnni_kernel(block_models):
 @pytest.mark.parametrize("stride,tile", [(1, ConvTile(4, 1)), (2, ConvTile(2, 2)), (1, None)])
 def test_vnni_conv_kernel_exact(stride, tile):
     """The tensorized kernel alone against numpy: u8 x s8 -> s32, packed weights."""
-    from plateau.compile.schedule_vnni import _conv_te, _pack_weight
+    from plateau.compile.schedule_dot import _conv_te, _pack_weight
 
     n, h, w, c, o, k = 2, 10, 10, 16, 32, 3
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (n, h, w, c)).astype(np.uint8)
     wt = rng.integers(-128, 128, (o, k, k, c)).astype(np.int8)
-    wp, _ = _pack_weight(wt)
+    wp, _ = _pack_weight(wt, 16)
     data, wpt = te.placeholder(x.shape, "uint8"), te.placeholder(wp.shape, "int8")
     out = _conv_te(data, wpt, stride, stride)
     sch = Schedule(te.create_prim_func([data, wpt, out]).with_attr("global_symbol", "main"))
-    sch = schedule_vnni_conv(sch, sch.get_sblock(out.op.name), tile)
+    sch = schedule_dot_conv(sch, sch.get_sblock(out.op.name), tile)
     lib = tvm.compile(sch.mod, HOST)
     oh = (h - k) // stride + 1
     res = tvm.runtime.tensor(np.zeros((n, oh, oh, o), np.int32))
@@ -111,6 +112,35 @@ def test_vnni_conv_kernel_exact(stride, tile):
             ref += np.einsum("nhwc,oc->nhwo", patch, wt[:, a, b].astype(np.int64))
     np.testing.assert_array_equal(res.numpy(), ref)
     assert "vpdpbusd" in lib.mod.inspect_source("asm")
+
+
+def test_arm_targets_pick_the_sdot_kernel():
+    from plateau.compile.schedule_dot import SDOT, dot_kernel
+
+    kernel = {t: dot_kernel(tvm.target.Target(get_target(t).tvm_target))
+              for t in ("arm64", "arm64-dotprod", "arm64-i8mm", "rpi5", "arm64-neon", "rpi4")}
+    assert kernel == {"arm64": SDOT, "arm64-dotprod": SDOT, "arm64-i8mm": SDOT, "rpi5": SDOT,
+                      "arm64-neon": None, "rpi4": None}
+
+
+@pytest.mark.parametrize("name", ["s8s8", "u8s8"])
+def test_sdot_kernel_bit_exact_under_qemu(block_models, tmp_path, name):
+    """arm64-dotprod: every conv becomes the tensorized sdot kernel (uint8 activations shifted to int8), and the
+    library run under qemu-aarch64 equals TVM's unscheduled host build on every logit."""
+    from plateau import runtime
+    from plateau.compile.schedule_dot import SDOT
+
+    mod, _ = import_onnx(block_models[name])
+    _, n = rewrite_convs_dot(lower_for_target(lower_qdq(mod), get_target("arm64-dotprod")), SDOT)
+    assert n == 4
+    m = compile_onnx(block_models[name], "arm64-dotprod", tmp_path / "arm")
+    assert m["conv_layout"] == "NHWC"
+    if runtime.sysroot_status() is None or shutil.which("qemu-aarch64") is None:
+        pytest.skip("arm64 sysroot / qemu not set up (make arm64-sysroot)")
+    compile_onnx(block_models[name], "host", tmp_path / "plain", schedule="none")
+    x = np.random.default_rng(2).standard_normal((5, 3, fx.HW, fx.HW)).astype(np.float32)
+    got = runtime.run_artifact(tmp_path / "arm", x, device="qemu").outputs
+    np.testing.assert_array_equal(got, _run(tmp_path / "plain" / "model.so", x))
 
 
 def _two_blocks(consumer) -> Schedule:

@@ -64,9 +64,13 @@ def _asm(qdq_path, target: str) -> str:
 
 
 def test_arm64_dotprod_emits_sdot(qdq_models):
-    """int8 x int8 reductions become sdot with +dotprod (NHWC conv, reduction over contiguous channels)."""
-    asm = _asm(qdq_models["ort_s8s8"], "arm64-dotprod")
-    assert re.search(r"\bsdot\b", asm), "no sdot in the arm64-dotprod assembly"
+    """With +dotprod every conv kernel is the tensorized sdot kernel (and its parallel loop bodies hold the sdot);
+    without it, no sdot anywhere."""
+    from plateau.compile.asm import instructions_per_function
+
+    sdot = instructions_per_function(_asm(qdq_models["ort_s8s8"], "arm64-dotprod"), "sdot")
+    convs = {f: n for f, n in sdot.items() if "conv2d" in f}
+    assert len(convs) == 2 and all(f.startswith("fused_plateau_conv2d_sdot") for f in convs), sdot
     assert not re.search(r"\bsdot\b", _asm(qdq_models["ort_s8s8"], "arm64-neon"))
 
 

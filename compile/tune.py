@@ -1,4 +1,4 @@
-"""Tuning: a search over the conv tiles of schedule_vnni.py, measured on this machine, kept in a database.
+"""Tuning: a search over the conv tiles of schedule_dot.py's VNNI kernel, measured on this machine, kept in a database.
 
 The hand schedules are parameterized by one small choice per conv shape, the register tile (pixels x 16-channel
 blocks). `tune_tiles` builds every candidate of every conv kernel of the model, times it on random inputs at a
@@ -26,13 +26,14 @@ from tvm.s_tir import Schedule
 from plateau.artifacts import atomic_path
 
 from .schedule import TileChooser, find_conv_block, fresh_schedule, legalize_passes
-from .schedule_vnni import (
+from .schedule_dot import (
+    VNNI,
     ConvTile,
     conv_extents,
     default_tile,
     has_vnni,
-    rewrite_convs_vnni,
-    schedule_vnni_conv,
+    rewrite_convs_dot,
+    schedule_dot_conv,
 )
 from .targets import CompileTarget
 
@@ -87,7 +88,7 @@ def _fused_convs(mod: tvm.IRModule, target: tvm.target.Target) -> dict[str, tvm.
     """key -> one fused conv PrimFunc of each shape, as the build pipeline produces them."""
     legalize = legalize_passes(target)
     with target:
-        mod, _ = rewrite_convs_vnni(mod)
+        mod, _ = rewrite_convs_dot(mod, VNNI)
         mod = tvm.transform.Sequential(legalize)(mod)
     out: dict = {}
     for gv, func in mod.functions_items():
@@ -116,7 +117,7 @@ def _random_args(func: tvm.tirx.PrimFunc, batch: int, dev: tvm.runtime.Device) -
 def _tile_timer(func: tvm.tirx.PrimFunc, tile: ConvTile, target: tvm.target.Target, batch: int):
     """Build `func` with `tile`; a zero-argument callable giving one timing (seconds, min over repeats)."""
     sch = fresh_schedule(func, "main")
-    sch = schedule_vnni_conv(sch, find_conv_block(sch), tile)
+    sch = schedule_dot_conv(sch, find_conv_block(sch), tile, VNNI)
     lib = tvm.compile(sch.mod, target)
     dev = tvm.cpu()
     args = _random_args(func, batch, dev)

@@ -1,20 +1,26 @@
-"""x86 AVX-512 VNNI integer conv2d: packed weights, a `vpdpbusd` tensor intrinsic and its TIR schedule.
+"""Dot-product integer conv2d kernels: packed weights, a tensor intrinsic per CPU and their TIR schedule.
+
+Two instructions of one shape, "L output lanes, each the dot product of 4 activation bytes with 4 weight bytes":
+
+    x86 AVX-512 VNNI  vpdpbusd  L = 16, u8 x s8   (DotKernel VNNI)
+    aarch64 dotprod   sdot      L = 4,  s8 x s8   (DotKernel SDOT)
 
 The graph is NHWC between convs (ConvertLayout at the graph boundary). Each integer conv2d whose input channels
-pad to a multiple of 4 and whose output channels are a multiple of 16 becomes
+pad to a multiple of 4 and whose output channels are a multiple of L becomes
 
-    x (NHWC int8/uint8) --pad--> --(+128 if int8)--> u8 --conv_vnni(Wp)--> int32 --(- 128 * sum W if int8)--> ...
+    x (NHWC) --pad--> --(shift to the kernel's byte type)--> --conv_dot(Wp)--> int32 --(- shift * sum W)--> ...
 
-    conv_vnni[n, h, w, o] = sum_{kh, kw, c} u8[n, h*sh + kh, w*sw + kw, c] * Wp[o // 16, kh, kw, c // 4, o % 16, c % 4]
+    conv_dot[n, h, w, o] = sum_{kh, kw, c} x[n, h*sh + kh, w*sw + kw, c] * Wp[o // L, kh, kw, c // 4, o % L, c % 4]
 
-`vpdpbusd` multiplies unsigned by signed bytes, so int8 activations are shifted by +128 (exact: the shift times the
-weight sum is subtracted again, a per-channel constant). The weights are repacked once, in numpy, so that the 16
-output channels x 4 input channels of one instruction are 64 contiguous bytes. The schedule keeps an
-(ow_block x 16*oc_block) int32 tile in registers, reduces over (kh, kw, c/4) with one `vpdpbusd` per (pixel, 16
-channels, 4 inputs), runs the fused epilogue (bias, requantize, clip, cast) on the tile, and parallelizes (n, oh).
+`vpdpbusd` multiplies unsigned by signed bytes, so int8 activations are shifted by +128; `sdot` is signed, so uint8
+activations are shifted by -128. The shift is exact: the shift times the weight sum is subtracted again, a
+per-channel constant. The weights are repacked once, in numpy, so that the L output channels x 4 input channels of one
+instruction are contiguous bytes. The schedule keeps an (ow_block x L*oc_block) int32 tile in registers, reduces over
+(kh, kw, c/4) with one instruction per (pixel, L channels, 4 inputs), runs the fused epilogue (bias, requantize,
+clip, cast) on the tile, and parallelizes (n, oh).
 
-LLVM 22 changed the intrinsic to take byte vectors (<64 x i8>); TVM's own VNNI intrinsic passes int32 vectors and
-fails to compile, so this file registers its own.
+LLVM 22 changed the VNNI intrinsic to take byte vectors (<64 x i8>); TVM's own VNNI intrinsic passes int32 vectors
+and fails to compile, so this file registers its own (and the sdot one beside it, for symmetry).
 """
 
 from __future__ import annotations
@@ -32,10 +38,27 @@ from ._common import const_np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VNNI_INTRIN", "VNNI_BLOCK", "ConvTile", "rewrite_convs_vnni", "schedule_vnni_conv", "has_vnni"]
+__all__ = ["DotKernel", "VNNI", "SDOT", "DOT_BLOCK", "ConvTile", "dot_kernel", "rewrite_convs_dot",
+           "schedule_dot_conv", "has_vnni", "has_sdot", "default_tile", "conv_extents"]
 
 VNNI_INTRIN = "plateau_vnni_16x4_u8s8s32"
-VNNI_BLOCK = "plateau_vnni_conv"  # the conv block's name; FuseTIR keeps it, the scheduler finds it by it
+SDOT_INTRIN = "plateau_sdot_4x4_s8s8s32"
+DOT_BLOCK = "plateau_dot_conv"  # the conv block's name; FuseTIR keeps it, the scheduler finds it by it
+
+
+@dataclass(frozen=True)
+class DotKernel:
+    """One dot-product instruction: `lanes` int32 outputs, each += 4 activation bytes . 4 weight bytes."""
+
+    name: str
+    intrin: str
+    lanes: int
+    act_dtype: str  # the activation byte type the instruction takes ("uint8" or "int8")
+    registers: int  # accumulators a register tile may hold
+
+
+VNNI = DotKernel("vnni", VNNI_INTRIN, 16, "uint8", 28)
+SDOT = DotKernel("sdot", SDOT_INTRIN, 4, "int8", 24)
 
 # CPUs LLVM knows with AVX-512 VNNI (mcpu names); "+avx512vnni" in mattr also counts.
 _VNNI_CPUS = {"znver4", "znver5", "cascadelake", "cooperlake", "icelake-client", "icelake-server", "tigerlake",
@@ -75,11 +98,45 @@ def _dot_vnni(
         )
 
 
+@T.prim_func(s_tir=True)
+def _sdot_desc(
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    B: T.Buffer((4, 4), "int8", offset_factor=1),
+    C: T.Buffer((4,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+        T.writes(C[0:4])
+        for i in T.serial(0, 4):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _sdot_impl(
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    B: T.Buffer((4, 4), "int8", offset_factor=1),
+    C: T.Buffer((4,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+        T.writes(C[0:4])
+        # the 4 activation bytes broadcast to the 4 lanes; lane i of B holds output channel i's 4 weights
+        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
+        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+            C.vload([0], dtype="int32x4"), a, B.vload([0, 0], dtype="int8x16"), dtype="int32x4",
+        )
+
+
 def _register() -> None:
-    try:
-        TensorIntrin.get(VNNI_INTRIN)
-    except Exception:  # not registered yet (get raises a TVMError for unknown names)
-        TensorIntrin.register(VNNI_INTRIN, _dot_desc, _dot_vnni)
+    for name, desc, impl in ((VNNI_INTRIN, _dot_desc, _dot_vnni), (SDOT_INTRIN, _sdot_desc, _sdot_impl)):
+        try:
+            TensorIntrin.get(name)
+        except Exception:  # not registered yet (get raises a TVMError for unknown names)
+            TensorIntrin.register(name, desc, impl)
 
 
 _register()
@@ -97,38 +154,60 @@ def has_vnni(target: tvm.target.Target) -> bool:
     return str(attrs.get("mcpu", "") or "") in _VNNI_CPUS or "+avx512vnni" in mattr
 
 
+# aarch64 CPUs LLVM knows with the dot-product extension; "+dotprod" (or "+i8mm", ARMv8.6) in mattr also counts.
+_SDOT_CPUS = {"cortex-a55", "cortex-a65", "cortex-a75", "cortex-a76", "cortex-a77", "cortex-a78", "cortex-a710",
+              "cortex-a715", "cortex-x1", "cortex-x2", "neoverse-n1", "neoverse-n2", "neoverse-v1", "apple-m1"}
+
+
+def has_sdot(target: tvm.target.Target) -> bool:
+    """Whether `target` is aarch64 with the dot-product extension (sdot)."""
+    if target.kind.name != "llvm" or not str(target.attrs.get("mtriple", "") or "").startswith("aarch64"):
+        return False
+    mattr = [str(a) for a in (target.attrs.get("mattr") or [])]
+    return str(target.attrs.get("mcpu", "") or "") in _SDOT_CPUS or "+dotprod" in mattr or "+i8mm" in mattr
+
+
+def dot_kernel(target: tvm.target.Target) -> DotKernel | None:
+    """The dot-product conv kernel for `target`: VNNI on x86 with AVX-512 VNNI, sdot on aarch64 with dotprod."""
+    if has_vnni(target):
+        return VNNI
+    if has_sdot(target):
+        return SDOT
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- graph rewrite
 
 
-def _pack_weight(w_ohwi: np.ndarray) -> tuple[np.ndarray, int]:
-    """OHWI int8 -> [O/16, KH, KW, C4/4, 16, 4] with input channels zero-padded to C4 (a multiple of 4)."""
+def _pack_weight(w_ohwi: np.ndarray, lanes: int) -> tuple[np.ndarray, int]:
+    """OHWI int8 -> [O/L, KH, KW, C4/4, L, 4] with input channels zero-padded to C4 (a multiple of 4)."""
     o, kh, kw, c = w_ohwi.shape
     c4 = -(-c // 4) * 4
     w = np.zeros((o, kh, kw, c4), np.int8)
     w[..., :c] = w_ohwi
-    return np.ascontiguousarray(w.reshape(o // 16, 16, kh, kw, c4 // 4, 4).transpose(0, 2, 3, 4, 1, 5)), c4
+    return np.ascontiguousarray(w.reshape(o // lanes, lanes, kh, kw, c4 // 4, 4).transpose(0, 2, 3, 4, 1, 5)), c4
 
 
 def _conv_te(data: te.Tensor, wp: te.Tensor, sh: int, sw: int) -> te.Tensor:
     n, h, w, _ = data.shape
-    ocb, kh, kw, cb, _, _ = wp.shape
+    ocb, kh, kw, cb, lanes, _ = wp.shape
     oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
     rh = te.reduce_axis((0, kh), "rh")
     rw = te.reduce_axis((0, kw), "rw")
     rc = te.reduce_axis((0, cb * 4), "rc")
     return te.compute(
-        (n, oh, ow, ocb * 16),
+        (n, oh, ow, ocb * lanes),
         lambda b, y, x, o: te.sum(
             data[b, y * sh + rh, x * sw + rw, rc].astype("int32")
-            * wp[o // 16, rh, rw, rc // 4, o % 16, rc % 4].astype("int32"),
+            * wp[o // lanes, rh, rw, rc // 4, o % lanes, rc % 4].astype("int32"),
             axis=[rh, rw, rc],
         ),
-        name=VNNI_BLOCK,
+        name=DOT_BLOCK,
     )
 
 
-def _eligible(call: relax.Call) -> np.ndarray | None:
-    """The OHWI int8 weight of an integer NHWC conv2d the VNNI kernel handles, else None."""
+def _eligible(call: relax.Call, lanes: int) -> np.ndarray | None:
+    """The OHWI int8 weight of an integer NHWC conv2d a dot kernel of `lanes` lanes handles, else None."""
     if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
         return None
     a = call.attrs
@@ -139,16 +218,17 @@ def _eligible(call: relax.Call) -> np.ndarray | None:
     w = const_np(call.args[1])
     if str(call.args[0].ty.dtype) not in ("int8", "uint8") or w is None:
         return None
-    if w.dtype != np.int8 or w.ndim != 4 or w.shape[0] % 16:
+    if w.dtype != np.int8 or w.ndim != 4 or w.shape[0] % lanes:
         return None
     return w
 
 
 @relax.expr_functor.mutator
-class _VNNIConvRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule) -> None:
+class _DotConvRewriter(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, kernel: DotKernel) -> None:
         super().__init__(mod)
         self.mod_ = mod
+        self.kernel = kernel
         self.count = 0
 
     def transform(self) -> tvm.IRModule:
@@ -159,31 +239,34 @@ class _VNNIConvRewriter(relax.PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (TVM's visitor name)
         call = self.visit_expr_post_order(call)
-        w = _eligible(call)
+        k = self.kernel
+        w = _eligible(call, k.lanes)
         if w is None:
             return call
         bb, op, a = self.builder_, relax.op, call.attrs
         data = call.args[0]
-        signed = str(data.ty.dtype) == "int8"
-        wp, c4 = _pack_weight(w)
+        # +128 takes int8 to uint8 (VNNI), -128 takes uint8 to int8 (sdot); 0 when the types already agree
+        shift = 0 if str(data.ty.dtype) == k.act_dtype else (128 if k.act_dtype == "uint8" else -128)
+        wp, c4 = _pack_weight(w, k.lanes)
         t, left, b, r = (int(p) for p in a.padding)  # relax conv2d padding is (top, left, bottom, right)
         if t or left or b or r or c4 != w.shape[3]:
             # conv padding is zeros (the rewrites pad with the zero point themselves); extra channels meet zero weights
             data = bb.emit(op.nn.pad(data, [0, 0, t, b, left, r, 0, c4 - w.shape[3]], pad_value=0.0))
-        if signed:  # u8 = s8 + 128, exact in int16
-            data = bb.emit(op.astype(op.add(op.astype(data, "int16"), relax.const(128, "int16")), "uint8"))
+        if shift:  # exact in int16
+            data = bb.emit(op.astype(op.add(op.astype(data, "int16"), relax.const(shift, "int16")), k.act_dtype))
         sh, sw = (int(s) for s in a.strides)
-        acc = bb.emit_te(_conv_te, data, relax.const(wp), sh, sw, primfunc_name_hint="plateau_conv2d_vnni")
+        conv = bb.call_te(_conv_te, data, relax.const(wp), sh, sw, primfunc_name_hint=f"plateau_conv2d_{k.name}")
         self.count += 1
-        if not signed:
-            return acc
-        shift = (-128 * w.astype(np.int64).reshape(w.shape[0], -1).sum(axis=1)).astype(np.int32)
-        return op.add(acc, relax.const(shift))
+        if not shift:
+            return conv  # the call itself, not a var bound to it: FuseOps does not fuse across a var alias
+        acc = bb.emit(conv)
+        fix = (-shift * w.astype(np.int64).reshape(w.shape[0], -1).sum(axis=1)).astype(np.int32)
+        return op.add(acc, relax.const(fix))
 
 
-def rewrite_convs_vnni(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
-    """Replace each eligible NHWC integer conv2d by the packed-weight VNNI kernel; returns (module, how many)."""
-    rw = _VNNIConvRewriter(mod)
+def rewrite_convs_dot(mod: tvm.IRModule, kernel: DotKernel = VNNI) -> tuple[tvm.IRModule, int]:
+    """Replace each eligible NHWC integer conv2d by the packed-weight dot kernel; returns (module, how many)."""
+    rw = _DotConvRewriter(mod, kernel)
     out = rw.transform()
     return relax.transform.DeadCodeElimination()(out), rw.count
 
@@ -193,7 +276,7 @@ def rewrite_convs_vnni(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
 
 @dataclass(frozen=True)
 class ConvTile:
-    """Register tile of the VNNI conv: `ow` output pixels x `oc` blocks of 16 channels (ow * oc zmm accumulators)."""
+    """Register tile of the dot conv: `ow` output pixels x `oc` blocks of L channels (ow * oc vector accumulators)."""
 
     ow: int = 8
     oc: int = 1
@@ -203,20 +286,26 @@ class ConvTile:
             raise ValueError(f"ConvTile(ow={self.ow}, oc={self.oc}): need ow, oc >= 1 and ow * oc <= 28 registers")
 
 
-def default_tile(ow_extent: int, oc_blocks: int) -> ConvTile:
-    """A tile that divides the output row: up to 16 pixels, up to 2 channel blocks, at most 16 accumulators."""
-    ow = next(t for t in (16, 8, 7, 4, 2, 1) if ow_extent % t == 0)
-    oc = 2 if oc_blocks % 2 == 0 and ow <= 8 else 1
+def default_tile(ow_extent: int, oc_blocks: int, kernel: DotKernel = VNNI) -> ConvTile:
+    """A tile that divides the output row. VNNI: up to 16 pixels x 2 blocks of 16 channels, at most 16 zmm
+    accumulators. sdot: up to 8 pixels x 4 blocks of 4 channels, at most 16 of the 32 NEON registers."""
+    if kernel.lanes >= 16:
+        ow = next(t for t in (16, 8, 7, 4, 2, 1) if ow_extent % t == 0)
+        oc = 2 if oc_blocks % 2 == 0 and ow <= 8 else 1
+        return ConvTile(ow, oc)
+    ow = next(t for t in (8, 7, 4, 2, 1) if ow_extent % t == 0)
+    oc = next(t for t in (4, 2, 1) if oc_blocks % t == 0 and ow * t <= 16)
     return ConvTile(ow, oc)
 
 
-def conv_extents(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV) -> tuple[int, int]:
-    """(output width, output channel blocks of 16) of the VNNI conv block."""
+def conv_extents(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV, kernel: DotKernel = VNNI) -> tuple[int, int]:
+    """(output width, output channel blocks of L) of the dot conv block."""
     loops = sch.get_loops(block)
-    return int(sch.get(loops[2]).extent), int(sch.get(loops[3]).extent) // 16
+    return int(sch.get(loops[2]).extent), int(sch.get(loops[3]).extent) // kernel.lanes
 
 
-def schedule_vnni_conv(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV, tile: ConvTile | None = None) -> Schedule:
+def schedule_dot_conv(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV, tile: ConvTile | None = None,
+                      kernel: DotKernel = VNNI) -> Schedule:
     """Tile, tensorize and parallelize the conv `block` of sch with its elementwise consumers fused per tile;
     returns the schedule holding the result (`sch` or a fresh one).
 
@@ -227,19 +316,19 @@ def schedule_vnni_conv(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV, tile: 
     """
     from .schedule import fresh_schedule  # late import: schedule imports this module
 
-    ow_ext, ocb = conv_extents(sch, block)
-    tile = tile or default_tile(ow_ext, ocb)
+    ow_ext, ocb = conv_extents(sch, block, kernel)
+    tile = tile or default_tile(ow_ext, ocb, kernel)
     if ow_ext % tile.ow or ocb % tile.oc:
         raise ValueError(f"{tile} does not divide the output (width {ow_ext}, {ocb} channel blocks)")
     trial = fresh_schedule(sch.mod["main"])
     try:
-        _anchor_on_output(trial, trial.get_sblock(sch.get(block).name_hint), tile)
+        _anchor_on_output(trial, trial.get_sblock(sch.get(block).name_hint), tile, kernel)
     except Exception as e:  # noqa: BLE001 (a shape the output anchor does not handle: the conv anchor below)
         log.debug("output-anchored conv schedule failed (%s); conv-anchored instead", e)
     else:
         return trial
     n, h, w, o, kh, kw, c = sch.get_loops(block)
-    oco, oci = sch.split(o, [None, 16])
+    oco, oci = sch.split(o, [None, kernel.lanes])
     co, ci = sch.split(c, [None, 4])
     wo, wi = sch.split(w, [None, tile.ow])
     ocoo, ocoi = sch.split(oco, [None, tile.oc])
@@ -247,19 +336,19 @@ def schedule_vnni_conv(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV, tile: 
     nh = sch.fuse(n, h)
     _fuse_epilogue(sch, block, ocoo)
     sch.parallel(nh)
-    _tensorize_inner(sch, block, kh, wi, ocoi, oci)
+    _tensorize_inner(sch, block, kh, wi, ocoi, oci, kernel)
     return sch
 
 
-def _tensorize_inner(sch: Schedule, block, kh, wi, ocoi, oci) -> None:
+def _tensorize_inner(sch: Schedule, block, kh, wi, ocoi, oci, kernel: DotKernel) -> None:
     init = sch.decompose_reduction(block, kh)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(oci, VNNI_INTRIN)
+    sch.tensorize(oci, kernel.intrin)
     sch.unroll(ocoi)
     sch.unroll(wi)
 
 
-def _anchor_on_output(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, tile: ConvTile) -> None:
+def _anchor_on_output(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, tile: ConvTile, kernel: DotKernel) -> None:
     from .schedule import inline_spatial
 
     root = sch.get_sblock("root")
@@ -277,7 +366,7 @@ def _anchor_on_output(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, tile: Co
         raise ValueError("the output block is not shaped like the conv output")
     n, h, w, c = loops
     wo, wi = sch.split(w, [None, tile.ow])
-    co, ci = sch.split(c, [None, 16 * tile.oc])
+    co, ci = sch.split(c, [None, kernel.lanes * tile.oc])
     sch.reorder(n, h, wo, co, wi, ci)
     nh = sch.fuse(n, h)
     # producers, last first, into the output's tile
@@ -285,20 +374,20 @@ def _anchor_on_output(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, tile: Co
         if sch.get(blk).name_hint != sch.get(out).name_hint:
             sch.compute_at(blk, co)
     sch.parallel(nh)
-    # the conv, now at the tile: (1, 1, ow, 16*oc, kh, kw, c) loops below co
+    # the conv, now at the tile: (1, 1, ow, L*oc, kh, kw, c) loops below co
     b, y, x, o, kh, kw, c = sch.get_loops(conv)[-7:]
-    oco, oci = sch.split(o, [None, 16])
+    oco, oci = sch.split(o, [None, kernel.lanes])
     c4o, c4i = sch.split(c, [None, 4])
     sch.reorder(kh, kw, c4o, x, oco, oci, c4i)
-    _tensorize_inner(sch, conv, kh, x, oco, oci)
+    _tensorize_inner(sch, conv, kh, x, oco, oci, kernel)
     for blk in sch.get_child_blocks(co):
         name = sch.get(blk).name_hint
         if name.startswith(conv_name):
             continue
         inner = sch.get_loops(blk)[-1]
         ext = sch.get(inner).extent
-        if isinstance(ext, tvm.tirx.IntImm) and int(ext) > 1 and int(ext) % 16 == 0:
-            _, vi = sch.split(inner, [None, 16])
+        if isinstance(ext, tvm.tirx.IntImm) and int(ext) > 1 and int(ext) % kernel.lanes == 0:
+            _, vi = sch.split(inner, [None, min(16, int(ext))])
             sch.vectorize(vi)
 
 
