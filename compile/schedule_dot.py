@@ -1,16 +1,21 @@
 """Dot-product integer conv2d kernels: packed weights, a tensor intrinsic per CPU and their TIR schedule.
 
-Two instructions of one shape, "L output lanes, each the dot product of 4 activation bytes with 4 weight bytes":
+Instructions of one family, "P pixels x L output channels, each += K activation bytes . K weight bytes":
 
-    x86 AVX-512 VNNI  vpdpbusd  L = 16, u8 x s8   (DotKernel VNNI)
-    aarch64 dotprod   sdot      L = 4,  s8 x s8   (DotKernel SDOT)
+    x86 AVX-512 VNNI  vpdpbusd  P = 1, L = 16, K = 4, u8 x s8   (DotKernel VNNI)
+    aarch64 dotprod   sdot      P = 1, L = 4,  K = 4, s8 x s8   (DotKernel SDOT)
+    aarch64 i8mm      smmla     P = 2, L = 2,  K = 8, s8 x s8   (DotKernel SMMLA: a 2x8 by 8x2 matrix product)
 
 The graph is NHWC between convs (ConvertLayout at the graph boundary). Each integer conv2d whose input channels
 pad to a multiple of 4 and whose output channels are a multiple of L becomes
 
     x (NHWC) --pad--> --(shift to the kernel's byte type)--> --conv_dot(Wp)--> int32 --(- shift * sum W)--> ...
 
-    conv_dot[n, h, w, o] = sum_{kh, kw, c} x[n, h*sh + kh, w*sw + kw, c] * Wp[o // L, kh, kw, c // 4, o % L, c % 4]
+    conv_dot[n, h, w, o] = sum_{kh, kw, c} x[n, h*sh + kh, w*sw + kw, c] * Wp[o // L, kh, kw, c // K, o % L, c % K]
+
+For smmla the two pixels of one instruction are rows of a 2x8 operand, so they must sit one row stride apart: the
+input is re-laid as [n, h, sw, w/sw, c] (a free view at stride 1), where pixels w and w+1 of a stride-sw conv are
+neighbours: x[n, h, w*sw + kw, c] = x'[n, h, kw % sw, w + kw // sw, c].
 
 `vpdpbusd` multiplies unsigned by signed bytes, so int8 activations are shifted by +128; `sdot` is signed, so uint8
 activations are shifted by -128. The shift is exact: the shift times the weight sum is subtracted again, a
@@ -43,22 +48,26 @@ __all__ = ["DotKernel", "VNNI", "SDOT", "DOT_BLOCK", "ConvTile", "dot_kernel", "
 
 VNNI_INTRIN = "plateau_vnni_16x4_u8s8s32"
 SDOT_INTRIN = "plateau_sdot_4x4_s8s8s32"
+SMMLA_INTRIN = "plateau_smmla_2x2x8_s8s8s32"
 DOT_BLOCK = "plateau_dot_conv"  # the conv block's name; FuseTIR keeps it, the scheduler finds it by it
 
 
 @dataclass(frozen=True)
 class DotKernel:
-    """One dot-product instruction: `lanes` int32 outputs, each += 4 activation bytes . 4 weight bytes."""
+    """One instruction: `pixels` x `lanes` int32 outputs, each += `k` activation bytes . `k` weight bytes."""
 
     name: str
     intrin: str
     lanes: int
     act_dtype: str  # the activation byte type the instruction takes ("uint8" or "int8")
     registers: int  # accumulators a register tile may hold
+    pixels: int = 1
+    k: int = 4
 
 
 VNNI = DotKernel("vnni", VNNI_INTRIN, 16, "uint8", 28)
 SDOT = DotKernel("sdot", SDOT_INTRIN, 4, "int8", 24)
+SMMLA = DotKernel("smmla", SMMLA_INTRIN, 2, "int8", 24, pixels=2, k=8)
 
 # CPUs LLVM knows with AVX-512 VNNI (mcpu names); "+avx512vnni" in mattr also counts.
 _VNNI_CPUS = {"znver4", "znver5", "cascadelake", "cooperlake", "icelake-client", "icelake-server", "tigerlake",
@@ -131,8 +140,44 @@ def _sdot_impl(
         )
 
 
+@T.prim_func(s_tir=True)
+def _smmla_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+    sa = T.int32()
+    sc = T.int32()
+    A = T.match_buffer(a, (2, 8), "int8", offset_factor=1, strides=[sa, 1])  # 2 pixels x 8 input channels
+    B = T.match_buffer(b, (2, 8), "int8", offset_factor=1)  # 2 output channels x 8 input channels
+    C = T.match_buffer(c, (2, 2), "int32", offset_factor=1, strides=[sc, 1])  # 2 pixels x 2 output channels
+    with T.sblock("root"):
+        T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
+        T.writes(C[0:2, 0:2])
+        for i, j, k in T.grid(2, 2, 8):
+            with T.sblock("update"):
+                vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+                C[vi, vj] = C[vi, vj] + T.cast(A[vi, vk], "int32") * T.cast(B[vj, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _smmla_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    sa = T.int32()
+    sc = T.int32()
+    A = T.match_buffer(a, (2, 8), "int8", offset_factor=1, strides=[sa, 1])
+    B = T.match_buffer(b, (2, 8), "int8", offset_factor=1)
+    C = T.match_buffer(c, (2, 2), "int32", offset_factor=1, strides=[sc, 1])
+    with T.sblock("root"):
+        T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
+        T.writes(C[0:2, 0:2])
+        # smmla: C (2x2, row-major in one register) += A (2x8) . B^T (B: 2x8)
+        a16 = T.vectorcombine("int8x16", A.vload([0, 0], "int8x8"), A.vload([1, 0], "int8x8"))
+        c4 = T.vectorcombine("int32x4", C.vload([0, 0], "int32x2"), C.vload([1, 0], "int32x2"))
+        r = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smmla.v4i32.v16i8"),
+                                    c4, a16, B.vload([0, 0], "int8x16"), dtype="int32x4")
+        C[0, T.ramp(T.int32(0), 1, 2)] = T.vectorlow("int32x2", r)
+        C[1, T.ramp(T.int32(0), 1, 2)] = T.vectorhigh("int32x2", r)
+
+
 def _register() -> None:
-    for name, desc, impl in ((VNNI_INTRIN, _dot_desc, _dot_vnni), (SDOT_INTRIN, _sdot_desc, _sdot_impl)):
+    for name, desc, impl in ((VNNI_INTRIN, _dot_desc, _dot_vnni), (SDOT_INTRIN, _sdot_desc, _sdot_impl),
+                             (SMMLA_INTRIN, _smmla_desc, _smmla_impl)):
         try:
             TensorIntrin.get(name)
         except Exception:  # not registered yet (get raises a TVMError for unknown names)
@@ -167,10 +212,24 @@ def has_sdot(target: tvm.target.Target) -> bool:
     return str(target.attrs.get("mcpu", "") or "") in _SDOT_CPUS or "+dotprod" in mattr or "+i8mm" in mattr
 
 
+_I8MM_CPUS = {"cortex-a710", "cortex-a715", "cortex-x2", "cortex-x3", "neoverse-n2", "neoverse-v1", "neoverse-v2"}
+
+
+def has_i8mm(target: tvm.target.Target) -> bool:
+    """Whether `target` is aarch64 with the int8 matrix-multiply extension (smmla)."""
+    if target.kind.name != "llvm" or not str(target.attrs.get("mtriple", "") or "").startswith("aarch64"):
+        return False
+    mattr = [str(a) for a in (target.attrs.get("mattr") or [])]
+    return str(target.attrs.get("mcpu", "") or "") in _I8MM_CPUS or "+i8mm" in mattr
+
+
 def dot_kernel(target: tvm.target.Target) -> DotKernel | None:
-    """The dot-product conv kernel for `target`: VNNI on x86 with AVX-512 VNNI, sdot on aarch64 with dotprod."""
+    """The dot-product conv kernel for `target`: VNNI on x86 with AVX-512 VNNI, smmla on aarch64 with i8mm, sdot
+    on aarch64 with dotprod."""
     if has_vnni(target):
         return VNNI
+    if has_i8mm(target):
+        return SMMLA
     if has_sdot(target):
         return SDOT
     return None
@@ -179,13 +238,13 @@ def dot_kernel(target: tvm.target.Target) -> DotKernel | None:
 # ---------------------------------------------------------------------------------------------- graph rewrite
 
 
-def _pack_weight(w_ohwi: np.ndarray, lanes: int) -> tuple[np.ndarray, int]:
-    """OHWI int8 -> [O/L, KH, KW, C4/4, L, 4] with input channels zero-padded to C4 (a multiple of 4)."""
+def _pack_weight(w_ohwi: np.ndarray, lanes: int, k: int = 4) -> tuple[np.ndarray, int]:
+    """OHWI int8 -> [O/L, KH, KW, Ck/K, L, K] with input channels zero-padded to Ck (a multiple of K)."""
     o, kh, kw, c = w_ohwi.shape
-    c4 = -(-c // 4) * 4
-    w = np.zeros((o, kh, kw, c4), np.int8)
+    ck = -(-c // k) * k
+    w = np.zeros((o, kh, kw, ck), np.int8)
     w[..., :c] = w_ohwi
-    return np.ascontiguousarray(w.reshape(o // lanes, lanes, kh, kw, c4 // 4, 4).transpose(0, 2, 3, 4, 1, 5)), c4
+    return np.ascontiguousarray(w.reshape(o // lanes, lanes, kh, kw, ck // k, k).transpose(0, 2, 3, 4, 1, 5)), ck
 
 
 def _conv_te(data: te.Tensor, wp: te.Tensor, sh: int, sw: int) -> te.Tensor:
@@ -206,8 +265,27 @@ def _conv_te(data: te.Tensor, wp: te.Tensor, sh: int, sw: int) -> te.Tensor:
     )
 
 
-def _eligible(call: relax.Call, lanes: int) -> np.ndarray | None:
-    """The OHWI int8 weight of an integer NHWC conv2d a dot kernel of `lanes` lanes handles, else None."""
+def _conv_te_pairs(data: te.Tensor, wp: te.Tensor, sh: int, sw: int) -> te.Tensor:
+    """The smmla conv on the input re-laid as [n, h, sw, w/sw, c] (see the module docstring)."""
+    n, h, s, wq, _ = data.shape
+    ocb, kh, kw, cb, lanes, k = wp.shape
+    oh, ow = (h - kh) // sh + 1, (wq * s - kw) // sw + 1
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    rc = te.reduce_axis((0, cb * k), "rc")
+    return te.compute(
+        (n, oh, ow, ocb * lanes),
+        lambda b, y, x, o: te.sum(
+            data[b, y * sh + rh, rw % sw, x + rw // sw, rc].astype("int32")
+            * wp[o // lanes, rh, rw, rc // k, o % lanes, rc % k].astype("int32"),
+            axis=[rh, rw, rc],
+        ),
+        name=DOT_BLOCK,
+    )
+
+
+def _eligible(call: relax.Call, kernel: DotKernel) -> np.ndarray | None:
+    """The OHWI int8 weight of an integer NHWC conv2d the dot kernel handles, else None."""
     if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
         return None
     a = call.attrs
@@ -218,8 +296,12 @@ def _eligible(call: relax.Call, lanes: int) -> np.ndarray | None:
     w = const_np(call.args[1])
     if str(call.args[0].ty.dtype) not in ("int8", "uint8") or w is None:
         return None
-    if w.dtype != np.int8 or w.ndim != 4 or w.shape[0] % lanes:
+    if w.dtype != np.int8 or w.ndim != 4 or w.shape[0] % kernel.lanes:
         return None
+    if kernel.pixels > 1:  # pixel pairs: a static output width, a multiple of the pixels
+        ow = call.ty.shape[2] if getattr(call.ty, "shape", None) is not None else None
+        if not isinstance(ow, tvm.tirx.IntImm) or int(ow) % kernel.pixels:
+            return None
     return w
 
 
@@ -240,22 +322,30 @@ class _DotConvRewriter(relax.PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (TVM's visitor name)
         call = self.visit_expr_post_order(call)
         k = self.kernel
-        w = _eligible(call, k.lanes)
+        w = _eligible(call, k)
         if w is None:
             return call
         bb, op, a = self.builder_, relax.op, call.attrs
         data = call.args[0]
         # +128 takes int8 to uint8 (VNNI), -128 takes uint8 to int8 (sdot); 0 when the types already agree
         shift = 0 if str(data.ty.dtype) == k.act_dtype else (128 if k.act_dtype == "uint8" else -128)
-        wp, c4 = _pack_weight(w, k.lanes)
+        wp, ck = _pack_weight(w, k.lanes, k.k)
+        sh, sw = (int(s) for s in a.strides)
         t, left, b, r = (int(p) for p in a.padding)  # relax conv2d padding is (top, left, bottom, right)
-        if t or left or b or r or c4 != w.shape[3]:
+        if k.pixels > 1:  # the re-laid input needs a width that is a multiple of the stride
+            width = int(data.ty.shape[2]) + left + r
+            r += -width % sw
+        if t or left or b or r or ck != w.shape[3]:
             # conv padding is zeros (the rewrites pad with the zero point themselves); extra channels meet zero weights
-            data = bb.emit(op.nn.pad(data, [0, 0, t, b, left, r, 0, c4 - w.shape[3]], pad_value=0.0))
+            data = bb.emit(op.nn.pad(data, [0, 0, t, b, left, r, 0, ck - w.shape[3]], pad_value=0.0))
         if shift:  # exact in int16
             data = bb.emit(op.astype(op.add(op.astype(data, "int16"), relax.const(shift, "int16")), k.act_dtype))
-        sh, sw = (int(s) for s in a.strides)
-        conv = bb.call_te(_conv_te, data, relax.const(wp), sh, sw, primfunc_name_hint=f"plateau_conv2d_{k.name}")
+        te_fn = _conv_te
+        if k.pixels > 1:
+            n, hp, wp_, c = data.ty.shape
+            data = bb.emit(op.permute_dims(op.reshape(data, [n, hp, int(wp_) // sw, sw, c]), [0, 1, 3, 2, 4]))
+            te_fn = _conv_te_pairs
+        conv = bb.call_te(te_fn, data, relax.const(wp), sh, sw, primfunc_name_hint=f"plateau_conv2d_{k.name}")
         self.count += 1
         if not shift:
             return conv  # the call itself, not a var bound to it: FuseOps does not fuse across a var alias
@@ -276,22 +366,28 @@ def rewrite_convs_dot(mod: tvm.IRModule, kernel: DotKernel = VNNI) -> tuple[tvm.
 
 @dataclass(frozen=True)
 class ConvTile:
-    """Register tile of the dot conv: `ow` output pixels x `oc` blocks of L channels (ow * oc vector accumulators)."""
+    """Register tile of the dot conv: `ow` output pixels x `oc` blocks of L channels (ow * oc / P vector
+    accumulators); each kernel keeps its own register budget (default_tile, tune.candidate_tiles)."""
 
     ow: int = 8
     oc: int = 1
 
     def __post_init__(self) -> None:
-        if self.ow < 1 or self.oc < 1 or self.ow * self.oc > 28:
-            raise ValueError(f"ConvTile(ow={self.ow}, oc={self.oc}): need ow, oc >= 1 and ow * oc <= 28 registers")
+        if self.ow < 1 or self.oc < 1 or self.ow * self.oc > 64:
+            raise ValueError(f"ConvTile(ow={self.ow}, oc={self.oc}): need ow, oc >= 1 and ow * oc <= 64")
 
 
 def default_tile(ow_extent: int, oc_blocks: int, kernel: DotKernel = VNNI) -> ConvTile:
     """A tile that divides the output row. VNNI: up to 16 pixels x 2 blocks of 16 channels, at most 16 zmm
-    accumulators. sdot: up to 8 pixels x 4 blocks of 4 channels, at most 16 of the 32 NEON registers."""
+    accumulators. sdot: up to 8 pixels x 4 blocks of 4 channels; smmla: up to 8 pixels x 8 blocks of 2 channels;
+    at most 16 of the 32 NEON registers."""
     if kernel.lanes >= 16:
         ow = next(t for t in (16, 8, 7, 4, 2, 1) if ow_extent % t == 0)
         oc = 2 if oc_blocks % 2 == 0 and ow <= 8 else 1
+        return ConvTile(ow, oc)
+    if kernel.pixels > 1:  # smmla: (ow/2) x oc accumulators of 2 pixels x 2 channels
+        ow = next(t for t in (8, 4, 2) if ow_extent % t == 0)
+        oc = next(t for t in (8, 4, 2, 1) if oc_blocks % t == 0 and ow // 2 * t <= 16)
         return ConvTile(ow, oc)
     ow = next(t for t in (8, 7, 4, 2, 1) if ow_extent % t == 0)
     oc = next(t for t in (4, 2, 1) if oc_blocks % t == 0 and ow * t <= 16)
@@ -328,24 +424,33 @@ def schedule_dot_conv(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV, tile: C
     else:
         return trial
     n, h, w, o, kh, kw, c = sch.get_loops(block)
-    oco, oci = sch.split(o, [None, kernel.lanes])
-    co, ci = sch.split(c, [None, 4])
     wo, wi = sch.split(w, [None, tile.ow])
-    ocoo, ocoi = sch.split(oco, [None, tile.oc])
-    sch.reorder(n, h, wo, ocoo, kh, kw, co, wi, ocoi, oci, ci)
+    oo, oi = sch.split(o, [None, kernel.lanes * tile.oc])
+    sch.reorder(n, h, wo, oo, wi, oi, kh, kw, c)
     nh = sch.fuse(n, h)
-    _fuse_epilogue(sch, block, ocoo)
+    _fuse_epilogue(sch, block, oo)
     sch.parallel(nh)
-    _tensorize_inner(sch, block, kh, wi, ocoi, oci, kernel)
+    _tensorize_tile(sch, block, wi, oi, kh, kw, c, kernel)
     return sch
 
 
-def _tensorize_inner(sch: Schedule, block, kh, wi, ocoi, oci, kernel: DotKernel) -> None:
+def _tensorize_tile(sch: Schedule, block, x, o, kh, kw, c, kernel: DotKernel) -> None:
+    """The conv's loops over one register tile (x pixels, o channels; reductions kh, kw, c) -> the instruction,
+    reducing over (kh, kw, c/K) outside and the tile's accumulators unrolled inside."""
+    oo, oi = sch.split(o, [None, kernel.lanes])
+    co, ci = sch.split(c, [None, kernel.k])
+    if kernel.pixels == 1:
+        sch.reorder(kh, kw, co, x, oo, oi, ci)
+        tensorized, unrolled = oi, (oo, x)
+    else:
+        xo, xi = sch.split(x, [None, kernel.pixels])
+        sch.reorder(kh, kw, co, xo, oo, xi, oi, ci)
+        tensorized, unrolled = xi, (oo, xo)
     init = sch.decompose_reduction(block, kh)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(oci, kernel.intrin)
-    sch.unroll(ocoi)
-    sch.unroll(wi)
+    sch.tensorize(tensorized, kernel.intrin)
+    for lp in unrolled:
+        sch.unroll(lp)
 
 
 def _anchor_on_output(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, tile: ConvTile, kernel: DotKernel) -> None:
@@ -376,10 +481,7 @@ def _anchor_on_output(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, tile: Co
     sch.parallel(nh)
     # the conv, now at the tile: (1, 1, ow, L*oc, kh, kw, c) loops below co
     b, y, x, o, kh, kw, c = sch.get_loops(conv)[-7:]
-    oco, oci = sch.split(o, [None, kernel.lanes])
-    c4o, c4i = sch.split(c, [None, 4])
-    sch.reorder(kh, kw, c4o, x, oco, oci, c4i)
-    _tensorize_inner(sch, conv, kh, x, oco, oci, kernel)
+    _tensorize_tile(sch, conv, x, o, kh, kw, c, kernel)
     for blk in sch.get_child_blocks(co):
         name = sch.get(blk).name_hint
         if name.startswith(conv_name):

@@ -115,25 +115,34 @@ def test_vnni_conv_kernel_exact(stride, tile):
 
 
 def test_arm_targets_pick_the_sdot_kernel():
-    from plateau.compile.schedule_dot import SDOT, dot_kernel
+    from plateau.compile.schedule_dot import SDOT, SMMLA, dot_kernel
 
     kernel = {t: dot_kernel(tvm.target.Target(get_target(t).tvm_target))
               for t in ("arm64", "arm64-dotprod", "arm64-i8mm", "rpi5", "arm64-neon", "rpi4")}
-    assert kernel == {"arm64": SDOT, "arm64-dotprod": SDOT, "arm64-i8mm": SDOT, "rpi5": SDOT,
+    assert kernel == {"arm64": SDOT, "arm64-dotprod": SDOT, "arm64-i8mm": SMMLA, "rpi5": SDOT,
                       "arm64-neon": None, "rpi4": None}
 
 
-@pytest.mark.parametrize("name", ["s8s8", "u8s8"])
-def test_sdot_kernel_bit_exact_under_qemu(block_models, tmp_path, name):
-    """arm64-dotprod: every conv becomes the tensorized sdot kernel (uint8 activations shifted to int8), and the
-    library run under qemu-aarch64 equals TVM's unscheduled host build on every logit."""
+@pytest.mark.parametrize("target,name", [("arm64-dotprod", "s8s8"), ("arm64-dotprod", "u8s8"),
+                                         ("arm64-i8mm", "s8s8"), ("arm64-i8mm", "u8s8")])
+def test_arm_kernels_bit_exact_under_qemu(block_models, tmp_path, target, name):
+    """arm64-dotprod / arm64-i8mm: every conv (stride 1 and 2) becomes the tensorized sdot / smmla kernel (uint8
+    activations shifted to int8), the instruction is in every conv kernel, and the library run under
+    qemu-aarch64 equals TVM's unscheduled host build on every logit."""
     from plateau import runtime
-    from plateau.compile.schedule_dot import SDOT
+    from plateau.compile.asm import instructions_per_function
+    from plateau.compile.schedule_dot import dot_kernel
 
+    tgt = get_target(target)
+    kernel = dot_kernel(tvm.target.Target(tgt.tvm_target))
     mod, _ = import_onnx(block_models[name])
-    _, n = rewrite_convs_dot(lower_for_target(lower_qdq(mod), get_target("arm64-dotprod")), SDOT)
+    _, n = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), kernel)
     assert n == 4
-    m = compile_onnx(block_models[name], "arm64-dotprod", tmp_path / "arm")
+    ex, _ = build(lower_for_target(lower_qdq(mod), tgt), tgt)
+    counts = instructions_per_function(ex.mod.imports[0].inspect_source("asm"), kernel.name)
+    convs = [f for f in counts if f.startswith(f"fused_plateau_conv2d_{kernel.name}")]
+    assert len(convs) == 4, counts
+    m = compile_onnx(block_models[name], target, tmp_path / "arm")
     assert m["conv_layout"] == "NHWC"
     if runtime.sysroot_status() is None or shutil.which("qemu-aarch64") is None:
         pytest.skip("arm64 sysroot / qemu not set up (make arm64-sysroot)")
