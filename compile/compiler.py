@@ -175,6 +175,8 @@ def compile_onnx(
     requant: str = "float",
     schedule: str = "default",
     tune_minutes: float = 0.0,
+    tune_rpc: str | None = None,
+    tune_rpc_key: str = "",
 ) -> dict:
     """Compile the QDQ ONNX model at `onnx_path` for `target`; write out_dir/model.so and manifest.json.
 
@@ -183,8 +185,9 @@ def compile_onnx(
     in manifest["float_islands"]. `requant` is "float" (float32 multiplier, as onnxruntime's
     fused kernels), "float64" (the exact product) or "fixed" (integer-only); see plateau.compile._common.
     `schedule` "default" uses the hand-written CPU schedules (schedule.py), "none" TVM's unscheduled kernels.
-    `tune_minutes` > 0 searches conv tiles on this machine within that budget (tune.py), kept in
-    out_dir/tuning/ so later builds reuse them. Returns the manifest dict.
+    `tune_minutes` > 0 searches conv tiles within that budget (tune.py), timed on this machine, or on the board
+    at `tune_rpc` (HOST:PORT of `plateau device serve`; needed for arm64 targets), kept in out_dir/tuning/ so
+    later builds reuse them. Returns the manifest dict.
     """
     tgt = get_target(target)
     if requant not in REQUANT_MODES:
@@ -213,7 +216,7 @@ def compile_onnx(
     if schedule == "default":
         from .tune import tuned_tiles  # the database in out_dir/tuning/, searched when tune_minutes > 0
 
-        tiles, tuning = tuned_tiles(mod, tgt, out_dir / "tuning", tune_minutes)
+        tiles, tuning = tuned_tiles(mod, tgt, out_dir / "tuning", tune_minutes, tune_rpc, tune_rpc_key)
     ex, tdict = build(mod, tgt, schedule, tiles)
     out_dir.mkdir(parents=True, exist_ok=True)
     so = out_dir / "model.so"

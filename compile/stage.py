@@ -26,8 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: hand-written CPU schedules (x86 VNNI int8 conv, parallel kernels); none: TVM's "
                         "unscheduled kernels")
     p.add_argument("--tune-minutes", type=float, default=0.0,
-                   help="search conv tiles on this machine for up to this long (x86 VNNI); the answers are kept in "
-                        "<run>/compile/<target>/tuning/tiles.json and reused by later builds")
+                   help="search conv tiles for up to this long, timed on this machine (host) or on the board at "
+                        "--rpc (arm64 targets); the answers are kept in <run>/compile/<target>/tuning/tiles.json "
+                        "and reused by later builds")
+    p.add_argument("--rpc", help="HOST:PORT of a board running `plateau device serve`, where --tune-minutes times")
+    p.add_argument("--rpc-key", default="", help="key the board's server was started with")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -39,7 +42,8 @@ def main(args: argparse.Namespace) -> dict:
         onnx_path = run / "export" / man["outputs"]["model_qdq.onnx"]
     out = run / "compile" / args.target
     manifest = compile_onnx(onnx_path, args.target, out, allow_float=args.allow_float, requant=args.requant,
-                            schedule=args.schedule, tune_minutes=args.tune_minutes)
+                            schedule=args.schedule, tune_minutes=args.tune_minutes, tune_rpc=args.rpc,
+                            tune_rpc_key=args.rpc_key)
     ops = manifest.get("ops", {})
     print(f"compile: {onnx_path} -> {out / 'model.so'} for {args.target}; ops {ops}; "
           f"float islands: {manifest.get('float_islands') or 'none'}")

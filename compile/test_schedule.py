@@ -182,6 +182,35 @@ def test_tuning_database_written_then_reused(block_models, tmp_path):
     assert ex is not None
 
 
+def test_tuning_an_arm_target_needs_the_board(block_models, tmp_path):
+    mod, _ = import_onnx(block_models["s8s8"])
+    mod = lower_for_target(lower_qdq(mod), get_target("arm64-dotprod"))
+    with pytest.raises(PlateauError, match="needs the board: pass --rpc"):
+        tuned_tiles(mod, get_target("arm64-dotprod"), tmp_path, minutes=0.05)
+    assert tuned_tiles(mod, get_target("arm64-dotprod"), tmp_path) == (None, None)  # no database: default tiles
+
+
+@pytest.mark.slow
+def test_tuning_over_rpc_on_an_emulated_board(block_models, tmp_path):
+    """Candidates cross-compiled, uploaded to `plateau device serve --emulate` (qemu-aarch64) and timed there; the
+    database is written for the arm64 target and a later build reads it. (Emulated timings tune nothing real: the
+    test checks the path a real board takes.)"""
+    from plateau import runtime
+
+    if runtime.sysroot_status() is None or shutil.which("qemu-aarch64") is None:
+        pytest.skip("arm64 sysroot / qemu not set up (make arm64-sysroot)")
+    mod, _ = import_onnx(block_models["s8s8"])
+    tgt = get_target("arm64-dotprod")
+    mod = lower_for_target(lower_qdq(mod), tgt)
+    with runtime.serve(port=0, key="tune-test", emulate=True, block=False, silent=True) as s:
+        choose, info = tuned_tiles(mod, tgt, tmp_path, minutes=0.1, rpc=f"127.0.0.1:{s.port}", rpc_key="tune-test")
+    assert choose is not None and info["entries"] >= 1 and "emulated" in info["timed_on"], info
+    (entries,) = load_db(tmp_path / DB_FILE)["targets"].values()
+    assert all(e["ms"] > 0 and e["ow"] >= 1 and e["oc"] >= 1 for e in entries.values())
+    ex, _ = build(mod, tgt, tiles=tuned_tiles(mod, tgt, tmp_path)[0])
+    assert "sdot" in ex.mod.imports[0].inspect_source("asm")
+
+
 def test_unknown_schedule_is_an_error():
     mod = tvm.IRModule()
     with pytest.raises(PlateauError, match="unknown schedule 'fast'"):

@@ -1,11 +1,15 @@
-"""Tuning: a search over the conv tiles of schedule_dot.py's VNNI kernel, measured on this machine, kept in a database.
+"""Tuning: a search over the conv tiles of schedule_dot.py's kernels, measured on the device, kept in a database.
 
-The hand schedules are parameterized by one small choice per conv shape, the register tile (pixels x 16-channel
+The hand schedules are parameterized by one small choice per conv shape, the register tile (pixels x channel
 blocks). `tune_tiles` builds every candidate of every conv kernel of the model, times it on random inputs at a
 tuning batch, and keeps the fastest; the answers go to `<dir>/tiles.json`, keyed by the target and the conv shape,
 so a model is tuned once per target and later builds read the file (no measuring, seconds).
 
+Timings come from where the kernel will run: this machine for the host target, or a board over TVM RPC
+(`rpc="HOST:PORT"` of `plateau device serve`): each candidate is cross-compiled, uploaded and timed there.
+
     >>> tiles, info = tuned_tiles(mod, target, Path("runs/r1/compile/host/tuning"), minutes=5)
+    >>> tiles, info = tuned_tiles(mod, get_target("rpi5"), Path(".../tuning"), minutes=5, rpc="10.0.0.7:9090")
     >>> ex, _ = build(mod, target, tiles=tiles)
 
 A time budget stops the search early; shapes not reached keep the default tile. Timings are the minimum over
@@ -16,7 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +30,15 @@ import tvm
 from tvm.s_tir import Schedule
 
 from plateau.artifacts import atomic_path
+from plateau.errors import PlateauError
 
 from .schedule import TileChooser, find_conv_block, fresh_schedule, legalize_passes
 from .schedule_dot import (
-    VNNI,
     ConvTile,
+    DotKernel,
     conv_extents,
     default_tile,
-    has_vnni,
+    dot_kernel,
     rewrite_convs_dot,
     schedule_dot_conv,
 )
@@ -57,14 +64,20 @@ def conv_key(sch: Schedule) -> str | None:
     return f"out{oh}x{ow}x{oc}-k{kh}x{kw}x{c}"
 
 
-def candidate_tiles(ow_extent: int, oc_blocks: int) -> list[ConvTile]:
-    """Tiles that divide the output: pixels 1..16 dividing the width, channel blocks dividing the channels."""
+def candidate_tiles(ow_extent: int, oc_blocks: int, kernel: DotKernel | None = None) -> list[ConvTile]:
+    """Tiles that divide the output (pixels dividing the width, a multiple of the kernel's pixels; channel blocks
+    dividing the channels) whose accumulators fit the kernel's registers."""
+    from .schedule_dot import VNNI
+
+    kernel = kernel or VNNI
     out = []
     for ow in (1, 2, 4, 7, 8, 14, 16, 28, 32):
-        for oc in (1, 2, 4):
-            if ow_extent % ow == 0 and oc_blocks % oc == 0 and 4 <= ow * oc <= 24:
+        for oc in (1, 2, 4, 8):
+            acc = ow // kernel.pixels * oc
+            if ow_extent % ow == 0 and ow % kernel.pixels == 0 and oc_blocks % oc == 0 \
+                    and 4 <= acc <= min(24, kernel.registers):
                 out.append(ConvTile(ow, oc))
-    return out or [default_tile(ow_extent, oc_blocks)]
+    return out or [default_tile(ow_extent, oc_blocks, kernel)]
 
 
 def _target_key(target: tvm.target.Target) -> str:
@@ -84,11 +97,11 @@ def load_db(path: Path) -> dict:
     return db
 
 
-def _fused_convs(mod: tvm.IRModule, target: tvm.target.Target) -> dict[str, tvm.tirx.PrimFunc]:
+def _fused_convs(mod: tvm.IRModule, target: tvm.target.Target, kernel: DotKernel) -> dict[str, tvm.tirx.PrimFunc]:
     """key -> one fused conv PrimFunc of each shape, as the build pipeline produces them."""
     legalize = legalize_passes(target)
     with target:
-        mod, _ = rewrite_convs_dot(mod, VNNI)
+        mod, _ = rewrite_convs_dot(mod, kernel)
         mod = tvm.transform.Sequential(legalize)(mod)
     out: dict = {}
     for gv, func in mod.functions_items():
@@ -114,35 +127,60 @@ def _random_args(func: tvm.tirx.PrimFunc, batch: int, dev: tvm.runtime.Device) -
     return args
 
 
-def _tile_timer(func: tvm.tirx.PrimFunc, tile: ConvTile, target: tvm.target.Target, batch: int):
+class Device:
+    """Where candidates are timed: this machine (remote None) or a board over TVM RPC (cross-compiled uploads)."""
+
+    def __init__(self, remote=None, cross_cc: str | None = None, label: str = "local") -> None:
+        self.remote, self.cross_cc, self.label = remote, cross_cc, label
+        self._dir = tempfile.TemporaryDirectory(prefix="plateau-tune-") if remote is not None else None
+
+    def load(self, lib) -> tuple[tvm.runtime.Module, tvm.runtime.Device]:
+        if self.remote is None:
+            return lib.mod, tvm.cpu()
+        name = f"tile-{uuid.uuid4().hex[:12]}.so"
+        path = Path(self._dir.name) / name
+        fcompile = tvm.support.cc.cross_compiler(self.cross_cc) if self.cross_cc else None
+        if fcompile:
+            lib.export_library(str(path), fcompile=fcompile)
+        else:
+            lib.export_library(str(path))
+        self.remote.upload(str(path), target=name)
+        return self.remote.load_module(name), self.remote.cpu(0)
+
+
+def _tile_timer(func: tvm.tirx.PrimFunc, tile: ConvTile, target: tvm.target.Target, batch: int,
+                kernel: DotKernel, device: Device | None = None):
     """Build `func` with `tile`; a zero-argument callable giving one timing (seconds, min over repeats)."""
     sch = fresh_schedule(func, "main")
-    sch = schedule_dot_conv(sch, find_conv_block(sch), tile, VNNI)
+    sch = schedule_dot_conv(sch, find_conv_block(sch), tile, kernel)
     lib = tvm.compile(sch.mod, target)
-    dev = tvm.cpu()
+    mod, dev = (device or Device()).load(lib)
     args = _random_args(func, batch, dev)
-    timer = lib.mod.time_evaluator("main", dev, number=3, repeat=5, min_repeat_ms=10)
+    timer = mod.time_evaluator("main", dev, number=3, repeat=5, min_repeat_ms=10)
     return lambda: float(min(timer(*args).results))
 
 
 def tune_tiles(mod: tvm.IRModule, target: tvm.target.Target, minutes: float, batch: int = TUNE_BATCH,
-               known: dict | None = None) -> dict[str, dict]:
+               known: dict | None = None, device: Device | None = None) -> dict[str, dict]:
     """Search the conv tiles of `mod` (a lowered Relax module) within `minutes`; key -> {ow, oc, ms, default_ms}.
-    Keys already in `known` are skipped."""
+    Keys already in `known` are skipped. Timed on `device` (default: this machine)."""
+    kernel = dot_kernel(target)
+    if kernel is None:
+        return {}
     deadline = time.monotonic() + minutes * 60
     found: dict[str, dict] = {}
-    for key, func in _fused_convs(mod, target).items():
+    for key, func in _fused_convs(mod, target, kernel).items():
         if known and key in known:
             continue
         sch = fresh_schedule(func)
-        ow_ext, ocb = conv_extents(sch, find_conv_block(sch))
-        default = default_tile(ow_ext, ocb)
+        ow_ext, ocb = conv_extents(sch, find_conv_block(sch), kernel)
+        default = default_tile(ow_ext, ocb, kernel)
         timers: dict = {}
-        for tile in [default] + [t for t in candidate_tiles(ow_ext, ocb) if t != default]:
+        for tile in [default] + [t for t in candidate_tiles(ow_ext, ocb, kernel) if t != default]:
             if time.monotonic() > deadline:
                 break
             try:
-                timers[tile] = _tile_timer(func, tile, target, batch)
+                timers[tile] = _tile_timer(func, tile, target, batch, kernel, device)
             except Exception as e:  # noqa: BLE001 (a tile TVM cannot build is just not a candidate)
                 log.info("tile %s of %s failed: %s", tile, key, str(e).splitlines()[0] if str(e) else e)
         # interleaved rounds, minimum per candidate: other processes disturb all candidates alike
@@ -159,22 +197,43 @@ def tune_tiles(mod: tvm.IRModule, target: tvm.target.Target, minutes: float, bat
     return found
 
 
-def tuned_tiles(mod: tvm.IRModule, target: CompileTarget, db_dir: Path, minutes: float = 0.0
-                ) -> tuple[TileChooser | None, dict | None]:
+def _tuning_device(target: CompileTarget, rpc: str | None, rpc_key: str) -> Device:
+    """This machine for the host target; a board over RPC otherwise (the timings must come from the device)."""
+    if rpc is None:
+        if target.arch != "host":
+            raise PlateauError(f"tuning for target {target.name!r} needs the board: pass --rpc HOST:PORT of "
+                               "`plateau device serve` running there (timings on this machine would tune for it)")
+        return Device()
+    from plateau.runtime import rpc_connect
+
+    remote, info = rpc_connect(rpc, rpc_key)
+    want = "aarch64" if target.arch == "aarch64" else None
+    if want and info.get("machine") and info["machine"] != want:
+        raise PlateauError(f"target {target.name!r} is {want}; the RPC server {rpc} is {info['machine']}")
+    label = f"rpc {rpc}" + (" (emulated: timings are not the board's)" if info.get("emulated") else "")
+    return Device(remote, target.cross_cc, label)
+
+
+def tuned_tiles(mod: tvm.IRModule, target: CompileTarget, db_dir: Path, minutes: float = 0.0,
+                rpc: str | None = None, rpc_key: str = "") -> tuple[TileChooser | None, dict | None]:
     """(tile chooser for build(), manifest summary) from the database in `db_dir`, tuning first when
-    `minutes` > 0. Without a database or tuning: (None, None), the default tiles."""
+    `minutes` > 0 (on this machine, or on the board at `rpc`). Without a database or tuning: (None, None),
+    the default tiles."""
     tdict = target.tvm_target
     t = tvm.target.Target(tdict)
-    if not has_vnni(t):
+    if dot_kernel(t) is None:
         return None, None
     path = Path(db_dir) / DB_FILE
     db = load_db(path)
     tkey = _target_key(t)
     entries = db["targets"].setdefault(tkey, {})
     searched = 0.0
+    where = None
     if minutes > 0:
+        device = _tuning_device(target, rpc, rpc_key)
+        where = device.label
         start = time.monotonic()
-        new = tune_tiles(mod, t, minutes, known=entries)
+        new = tune_tiles(mod, t, minutes, known=entries, device=device)
         searched = time.monotonic() - start
         if new:
             entries.update(new)
@@ -188,5 +247,6 @@ def tuned_tiles(mod: tvm.IRModule, target: CompileTarget, db_dir: Path, minutes:
         e = entries.get(conv_key(sch) or "")
         return ConvTile(e["ow"], e["oc"]) if e else None
 
-    info = {"database": str(path), "entries": len(entries), "search_seconds": round(searched, 1)}
+    info = {"database": str(path), "entries": len(entries), "search_seconds": round(searched, 1),
+            "timed_on": where}
     return choose, info

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from .run import RunResult, elf_machine, list_devices, run_artifact
+from .run import RunResult, elf_machine, list_devices, rpc_connect, run_artifact
 from .serve import DeviceServer, add_device_arguments, device_main, serve
 
 __all__ = [
     "RunResult",
     "run_artifact",
+    "rpc_connect",
     "list_devices",
     "elf_machine",
     "ensure_arm64_sysroot",

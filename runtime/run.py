@@ -23,7 +23,7 @@ from plateau.errors import PlateauError
 
 from . import _worker
 
-__all__ = ["RunResult", "run_artifact", "list_devices", "elf_machine", "DEVICES"]
+__all__ = ["RunResult", "run_artifact", "rpc_connect", "list_devices", "elf_machine", "DEVICES"]
 
 DEVICES = ["local", "qemu", "rpc"]
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64", 40: "arm", 243: "riscv"}
@@ -270,9 +270,8 @@ def _parse_addr(addr: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _run_rpc(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int], timing: bool, addr: str,
-             key: str, machine: str) -> RunResult:
-    import tvm
+def rpc_connect(addr: str, key: str = ""):
+    """(TVM RPC session, what a `plateau device serve` server says about itself) for HOST:PORT; one-line errors."""
     from tvm import rpc as tvm_rpc
 
     host, port = _parse_addr(addr)
@@ -289,7 +288,15 @@ def _run_rpc(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int]
         why = _worker._oneline(e)
         hint = "; check rpc_key (the server's --key)" if "key" in why else "; is it a TVM RPC server?"
         raise PlateauError(f"RPC session with {host}:{port} failed ({why}){hint}") from None
-    info = _remote_info(remote)
+    return remote, _remote_info(remote)
+
+
+def _run_rpc(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int], timing: bool, addr: str,
+             key: str, machine: str) -> RunResult:
+    import tvm
+
+    host, port = _parse_addr(addr)
+    remote, info = rpc_connect(addr, key)
     if info.get("machine") and info["machine"] != machine:
         raise PlateauError(f"{lib} is built for {machine}, the RPC server {host}:{port} is {info['machine']}")
     emulated = bool(info.get("emulated", False))
