@@ -225,3 +225,22 @@ def test_bn_recalibration_uses_clean_forwards():
         h = model.features[0].eval()(x)  # eval mode: the injector's hooks stay out
     torch.testing.assert_close(bn.running_mean, h.mean((0, 2, 3)))
     torch.testing.assert_close(bn.running_var, h.var((0, 2, 3), unbiased=True))
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "mobilenetv2_100", "resnet18"])
+def test_timm_models_train_with_noise(tmp_path, name):
+    """timm models by name at 32x32 (ViT / DeiT with patch size 4): a noisy training epoch runs, the noise
+    reaches their Conv/Linear layers, and the checkpoint reloads."""
+    from plateau.models import create_model
+    from plateau.train.noise import quant_layers
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 32)
+    imgs = np.clip(rng.normal(128, 50, (32, 32, 32, 3)), 0, 255).astype(np.uint8)
+    data = ImageSet(imgs, labels.astype(np.int64), ["a", "b", "c", "d"], "train")
+    model = create_model(name, num_classes=4, img_size=32)
+    assert model.plateau_cfg["input_size"] == [3, 32, 32] and len(quant_layers(model)) >= 2
+    rep = train(model, _cfg(epochs=1, batch_size=16, lr=0.01, quant_gap=False, bn_recalibrate=32), tmp_path, data, data)
+    assert np.isfinite(rep["final"]["train_loss"])
+    blob = torch.load(tmp_path / "train" / "last.pt", weights_only=True)
+    create_model(name, num_classes=4, img_size=32).load_state_dict(blob["model"])
