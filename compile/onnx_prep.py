@@ -9,6 +9,9 @@
 - INT4 / UINT4 initializers are unpacked to INT8 / UINT8 (exact: same values). The importer cannot read packed
   4-bit tensors, and TVM miscompiles native int4 buffers (shared notes). A QuantizeLinear whose zero point was
   4-bit gets a Clip to the 4-bit range after it, so activations still saturate at -8..7 (or 0..15).
+- Clip(y, lo, hi) -> QuantizeLinear (ReLU6 and friends) becomes QuantizeLinear(y) -> a Clip on the integers to
+  [Q(lo), Q(hi)]: quantize is monotone, so the two are equal exactly, and the conv / matmul / add rewrites then
+  see their QuantizeLinear directly. A clamp that covers the whole integer range is dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from plateau.errors import PlateauError
-from plateau.quant import QType
+from plateau.quant import QType, quantize_np
 
 __all__ = ["PreparedModel", "prepare_onnx", "array_key"]
 
@@ -100,6 +103,67 @@ def _fold_constants(model: onnx.ModelProto) -> None:
     graph.node.extend(kept)
 
 
+_ZP_TYPES = {TensorProto.INT8: QType(8, True), TensorProto.UINT8: QType(8, False),
+             TensorProto.INT4: QType(4, True), TensorProto.UINT4: QType(4, False)}
+
+
+def _fold_clip_into_quantize(graph: onnx.GraphProto) -> None:
+    """Clip(y, lo, hi) -> QuantizeLinear(s, zp)  =>  QuantizeLinear(y) -> Clip(q, Q(lo), Q(hi)) (see the docstring).
+
+    Only a Clip whose one consumer is the QuantizeLinear, with constant bounds and a per-tensor scale."""
+    inits = {i.name: i for i in graph.initializer}
+    nodes = [onnx.NodeProto() for _ in graph.node]  # copies: stable objects to edit, written back at the end
+    for copy, n in zip(nodes, graph.node, strict=True):
+        copy.CopyFrom(n)
+    index = {o: k for k, n in enumerate(nodes) for o in n.output}
+    uses: dict[str, int] = {}
+    for n in nodes:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    outputs = {o.name for o in graph.output}
+    const = lambda name: numpy_helper.to_array(inits[name]) if name in inits else None  # noqa: E731
+    dropped: set[int] = set()
+    after: dict[int, onnx.NodeProto] = {}
+    for k, q in enumerate(nodes):
+        clip = nodes[index[q.input[0]]] if q.input and q.input[0] in index else None
+        if q.op_type != "QuantizeLinear" or clip is None or clip.op_type != "Clip" or len(q.input) < 3:
+            continue
+        if uses.get(clip.output[0], 0) != 1 or clip.output[0] in outputs:
+            continue
+        bounds = [clip.input[i] if len(clip.input) > i and clip.input[i] else None for i in (1, 2)]
+        if any(b is not None and b not in inits for b in bounds) or q.input[1] not in inits or q.input[2] not in inits:
+            continue
+        s, zp_init = const(q.input[1]), inits[q.input[2]]
+        qt = _ZP_TYPES.get(zp_init.data_type)
+        if qt is None or s.size != 1:
+            continue
+        zp = int(numpy_helper.to_array(zp_init).astype(np.int64).reshape(-1)[0])
+        lo = qt.qmin if bounds[0] is None else int(quantize_np(const(bounds[0]).reshape(()), s.reshape(()), zp, qt))
+        hi = qt.qmax if bounds[1] is None else int(quantize_np(const(bounds[1]).reshape(()), s.reshape(()), zp, qt))
+        q.input[0] = clip.input[0]
+        dropped.add(index[clip.output[0]])
+        if lo > qt.qmin or hi < qt.qmax:
+            dt = np.int8 if zp_init.data_type in (TensorProto.INT8, TensorProto.INT4) else np.uint8
+            out = q.output[0]
+            names = (f"{out}__clip_lo", f"{out}__clip_hi", f"{out}__unclipped")
+            graph.initializer.extend([numpy_helper.from_array(np.array(lo, dt), names[0]),
+                                      numpy_helper.from_array(np.array(hi, dt), names[1])])
+            q.output[0] = names[2]
+            after[k] = helper.make_node("Clip", [names[2], names[0], names[1]], [out],
+                                            name=f"{clip.name or out}__on_integers")
+    if not dropped:
+        return
+    kept = []
+    for k, n in enumerate(nodes):
+        if k in dropped:
+            continue
+        kept.append(n)
+        if k in after:
+            kept.append(after[k])
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
 def prepare_onnx(path: str | Path) -> PreparedModel:
     """Load, check and normalize the model at `path` (see the module docstring)."""
     model = _load(path)
@@ -110,6 +174,7 @@ def prepare_onnx(path: str | Path) -> PreparedModel:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.domain == "com.microsoft":
             node.domain = ""
     _fold_constants(model)
+    _fold_clip_into_quantize(graph)
     inits = {i.name: i for i in graph.initializer}
 
     four_bit_zp: dict[str, QType] = {}

@@ -64,3 +64,4 @@ def test_pad_matches_onnxruntime(tmp_path):
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "out" / "model.so")), tvm.cpu())
     ref = ort_session(str(tmp_path / "m.onnx")).run(None, {"input": x})[0]
     np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), ref)
+
