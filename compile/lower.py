@@ -14,6 +14,7 @@ from tvm import relax
 from tvm.relax.dpl import rewrite_call
 
 from ._common import REQUANT_MODES
+from .rewrite_act_matmul import ActMatmulRewrite
 from .rewrite_binary import BinaryRewrite
 from .rewrite_concat import ConcatRewrite
 from .rewrite_conv import ConvRewrite
@@ -30,8 +31,8 @@ __all__ = ["lower_qdq", "op_counts", "float_compute_calls", "float_ops", "REWRIT
 PRE_REWRITES = {"passthrough": PassThroughRewrite, "requant": RequantRewrite}
 _MAX_PRE_ROUNDS = 16
 # Then the compute patterns; each matches a disjoint root (the quantize after its own op).
-REWRITES = {"conv2d": ConvRewrite, "matmul": MatmulRewrite, "mean": MeanRewrite, "binary": BinaryRewrite,
-            "concat": ConcatRewrite}
+REWRITES = {"conv2d": ConvRewrite, "matmul": MatmulRewrite, "act_matmul": ActMatmulRewrite, "mean": MeanRewrite,
+            "binary": BinaryRewrite, "concat": ConcatRewrite}
 _COMPUTE = {"relax.nn.conv2d": "conv2d", "relax.matmul": "matmul"}
 
 
