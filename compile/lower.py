@@ -20,7 +20,7 @@ from .rewrite_concat import ConcatRewrite
 from .rewrite_conv import ConvRewrite
 from .rewrite_matmul import MatmulRewrite
 from .rewrite_passthrough import PassThroughRewrite
-from .rewrite_pool import MeanRewrite
+from .rewrite_pool import AvgPoolRewrite, MeanRewrite
 from .rewrite_requant import RequantRewrite
 
 __all__ = ["lower_qdq", "op_counts", "float_compute_calls", "float_ops", "REWRITES", "PRE_REWRITES"]
@@ -32,6 +32,7 @@ PRE_REWRITES = {"passthrough": PassThroughRewrite, "requant": RequantRewrite}
 _MAX_PRE_ROUNDS = 16
 # Then the compute patterns; each matches a disjoint root (the quantize after its own op).
 REWRITES = {"conv2d": ConvRewrite, "matmul": MatmulRewrite, "act_matmul": ActMatmulRewrite, "mean": MeanRewrite,
+            "avg_pool": AvgPoolRewrite,
             "binary": BinaryRewrite, "concat": ConcatRewrite}
 _COMPUTE = {"relax.nn.conv2d": "conv2d", "relax.matmul": "matmul"}
 

@@ -17,7 +17,7 @@ from tvm.relax.dpl import is_const, is_op, wildcard
 
 from ._common import Multiplier, qtype_of, requantize, scalar
 
-__all__ = ["MeanRewrite"]
+__all__ = ["MeanRewrite", "AvgPoolRewrite"]
 
 
 class MeanRewrite:
@@ -52,3 +52,53 @@ class MeanRewrite:
             acc = relax.op.add(acc, relax.const(np.int32(-int(zp_x) * k)))
         mult = Multiplier.for_mean(s_x, s_y, k)
         return requantize(acc, mult, int(zp_y), out_t, out_t.qmin, (), self.requant)
+
+
+class AvgPoolRewrite:
+    """quantize(avg_pool2d(dequantize(x_q))) -> exact int32 window sums (a depthwise conv with a ones kernel on the
+    zero-point-centred integers) -> requantize with float32(s_x) / (float32(s_y) * K) per output position, K the
+    window size (count_include_pad) or each window's in-bounds count. The reference's avgpool (export
+    run_graph_int). ceil_mode and dilation stay float (DQ -> AveragePool -> Q)."""
+
+    def __init__(self, requant: str = "float") -> None:
+        self.requant = requant
+        self.x_q, self.s_x, self.zp_x = wildcard(), is_const(), is_const()
+        self.s_y, self.zp_y = is_const(), is_const()
+        x = is_op("relax.dequantize")(self.x_q, self.s_x, self.zp_x)
+        self.pool = is_op("relax.nn.avg_pool2d")(x)
+        self.quant = is_op("relax.quantize")(self.pool, self.s_y, self.zp_y)
+        self.pattern = self.quant
+
+    def __call__(self, expr: relax.Expr, m: dict) -> relax.Expr:
+        x_q = m[self.x_q]
+        out_t = qtype_of(m[self.quant].attrs.out_dtype)
+        s_x, zp_x, s_y, zp_y = (scalar(m[p]) for p in (self.s_x, self.zp_x, self.s_y, self.zp_y))
+        a = m[self.pool].attrs
+        if qtype_of(x_q.ty.dtype) is None or out_t is None or None in (s_x, zp_x, s_y, zp_y):
+            return expr
+        if bool(a.ceil_mode) or str(a.layout) != "NCHW" or any(int(d) != 1 for d in a.dilation):
+            return expr
+        try:
+            c, h, w = (int(d) for d in list(x_q.ty.shape)[1:])
+        except (TypeError, ValueError):  # dynamic channels or spatial size
+            return expr
+        kh, kw = (int(v) for v in a.pool_size)
+        sh, sw = (int(v) for v in a.strides)
+        top, left, bottom, right = (int(v) for v in a.padding)
+        oh, ow = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
+        if bool(a.count_include_pad):
+            count = np.full((oh, ow), kh * kw, np.int64)
+        else:  # in-bounds positions of each window
+            rows = np.array([min(h, i * sh - top + kh) - max(0, i * sh - top) for i in range(oh)])
+            cols = np.array([min(w, j * sw - left + kw) - max(0, j * sw - left) for j in range(ow)])
+            count = np.outer(rows, cols)
+        op = relax.op
+        centered = op.subtract(op.astype(x_q, "int32"), relax.const(np.int32(zp_x), "int32"))
+        ones = relax.const(np.ones((c, 1, kh, kw), np.int32))
+        acc = op.nn.conv2d(centered, ones, strides=(sh, sw), padding=(top, left, bottom, right), groups=c,
+                           out_dtype="int32")
+        if bool(a.count_include_pad):
+            mult, shape = Multiplier.for_mean(s_x, s_y, kh * kw), ()
+        else:
+            mult, shape = Multiplier.for_mean(s_x, s_y, count.reshape(-1)), (1, 1, oh, ow)
+        return requantize(acc, mult, int(zp_y), out_t, out_t.qmin, shape, self.requant)

@@ -161,7 +161,9 @@ def run_graph_int(graph: QGraph, x: torch.Tensor, acts: dict[str, ActQ], weights
     conv/linear: exact integer accumulation of (q_x - z_x) * q_w plus the int32 bias, then
         requantize(acc, float32(float32(s_x * s_w) / s_y))            -- as integer kernels compute it
     gap:  exact integer sum over H*W, then requantize with float32(s_x / (s_y * H * W))
-    add/mul/avgpool/cat/float islands: DQ in float32, the float32 op, Q   -- ONNX float semantics, fixed order
+    avgpool (ceil_mode off): exact integer window sums, then requantize with float32(s_x) / (float32(s_y) * K), K the
+        window size (count_include_pad) or each window's in-bounds count     -- as GAP, per output position
+    add/mul/cat/float islands (and avgpool with ceil_mode): DQ in float32, the float32 op, Q   -- ONNX float semantics
     pass-through ops act on integers (zero padding pads with the zero point, ReLU clamps at it).
     Returns dequantized logits, or with keep=True the integer outputs of every quantization point.
     """
@@ -193,6 +195,18 @@ def run_graph_int(graph: QGraph, x: torch.Tensor, acts: dict[str, ActQ], weights
             count = ins[0].shape[2] * ins[0].shape[3]
             m = torch.tensor(np.float32(np.float64(ain[0].scale) / (np.float64(a.scale) * count)))
             y = requantize(acc, m, a.zero_point, a.qtype, axis=None)
+        elif n.op == "avgpool" and not at["ceil_mode"]:
+            xin = ins[0] - ain[0].zero_point
+            k, st, pad = at["kernel"], at["stride"], at["padding"]
+            # divisor 1: the exact window sums (zero padding is the zero point, 0 once centred)
+            acc = F.avg_pool2d(xin, k, st, pad, count_include_pad=True, divisor_override=1)
+            if at["count_include_pad"]:
+                count = np.float32(k[0] * k[1])
+            else:
+                ones = torch.ones(1, 1, *xin.shape[2:], dtype=torch.float64)
+                count = F.avg_pool2d(ones, k, st, pad, count_include_pad=True, divisor_override=1)[0, 0].numpy()
+            m = np.float32(ain[0].scale) / (np.float32(a.scale) * np.asarray(count, np.float32))
+            y = requantize(acc, torch.from_numpy(np.asarray(m, np.float32)), a.zero_point, a.qtype, axis=None)
         elif n.op in ("add", "mul", "avgpool", "cat", "float"):
             f = _apply(n, [_deq(t, ai) for t, ai in zip(ins, ain, strict=False)], None, None)
             y = _requant_float(f, a)
