@@ -8,7 +8,9 @@ one QNode op:
     compute ops (own output quantization): conv, linear, add, mul, gap, avgpool, cat, float (an island kept in
         float with allow_float: GELU, Softmax, LayerNorm, ... see float_ops.py)
     pass-through ops (exact on the integer grid, share their input's scale): maxpool, flatten, slice, pad, relu
-A ReLU whose input has no other user is fused into the producing compute op (quantized after the ReLU).
+A ReLU whose input has no other user is fused into the producing compute op (quantized after the ReLU); so is a
+ReLU6 / Hardtanh (attrs["clip"] = (lo, hi): quantized after the clamp, which on integers is a clamp to
+[Q(lo), Q(hi)]).
 """
 
 from __future__ import annotations
@@ -134,6 +136,13 @@ def capture(model: nn.Module, input_shape: list[int] | tuple[int, ...], allow_fl
                 continue
             if node.op == "get_attr":
                 raise ValueError("parameter used outside a layer")
+            bounds = _clip_bounds(node, gm)
+            if bounds is not None:
+                p = producer(src(node.args[0]))
+                if p.op in _RELU_FUSABLE and not p.relu and "clip" not in p.attrs and len(node.args[0].users) == 1:
+                    p.attrs["clip"] = bounds
+                    alias[node.name] = p.name
+                    continue
             kind, attrs, inputs = _classify(node, gm, allow_float)
             if kind == "identity":
                 alias[node.name] = src(inputs[0])
@@ -160,6 +169,18 @@ def capture(model: nn.Module, input_shape: list[int] | tuple[int, ...], allow_fl
     assert output is not None
     # Names of modules in the original model (fx renames 'layer1.0.conv1' to 'layer1_0_conv1').
     return QGraph(nodes, output, list(input_shape))
+
+
+def _clip_bounds(node: fx.Node, gm: fx.GraphModule) -> tuple[float, float] | None:
+    """(lo, hi) when `node` is a ReLU6 / Hardtanh (module or function), else None."""
+    found = None
+    if node.op == "call_module":
+        found = float_op_of_module(gm.get_submodule(node.target))
+    elif node.op == "call_function":
+        found = float_op_of_function(node.target, list(node.args), dict(node.kwargs))
+    if found is None or found[0] != "clip" or not isinstance(node.args[0], fx.Node):
+        return None
+    return float(found[1]["min"]), float(found[1]["max"])
 
 
 def _island(found: tuple[str, dict], what: str, allow_float: bool, inputs: list) -> tuple[str, dict, list]:

@@ -24,7 +24,7 @@ from plateau.artifacts import FORMAT_VERSION
 from plateau.quant import QType, pack_int4
 
 from .graph import QNode
-from .quantize import FakeQuantModel
+from .quantize import FakeQuantModel, clip_range
 
 __all__ = ["to_qdq_onnx", "to_float_onnx", "OPSET", "INPUT_NAME", "OUTPUT_NAME"]
 
@@ -206,6 +206,12 @@ def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None) -> onnx.ModelProt
         if n.relu and not (a is not None and a.zero_point == a.qtype.qmin):
             b.node("Relu", [pre], [f"{n.name}.relu"], "")
             pre = f"{n.name}.relu"
+        if "clip" in n.attrs:  # ReLU6 / Hardtanh: left out when the output range lies inside it (Q saturates)
+            qlo, qhi = clip_range(n, a)
+            if qlo > a.qtype.qmin or qhi < a.qtype.qmax:
+                lo, hi = (b.const_f32(f"{n.name}.clip_{k}", v) for k, v in zip(("lo", "hi"), n.attrs["clip"], strict=True))
+                b.node("Clip", [pre, lo, hi], [f"{n.name}.clip"], "")
+                pre = f"{n.name}.clip"
         quant(pre, n.name, g.quant_source(n.name))
     dq(g.output, "output", OUTPUT_NAME)
     n_out = ref.weights[g.output].q.shape[0] if g.output in ref.weights else None
@@ -224,11 +230,16 @@ def to_float_onnx(ref: FakeQuantModel, meta: dict | None = None) -> onnx.ModelPr
         if n.is_weighted:
             w = b.const_f32(f"{n.name}_weight", n.weight.numpy())
             bias = b.const_f32(f"{n.name}_bias", n.bias.numpy())
-        out = OUTPUT_NAME if n.name == g.output and not n.relu else f"{n.name}_out"
+        out = OUTPUT_NAME if n.name == g.output and not n.relu and "clip" not in n.attrs else f"{n.name}_out"
         _op(b, n, [name[i] for i in n.inputs], out, w, bias)
         if n.relu:
-            r = OUTPUT_NAME if n.name == g.output else f"{n.name}_relu"
+            r = OUTPUT_NAME if n.name == g.output and "clip" not in n.attrs else f"{n.name}_relu"
             b.node("Relu", [out], [r], f"{n.name}_Relu")
+            out = r
+        if "clip" in n.attrs:
+            r = OUTPUT_NAME if n.name == g.output else f"{n.name}_clip"
+            lo, hi = (b.const_f32(f"{n.name}_clip_{k}", v) for k, v in zip(("lo", "hi"), n.attrs["clip"], strict=True))
+            b.node("Clip", [out, lo, hi], [r], f"{n.name}_Clip")
             out = r
         name[n.name] = out
     n_out = g.node(g.output).weight.shape[0] if g.node(g.output).is_weighted else None

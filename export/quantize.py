@@ -98,7 +98,18 @@ def _apply(n: QNode, ins: list[torch.Tensor], weight: torch.Tensor | None, bias:
         y = run_float_op(a["kind"], a["params"], ins[0])
     else:
         raise AssertionError(n.op)
-    return F.relu(y) if n.relu else y
+    y = F.relu(y) if n.relu else y
+    if "clip" in a:
+        y = torch.clamp(y, *a["clip"])
+    return y
+
+
+def clip_range(n: QNode, a: ActQ) -> tuple[int, int]:
+    """The integer bounds of a fused ReLU6 / Hardtanh: [Q(lo), Q(hi)] (quantize is monotone, so quantizing the
+    clamped value equals clamping the quantized one to these)."""
+    lo, hi = n.attrs["clip"]
+    q = quantize(torch.tensor([lo, hi], dtype=torch.float32), np.float32(a.scale), a.zero_point, a.qtype)
+    return int(q[0]), int(q[1])
 
 
 def run_graph(
@@ -190,6 +201,8 @@ def run_graph_int(graph: QGraph, x: torch.Tensor, acts: dict[str, ActQ], weights
                 acc = F.linear(xin.to(dt), w.q.to(dt)).double() + w.bias_q.double()
             m = torch.from_numpy(conv_multiplier(ain[0].scale, w.scale.numpy(), a.scale))
             y = requantize(acc, m, a.zero_point, a.qtype, relu=n.relu, axis=1)
+            if "clip" in at:
+                y = torch.clamp(y, *clip_range(n, a))
         elif n.op == "gap":
             acc = (ins[0] - ain[0].zero_point).sum(dim=(2, 3), keepdim=True)
             count = ins[0].shape[2] * ins[0].shape[3]

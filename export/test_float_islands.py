@@ -121,3 +121,47 @@ def test_cli_export_and_compile_list_the_island(tmp_path):
     man = json.loads((tmp_path / "r/compile/host/manifest.json").read_text())
     assert [(i["node"], i["op_type"]) for i in man["float_islands"]] == [("the_gelu", "Gelu")]
     assert man["ops"]["int_conv2d"] == 1 and man["ops"]["float_conv2d"] == 0
+
+
+class _MobileBlock(nn.Module):
+    """conv-BN-ReLU6 twice, then a residual-free head: MobileNetV2's activation, no --allow-float needed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1, self.a1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6()
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.relu6(self.b2(self.c2(self.a1(self.b1(self.c1(x))))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def test_relu6_fuses_into_the_conv_and_stays_integer(tmp_path):
+    """ReLU6 (module and function) fuses into the conv before it; the reference, onnxruntime and TVM agree."""
+    import tvm
+    from tvm import relax
+
+    from plateau.compile import compile_onnx
+
+    torch.manual_seed(0)
+    m = _MobileBlock().eval()
+    with torch.no_grad():
+        m.b1.weight.mul_(4.0)  # some pre-activations beyond 6, so the clamp matters in the float model
+    m.plateau_cfg = {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.25] * 3}
+    ref = quantize_model(m, [torch.randn(64, 3, 16, 16)], QuantConfig())
+    convs = [n for n in ref.graph.nodes if n.op == "conv"]
+    assert [n.attrs.get("clip") for n in convs] == [(0.0, 6.0), (0.0, 6.0)]
+    assert not any(n.op in ("float", "relu") for n in ref.graph.nodes)
+    x = torch.randn(32, 3, 16, 16)
+    with torch.no_grad():
+        assert (ref.float_forward(x) - m(x)).abs().max() < 1e-4
+    onnx.save(to_qdq_onnx(ref), tmp_path / "q.onnx")
+    c = compare_logits(ort_session(tmp_path / "q.onnx").run(None, {"input": x.numpy()})[0], ref(x).numpy(),
+                       ref.output_step)
+    assert c["bit_exact"] >= 0.99 and c["max_steps"] <= 1, c
+    man = compile_onnx(tmp_path / "q.onnx", "host", tmp_path / "host")
+    assert man["float_islands"] == [] and man["ops"]["float_conv2d"] == 0
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "host" / "model.so")), tvm.cpu())
+    c = compare_logits(vm["main"](tvm.runtime.tensor(x.numpy())).numpy(), ref(x).numpy(), ref.output_step)
+    assert c["bit_exact"] == 1.0, c
