@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "conv_macs", "ort_quantize"]
+__all__ = ["main", "conv_macs"]
 
 
 def conv_macs(fp32_onnx: Path) -> int:
@@ -75,33 +75,6 @@ def _cpu() -> tuple[str, float]:
     except OSError:
         pass
     return name, mhz
-
-
-def ort_quantize(fp32: Path, calib: np.ndarray, out: Path, fmt: str) -> Path:
-    """onnxruntime quantize_static, U8 activations, S8 per-channel weights, min-max; fmt "qdq" or "qop"."""
-    import onnxruntime as ort
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    name = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter(np.split(calib, max(1, len(calib) // 32)))
-
-        def get_next(self):
-            x = next(self.it, None)
-            return None if x is None else {name: x}
-
-    quantize_static(str(fp32), str(out), Reader(), per_channel=True, calibrate_method=CalibrationMethod.MinMax,
-                    quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return out
 
 
 def _images(data: str, n: int, mean: list, std: list) -> np.ndarray:
@@ -167,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its thread pool
 
     from plateau.compile import compile_onnx
+    from plateau.runtime.bench import ort_quantize
 
     run = Path(args.run)
     fp32, qdq = run / "export" / "model_fp32.onnx", run / "export" / "model_qdq.onnx"
@@ -200,9 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
     qop = eng_dir / "ort_qop_u8s8.onnx"
     qdq_ort = eng_dir / "ort_qdq_u8s8.onnx"
     if not qop.exists():
-        ort_quantize(fp32, calib, qop, "qop")
+        ort_quantize(fp32, calib, qop, "qop", "u8", batch=32)
     if not qdq_ort.exists():
-        ort_quantize(fp32, calib, qdq_ort, "qdq")
+        ort_quantize(fp32, calib, qdq_ort, "qdq", "u8", batch=32)
 
     engines = {"tvm-int8": _tvm(out_tuned / "model.so"), "tvm-int8-untuned": _tvm(out_untuned / "model.so"),
                "ort-qop-u8s8": _ort(qop, args.threads), "ort-qdq-u8s8": _ort(qdq_ort, args.threads),

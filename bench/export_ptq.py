@@ -40,24 +40,15 @@ def export_args(run: Path, ckpt: Path, data: Path, limit: int | None, **kw) -> N
 
 
 def ort_quantizer(fp32: Path, out: Path, data: Path, mean, std, weight: str, act: str) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    """onnxruntime's quantize_static (QDQ, per channel, min-max) on 512 train images."""
+    import numpy as np
 
     from plateau.data import batches, load_split
+    from plateau.runtime.bench import ort_quantize
 
     train = load_split(data, "train")
-    xs = [x.numpy() for x, _ in batches(train, 64, mean, std, shuffle=True, limit=512)]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter(xs)
-
-        def get_next(self):
-            x = next(self.it, None)
-            return None if x is None else {"input": x}
-
-    quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=getattr(QuantType, act), weight_type=getattr(QuantType, weight))
-    return out
+    calib = np.concatenate([x.numpy() for x, _ in batches(train, 64, mean, std, shuffle=True, limit=512)])
+    return ort_quantize(fp32, calib, out, "qdq", act, weight, batch=64)
 
 
 def _int8_weight_twin(d: Path, data: str, compare_logits, logits_of, ort_fn, ort_session) -> dict | None:
@@ -151,8 +142,7 @@ def main() -> None:
     man = json.loads((first / "manifest.json").read_text())
     mean, std = man["plateau_cfg"]["mean"], man["plateau_cfg"]["std"]
     test = load_split(a.data, "test")
-    for name, w, act in (("ort-W8A8-U8S8", "QInt8", "QUInt8"), ("ort-W4A8", "QInt4", "QUInt8"),
-                         ("ort-W4A4", "QInt4", "QInt4")):
+    for name, w, act in (("ort-W8A8-U8S8", "s8", "u8"), ("ort-W4A8", "s4", "u8"), ("ort-W4A4", "s4", "s4")):
         t0 = time.time()
         try:
             q = ort_quantizer(first / "model_fp32.onnx", Path(a.out) / f"{name}.onnx", Path(a.data), mean, std, w, act)

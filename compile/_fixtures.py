@@ -79,20 +79,12 @@ def tiny_mobile_onnx(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def ort_qdq(fp32: Path, path: Path, activation: str = "QInt8", weight: str = "QInt8") -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+def ort_qdq(fp32: Path, path: Path, activation: str = "s8", weight: str = "s8") -> Path:
+    """onnxruntime's quantize_static QDQ of `fp32` on the fixed calibration batches (runtime.bench.ort_quantize)."""
+    from plateau.runtime.bench import ort_quantize
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter(calibration_batches())
-
-        def get_next(self):
-            x = next(self.it, None)
-            return None if x is None else {"input": x}
-
-    quantize_static(str(fp32), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=getattr(QuantType, activation), weight_type=getattr(QuantType, weight))
-    return path
+    batches = calibration_batches()
+    return ort_quantize(fp32, np.concatenate(batches), path, "qdq", activation, weight, batch=len(batches[0]))
 
 
 def _graph(w_bits: int, params: dict, act: dict | None) -> onnx.ModelProto:

@@ -52,10 +52,10 @@ def _resnet_block_onnx(path: Path) -> Path:
 def block_models(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("sched_models")
     fp32 = _resnet_block_onnx(d / "fp32.onnx")
-    return {"s8s8": fx.ort_qdq(fp32, d / "s8s8.onnx", "QInt8", "QInt8"),
-            "u8s8": fx.ort_qdq(fp32, d / "u8s8.onnx", "QUInt8", "QInt8"),
+    return {"s8s8": fx.ort_qdq(fp32, d / "s8s8.onnx", "s8", "s8"),
+            "u8s8": fx.ort_qdq(fp32, d / "u8s8.onnx", "u8", "s8"),
             # 4-bit weights are unpacked at run time, so not constants: the conv stays LLVM's, run in parallel
-            "w4": fx.ort_qdq(fp32, d / "w4.onnx", "QInt8", "QInt4")}
+            "w4": fx.ort_qdq(fp32, d / "w4.onnx", "s8", "s4")}
 
 
 def _run(so: Path, x: np.ndarray) -> np.ndarray:

@@ -118,23 +118,29 @@ def _compiled(onnx_path: Path, target: str, out_dir: Path, allow_float: bool = F
 
 
 class _Reader:
-    """onnxruntime CalibrationDataReader over normalized images, one image per call (as quantize_static expects)."""
+    """onnxruntime CalibrationDataReader over normalized images, `batch` images per call."""
 
-    def __init__(self, x: np.ndarray, name: str) -> None:
-        self.x, self.name, self.i = x, name, 0
+    def __init__(self, x: np.ndarray, name: str, batch: int = 1) -> None:
+        self.x, self.name, self.batch, self.i = x, name, batch, 0
 
     def get_next(self):
         if self.i >= len(self.x):
             return None
-        self.i += 1
-        return {self.name: self.x[self.i - 1:self.i]}
+        self.i += self.batch
+        return {self.name: self.x[self.i - self.batch:self.i]}
 
     def rewind(self) -> None:
         self.i = 0
 
 
-def ort_quantize(fp32: Path, calib: np.ndarray, out: Path, fmt: str, act: str) -> Path:
-    """quantize_static: fmt "qdq" | "qop", act "u8" | "s8"; s8 weights per channel, min-max calibration."""
+_QUANT_TYPES = {"u8": "QUInt8", "s8": "QInt8", "u4": "QUInt4", "s4": "QInt4"}
+
+
+def ort_quantize(fp32: Path, calib: np.ndarray, out: Path, fmt: str = "qdq", act: str = "u8",
+                 weight: str = "s8", batch: int = 1) -> Path:
+    """onnxruntime's own quantizer (quantize_static): fmt "qdq" | "qop", act and weight "u8" | "s8" | "u4" | "s4";
+    weights per channel, min-max calibration on the images `calib`, fed `batch` at a time (the batch size moves
+    onnxruntime's float activations, so its ranges, by an ulp). Written atomically to `out`."""
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -142,10 +148,10 @@ def ort_quantize(fp32: Path, calib: np.ndarray, out: Path, fmt: str, act: str) -
     with atomic_path(out) as tmp:
         tmp_onnx = tmp.with_suffix(".onnx")
         try:
-            quantize_static(str(fp32), str(tmp_onnx), _Reader(calib, name),
+            quantize_static(str(fp32), str(tmp_onnx), _Reader(calib, name, batch),
                             quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
-                            activation_type=QuantType.QUInt8 if act == "u8" else QuantType.QInt8,
-                            weight_type=QuantType.QInt8, per_channel=True,
+                            activation_type=getattr(QuantType, _QUANT_TYPES[act]),
+                            weight_type=getattr(QuantType, _QUANT_TYPES[weight]), per_channel=True,
                             calibrate_method=CalibrationMethod.MinMax)
             tmp_onnx.replace(tmp)
         finally:
