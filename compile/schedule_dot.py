@@ -74,70 +74,41 @@ _VNNI_CPUS = {"znver4", "znver5", "cascadelake", "cooperlake", "icelake-client",
               "sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "rocketlake", "alderlake-avx512"}
 
 
-@T.prim_func(s_tir=True)
-def _dot_desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+def _dot_pair(lanes: int, act: str, llvm_intrinsic: str) -> tuple:
+    """(description, implementation) of `lanes` int32 lanes, each += 4 `act` bytes . 4 int8 weight bytes: the 4
+    activation bytes are broadcast to every lane, lane i of B holds output channel i's 4 weights."""
+    a_bytes, b_bytes, acc = f"{act}x{4 * lanes}", f"int8x{4 * lanes}", f"int32x{lanes}"
 
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), act, offset_factor=1)
+        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
-@T.prim_func(s_tir=True)
-def _dot_vnni(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        # the 4 activation bytes broadcast to all 16 lanes; LLVM 22's signature is (<16 x i32>, <64 x i8>, <64 x i8>)
-        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="uint8x64")
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            C.vload([0], dtype="int32x16"), a, B.vload([0, 0], dtype="int8x64"), dtype="int32x16",
-        )
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), act, offset_factor=1)
+        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            a_vec = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], f"{act}x4"), dtype="int32"), lanes),
+                                  dtype=a_bytes)
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_intrinsic), C.vload([0], dtype=acc), a_vec,
+                B.vload([0, 0], dtype=b_bytes), dtype=acc,
+            )
 
-
-@T.prim_func(s_tir=True)
-def _sdot_desc(
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    B: T.Buffer((4, 4), "int8", offset_factor=1),
-    C: T.Buffer((4,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-        T.writes(C[0:4])
-        for i in T.serial(0, 4):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-
-@T.prim_func(s_tir=True)
-def _sdot_impl(
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    B: T.Buffer((4, 4), "int8", offset_factor=1),
-    C: T.Buffer((4,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-        T.writes(C[0:4])
-        # the 4 activation bytes broadcast to the 4 lanes; lane i of B holds output channel i's 4 weights
-        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
-        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
-            C.vload([0], dtype="int32x4"), a, B.vload([0, 0], dtype="int8x16"), dtype="int32x4",
-        )
+    return desc, impl
 
 
 @T.prim_func(s_tir=True)
@@ -176,8 +147,10 @@ def _smmla_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 
 
 def _register() -> None:
-    for name, desc, impl in ((VNNI_INTRIN, _dot_desc, _dot_vnni), (SDOT_INTRIN, _sdot_desc, _sdot_impl),
-                             (SMMLA_INTRIN, _smmla_desc, _smmla_impl)):
+    # LLVM 22's vpdpbusd takes (<16 x i32>, <64 x i8>, <64 x i8>); sdot (<4 x i32>, <16 x i8>, <16 x i8>)
+    vnni = _dot_pair(16, "uint8", "llvm.x86.avx512.vpdpbusd.512")
+    sdot = _dot_pair(4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")
+    for name, (desc, impl) in ((VNNI_INTRIN, vnni), (SDOT_INTRIN, sdot), (SMMLA_INTRIN, (_smmla_desc, _smmla_impl))):
         try:
             TensorIntrin.get(name)
         except Exception:  # not registered yet (get raises a TVMError for unknown names)
