@@ -51,7 +51,26 @@ def ort_quantizer(fp32: Path, out: Path, data: Path, mean, std, weight: str, act
     return ort_quantize(fp32, calib, out, "qdq", act, weight, batch=64)
 
 
-def _int8_weight_twin(d: Path, data: str, compare_logits, logits_of, ort_fn, ort_session) -> dict | None:
+def _ort_on_export(d: Path, data: str, model: str | bytes) -> tuple:
+    """(onnxruntime's logits for `model` on the export's test images, the export's report and reference logits,
+    the labels); `model` is a path or serialized ONNX."""
+    import numpy as np
+
+    from plateau.data import load_split
+    from plateau.export.validate import logits_of, ort_fn, ort_session
+
+    rep = json.loads((d / "report.json").read_text())
+    man = json.loads((d / "manifest.json").read_text())
+    ref = np.load(d / "reference_logits.npy")
+    test = load_split(data, "test")
+    if (d / "test_indices.npy").exists():
+        test = test.subset(np.load(d / "test_indices.npy"))
+    lg = logits_of(ort_fn(ort_session(model)), test, man["plateau_cfg"]["mean"], man["plateau_cfg"]["std"],
+                   limit=len(ref))
+    return lg, rep, ref, test.labels
+
+
+def _int8_weight_twin(d: Path, data: str) -> dict | None:
     """onnxruntime on the same QDQ graph with its INT4 weight initializers widened to INT8 (same values, so the
     same QDQ semantics): onnxruntime has no integer kernel for INT4 weights and runs those convs in float; the
     twin shows what its integer kernels compute. None when the graph has no 4-bit weight."""
@@ -59,7 +78,7 @@ def _int8_weight_twin(d: Path, data: str, compare_logits, logits_of, ort_fn, ort
     import onnx
     from onnx import TensorProto, numpy_helper
 
-    from plateau.data import load_split
+    from plateau.export.validate import compare_logits
 
     m = onnx.load(str(d / "model_qdq.onnx"))
     four = [i for i, t in enumerate(m.graph.initializer) if t.data_type == TensorProto.INT4]
@@ -71,39 +90,24 @@ def _int8_weight_twin(d: Path, data: str, compare_logits, logits_of, ort_fn, ort
     for i in four:
         t = m.graph.initializer[i]
         t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.int8), t.name))
-    rep = json.loads((d / "report.json").read_text())
-    man = json.loads((d / "manifest.json").read_text())
-    ref = np.load(d / "reference_logits.npy")
-    test = load_split(data, "test")
-    if (d / "test_indices.npy").exists():
-        test = test.subset(np.load(d / "test_indices.npy"))
     try:
-        lg = logits_of(ort_fn(ort_session(m.SerializeToString())), test, man["plateau_cfg"]["mean"],
-                       man["plateau_cfg"]["std"], limit=len(ref))
+        lg, rep, ref, _ = _ort_on_export(d, data, m.SerializeToString())
     except Exception as e:  # 4-bit activations: onnxruntime may not run them at all
         return {"error": str(e).splitlines()[0][:200]}
     return compare_logits(lg, ref, rep["output_step"])
 
 
-def _revalidate(d: Path, data: str, compare_logits, logits_of, ort_fn, ort_session, top1) -> dict:
+def _revalidate(d: Path, data: str) -> dict:
     """An existing export's report with onnxruntime's logits measured again (same test images, same reference)."""
-    import numpy as np
+    from plateau.export.validate import compare_logits, top1
 
-    from plateau.data import load_split
-
-    rep = json.loads((d / "report.json").read_text())
-    man = json.loads((d / "manifest.json").read_text())
-    ref = np.load(d / "reference_logits.npy")
-    test = load_split(data, "test")
-    if (d / "test_indices.npy").exists():
-        test = test.subset(np.load(d / "test_indices.npy"))
-    mean, std = man["plateau_cfg"]["mean"], man["plateau_cfg"]["std"]
     try:
-        lg = logits_of(ort_fn(ort_session(d / "model_qdq.onnx")), test, mean, std, limit=len(ref))
-        rep["top1"]["onnxruntime_qdq"] = top1(lg, test.labels)
+        lg, rep, ref, labels = _ort_on_export(d, data, str(d / "model_qdq.onnx"))
+        rep["top1"]["onnxruntime_qdq"] = top1(lg, labels)
         rep["onnxruntime_vs_reference"] = compare_logits(lg, ref, rep["output_step"])
         rep.pop("onnxruntime_error", None)
     except Exception as e:  # onnxruntime cannot run some configurations (e.g. 4-bit activations)
+        rep = json.loads((d / "report.json").read_text())
         rep["onnxruntime_error"] = str(e).splitlines()[0][:300]
     rep["revalidated"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return rep
@@ -121,20 +125,20 @@ def main() -> None:
     a = p.parse_args()
     from plateau.data import load_split
     from plateau.export import stage
-    from plateau.export.validate import compare_logits, logits_of, ort_fn, ort_session, top1
+    from plateau.export.validate import logits_of, ort_fn, ort_session, top1
 
     rows = {}
     for name in a.configs.split(","):
         t0 = time.time()
         run = Path(a.out) / name
         if a.reuse_exports and (run / "export" / "reference_logits.npy").exists():
-            rep = _revalidate(run / "export", a.data, compare_logits, logits_of, ort_fn, ort_session, top1)
+            rep = _revalidate(run / "export", a.data)
         else:
             rep = stage.main(export_args(run, Path(a.ckpt), Path(a.data), a.limit, **CONFIGS[name]))
         rows[name] = {"top1": rep["top1"], "onnxruntime_vs_reference": rep.get("onnxruntime_vs_reference"),
                       "onnxruntime_error": rep.get("onnxruntime_error"), "seconds": round(time.time() - t0, 1),
                       "config": CONFIGS[name]}
-        twin = _int8_weight_twin(run / "export", a.data, compare_logits, logits_of, ort_fn, ort_session)
+        twin = _int8_weight_twin(run / "export", a.data)
         if twin is not None:
             rows[name]["onnxruntime_int8_weight_twin_vs_reference"] = twin
     # onnxruntime's own quantizer on the same FP32 graph (from the first run's export).
