@@ -31,7 +31,7 @@ from plateau.compile import compile_onnx, get_target, lower_qdq
 from plateau.compile.compiler import build, import_onnx, lower_for_target
 from plateau.data import batches, load_split
 from plateau.export.stage import load_reference
-from plateau.export.validate import ort_session
+from plateau.export.validate import ORT_INT8_QDQ, ort_session
 from plateau.runtime import run_artifact
 
 DATA = "/work/shared/data/cifar10"
@@ -126,7 +126,7 @@ def main() -> None:
     results: dict = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "test_images": int(len(x_test)), "models": {},
-                     "onnxruntime": {"version": ort_version(), "session_config": {"session.qdqisint8allowed": "1"}}}
+                     "onnxruntime": {"version": ort_version(), "session_config": dict(ORT_INT8_QDQ)}}
     for name, path in models.items():
         r: dict = {"onnx": str(path)}
         step = output_step(path)

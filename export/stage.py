@@ -42,7 +42,7 @@ from .config import ACT_CALIBRATIONS, ROUNDINGS, WEIGHT_CALIBRATIONS, QuantConfi
 from .graph import QGraph
 from .onnx_writer import to_float_onnx, to_qdq_onnx
 from .quantize import FakeQuantModel, quantize_graph, quantize_model
-from .validate import compare_logits, logits_of, ort_fn, ort_session, top1, torch_fn
+from .validate import ORT_INT8_QDQ, compare_logits, logits_of, ort_fn, ort_session, top1, torch_fn
 
 __all__ = ["add_arguments", "main", "export_model", "load_reference", "resolve_source"]
 
@@ -229,7 +229,7 @@ def main(args: argparse.Namespace) -> dict:
         "output_step": ref.output_step,
         "float_islands": [{"node": n.name, "module": n.module, "kind": n.attrs["kind"]}
                           for n in ref.graph.nodes if n.op == "float"],
-        "onnxruntime_session": {"session.qdqisint8allowed": "1"},
+        "onnxruntime_session": dict(ORT_INT8_QDQ),
     }
     try:
         ort_fp = logits_of(ort_fn(ort_session(out / "model_fp32.onnx")), test, mean, std, limit=lim, desc="ort fp32")

@@ -10,7 +10,9 @@ import torch
 
 from plateau.data import ImageSet, batches
 
-__all__ = ["logits_of", "ort_session", "compare_logits", "top1"]
+__all__ = ["logits_of", "ort_session", "ORT_INT8_QDQ", "compare_logits", "top1"]
+
+ORT_INT8_QDQ = {"session.qdqisint8allowed": "1"}  # the session config of every check (see ort_session)
 
 
 def logits_of(fn: Callable[[np.ndarray], np.ndarray], data: ImageSet, mean: list[float], std: list[float],
@@ -48,8 +50,8 @@ def ort_session(path: str | Path | bytes, threads: int = 2, int8_qdq: bool = Tru
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    if int8_qdq:
-        so.add_session_config_entry("session.qdqisint8allowed", "1")
+    for key, value in (ORT_INT8_QDQ if int8_qdq else {}).items():
+        so.add_session_config_entry(key, value)
     src = path if isinstance(path, bytes) else str(path)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
