@@ -21,7 +21,7 @@ from plateau.quant import INT8, QType, choose_qparams, quantize_bias_np, quantiz
 
 __all__ = [
     "tiny_cnn_onnx", "tiny_mobile_onnx", "ort_qdq", "exporter_style_qdq", "single_conv_qdq", "calibration_batches", "output_step",
-    "compare_to_ort", "conv_tie_report", "HW",
+    "compare_to_ort", "conv_tie_report", "HW", "save_graph",
 ]
 
 HW = 16
@@ -202,12 +202,17 @@ def single_conv_qdq(path: Path, w_zp: int = 0, op: str = "Conv", name: str = "od
                                    dilations=list(dilations)),
                   helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"])]
     nodes.append(helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["output"]))
+    return save_graph(path, nodes, inits, ["N", 3, 8, 8], "single_conv")
+
+
+def save_graph(path: Path, nodes: list, inits: list, input_shape: list, name: str = "g") -> Path:
+    """Save a float-in, float-out opset-21 graph: input "input" of `input_shape`, output "output"."""
     vi = lambda n, shape: helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)  # noqa: E731
-    graph = helper.make_graph(nodes, "single_conv", [vi("input", ["N", 3, 8, 8])], [vi("output", None)], inits)
+    graph = helper.make_graph(nodes, name, [vi("input", input_shape)], [vi("output", None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
     onnx.save(model, str(path))
-    return path
+    return Path(path)
 
 
 def output_step(path: Path) -> float:

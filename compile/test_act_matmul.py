@@ -4,10 +4,9 @@ onnxruntime's integer QLinearMatMul."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 import tvm
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from tvm import relax
 
 from plateau.compile import _fixtures as fx
@@ -27,11 +26,7 @@ def _attention_scores_qdq(path, a_dtype=np.int8) -> None:
              helper.make_node("MatMul", ["a", "bt"], ["scores"], name="qk"),
              helper.make_node("QuantizeLinear", ["scores", "ys", "yz"], ["sq"]),
              helper.make_node("DequantizeLinear", ["sq", "ys", "yz"], ["output"])]
-    vi = lambda n, shape: helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)  # noqa: E731
-    g = helper.make_graph(nodes, "qk", [vi("input", ["N", 2, 8, 16])], [vi("output", None)], inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    onnx.save(model, str(path))
+    fx.save_graph(path, nodes, inits, ["N", 2, 8, 16], "qk")
 
 
 @pytest.mark.parametrize("a_dtype", [np.int8, np.uint8])

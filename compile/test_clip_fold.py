@@ -4,10 +4,10 @@ before it still lowers to an integer kernel."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
+from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx
 
 
@@ -25,18 +25,13 @@ def _relu6_conv_qdq(path, out_scale: float) -> None:
              helper.make_node("Clip", ["y", "lo", "hi"], ["y6"], name="relu6"),
              helper.make_node("QuantizeLinear", ["y6", "ys", "yz"], ["yq"]),
              helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["output"])]
-    vi = lambda n, shape: helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)  # noqa: E731
-    g = helper.make_graph(nodes, "relu6", [vi("input", ["N", 3, 8, 8])], [vi("output", None)], inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    onnx.save(model, str(path))
+    fx.save_graph(path, nodes, inits, ["N", 3, 8, 8], "relu6")
 
 
 @pytest.mark.parametrize("out_scale", [0.05, 0.02])  # range 12.75 (the clip at 6 bites) / 5.1 (it never does)
 def test_relu6_folds_into_the_integer_conv(tmp_path, out_scale):
     """Clip -> QuantizeLinear becomes QuantizeLinear -> a clamp on the integers: the conv lowers to integers, no
     float island, and the library equals onnxruntime."""
-    from plateau.compile import _fixtures as fx
     from plateau.compile.onnx_prep import prepare_onnx
     from plateau.export.validate import ort_session
 

@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 import tvm
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from tvm import relax
 
 from plateau.compile import _fixtures as fx
@@ -32,11 +32,7 @@ def _softmax_qdq(path) -> None:
              helper.make_node("Softmax", ["d1"], ["sm"], name="the_softmax", axis=1),
              helper.make_node("QuantizeLinear", ["sm", "so", "zo"], ["q2"]),
              helper.make_node("DequantizeLinear", ["q2", "so", "zo"], ["output"])]
-    vi = lambda n, shape: helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)  # noqa: E731
-    graph = helper.make_graph(nodes, "softmax", [vi("input", ["N", 4, 8, 8])], [vi("output", None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    onnx.save(model, str(path))
+    fx.save_graph(path, nodes, inits, ["N", 4, 8, 8], "softmax")
 
 
 def test_manifest_lists_softmax_float_island(tmp_path):

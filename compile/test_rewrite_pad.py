@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
+from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx, lower_qdq, op_counts
 from plateau.compile.compiler import import_onnx
 from plateau.compile.rewrite_pad import PadSpec, onnx_constant_pads
@@ -26,11 +27,7 @@ def _shortcut_qdq(path) -> None:
              helper.make_node("Pad", ["d1", "pads"], ["p"], name="pad", mode="constant"),
              helper.make_node("QuantizeLinear", ["p", "s", "z"], ["q2"]),
              helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["output"])]
-    vi = lambda n, shape: helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)  # noqa: E731
-    graph = helper.make_graph(nodes, "shortcut", [vi("input", ["N", 4, 8, 8])], [vi("output", None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    onnx.save(model, str(path))
+    fx.save_graph(path, nodes, inits, ["N", 4, 8, 8], "shortcut")
 
 
 def test_pad_specs_from_onnx(tmp_path):
