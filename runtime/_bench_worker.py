@@ -26,28 +26,28 @@ import numpy as np
 __all__ = ["time_until_stable", "main"]
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB, None where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return float("nan")
+    return None
+
+
+def _rss_mb() -> float:
+    mb = _status_mb("VmRSS")
+    return float("nan") if mb is None else mb
 
 
 def _peak_mb() -> float:
     # VmHWM: this process image's high-water RSS. ru_maxrss is not used first: Linux carries the forking parent's
     # peak across exec, so every worker started from a torch-loaded parent would report the parent's ~1 GB.
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    mb = _status_mb("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if mb is None else mb  # KiB on Linux
 
 
 def time_until_stable(call, *, warmup: int = 5, min_repeats: int = 10, max_repeats: int = 200,
