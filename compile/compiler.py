@@ -223,10 +223,7 @@ def compile_onnx(
     with atomic_path(so) as tmp:
         tmp_so = tmp.with_suffix(".so")  # export_library picks the output format from the suffix
         try:
-            if tgt.cross_cc:
-                ex.export_library(str(tmp_so), fcompile=tvm.support.cc.cross_compiler(tgt.cross_cc))
-            else:
-                ex.export_library(str(tmp_so))
+            tgt.export_library(ex, tmp_so)
             tmp_so.replace(tmp)
         finally:
             tmp_so.unlink(missing_ok=True)

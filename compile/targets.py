@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from plateau.errors import PlateauError
 
@@ -46,6 +47,15 @@ class CompileTarget:
         if self.device != "cpu":
             return self.device
         return "aarch64" if self.tvm_target.get("mtriple", "").startswith("aarch64") else "host"
+
+    def export_library(self, lib, path: str | Path) -> None:
+        """Link a built module into the shared library at `path`, with the cross compiler where there is one."""
+        import tvm
+
+        if self.cross_cc:
+            lib.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(self.cross_cc))
+        else:
+            lib.export_library(str(path))
 
     def check_toolchain(self) -> None:
         """A missing cross compiler is the user's to fix: say which package provides it."""

@@ -34,6 +34,7 @@ from plateau.errors import PlateauError
 
 from .schedule import TileChooser, find_conv_block, fresh_schedule, legalize_passes
 from .schedule_dot import (
+    VNNI,
     ConvTile,
     DotKernel,
     conv_extents,
@@ -67,8 +68,6 @@ def conv_key(sch: Schedule) -> str | None:
 def candidate_tiles(ow_extent: int, oc_blocks: int, kernel: DotKernel | None = None) -> list[ConvTile]:
     """Tiles that divide the output (pixels dividing the width, a multiple of the kernel's pixels; channel blocks
     dividing the channels) whose accumulators fit the kernel's registers."""
-    from .schedule_dot import VNNI
-
     kernel = kernel or VNNI
     out = []
     for ow in (1, 2, 4, 7, 8, 14, 16, 28, 32):
@@ -130,8 +129,8 @@ def _random_args(func: tvm.tirx.PrimFunc, batch: int, dev: tvm.runtime.Device) -
 class Device:
     """Where candidates are timed: this machine (remote None) or a board over TVM RPC (cross-compiled uploads)."""
 
-    def __init__(self, remote=None, cross_cc: str | None = None, label: str = "local") -> None:
-        self.remote, self.cross_cc, self.label = remote, cross_cc, label
+    def __init__(self, remote=None, target: CompileTarget | None = None, label: str = "local") -> None:
+        self.remote, self.target, self.label = remote, target, label
         self._dir = tempfile.TemporaryDirectory(prefix="plateau-tune-") if remote is not None else None
 
     def load(self, lib) -> tuple[tvm.runtime.Module, tvm.runtime.Device]:
@@ -139,11 +138,7 @@ class Device:
             return lib.mod, tvm.cpu()
         name = f"tile-{uuid.uuid4().hex[:12]}.so"
         path = Path(self._dir.name) / name
-        fcompile = tvm.support.cc.cross_compiler(self.cross_cc) if self.cross_cc else None
-        if fcompile:
-            lib.export_library(str(path), fcompile=fcompile)
-        else:
-            lib.export_library(str(path))
+        self.target.export_library(lib, path)
         self.remote.upload(str(path), target=name)
         return self.remote.load_module(name), self.remote.cpu(0)
 
@@ -211,7 +206,7 @@ def _tuning_device(target: CompileTarget, rpc: str | None, rpc_key: str) -> Devi
     if want and info.get("machine") and info["machine"] != want:
         raise PlateauError(f"target {target.name!r} is {want}; the RPC server {rpc} is {info['machine']}")
     label = f"rpc {rpc}" + (" (emulated: timings are not the board's)" if info.get("emulated") else "")
-    return Device(remote, target.cross_cc, label)
+    return Device(remote, target, label)
 
 
 def tuned_tiles(mod: tvm.IRModule, target: CompileTarget, db_dir: Path, minutes: float = 0.0,
