@@ -17,7 +17,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from plateau.quant import QType, requant_multiplier
+from plateau.quant import QType, conv_multiplier, mean_multiplier, requant_multiplier
 
 __all__ = [
     "backend_pipeline",
@@ -88,12 +88,12 @@ class Multiplier:
     @classmethod
     def for_product(cls, s_x: np.floating, s_w: np.ndarray, s_y: np.floating) -> Multiplier:
         s_w = np.asarray(s_w).reshape(-1)
-        m32 = (np.float32(s_x) * s_w.astype(np.float32)).astype(np.float32) / np.float32(s_y)
+        m32 = conv_multiplier(s_x, s_w, s_y)
         return cls(np.float64(s_x) * s_w.astype(np.float64) / np.float64(s_y), m32)
 
     @classmethod
-    def for_mean(cls, s_x: np.floating, s_y: np.floating, k: int) -> Multiplier:
-        return cls(np.float64(s_x) / (np.float64(s_y) * k), np.float32(s_x) / (np.float32(s_y) * np.float32(k)))
+    def for_mean(cls, s_x: np.floating, s_y: np.floating, k: int | np.ndarray) -> Multiplier:
+        return cls(np.float64(s_x) / (np.float64(s_y) * np.asarray(k, np.float64)), mean_multiplier(s_x, s_y, k))
 
 
 def requantize(

@@ -30,6 +30,7 @@ from plateau.quant import (
     conv_multiplier,
     dequantize,
     fake_quantize,
+    mean_multiplier,
     quantize,
     requantize,
 )
@@ -206,7 +207,7 @@ def run_graph_int(graph: QGraph, x: torch.Tensor, acts: dict[str, ActQ], weights
         elif n.op == "gap":
             acc = (ins[0] - ain[0].zero_point).sum(dim=(2, 3), keepdim=True)
             count = ins[0].shape[2] * ins[0].shape[3]
-            m = torch.tensor(np.float32(np.float64(ain[0].scale) / (np.float64(a.scale) * count)))
+            m = torch.from_numpy(mean_multiplier(ain[0].scale, a.scale, count))
             y = requantize(acc, m, a.zero_point, a.qtype, axis=None)
         elif n.op == "avgpool" and not at["ceil_mode"]:
             xin = ins[0] - ain[0].zero_point
@@ -218,8 +219,8 @@ def run_graph_int(graph: QGraph, x: torch.Tensor, acts: dict[str, ActQ], weights
             else:
                 ones = torch.ones(1, 1, *xin.shape[2:], dtype=torch.float64)
                 count = F.avg_pool2d(ones, k, st, pad, count_include_pad=True, divisor_override=1)[0, 0].numpy()
-            m = np.float32(ain[0].scale) / (np.float32(a.scale) * np.asarray(count, np.float32))
-            y = requantize(acc, torch.from_numpy(np.asarray(m, np.float32)), a.zero_point, a.qtype, axis=None)
+            m = torch.from_numpy(mean_multiplier(ain[0].scale, a.scale, count))
+            y = requantize(acc, m, a.zero_point, a.qtype, axis=None)
         elif n.op in ("add", "mul", "avgpool", "cat", "float"):
             f = _apply(n, [_deq(t, ai) for t, ai in zip(ins, ain, strict=False)], None, None)
             y = _requant_float(f, a)

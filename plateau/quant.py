@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "mean_multiplier",
     "PerTensor",
     "PerAxis",
     "QType",
@@ -293,6 +294,12 @@ def conv_multiplier(s_x: float | np.ndarray, s_w: np.ndarray, s_y: float) -> np.
     """
     sxw = (np.float32(s_x) * np.asarray(s_w, dtype=np.float32)).astype(np.float32)
     return (sxw / np.float32(s_y)).astype(np.float32)
+
+
+def mean_multiplier(s_x: float, s_y: float, count: int | np.ndarray) -> np.ndarray:
+    """Requantization multiplier of an average over `count` elements: float32(s_x) / (float32(s_y) * float32(K)),
+    in float32 operations (onnxruntime's QLinearGlobalAveragePool order); `count` may be an array (per position)."""
+    return np.asarray(np.float32(s_x) / (np.float32(s_y) * np.asarray(count, dtype=np.float32)), dtype=np.float32)
 
 
 def requantize(acc: torch.Tensor, multiplier: torch.Tensor, zero_point: int, qtype: QType,

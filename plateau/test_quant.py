@@ -15,6 +15,7 @@ from plateau.quant import (
     conv_multiplier,
     dequantize_np,
     fake_quantize,
+    mean_multiplier,
     pack_int4,
     parse_bits,
     quantize,
@@ -90,6 +91,18 @@ def test_conv_multiplier_is_float32_in_fixed_order():
     m = conv_multiplier(0.1, np.array([0.3, 0.7], np.float32), 0.05)
     expect = (np.float32(np.float32(0.1) * np.float32(0.3)) / np.float32(0.05)).astype(np.float32)
     assert m.dtype == np.float32 and m[0] == expect
+
+
+def test_mean_multiplier_is_float32_in_fixed_order():
+    """The GAP / avgpool multiplier is computed in float32 operations, the order onnxruntime and the compiled kernels
+    use; rounding the float64 quotient once instead differs in the last bit for some (with K = 49, a 7x7 pool)."""
+    rng = np.random.default_rng(0)
+    sx, sy = rng.uniform(1e-3, 1, 2000).astype(np.float32), rng.uniform(1e-3, 1, 2000).astype(np.float32)
+    got = np.array([mean_multiplier(a, b, 49) for a, b in zip(sx, sy, strict=True)])
+    assert got.dtype == np.float32 and np.array_equal(got, sx / (sy * np.float32(49)))
+    assert not np.array_equal(got, (sx.astype(np.float64) / (sy.astype(np.float64) * 49)).astype(np.float32))
+    per_position = mean_multiplier(0.1, 0.05, np.array([[4, 6], [6, 9]]))
+    assert per_position.shape == (2, 2) and per_position[1, 1] == mean_multiplier(0.1, 0.05, 9)
 
 
 def test_requant_multiplier_reconstructs():
