@@ -7,9 +7,14 @@ Instructions of one family, "P pixels x L output channels, each += K activation 
     aarch64 i8mm      smmla     P = 2, L = 2,  K = 8, s8 x s8   (DotKernel SMMLA: a 2x8 by 8x2 matrix product)
 
 The graph is NHWC between convs (ConvertLayout at the graph boundary). Each integer conv2d whose input channels
-pad to a multiple of 4 and whose output channels are a multiple of L becomes
+pad to a multiple of 4 and whose output channels are a multiple of L becomes one kernel
 
-    x (NHWC) --pad--> --(shift to the kernel's byte type)--> --conv_dot(Wp)--> int32 --(- shift * sum W)--> ...
+    x (NHWC, or NCHW at the graph input) --[input stage: pad with the zero point, shift to the kernel's byte type]-->
+        --conv_dot(Wp)--> int32 --(- shift * sum W)--> epilogue
+
+The input stage absorbs the zero-point Pad (and the transposes ConvertLayout leaves around it) that precede the
+conv in the graph, so no separate pad kernel runs between two convs; the schedule computes it per output row,
+for the input rows that row reads (a few KB, hot in cache).
 
     conv_dot[n, h, w, o] = sum_{kh, kw, c} x[n, h*sh + kh, w*sw + kw, c] * Wp[o // L, kh, kw, c // K, o % L, c % K]
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import tvm
@@ -43,13 +49,14 @@ from ._common import const_np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DotKernel", "VNNI", "SDOT", "DOT_BLOCK", "ConvTile", "dot_kernel", "rewrite_convs_dot",
+__all__ = ["DotKernel", "VNNI", "SDOT", "DOT_BLOCK", "DOT_INPUT", "ConvInput", "ConvTile", "dot_kernel", "rewrite_convs_dot",
            "schedule_dot_conv", "has_vnni", "has_sdot", "default_tile", "conv_extents"]
 
 VNNI_INTRIN = "plateau_vnni_16x4_u8s8s32"
 SDOT_INTRIN = "plateau_sdot_4x4_s8s8s32"
 SMMLA_INTRIN = "plateau_smmla_2x2x8_s8s8s32"
 DOT_BLOCK = "plateau_dot_conv"  # the conv block's name; FuseTIR keeps it, the scheduler finds it by it
+DOT_INPUT = "plateau_dot_input"  # the conv's input stage (pad, shift, re-layout), scheduled per output row
 
 
 @dataclass(frozen=True)
@@ -220,6 +227,56 @@ def _pack_weight(w_ohwi: np.ndarray, lanes: int, k: int = 4) -> tuple[np.ndarray
     return np.ascontiguousarray(w.reshape(o // lanes, lanes, kh, kw, ck // k, k).transpose(0, 2, 3, 4, 1, 5)), ck
 
 
+@dataclass(frozen=True)
+class ConvInput:
+    """How the conv reads its integer input: layout of the source tensor, spatial pads (top, bottom, left, right)
+    filled with `value` (the zero point), input channels padded to `channels` (they meet zero weights), `shift`
+    added to reach the kernel's byte type `dtype`, and for smmla the pixel-pair stride `pairs` (0: none)."""
+
+    layout: str = "NHWC"
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    value: int = 0
+    channels: int = 0
+    shift: int = 0
+    dtype: str = "uint8"
+    pairs: int = 0
+
+
+def _input_te(src: te.Tensor, how: ConvInput) -> te.Tensor:
+    """The conv's input stage: NHWC (or [n, h, sw, w/sw, c] for smmla pairs), padded, shifted, in how.dtype."""
+    if how.layout == "NCHW":
+        n, c, h, w = src.shape
+        load = lambda b, y, x, ch: src[b, ch, y, x]  # noqa: E731
+    else:
+        n, h, w, c = src.shape
+        load = lambda b, y, x, ch: src[b, y, x, ch]  # noqa: E731
+    t, bottom, left, right = how.pads
+    hp, wp = h + t + bottom, w + left + right
+
+    def value(b, y, x, ch):
+        inside = [y >= t, y < h + t, x >= left, x < w + left] if any(how.pads) else []
+        if int(c) != how.channels:
+            inside.append(ch < c)
+        v = load(b, y - t, x - left, ch)
+        if inside:
+            v = tvm.tirx.if_then_else(tvm.tirx.all(*inside), v, tvm.tirx.const(how.value, src.dtype))
+        if how.shift:  # exact in int16
+            v = (v.astype("int16") + tvm.tirx.const(how.shift, "int16"))
+        return v.astype(how.dtype)
+
+    if how.pairs:
+        s = how.pairs
+        return te.compute((n, hp, s, wp // s, how.channels), lambda b, y, r, q, ch: value(b, y, q * s + r, ch),
+                          name=DOT_INPUT)
+    return te.compute((n, hp, wp, how.channels), value, name=DOT_INPUT)
+
+
+def _fused_conv_te(src: te.Tensor, wp: te.Tensor, sh: int, sw: int, how: ConvInput) -> te.Tensor:
+    """The whole kernel: input stage, then the dot conv (pairs layout for smmla)."""
+    data = _input_te(src, how)
+    return (_conv_te_pairs if how.pairs else _conv_te)(data, wp, sh, sw)
+
+
 def _conv_te(data: te.Tensor, wp: te.Tensor, sh: int, sw: int) -> te.Tensor:
     n, h, w, _ = data.shape
     ocb, kh, kw, cb, lanes, _ = wp.shape
@@ -292,37 +349,74 @@ class _DotConvRewriter(relax.PyExprMutator):
                 self.builder_.update_func(gv, self.visit_expr(func))
         return self.builder_.get()
 
+    def _binding(self, expr: relax.Expr, op: str) -> relax.Call | None:
+        """The call of `op` bound to the var `expr`, if it is one."""
+        if not isinstance(expr, relax.Var):
+            return None
+        bound = self.lookup_binding(expr)
+        ok = isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op) and bound.op.name == op
+        return bound if ok else None
+
+    def _zero_point_pad(self, data: relax.Expr) -> tuple[relax.Expr, str, tuple[int, ...], int] | None:
+        """(source, its layout, (top, bottom, left, right), value) when the conv's NHWC input is a constant pad of
+        H and W only: pad(x) in NHWC, or permute(pad(y), NCHW->NHWC), the form ConvertLayout leaves, with y an
+        NCHW tensor or permute(x, NHWC->NCHW). None otherwise."""
+        layout = "NHWC"
+        outer = self._binding(data, "relax.permute_dims")
+        if outer is not None:
+            if [int(a) for a in outer.attrs.axes] != [0, 2, 3, 1]:
+                return None
+            layout, data = "NCHW", outer.args[0]
+        pad = self._binding(data, "relax.nn.pad")
+        if pad is None or str(pad.attrs.pad_mode) != "constant":
+            return None
+        pw = [int(p) for p in pad.attrs.pad_width]
+        hw = (2, 3) if layout == "NCHW" else (1, 2)
+        if len(pw) != 8 or any(pw[2 * a] or pw[2 * a + 1] for a in range(4) if a not in hw):
+            return None
+        src = pad.args[0]
+        value = float(pad.attrs.pad_value)
+        dtype = str(src.ty.dtype)
+        lo, hi = (-128, 127) if dtype == "int8" else (0, 255)
+        if value != int(value) or not lo <= value <= hi:
+            return None
+        inner = self._binding(src, "relax.permute_dims") if layout == "NCHW" else None
+        if inner is not None and [int(a) for a in inner.attrs.axes] == [0, 3, 1, 2]:
+            layout, src = "NHWC", inner.args[0]
+        (ht, hb), (wl, wr) = (pw[2 * hw[0]], pw[2 * hw[0] + 1]), (pw[2 * hw[1]], pw[2 * hw[1] + 1])
+        return src, layout, (ht, hb, wl, wr), int(value)
+
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (TVM's visitor name)
         call = self.visit_expr_post_order(call)
         k = self.kernel
         w = _eligible(call, k)
         if w is None:
             return call
-        bb, op, a = self.builder_, relax.op, call.attrs
+        op, a = relax.op, call.attrs
         data = call.args[0]
         # +128 takes int8 to uint8 (VNNI), -128 takes uint8 to int8 (sdot); 0 when the types already agree
         shift = 0 if str(data.ty.dtype) == k.act_dtype else (128 if k.act_dtype == "uint8" else -128)
         wp, ck = _pack_weight(w, k.lanes, k.k)
         sh, sw = (int(s) for s in a.strides)
         t, left, b, r = (int(p) for p in a.padding)  # relax conv2d padding is (top, left, bottom, right)
+        # conv padding is zeros (the rewrites pad with the zero point themselves, as a Pad before the conv: taken
+        # into the kernel's input stage when the conv adds none of its own)
+        src, layout, pads, value = data, "NHWC", (t, b, left, r), 0
+        peeled = None if any(pads) else self._zero_point_pad(data)
+        if peeled is not None:
+            src, layout, pads, value = peeled
+        pairs = 0
         if k.pixels > 1:  # the re-laid input needs a width that is a multiple of the stride
-            width = int(data.ty.shape[2]) + left + r
-            r += -width % sw
-        if t or left or b or r or ck != w.shape[3]:
-            # conv padding is zeros (the rewrites pad with the zero point themselves); extra channels meet zero weights
-            data = bb.emit(op.nn.pad(data, [0, 0, t, b, left, r, 0, ck - w.shape[3]], pad_value=0.0))
-        if shift:  # exact in int16
-            data = bb.emit(op.astype(op.add(op.astype(data, "int16"), relax.const(shift, "int16")), k.act_dtype))
-        te_fn = _conv_te
-        if k.pixels > 1:
-            n, hp, wp_, c = data.ty.shape
-            data = bb.emit(op.permute_dims(op.reshape(data, [n, hp, int(wp_) // sw, sw, c]), [0, 1, 3, 2, 4]))
-            te_fn = _conv_te_pairs
-        conv = bb.call_te(te_fn, data, relax.const(wp), sh, sw, primfunc_name_hint=f"plateau_conv2d_{k.name}")
+            width = int(src.ty.shape[3 if layout == "NCHW" else 2]) + pads[2] + pads[3]
+            pads = (*pads[:3], pads[3] + (-width % sw))
+            pairs = sw
+        how = ConvInput(layout, pads, value, ck, shift, k.act_dtype, pairs)
+        conv = self.builder_.call_te(partial(_fused_conv_te, sh=sh, sw=sw, how=how), src, relax.const(wp),
+                                     primfunc_name_hint=f"plateau_conv2d_{k.name}")
         self.count += 1
         if not shift:
             return conv  # the call itself, not a var bound to it: FuseOps does not fuse across a var alias
-        acc = bb.emit(conv)
+        acc = self.builder_.emit(conv)
         fix = (-shift * w.astype(np.int64).reshape(w.shape[0], -1).sum(axis=1)).astype(np.int32)
         return op.add(acc, relax.const(fix))
 
@@ -399,8 +493,12 @@ def schedule_dot_conv(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV, tile: C
     n, h, w, o, kh, kw, c = sch.get_loops(block)
     wo, wi = sch.split(w, [None, tile.ow])
     oo, oi = sch.split(o, [None, kernel.lanes * tile.oc])
-    sch.reorder(n, h, wo, oo, wi, oi, kh, kw, c)
-    nh = sch.fuse(n, h)
+    inputs = _input_names(sch)
+    ho, hi = sch.split(h, [None, _band_rows(sch, h) if inputs else 1])
+    sch.reorder(n, ho, hi, wo, oo, wi, oi, kh, kw, c)
+    nh = sch.fuse(n, ho)
+    for name in inputs:
+        _input_at(sch, sch.get_sblock(name), nh)
     _fuse_epilogue(sch, block, oo)
     sch.parallel(nh)
     _tensorize_tile(sch, block, wi, oi, kh, kw, c, kernel)
@@ -431,7 +529,7 @@ def _anchor_on_output(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, tile: Co
 
     root = sch.get_sblock("root")
     conv_name = sch.get(conv).name_hint
-    inline_spatial(sch, skip={conv_name})
+    inline_spatial(sch, skip={conv_name, *_input_names(sch)})
     blocks = sch.get_child_blocks(root)
     outs = [b for b in blocks if not sch.get_consumers(b)]
     if len(outs) != 1 or sch.get(outs[0]).name_hint == conv_name:
@@ -445,11 +543,15 @@ def _anchor_on_output(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, tile: Co
     n, h, w, c = loops
     wo, wi = sch.split(w, [None, tile.ow])
     co, ci = sch.split(c, [None, kernel.lanes * tile.oc])
-    sch.reorder(n, h, wo, co, wi, ci)
-    nh = sch.fuse(n, h)
-    # producers, last first, into the output's tile
+    ho, hi = sch.split(h, [None, _band_rows(sch, h) if _input_names(sch) else 1])
+    sch.reorder(n, ho, hi, wo, co, wi, ci)
+    nh = sch.fuse(n, ho)
+    # producers, last first, into the output's tile; the input stage per output row
     for blk in reversed(sch.get_child_blocks(root)):
-        if sch.get(blk).name_hint != sch.get(out).name_hint:
+        name = sch.get(blk).name_hint
+        if name.startswith(DOT_INPUT):
+            _input_at(sch, blk, nh)
+        elif name != sch.get(out).name_hint:
             sch.compute_at(blk, co)
     sch.parallel(nh)
     # the conv, now at the tile: (1, 1, ow, L*oc, kh, kw, c) loops below co
@@ -466,6 +568,34 @@ def _anchor_on_output(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, tile: Co
             sch.vectorize(vi)
 
 
+BANDS = 4  # parallel row bands per image when the conv has an input stage
+
+
+def _band_rows(sch: Schedule, h: tvm.s_tir.schedule.LoopRV) -> int:
+    """Output rows per parallel task: the input stage of a band of r rows copies (r - 1) * stride + kh input
+    rows, so wider bands copy less (per row 3x at r = 1, 1.25x at r = 8 for a 3x3 conv); BANDS per image keep
+    both cores busy at batch 1."""
+    oh = sch.get(h).extent
+    if not isinstance(oh, tvm.tirx.IntImm):
+        return 1
+    oh = int(oh)
+    return max(r for r in range(1, max(1, oh // BANDS) + 1) if oh % r == 0)
+
+
+def _input_names(sch: Schedule) -> set[str]:
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    return {n for n in (sch.get(b).name_hint for b in blocks) if n.startswith(DOT_INPUT)}
+
+
+def _input_at(sch: Schedule, blk: tvm.s_tir.schedule.SBlockRV, row: tvm.s_tir.schedule.LoopRV) -> None:
+    """The conv's input stage computed per output row (the kh input rows it reads), channels vectorized."""
+    sch.compute_at(blk, row)
+    inner = sch.get_loops(blk)[-1]
+    ext = sch.get(inner).extent
+    if isinstance(ext, tvm.tirx.IntImm) and 1 < int(ext) <= 64:
+        sch.vectorize(inner)
+
+
 def _fuse_epilogue(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, at: tvm.s_tir.schedule.LoopRV) -> None:
     """Compute the conv's elementwise consumers (bias, requantize, a residual add...) per register tile at `at`.
 
@@ -476,9 +606,10 @@ def _fuse_epilogue(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, at: tvm.s_t
 
     root = sch.get_sblock("root")
     conv_name = sch.get(conv).name_hint
-    inline_spatial(sch, skip={conv_name})
+    inputs = _input_names(sch)
+    inline_spatial(sch, skip={conv_name, *inputs})
     name = lambda b: sch.get(b).name_hint  # noqa: E731
-    tiled = {conv_name}
+    tiled = {conv_name, *inputs}
     progress = True
     while progress:
         progress = False
