@@ -22,7 +22,7 @@ from plateau.quant import QType, conv_multiplier, mean_multiplier, requant_multi
 __all__ = [
     "backend_pipeline",
     "const_np", "scalar", "qtype_of", "Multiplier", "requantize", "REQUANT_MODES", "REQUANT_DOC", "per_tensor", "f32",
-    "dequantize_f32", "quantize_f32", "requantize_elementwise",
+    "dequantize_f32", "quantize_f32", "requantize_elementwise", "exact_reciprocal", "dequantized_values",
 ]
 
 REQUANT_MODES = ("float", "float64", "fixed")  # see the module docstring
@@ -163,13 +163,41 @@ def dequantize_f32(q: relax.Expr, s: np.float32, zp: int) -> relax.Expr:
     return op.multiply(op.astype(centered, "float32"), f32(s))
 
 
-def quantize_f32(y: relax.Expr, s: np.float32, zp: int, out: QType, lo: int | None = None) -> relax.Expr:
+def _saturated(y: np.ndarray, zp: int, lo: int, hi: int) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.clip(np.rint(y) + np.float32(zp), lo, hi)
+
+
+def exact_reciprocal(domain: np.ndarray, s: np.float32, zp: int, lo: int, hi: int) -> np.float32 | None:
+    """A float32 r with saturate(round(y * r) + zp) == saturate(round(y / s) + zp) for every y in `domain` (the
+    float32 values the tensor can hold), or None. A division costs several multiplies in a vector unit; over a
+    finite domain, checked value by value, the multiply is the same function, so the numerics are unchanged."""
+    y = np.asarray(domain, np.float32).reshape(-1)
+    want = _saturated(y / np.float32(s), zp, lo, hi)
+    r0 = np.float32(1.0) / np.float32(s)
+    for r in (r0, np.nextafter(r0, np.float32(np.inf)), np.nextafter(r0, np.float32(0))):
+        if np.array_equal(_saturated(y * r, zp, lo, hi), want):
+            return np.float32(r)
+    return None
+
+
+def dequantized_values(qtype: QType, s: np.float32, zp: int) -> np.ndarray:
+    """Every float32 value dequantize_f32 can produce from a tensor of `qtype`."""
+    q = np.arange(qtype.qmin, qtype.qmax + 1, dtype=np.int32)
+    return (q - np.int32(zp)).astype(np.float32) * np.float32(s)
+
+
+def quantize_f32(y: relax.Expr, s: np.float32, zp: int, out: QType, lo: int | None = None,
+                 domain: np.ndarray | None = None) -> relax.Expr:
     """ONNX QuantizeLinear of a float32 tensor: saturate(round_half_even(y / s) + zp), clamped below at `lo`
-    (out.qmin, or zp when a ReLU is folded in: round is monotone and round(0) = 0)."""
+    (out.qmin, or zp when a ReLU is folded in: round is monotone and round(0) = 0). With `domain`, every float32
+    value y can take, the division becomes a multiply where exact_reciprocal proves it the same function."""
     op = relax.op
-    r = op.add(op.round(op.divide(y, f32(s))), f32(zp))
     lo = out.qmin if lo is None else lo
-    return op.astype(op.minimum(op.maximum(r, f32(lo)), f32(out.qmax)), out.np_dtype.name)
+    r = None if domain is None else exact_reciprocal(domain, s, zp, lo, out.qmax)
+    scaled = op.divide(y, f32(s)) if r is None else op.multiply(y, f32(r))
+    q = op.add(op.round(scaled), f32(zp))
+    return op.astype(op.minimum(op.maximum(q, f32(lo)), f32(out.qmax)), out.np_dtype.name)
 
 
 def requantize_elementwise(q: relax.Expr, src: tuple[np.float32, int], dst: tuple[np.float32, int],
@@ -178,7 +206,9 @@ def requantize_elementwise(q: relax.Expr, src: tuple[np.float32, int], dst: tupl
     order). Returns `q` itself when the parameters and the type agree (then the pair is the identity)."""
     if src[0] == dst[0] and src[1] == dst[1] and str(q.ty.dtype) == out.np_dtype.name:
         return q
-    return quantize_f32(dequantize_f32(q, *src), *dst, out)
+    q_t = qtype_of(q.ty.dtype)
+    domain = None if q_t is None else dequantized_values(q_t, *src)
+    return quantize_f32(dequantize_f32(q, *src), *dst, out, domain=domain)
 
 
 def backend_pipeline(backend, target: tvm.target.Target, legalize: list) -> tvm.transform.Pass:

@@ -26,7 +26,15 @@ import numpy as np
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from ._common import Multiplier, dequantize_f32, per_tensor, qtype_of, quantize_f32, requantize
+from ._common import (
+    Multiplier,
+    dequantize_f32,
+    dequantized_values,
+    per_tensor,
+    qtype_of,
+    quantize_f32,
+    requantize,
+)
 
 __all__ = ["BinaryRewrite", "fixed_add_multipliers"]
 
@@ -69,7 +77,11 @@ class BinaryRewrite:
         lo = max(out_t.qmin, py[1]) if self.relu in m else out_t.qmin
         if self.requant != "fixed":
             y = getattr(relax.op, kind)(dequantize_f32(a_q, *pa), dequantize_f32(b_q, *pb))
-            return quantize_f32(y, *py, out_t, lo)
+            ya = dequantized_values(qtype_of(a_q.ty.dtype), *pa)
+            yb = dequantized_values(qtype_of(b_q.ty.dtype), *pb)
+            with np.errstate(over="ignore"):  # every value y can take, in float32 as the kernel computes it
+                domain = ya[:, None] + yb[None, :] if kind == "add" else ya[:, None] * yb[None, :]
+            return quantize_f32(y, *py, out_t, lo, domain=domain)
         if kind == "multiply":
             prod = relax.op.multiply(_centered(a_q, pa[1]), _centered(b_q, pb[1]))
             mult = Multiplier.for_product(pa[0], np.asarray([pb[0]]), py[0])

@@ -10,7 +10,7 @@ import tvm
 from tvm import relax
 
 from plateau.compile import lower_qdq, op_counts
-from plateau.compile._common import dequantize_f32, quantize_f32
+from plateau.compile._common import dequantize_f32, dequantized_values, exact_reciprocal, quantize_f32
 from plateau.compile.rewrite_binary import fixed_add_multipliers
 from plateau.quant import INT8, UINT8, dequantize_np, quantize_np
 
@@ -134,10 +134,13 @@ def _binary_oracle(kind: str, relu: bool, a, b) -> np.ndarray:
 
 
 def test_add_structure():
-    """Add + ReLU -> one integer-in, integer-out expression: DQ both, add, divide, round, clamp at zp_y."""
+    """Add + ReLU -> one integer-in, integer-out expression: DQ both, add, scale by 1/s_y (the divide where the
+    reciprocal is not proven exact), round, clamp at zp_y."""
+    sums = dequantized_values(INT8, np.float32(SA), ZA)[:, None] + dequantized_values(INT8, np.float32(SB), ZB)
+
     def expected_body(bb, a, b):
         return quantize_f32(op.add(dequantize_f32(a, np.float32(SA), ZA), dequantize_f32(b, np.float32(SB), ZB)),
-                            np.float32(SY), ZY, INT8, lo=ZY)
+                            np.float32(SY), ZY, INT8, lo=ZY, domain=sums)
 
     expected = relax.transform.Normalize()(_build([("a", (4, 8), "int8"), ("b", (4, 8), "int8")], expected_body))
     tvm.ir.assert_structural_equal(lower_qdq(_binary("add", relu=True)), expected)
@@ -150,6 +153,30 @@ def test_binary_matches_reference_formula(kind, relu):
     after = lower_qdq(_binary(kind, relu))
     assert not any(k.startswith("float_op") for k in op_counts(after)), op_counts(after)
     np.testing.assert_array_equal(_run(after, a, b), _binary_oracle(kind, relu, a, b))
+
+
+@pytest.mark.parametrize("s_a,s_b,s_y", [(0.5, 0.25, 1.0), (0.031, 0.047, 0.06732655), (0.0191, 0.0233, 0.0437)])
+def test_add_over_every_input_pair_matches_the_reference(s_a, s_b, s_y):
+    """All 256 x 256 int8 pairs: the lowered add (multiply by 1/s_y where exact_reciprocal proves it, else
+    divide) equals the reference's float32 formula on every one."""
+    a, b = (v.astype(np.int8) for v in np.meshgrid(np.arange(-128, 128), np.arange(-128, 128), indexing="ij"))
+
+    def body(bb, x, y):
+        return _q(bb.emit(op.add(_deq(bb, x, s_a, 3), _deq(bb, y, s_b, -5))), s_y, 2)
+
+    out = _run(lower_qdq(_build([("a", a.shape, "int8"), ("b", b.shape, "int8")], body)), a, b)
+    ref = quantize_np(dequantize_np(a, s_a, 3) + dequantize_np(b, s_b, -5), s_y, 2, INT8)
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_exact_reciprocal_checks_every_value():
+    """y * (1/s) rounds differently from y / s on some near-ties: then the division stays."""
+    s = np.float32(0.06732655)
+    y = ((np.arange(-2000, 2000, dtype=np.float32) + np.float32(0.5)) * s).astype(np.float32)
+    r0 = np.float32(1) / s
+    assert not np.array_equal(np.rint(y * r0), np.rint(y / s))  # the plain reciprocal is wrong here
+    assert exact_reciprocal(y, s, 0, -(2**20), 2**20) is None  # nor do its two float32 neighbours fit
+    assert exact_reciprocal(y, np.float32(0.5), 0, -(2**20), 2**20) == np.float32(2)
 
 
 def test_add_golden_ties():
