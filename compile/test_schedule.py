@@ -78,6 +78,31 @@ def test_scheduled_build_is_bit_exact(block_models, tmp_path, name):
                                       _run(tmp_path / "plain" / "model.so", x))
 
 
+@pytest.mark.parametrize("target", ["host", "arm64-dotprod", "arm64-i8mm"])
+def test_zero_point_pads_run_inside_the_conv_kernels(block_models, target):
+    """The Pad before each conv (and ConvertLayout's transposes around it) becomes the dot kernel's input stage:
+    no pad op is left in the graph, and every fused conv kernel holds its input stage."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from plateau.compile.schedule import legalize_passes
+    from plateau.compile.schedule_dot import DOT_INPUT, dot_kernel
+
+    tgt = tvm.target.Target(get_target(target).tvm_target)
+    kernel = dot_kernel(tgt)
+    if kernel is None:
+        pytest.skip(f"no dot kernel for {target} here")
+    mod, _ = import_onnx(block_models["s8s8"])
+    mod = lower_for_target(lower_qdq(mod), get_target(target))
+    assert "R.nn.pad" in mod["main"].script()
+    with tgt:
+        mod, n = rewrite_convs_dot(mod, kernel)
+        assert n == 4 and "R.nn.pad" not in mod["main"].script()
+        mod = tvm.transform.Sequential(cpu.library_dispatch_passes(tgt) + legalize_passes(tgt))(mod)
+    convs = [f for gv, f in mod.functions_items() if gv.name_hint.startswith(f"fused_plateau_conv2d_{kernel.name}")]
+    assert len(convs) == 4 and all(DOT_INPUT in f.script() for f in convs)
+    assert not [gv for gv in mod.get_global_vars() if "pad" in gv.name_hint]
+
+
 @needs_vnni
 def test_every_conv_gets_the_vnni_kernel(block_models):
     mod, _ = import_onnx(block_models["s8s8"])
