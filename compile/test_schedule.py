@@ -112,7 +112,8 @@ def test_every_conv_gets_the_vnni_kernel(block_models):
 
 
 @needs_vnni
-@pytest.mark.parametrize("stride,tile", [(1, ConvTile(4, 1)), (2, ConvTile(2, 2)), (1, None)])
+@pytest.mark.parametrize("stride,tile", [(1, ConvTile(4, 1)), (2, ConvTile(2, 2)), (1, None),
+                                         (1, ConvTile(8, 1, kw_inner=True)), (2, ConvTile(4, 2, kw_inner=True))])
 def test_vnni_conv_kernel_exact(stride, tile):
     """The tensorized kernel alone against numpy: u8 x s8 -> s32, packed weights."""
     from plateau.compile.schedule_dot import _conv_te, _pack_weight

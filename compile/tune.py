@@ -76,6 +76,8 @@ def candidate_tiles(ow_extent: int, oc_blocks: int, kernel: DotKernel | None = N
             if ow_extent % ow == 0 and ow % kernel.pixels == 0 and oc_blocks % oc == 0 \
                     and 4 <= acc <= min(24, kernel.registers):
                 out.append(ConvTile(ow, oc))
+                if kernel.pixels == 1:  # the same tile with the kw taps unrolled inside (ConvTile.kw_inner)
+                    out.append(ConvTile(ow, oc, kw_inner=True))
     return out or [default_tile(ow_extent, oc_blocks, kernel)]
 
 
@@ -186,7 +188,7 @@ def tune_tiles(mod: tvm.IRModule, target: tvm.target.Target, minutes: float, bat
         if not timings:
             break
         best = min(timings, key=timings.__getitem__)
-        found[key] = {"ow": best.ow, "oc": best.oc, "ms": timings[best] * 1e3,
+        found[key] = {"ow": best.ow, "oc": best.oc, "kw_inner": best.kw_inner, "ms": timings[best] * 1e3,
                       "default_ms": timings.get(default, float("nan")) * 1e3, "tried": len(timings)}
         log.info("tuned %s: %s %.3f ms (default %s)", key, best, timings[best] * 1e3, default)
     return found
@@ -240,7 +242,7 @@ def tuned_tiles(mod: tvm.IRModule, target: CompileTarget, db_dir: Path, minutes:
 
     def choose(_name: str, sch: Schedule) -> ConvTile | None:
         e = entries.get(conv_key(sch) or "")
-        return ConvTile(e["ow"], e["oc"]) if e else None
+        return ConvTile(e["ow"], e["oc"], e.get("kw_inner", False)) if e else None
 
     info = {"database": str(path), "entries": len(entries), "search_seconds": round(searched, 1),
             "timed_on": where}
