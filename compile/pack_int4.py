@@ -22,12 +22,14 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from ._common import const_np
 
-__all__ = ["pack_int4_weights", "packed_weight_bytes", "build_pipeline", "MIN_PACK_VALUES"]
+__all__ = ["pack_int4_weights", "packed_weight_bytes", "build_pipeline", "MIN_PACK_VALUES", "unpacked_value",
+           "packed_int4", "pack_nibbles"]
 
 MIN_PACK_VALUES = 32  # smaller weights are not worth an extra kernel launch
 
 
-def _pack(w: np.ndarray) -> np.ndarray:
+def pack_nibbles(w: np.ndarray) -> np.ndarray:
+    """int8 values in -8..7, flattened, two per byte: value 2i in the low nibble of byte i, 2i + 1 in the high."""
     flat = w.reshape(-1).astype(np.int16)
     if flat.size % 2:
         flat = np.concatenate([flat, np.zeros(1, np.int16)])
@@ -47,6 +49,53 @@ def _unpack(packed: relax.Expr, shape: tuple[int, ...], n: int) -> relax.Expr:
     return op.reshape(signed, shape)
 
 
+def packed_int4(w: np.ndarray) -> relax.Expr:
+    """The run-time unpack expression of int8 values `w` (all in -8..7), stored two per byte."""
+    packed = relax.const(pack_nibbles(w), "uint8")
+    return _unpack(packed, tuple(w.shape), w.size)
+
+
+# the unpack chain of _unpack, outermost first (strided_slice only when the count is odd)
+_CHAIN = ("relax.reshape", "relax.subtract", "relax.bitwise_xor", "relax.astype")
+
+
+def unpacked_value(expr: relax.Expr, lookup) -> np.ndarray | None:
+    """The int8 weight an unpack expression of pack_int4_weights restores, read at compile time from its packed
+    constant, or None when `expr` is not one. `lookup(var)` gives the value bound to a var (a mutator's
+    lookup_binding)."""
+    def follow(e: relax.Expr) -> relax.Expr:
+        while isinstance(e, relax.Var):
+            bound = lookup(e)
+            if bound is None:
+                return e
+            e = bound
+        return e
+
+    def name(e: relax.Expr) -> str:
+        return getattr(getattr(e, "op", None), "name", "")
+
+    e = follow(expr)
+    shape_expr = e
+    for op in _CHAIN:
+        if name(e) != op:
+            return None
+        e = follow(e.args[0])
+    if name(e) == "relax.strided_slice":
+        e = follow(e.args[0])
+    if name(e) != "relax.reshape" or name(follow(e.args[0])) != "relax.stack":
+        return None
+    lo = follow(follow(e.args[0]).args[0].fields[0]) if isinstance(follow(e.args[0]).args[0], relax.Tuple) else None
+    if lo is None or name(lo) != "relax.bitwise_and":
+        return None
+    packed = const_np(lo.args[0])
+    shape = [int(d) for d in shape_expr.ty.shape]
+    n = int(np.prod(shape))
+    if packed is None or packed.dtype != np.uint8 or 2 * packed.size < n:
+        return None
+    nib = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(-1)[:n].astype(np.int8)
+    return ((nib ^ 8) - 8).reshape(shape)
+
+
 def pack_int4_weights(mod: tvm.IRModule) -> tvm.IRModule:
     """Replace each packable int8 conv2d / matmul weight constant by packed bytes + an unpack (see module doc)."""
     data, weight = wildcard(), is_const()
@@ -56,9 +105,7 @@ def pack_int4_weights(mod: tvm.IRModule) -> tvm.IRModule:
         w = const_np(m[weight])
         if w is None or w.dtype != np.int8 or w.size < MIN_PACK_VALUES or w.min() < -8 or w.max() > 7:
             return expr
-        packed = relax.const(_pack(w), "uint8")
-        unpacked = _unpack(packed, tuple(w.shape), w.size)
-        return relax.Call(expr.op, [expr.args[0], unpacked], expr.attrs)
+        return relax.Call(expr.op, [expr.args[0], packed_int4(w)], expr.attrs)
 
     out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     for gv, func in mod.functions.items():

@@ -46,10 +46,11 @@ from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
 from ._common import const_np
+from .pack_int4 import unpacked_value
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DotKernel", "VNNI", "SDOT", "DOT_BLOCK", "DOT_INPUT", "ConvInput", "ConvTile", "dot_kernel", "rewrite_convs_dot",
+__all__ = ["DotKernel", "VNNI", "SDOT", "DOT_BLOCK", "DOT_INPUT", "DOT_WEIGHT", "ConvInput", "ConvTile", "dot_kernel", "rewrite_convs_dot",
            "schedule_dot_conv", "has_vnni", "has_sdot", "default_tile", "conv_extents"]
 
 VNNI_INTRIN = "plateau_vnni_16x4_u8s8s32"
@@ -57,6 +58,7 @@ SDOT_INTRIN = "plateau_sdot_4x4_s8s8s32"
 SMMLA_INTRIN = "plateau_smmla_2x2x8_s8s8s32"
 DOT_BLOCK = "plateau_dot_conv"  # the conv block's name; FuseTIR keeps it, the scheduler finds it by it
 DOT_INPUT = "plateau_dot_input"  # the conv's input stage (pad, shift, re-layout), scheduled per output row
+DOT_WEIGHT = "plateau_dot_weight"  # 4-bit weights unpacked from two per byte, once per call before the rows
 
 
 @dataclass(frozen=True)
@@ -271,9 +273,40 @@ def _input_te(src: te.Tensor, how: ConvInput) -> te.Tensor:
     return te.compute((n, hp, wp, how.channels), value, name=DOT_INPUT)
 
 
-def _fused_conv_te(src: te.Tensor, wp: te.Tensor, sh: int, sw: int, how: ConvInput) -> te.Tensor:
-    """The whole kernel: input stage, then the dot conv (pairs layout for smmla)."""
+def _pack_halves(wp: np.ndarray) -> np.ndarray:
+    """The packed weight [..., L, K] as 4-bit values two per byte, in groups of the L*K bytes one instruction
+    reads: byte j of a group holds value j in its low nibble and value j + L*K/2 in its high one, so the
+    unpack is two vector operations with one shift each (_weight_te)."""
+    g = wp.shape[-1] * wp.shape[-2]
+    v = wp.reshape(-1, 2, g // 2).astype(np.uint8) & 0xF
+    return np.ascontiguousarray(v[:, 0] | (v[:, 1] << 4)).reshape(-1)
+
+
+def _weight_te(packed: te.Tensor, shape: tuple[int, ...]) -> te.Tensor:
+    """The packed weight [O/L, KH, KW, Ck/K, L, K] unpacked from _pack_halves' bytes, sign-extended by
+    (v ^ 8) - 8."""
+    half = shape[-1] * shape[-2] // 2
+
+    def value(*idx):
+        group = idx[0]
+        for i, d in zip(idx[1:-2], shape[1:-2], strict=True):
+            group = group * d + i
+        lane = idx[-2] * shape[-1] + idx[-1]
+        byte = packed[group * half + lane % half]
+        nibble = tvm.tirx.if_then_else(lane < half, byte & tvm.tirx.const(0xF, "uint8"),
+                                       byte >> tvm.tirx.const(4, "uint8"))
+        return (nibble.astype("int8") ^ tvm.tirx.const(8, "int8")) - tvm.tirx.const(8, "int8")
+
+    return te.compute(shape, value, name=DOT_WEIGHT)
+
+
+def _fused_conv_te(src: te.Tensor, wp: te.Tensor, sh: int, sw: int, how: ConvInput,
+                   int4_shape: tuple[int, ...] | None = None) -> te.Tensor:
+    """The whole kernel: input stage, then the dot conv (pairs layout for smmla); with `int4_shape`, `wp` is the
+    packed 4-bit weight, unpacked first."""
     data = _input_te(src, how)
+    if int4_shape is not None:
+        wp = _weight_te(wp, int4_shape)
     return (_conv_te_pairs if how.pairs else _conv_te)(data, wp, sh, sw)
 
 
@@ -314,8 +347,10 @@ def _conv_te_pairs(data: te.Tensor, wp: te.Tensor, sh: int, sw: int) -> te.Tenso
     )
 
 
-def _eligible(call: relax.Call, kernel: DotKernel) -> np.ndarray | None:
-    """The OHWI int8 weight of an integer NHWC conv2d the dot kernel handles, else None."""
+def _eligible(call: relax.Call, kernel: DotKernel, lookup=None) -> tuple[np.ndarray, bool] | None:
+    """(the OHWI int8 weight, whether it is stored as packed int4) of an integer NHWC conv2d the dot kernel
+    handles, else None. A 4-bit weight of pack_int4 is read back from its packed constant (`lookup`: the
+    mutator's lookup_binding)."""
     if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
         return None
     a = call.attrs
@@ -323,7 +358,9 @@ def _eligible(call: relax.Call, kernel: DotKernel) -> np.ndarray | None:
         return None
     if str(a.out_dtype) != "int32" or any(int(d) != 1 for d in a.dilation):
         return None
-    w = const_np(call.args[1])
+    w, int4 = const_np(call.args[1]), False
+    if w is None and lookup is not None:
+        w, int4 = unpacked_value(call.args[1], lookup), True
     if str(call.args[0].ty.dtype) not in ("int8", "uint8") or w is None:
         return None
     if w.dtype != np.int8 or w.ndim != 4 or w.shape[0] % kernel.lanes:
@@ -332,7 +369,7 @@ def _eligible(call: relax.Call, kernel: DotKernel) -> np.ndarray | None:
         ow = call.ty.shape[2] if getattr(call.ty, "shape", None) is not None else None
         if not isinstance(ow, tvm.tirx.IntImm) or int(ow) % kernel.pixels:
             return None
-    return w
+    return w, int4
 
 
 @relax.expr_functor.mutator
@@ -389,9 +426,10 @@ class _DotConvRewriter(relax.PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (TVM's visitor name)
         call = self.visit_expr_post_order(call)
         k = self.kernel
-        w = _eligible(call, k)
-        if w is None:
+        found = _eligible(call, k, self.lookup_binding)
+        if found is None:
             return call
+        w, int4 = found
         op, a = relax.op, call.attrs
         data = call.args[0]
         # +128 takes int8 to uint8 (VNNI), -128 takes uint8 to int8 (sdot); 0 when the types already agree
@@ -411,8 +449,11 @@ class _DotConvRewriter(relax.PyExprMutator):
             pads = (*pads[:3], pads[3] + (-width % sw))
             pairs = sw
         how = ConvInput(layout, pads, value, ck, shift, k.act_dtype, pairs)
-        conv = self.builder_.call_te(partial(_fused_conv_te, sh=sh, sw=sw, how=how), src, relax.const(wp),
-                                     primfunc_name_hint=f"plateau_conv2d_{k.name}")
+        # 4-bit weights stay two per byte, re-packed in the kernel's order and unpacked inside the kernel
+        weight = relax.const(_pack_halves(wp), "uint8") if int4 else relax.const(wp)
+        int4_shape = tuple(wp.shape) if int4 else None
+        conv = self.builder_.call_te(partial(_fused_conv_te, sh=sh, sw=sw, how=how, int4_shape=int4_shape), src,
+                                     weight, primfunc_name_hint=f"plateau_conv2d_{k.name}")
         self.count += 1
         if not shift:
             return conv  # the call itself, not a var bound to it: FuseOps does not fuse across a var alias
@@ -505,6 +546,7 @@ def schedule_dot_conv(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV, tile: C
     nh = sch.fuse(n, ho)
     for name in inputs:
         _input_at(sch, sch.get_sblock(name), nh)
+    _vectorize_weight_stage(sch)
     _fuse_epilogue(sch, block, oo)
     sch.parallel(nh)
     _tensorize_tile(sch, block, wi, oi, kh, kw, c, kernel, tile.kw_inner)
@@ -539,7 +581,7 @@ def _anchor_on_output(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, tile: Co
 
     root = sch.get_sblock("root")
     conv_name = sch.get(conv).name_hint
-    inline_spatial(sch, skip={conv_name, *_input_names(sch)})
+    inline_spatial(sch, skip={conv_name, *_input_names(sch), *_weight_stage(sch)})
     blocks = sch.get_child_blocks(root)
     outs = [b for b in blocks if not sch.get_consumers(b)]
     if len(outs) != 1 or sch.get(outs[0]).name_hint == conv_name:
@@ -561,9 +603,12 @@ def _anchor_on_output(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, tile: Co
         name = sch.get(blk).name_hint
         if name.startswith(DOT_INPUT):
             _input_at(sch, blk, nh)
+        elif name.startswith(DOT_WEIGHT):
+            continue  # once per call, before the parallel rows
         elif name != sch.get(out).name_hint:
             sch.compute_at(blk, co)
     sch.parallel(nh)
+    _vectorize_weight_stage(sch)
     # the conv, now at the tile: (1, 1, ow, L*oc, kh, kw, c) loops below co
     b, y, x, o, kh, kw, c = sch.get_loops(conv)[-7:]
     _tensorize_tile(sch, conv, x, o, kh, kw, c, kernel, tile.kw_inner)
@@ -592,6 +637,20 @@ def _band_rows(sch: Schedule, h: tvm.s_tir.schedule.LoopRV) -> int:
     return max(r for r in range(1, max(1, oh // BANDS) + 1) if oh % r == 0)
 
 
+def _weight_stage(sch: Schedule) -> set[str]:
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    return {n for n in (sch.get(b).name_hint for b in blocks) if n.startswith(DOT_WEIGHT)}
+
+
+def _vectorize_weight_stage(sch: Schedule) -> None:
+    """The 4-bit weight unpack: one loop nest at the root; each half of a group's (L, K) bytes one vector."""
+    for name in _weight_stage(sch):
+        blk = sch.get_sblock(name)
+        *_, lane, k = sch.get_loops(blk)
+        _, lane_in = sch.split(lane, [2, None])  # the half (low or high nibbles), then its L/2 x K bytes
+        sch.vectorize(sch.fuse(lane_in, k))
+
+
 def _input_names(sch: Schedule) -> set[str]:
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     return {n for n in (sch.get(b).name_hint for b in blocks) if n.startswith(DOT_INPUT)}
@@ -616,7 +675,7 @@ def _fuse_epilogue(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, at: tvm.s_t
 
     root = sch.get_sblock("root")
     conv_name = sch.get(conv).name_hint
-    inputs = _input_names(sch)
+    inputs = _input_names(sch) | _weight_stage(sch)
     inline_spatial(sch, skip={conv_name, *inputs})
     name = lambda b: sch.get(b).name_hint  # noqa: E731
     tiled = {conv_name, *inputs}

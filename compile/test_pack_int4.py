@@ -7,7 +7,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from plateau.compile.pack_int4 import build_pipeline, pack_int4_weights, packed_weight_bytes
+from plateau.compile.pack_int4 import build_pipeline, pack_int4_weights, packed_weight_bytes, unpacked_value
 
 
 def _matmul_module(w: np.ndarray) -> tvm.IRModule:
@@ -39,3 +39,14 @@ def test_eight_bit_weights_are_not_packed():
     w = np.random.default_rng(2).integers(-127, 128, (16, 8)).astype(np.int8)
     w[0, 0] = 100
     assert packed_weight_bytes(pack_int4_weights(_matmul_module(w))) == (w.size, 0)
+
+
+@pytest.mark.parametrize("shape", [(9, 7), (16, 4)])
+def test_unpacked_value_reads_the_weight_back_at_compile_time(shape):
+    """What the dot-kernel rewrite relies on to re-pack 4-bit weights in its own order."""
+    w = np.random.default_rng(3).integers(-8, 8, shape).astype(np.int8)
+    packed = relax.transform.Normalize()(pack_int4_weights(_matmul_module(w)))
+    bindings = {b.var: b.value for blk in packed["main"].body.blocks for b in blk.bindings}
+    (mm,) = [v for v in bindings.values() if getattr(getattr(v, "op", None), "name", "") == "relax.matmul"]
+    np.testing.assert_array_equal(unpacked_value(mm.args[1], bindings.get), w)
+    assert unpacked_value(relax.const(w), bindings.get) is None

@@ -54,7 +54,7 @@ def block_models(tmp_path_factory) -> dict[str, Path]:
     fp32 = _resnet_block_onnx(d / "fp32.onnx")
     return {"s8s8": fx.ort_qdq(fp32, d / "s8s8.onnx", "s8", "s8"),
             "u8s8": fx.ort_qdq(fp32, d / "u8s8.onnx", "u8", "s8"),
-            # 4-bit weights are unpacked at run time, so not constants: the conv stays LLVM's, run in parallel
+            # 4-bit weights: stored two per byte, unpacked inside the dot kernel
             "w4": fx.ort_qdq(fp32, d / "w4.onnx", "s8", "s4")}
 
 
@@ -104,11 +104,17 @@ def test_zero_point_pads_run_inside_the_conv_kernels(block_models, target):
 
 
 @needs_vnni
-def test_every_conv_gets_the_vnni_kernel(block_models):
-    mod, _ = import_onnx(block_models["s8s8"])
+@pytest.mark.parametrize("name", ["s8s8", "w4"])
+def test_every_conv_gets_the_vnni_kernel(block_models, name):
+    """Also the 4-bit weights: read back from their packed constants, re-packed two per byte in the kernel's
+    order, no unpack kernel of their own left."""
+    mod, _ = import_onnx(block_models[name])
     mod = lower_for_target(lower_qdq(mod), get_target("host"))
-    _, n = rewrite_convs_dot(mod)
+    out, n = rewrite_convs_dot(mod)
     assert n == 4
+    if name == "w4":
+        assert mod["main"].script().count("R.bitwise_and") >= 4  # packed by pack_int4
+        assert out["main"].script().count("R.bitwise_and") == mod["main"].script().count("R.bitwise_and") - 4
 
 
 @needs_vnni
@@ -150,7 +156,8 @@ def test_arm_targets_pick_the_sdot_kernel():
 
 
 @pytest.mark.parametrize("target,name", [("arm64-dotprod", "s8s8"), ("arm64-dotprod", "u8s8"),
-                                         ("arm64-i8mm", "s8s8"), ("arm64-i8mm", "u8s8")])
+                                         ("arm64-dotprod", "w4"), ("arm64-i8mm", "s8s8"), ("arm64-i8mm", "u8s8"),
+                                         ("arm64-i8mm", "w4")])
 def test_arm_kernels_bit_exact_under_qemu(block_models, tmp_path, target, name):
     """arm64-dotprod / arm64-i8mm: every conv (stride 1 and 2) becomes the tensorized sdot / smmla kernel (uint8
     activations shifted to int8), the instruction is in every conv kernel, and the library run under
