@@ -26,7 +26,16 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.s_tir import Schedule
 
-from .schedule_dot import DOT_BLOCK, ConvTile, DotKernel, dot_kernel, rewrite_convs_dot, schedule_dot_conv
+from .schedule_dot import (
+    DOT_BLOCK,
+    DW_BLOCK,
+    ConvTile,
+    DotKernel,
+    dot_kernel,
+    rewrite_convs_dot,
+    schedule_dot_conv,
+    schedule_dw_conv,
+)
 from .targets import CompileTarget
 
 __all__ = ["SCHEDULES", "graph_layout", "scheduled_pipeline", "find_conv_block", "inline_spatial",
@@ -208,10 +217,11 @@ def conv_funcs(mod: tvm.IRModule) -> list[str]:
     return names
 
 
-def find_conv_block(sch: Schedule) -> tvm.s_tir.schedule.SBlockRV | None:
+def find_conv_block(sch: Schedule, prefix: str = DOT_BLOCK) -> tvm.s_tir.schedule.SBlockRV | None:
+    """The one block of `sch` named `prefix`... (the dot conv by default, DW_BLOCK for depthwise)."""
     if not _has_root(sch):
         return None
-    found = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint.startswith(DOT_BLOCK)]
+    found = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint.startswith(prefix)]
     return found[0] if len(found) == 1 else None
 
 
@@ -227,8 +237,16 @@ def schedule_primfuncs(mod: tvm.IRModule, tiles: TileChooser | None = None,
         sch = fresh_schedule(func)
         try:
             block = find_conv_block(sch)
+            dw = find_conv_block(sch, DW_BLOCK)
             if block is not None and kernel is not None:
                 sch = schedule_dot_conv(sch, block, tiles(name, sch) if tiles else None, kernel)
+            elif dw is not None:
+                try:
+                    sch = schedule_dw_conv(sch, dw)
+                except Exception as e:  # noqa: BLE001 (a shape the tiling does not fit: outer loops in parallel)
+                    log.debug("depthwise schedule of %s failed (%s); outer loops in parallel", name, e)
+                    if not schedule_outer_parallel(sch):
+                        continue
             elif not (schedule_injective(sch) or schedule_outer_parallel(sch)):
                 continue
         except Exception as e:  # noqa: BLE001 (ScheduleError, TVM FFI errors: the function stays as built)

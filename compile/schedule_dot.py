@@ -50,8 +50,8 @@ from .pack_int4 import unpacked_value
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DotKernel", "VNNI", "SDOT", "DOT_BLOCK", "DOT_INPUT", "DOT_WEIGHT", "ConvInput", "ConvTile", "dot_kernel", "rewrite_convs_dot",
-           "schedule_dot_conv", "has_vnni", "has_sdot", "default_tile", "conv_extents"]
+__all__ = ["DotKernel", "VNNI", "SDOT", "DOT_BLOCK", "DOT_INPUT", "DOT_WEIGHT", "DW_BLOCK", "ConvInput", "ConvTile", "dot_kernel", "rewrite_convs_dot",
+           "schedule_dot_conv", "schedule_dw_conv", "has_vnni", "has_sdot", "default_tile", "conv_extents"]
 
 VNNI_INTRIN = "plateau_vnni_16x4_u8s8s32"
 SDOT_INTRIN = "plateau_sdot_4x4_s8s8s32"
@@ -59,6 +59,8 @@ SMMLA_INTRIN = "plateau_smmla_2x2x8_s8s8s32"
 DOT_BLOCK = "plateau_dot_conv"  # the conv block's name; FuseTIR keeps it, the scheduler finds it by it
 DOT_INPUT = "plateau_dot_input"  # the conv's input stage (pad, shift, re-layout), scheduled per output row
 DOT_WEIGHT = "plateau_dot_weight"  # 4-bit weights unpacked from two per byte, once per call before the rows
+DW_BLOCK = "plateau_dw_conv"  # the depthwise conv's block (no dot product: one tap per channel and pixel)
+DW_LANES = 16  # channels per depthwise tile: int32 vectors of 16 (one zmm; four NEON registers)
 
 
 @dataclass(frozen=True)
@@ -310,6 +312,22 @@ def _fused_conv_te(src: te.Tensor, wp: te.Tensor, sh: int, sw: int, how: ConvInp
     return (_conv_te_pairs if how.pairs else _conv_te)(data, wp, sh, sw)
 
 
+def _dw_te(src: te.Tensor, w: te.Tensor, sh: int, sw: int, how: ConvInput) -> te.Tensor:
+    """Depthwise conv on the same input stage: out[n, y, x, c] = sum_{kh, kw} x[n, y*sh+kh, x*sw+kw, c] *
+    w[kh, kw, c], int32 products (w is stored widened to int32: one vector multiply-add per tap)."""
+    data = _input_te(src, how)
+    n, h, wd, c = data.shape
+    kh, kw, _ = w.shape
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    return te.compute(
+        (n, (h - kh) // sh + 1, (wd - kw) // sw + 1, c),
+        lambda b, y, x, o: te.sum(data[b, y * sh + rh, x * sw + rw, o].astype("int32") * w[rh, rw, o],
+                                  axis=[rh, rw]),
+        name=DW_BLOCK,
+    )
+
+
 def _conv_te(data: te.Tensor, wp: te.Tensor, sh: int, sw: int) -> te.Tensor:
     n, h, w, _ = data.shape
     ocb, kh, kw, cb, lanes, _ = wp.shape
@@ -345,6 +363,23 @@ def _conv_te_pairs(data: te.Tensor, wp: te.Tensor, sh: int, sw: int) -> te.Tenso
         ),
         name=DOT_BLOCK,
     )
+
+
+def _depthwise(call: relax.Call) -> np.ndarray | None:
+    """The [C, KH, KW, 1] int8 weight of an integer NHWC depthwise conv2d (groups = channels, C a multiple of
+    8), else None."""
+    if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
+        return None
+    a = call.attrs
+    if (a.data_layout, a.kernel_layout, a.out_layout) != ("NHWC", "OHWI", "NHWC") or str(a.out_dtype) != "int32":
+        return None
+    c = call.args[0].ty.shape[3]
+    w = const_np(call.args[1])
+    if not isinstance(c, tvm.tirx.IntImm) or int(a.groups) != int(c) or int(c) % 8 or w is None:
+        return None
+    if str(call.args[0].ty.dtype) not in ("int8", "uint8") or any(int(d) != 1 for d in a.dilation):
+        return None
+    return w if w.dtype == np.int8 and w.ndim == 4 and w.shape[0] == int(c) and w.shape[3] == 1 else None
 
 
 def _eligible(call: relax.Call, kernel: DotKernel, lookup=None) -> tuple[np.ndarray, bool] | None:
@@ -423,9 +458,28 @@ class _DotConvRewriter(relax.PyExprMutator):
         (ht, hb), (wl, wr) = (pw[2 * hw[0]], pw[2 * hw[0] + 1]), (pw[2 * hw[1]], pw[2 * hw[1] + 1])
         return src, layout, (ht, hb, wl, wr), int(value)
 
+    def _depthwise_call(self, call: relax.Call, w: np.ndarray) -> relax.Expr:
+        """The depthwise kernel: its input stage takes in the zero-point pad like the dot kernel's (no shift: the
+        bytes are multiplied as they are, widened to int32)."""
+        sh, sw = (int(s) for s in call.attrs.strides)
+        t, left, b, r = (int(p) for p in call.attrs.padding)
+        data = call.args[0]
+        src, layout, pads, value = data, "NHWC", (t, b, left, r), 0
+        peeled = None if any(pads) else self._zero_point_pad(data)
+        if peeled is not None:
+            src, layout, pads, value = peeled
+        how = ConvInput(layout, pads, value, int(w.shape[0]), 0, str(src.ty.dtype), 0)
+        w_hwc = np.ascontiguousarray(w[..., 0].transpose(1, 2, 0)).astype(np.int32)
+        self.count += 1
+        return self.builder_.call_te(partial(_dw_te, sh=sh, sw=sw, how=how), src, relax.const(w_hwc),
+                                     primfunc_name_hint="plateau_dwconv2d")
+
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (TVM's visitor name)
         call = self.visit_expr_post_order(call)
         k = self.kernel
+        dw = _depthwise(call)
+        if dw is not None:
+            return self._depthwise_call(call, dw)
         found = _eligible(call, k, self.lookup_binding)
         if found is None:
             return call
@@ -530,9 +584,14 @@ def schedule_dot_conv(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV, tile: C
     tile = tile or default_tile(ow_ext, ocb, kernel)
     if ow_ext % tile.ow or ocb % tile.oc:
         raise ValueError(f"{tile} does not divide the output (width {ow_ext}, {ocb} channel blocks)")
+    def body(s: Schedule, conv: tvm.s_tir.schedule.SBlockRV, _at) -> None:
+        # the conv, now at the tile: (1, 1, ow, L*oc, kh, kw, c) loops below the tile
+        b, y, x, o, kh, kw, c = s.get_loops(conv)[-7:]
+        _tensorize_tile(s, conv, x, o, kh, kw, c, kernel, tile.kw_inner)
+
     trial = fresh_schedule(sch.mod["main"])
     try:
-        _anchor_on_output(trial, trial.get_sblock(sch.get(block).name_hint), tile, kernel)
+        _anchor_on_output(trial, trial.get_sblock(sch.get(block).name_hint), tile.ow, kernel.lanes * tile.oc, body)
     except Exception as e:  # noqa: BLE001 (a shape the output anchor does not handle: the conv anchor below)
         log.debug("output-anchored conv schedule failed (%s); conv-anchored instead", e)
     else:
@@ -551,6 +610,31 @@ def schedule_dot_conv(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV, tile: C
     sch.parallel(nh)
     _tensorize_tile(sch, block, wi, oi, kh, kw, c, kernel, tile.kw_inner)
     return sch
+
+
+def schedule_dw_conv(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV) -> Schedule:
+    """The depthwise conv, anchored on the output like the dot kernel: bands of rows in parallel, the input
+    stage per band, a tile of up to 8 pixels x DW_LANES channels whose taps are unrolled, channels vectorized,
+    epilogue fused. Returns the scheduled copy (raises where the shape does not fit; the caller falls back)."""
+    from .schedule import fresh_schedule
+
+    extents = [sch.get(lp).extent for lp in sch.get_loops(block)]
+    ow_ext, c_ext = int(extents[2]), int(extents[3])
+    ow = next(t for t in (8, 7, 4, 2, 1) if ow_ext % t == 0)
+    width = DW_LANES if c_ext % DW_LANES == 0 else 8
+
+    def body(s: Schedule, conv: tvm.s_tir.schedule.SBlockRV, _at) -> None:
+        b, y, x, o, kh, kw = s.get_loops(conv)[-6:]
+        s.reorder(kh, kw, x, o)
+        s.vectorize(o)  # before decompose_reduction: vectorize needs the block whole (with its init)
+        init = s.decompose_reduction(conv, kh)
+        s.vectorize(s.get_loops(init)[-1])
+        for lp in (kh, kw, x):
+            s.unroll(lp)
+
+    trial = fresh_schedule(sch.mod["main"])
+    _anchor_on_output(trial, trial.get_sblock(sch.get(block).name_hint), ow, width, body)
+    return trial
 
 
 def _tensorize_tile(sch: Schedule, block, x, o, kh, kw, c, kernel: DotKernel, kw_inner: bool = False) -> None:
@@ -576,7 +660,10 @@ def _tensorize_tile(sch: Schedule, block, x, o, kh, kw, c, kernel: DotKernel, kw
         sch.unroll(lp)
 
 
-def _anchor_on_output(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, tile: ConvTile, kernel: DotKernel) -> None:
+def _anchor_on_output(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, ow: int, width: int, body) -> None:
+    """Tile the function's single output block (ow pixels x `width` channels), compute every producer inside
+    the tile (the input stage per band of rows, the weight stage before them) and schedule the conv block at
+    the tile with body(sch, conv, loops below the tile)."""
     from .schedule import inline_spatial
 
     root = sch.get_sblock("root")
@@ -593,8 +680,8 @@ def _anchor_on_output(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, tile: Co
                                                                           for lp in conv_loops[:4]]:
         raise ValueError("the output block is not shaped like the conv output")
     n, h, w, c = loops
-    wo, wi = sch.split(w, [None, tile.ow])
-    co, ci = sch.split(c, [None, kernel.lanes * tile.oc])
+    wo, wi = sch.split(w, [None, ow])
+    co, ci = sch.split(c, [None, width])
     ho, hi = sch.split(h, [None, _band_rows(sch, h) if _input_names(sch) else 1])
     sch.reorder(n, ho, hi, wo, co, wi, ci)
     nh = sch.fuse(n, ho)
@@ -609,16 +696,14 @@ def _anchor_on_output(sch: Schedule, conv: tvm.s_tir.schedule.SBlockRV, tile: Co
             sch.compute_at(blk, co)
     sch.parallel(nh)
     _vectorize_weight_stage(sch)
-    # the conv, now at the tile: (1, 1, ow, L*oc, kh, kw, c) loops below co
-    b, y, x, o, kh, kw, c = sch.get_loops(conv)[-7:]
-    _tensorize_tile(sch, conv, x, o, kh, kw, c, kernel, tile.kw_inner)
+    body(sch, conv, co)
     for blk in sch.get_child_blocks(co):
         name = sch.get(blk).name_hint
         if name.startswith(conv_name):
             continue
         inner = sch.get_loops(blk)[-1]
         ext = sch.get(inner).extent
-        if isinstance(ext, tvm.tirx.IntImm) and int(ext) > 1 and int(ext) % kernel.lanes == 0:
+        if isinstance(ext, tvm.tirx.IntImm) and int(ext) > 1 and int(ext) % min(16, int(ext)) == 0:
             _, vi = sch.split(inner, [None, min(16, int(ext))])
             sch.vectorize(vi)
 

@@ -185,6 +185,42 @@ def test_arm_kernels_bit_exact_under_qemu(block_models, tmp_path, target, name):
     np.testing.assert_array_equal(got, _run(tmp_path / "plain" / "model.so", x))
 
 
+@pytest.mark.parametrize("target", ["host", "arm64-dotprod"])
+def test_depthwise_conv_kernel_is_exact(tmp_path, target):
+    """MobileNet-style block (stem, depthwise 3x3 + ReLU6, pointwise): the depthwise conv becomes its own
+    kernel (input stage, unrolled taps, channels vectorized), scheduled, and the library equals TVM's
+    unscheduled host build on every logit (arm64: under qemu)."""
+    from plateau import runtime
+    from plateau.compile.schedule import find_conv_block, fresh_schedule, legalize_passes
+    from plateau.compile.schedule_dot import DW_BLOCK, dot_kernel, schedule_dw_conv
+
+    onnx_path = fx.ort_qdq(fx.tiny_mobile_onnx(tmp_path / "fp32.onnx"), tmp_path / "mobile.onnx")
+    tgt = get_target(target)
+    t = tvm.target.Target(tgt.tvm_target)
+    if dot_kernel(t) is None:
+        pytest.skip(f"no dot kernel for {target} here")
+    mod, _ = import_onnx(onnx_path)
+    with t:
+        mod, n = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), dot_kernel(t))
+        # the depthwise conv, the stem, and the 16 -> 24 pointwise where L divides 24 (sdot's 4, not VNNI's 16)
+        assert n == (3 if 24 % dot_kernel(t).lanes == 0 else 2)
+        from tvm.relax.backend.cpu_generic import pipeline as cpu
+        mod = tvm.transform.Sequential(cpu.library_dispatch_passes(t) + legalize_passes(t))(mod)
+    (dw,) = [f for gv, f in mod.functions_items() if "plateau_dwconv2d" in gv.name_hint]
+    sch = fresh_schedule(dw)
+    assert "T.vectorized" in schedule_dw_conv(sch, find_conv_block(sch, DW_BLOCK)).mod.script()
+    compile_onnx(onnx_path, target, tmp_path / "sched")
+    compile_onnx(onnx_path, "host", tmp_path / "plain", schedule="none")
+    x = np.random.default_rng(4).standard_normal((3, 3, fx.HW, fx.HW)).astype(np.float32)
+    if target == "host":
+        got = _run(tmp_path / "sched" / "model.so", x)
+    elif runtime.sysroot_status() is None or shutil.which("qemu-aarch64") is None:
+        pytest.skip("arm64 sysroot / qemu not set up (make arm64-sysroot)")
+    else:
+        got = runtime.run_artifact(tmp_path / "sched", x, device="qemu").outputs
+    np.testing.assert_array_equal(got, _run(tmp_path / "plain" / "model.so", x))
+
+
 def _two_blocks(consumer) -> Schedule:
     a = te.placeholder((8,), "float32")
     m = te.compute((8,), lambda i: a[i] * tirx.const(0.5, "float32"), name="mul")
