@@ -32,6 +32,7 @@ from .schedule_dot import (
     ConvTile,
     DotKernel,
     dot_kernel,
+    kernel_of,
     rewrite_convs_dot,
     schedule_dot_conv,
     schedule_dw_conv,
@@ -239,7 +240,8 @@ def schedule_primfuncs(mod: tvm.IRModule, tiles: TileChooser | None = None,
             block = find_conv_block(sch)
             dw = find_conv_block(sch, DW_BLOCK)
             if block is not None and kernel is not None:
-                sch = schedule_dot_conv(sch, block, tiles(name, sch) if tiles else None, kernel)
+                sch = schedule_dot_conv(sch, block, tiles(name, sch) if tiles else None,
+                                        kernel_of(sch, block, kernel))
             elif dw is not None:
                 try:
                     sch = schedule_dw_conv(sch, dw)

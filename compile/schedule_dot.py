@@ -50,10 +50,11 @@ from .pack_int4 import unpacked_value
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DotKernel", "VNNI", "SDOT", "DOT_BLOCK", "DOT_INPUT", "DOT_WEIGHT", "DW_BLOCK", "ConvInput", "ConvTile", "dot_kernel", "rewrite_convs_dot",
+__all__ = ["DotKernel", "VNNI", "VNNI8", "SDOT", "kernel_of", "DOT_BLOCK", "DOT_INPUT", "DOT_WEIGHT", "DW_BLOCK", "ConvInput", "ConvTile", "dot_kernel", "rewrite_convs_dot",
            "schedule_dot_conv", "schedule_dw_conv", "has_vnni", "has_sdot", "default_tile", "conv_extents"]
 
 VNNI_INTRIN = "plateau_vnni_16x4_u8s8s32"
+VNNI8_INTRIN = "plateau_vnni_8x4_u8s8s32"
 SDOT_INTRIN = "plateau_sdot_4x4_s8s8s32"
 SMMLA_INTRIN = "plateau_smmla_2x2x8_s8s8s32"
 DOT_BLOCK = "plateau_dot_conv"  # the conv block's name; FuseTIR keeps it, the scheduler finds it by it
@@ -77,6 +78,7 @@ class DotKernel:
 
 
 VNNI = DotKernel("vnni", VNNI_INTRIN, 16, "uint8", 28)
+VNNI8 = DotKernel("vnniy", VNNI8_INTRIN, 8, "uint8", 28)  # 256-bit vpdpbusd: convs with 8k, not 16k, channels
 SDOT = DotKernel("sdot", SDOT_INTRIN, 4, "int8", 24)
 SMMLA = DotKernel("smmla", SMMLA_INTRIN, 2, "int8", 24, pixels=2, k=8)
 
@@ -160,8 +162,10 @@ def _smmla_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 def _register() -> None:
     # LLVM 22's vpdpbusd takes (<16 x i32>, <64 x i8>, <64 x i8>); sdot (<4 x i32>, <16 x i8>, <16 x i8>)
     vnni = _dot_pair(16, "uint8", "llvm.x86.avx512.vpdpbusd.512")
+    vnni8 = _dot_pair(8, "uint8", "llvm.x86.avx512.vpdpbusd.256")
     sdot = _dot_pair(4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")
-    for name, (desc, impl) in ((VNNI_INTRIN, vnni), (SDOT_INTRIN, sdot), (SMMLA_INTRIN, (_smmla_desc, _smmla_impl))):
+    for name, (desc, impl) in ((VNNI_INTRIN, vnni), (VNNI8_INTRIN, vnni8), (SDOT_INTRIN, sdot),
+                               (SMMLA_INTRIN, (_smmla_desc, _smmla_impl))):
         try:
             TensorIntrin.get(name)
         except Exception:  # not registered yet (get raises a TVMError for unknown names)
@@ -481,6 +485,9 @@ class _DotConvRewriter(relax.PyExprMutator):
         if dw is not None:
             return self._depthwise_call(call, dw)
         found = _eligible(call, k, self.lookup_binding)
+        if found is None and k is VNNI:  # 8k output channels: the 256-bit instruction
+            k = VNNI8
+            found = _eligible(call, k, self.lookup_binding)
         if found is None:
             return call
         w, int4 = found
@@ -560,6 +567,15 @@ def default_tile(ow_extent: int, oc_blocks: int, kernel: DotKernel = VNNI) -> Co
     ow = next(t for t in (8, 7, 4, 2, 1) if ow_extent % t == 0)
     oc = next(t for t in (4, 2, 1) if oc_blocks % t == 0 and ow * t <= 16)
     return ConvTile(ow, oc)
+
+
+def kernel_of(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV, kernel: DotKernel) -> DotKernel:
+    """The kernel a dot conv block was built for: `kernel`, or VNNI8 where the target's is VNNI and the packed
+    weight [O/L, KH, KW, Ck/K, L, K] the block reads has L = 8."""
+    if kernel is not VNNI:
+        return kernel
+    lanes = {int(r.source.shape[4]) for r in sch.get(block).reads if len(r.source.shape) == 6}
+    return VNNI8 if lanes == {VNNI8.lanes} else kernel
 
 
 def conv_extents(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV, kernel: DotKernel = VNNI) -> tuple[int, int]:

@@ -186,7 +186,7 @@ def test_arm_kernels_bit_exact_under_qemu(block_models, tmp_path, target, name):
 
 
 @pytest.mark.parametrize("target", ["host", "arm64-dotprod"])
-def test_depthwise_conv_kernel_is_exact(tmp_path, target):
+def test_depthwise_conv_kernel_is_exact(tmp_path, target, caplog):
     """MobileNet-style block (stem, depthwise 3x3 + ReLU6, pointwise): the depthwise conv becomes its own
     kernel (input stage, unrolled taps, channels vectorized), scheduled, and the library equals TVM's
     unscheduled host build on every logit (arm64: under qemu)."""
@@ -202,14 +202,18 @@ def test_depthwise_conv_kernel_is_exact(tmp_path, target):
     mod, _ = import_onnx(onnx_path)
     with t:
         mod, n = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), dot_kernel(t))
-        # the depthwise conv, the stem, and the 16 -> 24 pointwise where L divides 24 (sdot's 4, not VNNI's 16)
-        assert n == (3 if 24 % dot_kernel(t).lanes == 0 else 2)
+        # the depthwise conv, the stem, and the 16 -> 24 pointwise (on x86 the 8-lane VNNI kernel: 24 = 3 x 8)
+        assert n == 3
         from tvm.relax.backend.cpu_generic import pipeline as cpu
         mod = tvm.transform.Sequential(cpu.library_dispatch_passes(t) + legalize_passes(t))(mod)
+    if target == "host":
+        assert "plateau_conv2d_vnniy" in str(mod.get_global_vars())
     (dw,) = [f for gv, f in mod.functions_items() if "plateau_dwconv2d" in gv.name_hint]
     sch = fresh_schedule(dw)
     assert "T.vectorized" in schedule_dw_conv(sch, find_conv_block(sch, DW_BLOCK)).mod.script()
-    compile_onnx(onnx_path, target, tmp_path / "sched")
+    with caplog.at_level("WARNING", logger="plateau.compile.schedule"):
+        compile_onnx(onnx_path, target, tmp_path / "sched")
+    assert "left unscheduled" not in caplog.text
     compile_onnx(onnx_path, "host", tmp_path / "plain", schedule="none")
     x = np.random.default_rng(4).standard_normal((3, 3, fx.HW, fx.HW)).astype(np.float32)
     if target == "host":

@@ -40,6 +40,7 @@ from .schedule_dot import (
     conv_extents,
     default_tile,
     dot_kernel,
+    kernel_of,
     rewrite_convs_dot,
     schedule_dot_conv,
 )
@@ -170,14 +171,15 @@ def tune_tiles(mod: tvm.IRModule, target: tvm.target.Target, minutes: float, bat
         if known and key in known:
             continue
         sch = fresh_schedule(func)
-        ow_ext, ocb = conv_extents(sch, find_conv_block(sch), kernel)
-        default = default_tile(ow_ext, ocb, kernel)
+        k = kernel_of(sch, find_conv_block(sch), kernel)
+        ow_ext, ocb = conv_extents(sch, find_conv_block(sch), k)
+        default = default_tile(ow_ext, ocb, k)
         timers: dict = {}
-        for tile in [default] + [t for t in candidate_tiles(ow_ext, ocb, kernel) if t != default]:
+        for tile in [default] + [t for t in candidate_tiles(ow_ext, ocb, k) if t != default]:
             if time.monotonic() > deadline:
                 break
             try:
-                timers[tile] = _tile_timer(func, tile, target, batch, kernel, device)
+                timers[tile] = _tile_timer(func, tile, target, batch, k, device)
             except Exception as e:  # noqa: BLE001 (a tile TVM cannot build is just not a candidate)
                 log.info("tile %s of %s failed: %s", tile, key, str(e).splitlines()[0] if str(e) else e)
         # interleaved rounds, minimum per candidate: other processes disturb all candidates alike
