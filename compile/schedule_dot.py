@@ -318,7 +318,7 @@ def _fused_conv_te(src: te.Tensor, wp: te.Tensor, sh: int, sw: int, how: ConvInp
 
 def _dw_te(src: te.Tensor, w: te.Tensor, sh: int, sw: int, how: ConvInput) -> te.Tensor:
     """Depthwise conv on the same input stage: out[n, y, x, c] = sum_{kh, kw} x[n, y*sh+kh, x*sw+kw, c] *
-    w[kh, kw, c], int32 products (w is stored widened to int32: one vector multiply-add per tap)."""
+    w[kh, kw, c], int32 products of the int8 bytes."""
     data = _input_te(src, how)
     n, h, wd, c = data.shape
     kh, kw, _ = w.shape
@@ -326,7 +326,7 @@ def _dw_te(src: te.Tensor, w: te.Tensor, sh: int, sw: int, how: ConvInput) -> te
     rw = te.reduce_axis((0, kw), "rw")
     return te.compute(
         (n, (h - kh) // sh + 1, (wd - kw) // sw + 1, c),
-        lambda b, y, x, o: te.sum(data[b, y * sh + rh, x * sw + rw, o].astype("int32") * w[rh, rw, o],
+        lambda b, y, x, o: te.sum(data[b, y * sh + rh, x * sw + rw, o].astype("int32") * w[rh, rw, o].astype("int32"),
                                   axis=[rh, rw]),
         name=DW_BLOCK,
     )
@@ -369,9 +369,9 @@ def _conv_te_pairs(data: te.Tensor, wp: te.Tensor, sh: int, sw: int) -> te.Tenso
     )
 
 
-def _depthwise(call: relax.Call) -> np.ndarray | None:
+def _depthwise(call: relax.Call, lookup=None) -> np.ndarray | None:
     """The [C, KH, KW, 1] int8 weight of an integer NHWC depthwise conv2d (groups = channels, C a multiple of
-    8), else None."""
+    8), else None. 4-bit weights are read back from pack_int4's constant (a few KB: kept as int8)."""
     if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
         return None
     a = call.attrs
@@ -379,6 +379,8 @@ def _depthwise(call: relax.Call) -> np.ndarray | None:
         return None
     c = call.args[0].ty.shape[3]
     w = const_np(call.args[1])
+    if w is None and lookup is not None:
+        w = unpacked_value(call.args[1], lookup)
     if not isinstance(c, tvm.tirx.IntImm) or int(a.groups) != int(c) or int(c) % 8 or w is None:
         return None
     if str(call.args[0].ty.dtype) not in ("int8", "uint8") or any(int(d) != 1 for d in a.dilation):
@@ -473,7 +475,7 @@ class _DotConvRewriter(relax.PyExprMutator):
         if peeled is not None:
             src, layout, pads, value = peeled
         how = ConvInput(layout, pads, value, int(w.shape[0]), 0, str(src.ty.dtype), 0)
-        w_hwc = np.ascontiguousarray(w[..., 0].transpose(1, 2, 0)).astype(np.int32)
+        w_hwc = np.ascontiguousarray(w[..., 0].transpose(1, 2, 0))
         self.count += 1
         return self.builder_.call_te(partial(_dw_te, sh=sh, sw=sw, how=how), src, relax.const(w_hwc),
                                      primfunc_name_hint="plateau_dwconv2d")
@@ -481,7 +483,7 @@ class _DotConvRewriter(relax.PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (TVM's visitor name)
         call = self.visit_expr_post_order(call)
         k = self.kernel
-        dw = _depthwise(call)
+        dw = _depthwise(call, self.lookup_binding)
         if dw is not None:
             return self._depthwise_call(call, dw)
         found = _eligible(call, k, self.lookup_binding)

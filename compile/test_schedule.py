@@ -185,8 +185,8 @@ def test_arm_kernels_bit_exact_under_qemu(block_models, tmp_path, target, name):
     np.testing.assert_array_equal(got, _run(tmp_path / "plain" / "model.so", x))
 
 
-@pytest.mark.parametrize("target", ["host", "arm64-dotprod"])
-def test_depthwise_conv_kernel_is_exact(tmp_path, target, caplog):
+@pytest.mark.parametrize("target,weights", [("host", "s8"), ("arm64-dotprod", "s8"), ("host", "s4")])
+def test_depthwise_conv_kernel_is_exact(tmp_path, target, weights, caplog):
     """MobileNet-style block (stem, depthwise 3x3 + ReLU6, pointwise): the depthwise conv becomes its own
     kernel (input stage, unrolled taps, channels vectorized), scheduled, and the library equals TVM's
     unscheduled host build on every logit (arm64: under qemu)."""
@@ -194,7 +194,7 @@ def test_depthwise_conv_kernel_is_exact(tmp_path, target, caplog):
     from plateau.compile.schedule import find_conv_block, fresh_schedule, legalize_passes
     from plateau.compile.schedule_dot import DW_BLOCK, dot_kernel, schedule_dw_conv
 
-    onnx_path = fx.ort_qdq(fx.tiny_mobile_onnx(tmp_path / "fp32.onnx"), tmp_path / "mobile.onnx")
+    onnx_path = fx.ort_qdq(fx.tiny_mobile_onnx(tmp_path / "fp32.onnx"), tmp_path / "mobile.onnx", "s8", weights)
     tgt = get_target(target)
     t = tvm.target.Target(tgt.tvm_target)
     if dot_kernel(t) is None:
