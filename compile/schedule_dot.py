@@ -316,6 +316,19 @@ def _fused_conv_te(src: te.Tensor, wp: te.Tensor, sh: int, sw: int, how: ConvInp
     return (_conv_te_pairs if how.pairs else _conv_te)(data, wp, sh, sw)
 
 
+def _matmul_te(src: te.Tensor, wp: te.Tensor, how: ConvInput, int4_shape: tuple[int, ...] | None = None) -> te.Tensor:
+    """x [B, T, K] (or [B, K]) @ W as the dot conv: rows are tokens (H = T, W = 1, a 1x1 kernel), so the rows run
+    in parallel; the output keeps the matmul's shape, so its epilogue fuses as for a conv."""
+    rows = src.shape[1] if len(src.shape) == 3 else 1
+    k = src.shape[-1]
+    x4 = te.compute((src.shape[0], rows, 1, k),
+                    lambda b, t, _w, c: src[b, t, c] if len(src.shape) == 3 else src[b, c], name="matmul_rows")
+    conv = _fused_conv_te(x4, wp, 1, 1, how, int4_shape)
+    if len(src.shape) == 3:
+        return te.compute((src.shape[0], rows, conv.shape[3]), lambda b, t, n: conv[b, t, 0, n], name="matmul_out")
+    return te.compute((src.shape[0], conv.shape[3]), lambda b, n: conv[b, 0, 0, n], name="matmul_out")
+
+
 def _dw_te(src: te.Tensor, w: te.Tensor, sh: int, sw: int, how: ConvInput) -> te.Tensor:
     """Depthwise conv on the same input stage: out[n, y, x, c] = sum_{kh, kw} x[n, y*sh+kh, x*sw+kw, c] *
     w[kh, kw, c], int32 products of the int8 bytes."""
@@ -367,6 +380,26 @@ def _conv_te_pairs(data: te.Tensor, wp: te.Tensor, sh: int, sw: int) -> te.Tenso
         ),
         name=DOT_BLOCK,
     )
+
+
+def _matmul(call: relax.Call, kernel: DotKernel, lookup=None) -> tuple[np.ndarray, bool] | None:
+    """(the weight as OHWI [N, 1, 1, K], whether it is packed int4) of an integer matmul x [B, (T,) K] @ W [K, N]
+    with a constant W the dot kernel takes (N a multiple of L; T and K static), else None."""
+    if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul" or str(call.ty.dtype) != "int32":
+        return None
+    x = call.args[0]
+    shape = getattr(x.ty, "shape", None)
+    shape = None if shape is None else list(shape)
+    if str(x.ty.dtype) not in ("int8", "uint8") or shape is None or len(shape) not in (2, 3):
+        return None
+    if not all(isinstance(d, tvm.tirx.IntImm) for d in shape[1:]) or kernel.pixels > 1:
+        return None
+    w, int4 = const_np(call.args[1]), False
+    if w is None and lookup is not None:
+        w, int4 = unpacked_value(call.args[1], lookup), True
+    if w is None or w.dtype != np.int8 or w.ndim != 2 or w.shape[0] != int(shape[-1]) or w.shape[1] % kernel.lanes:
+        return None
+    return np.ascontiguousarray(w.T).reshape(w.shape[1], 1, 1, w.shape[0]), int4
 
 
 def _depthwise(call: relax.Call, lookup=None) -> np.ndarray | None:
@@ -480,12 +513,33 @@ class _DotConvRewriter(relax.PyExprMutator):
         return self.builder_.call_te(partial(_dw_te, sh=sh, sw=sw, how=how), src, relax.const(w_hwc),
                                      primfunc_name_hint="plateau_dwconv2d")
 
+    def _matmul_call(self, call: relax.Call, k: DotKernel, w: np.ndarray, int4: bool) -> relax.Expr:
+        """The matmul as the dot kernel over token rows (_matmul_te); the shift and its weight-sum fix as for
+        a conv."""
+        x = call.args[0]
+        shift = 0 if str(x.ty.dtype) == k.act_dtype else (128 if k.act_dtype == "uint8" else -128)
+        wp, ck = _pack_weight(w, k.lanes, k.k)
+        how = ConvInput("NHWC", (0, 0, 0, 0), 0, ck, shift, k.act_dtype, 0)
+        weight = relax.const(_pack_halves(wp), "uint8") if int4 else relax.const(wp)
+        mm = self.builder_.call_te(partial(_matmul_te, how=how, int4_shape=tuple(wp.shape) if int4 else None), x,
+                                   weight, primfunc_name_hint=f"plateau_matmul_{k.name}")
+        self.count += 1
+        if not shift:
+            return mm
+        acc = self.builder_.emit(mm)
+        fix = (-shift * w.astype(np.int64).reshape(w.shape[0], -1).sum(axis=1)).astype(np.int32)
+        return relax.op.add(acc, relax.const(fix))
+
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (TVM's visitor name)
         call = self.visit_expr_post_order(call)
         k = self.kernel
         dw = _depthwise(call, self.lookup_binding)
         if dw is not None:
             return self._depthwise_call(call, dw)
+        for mk in (k, VNNI8) if k is VNNI else (k,):
+            mm = _matmul(call, mk, self.lookup_binding)
+            if mm is not None:
+                return self._matmul_call(call, mk, *mm)
         found = _eligible(call, k, self.lookup_binding)
         if found is None and k is VNNI:  # 8k output channels: the 256-bit instruction
             k = VNNI8

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +217,61 @@ def test_depthwise_conv_kernel_is_exact(tmp_path, target, weights, caplog):
     assert "left unscheduled" not in caplog.text
     compile_onnx(onnx_path, "host", tmp_path / "plain", schedule="none")
     x = np.random.default_rng(4).standard_normal((3, 3, fx.HW, fx.HW)).astype(np.float32)
+    if target == "host":
+        got = _run(tmp_path / "sched" / "model.so", x)
+    elif runtime.sysroot_status() is None or shutil.which("qemu-aarch64") is None:
+        pytest.skip("arm64 sysroot / qemu not set up (make arm64-sysroot)")
+    else:
+        got = runtime.run_artifact(tmp_path / "sched", x, device="qemu").outputs
+    np.testing.assert_array_equal(got, _run(tmp_path / "plain" / "model.so", x))
+
+
+def _token_mlp_onnx(path: Path) -> Path:
+    """Patchify conv -> tokens [N, 16, 32] -> Linear(32, 64) + ReLU -> Linear(64, 32) -> token mean -> Linear(32,
+    10): matmuls on 3-D token tensors and on a 2-D one."""
+    import torch
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch, self.fc1, self.fc2 = nn.Conv2d(3, 32, 4, 4), nn.Linear(32, 64), nn.Linear(64, 32)
+            self.head = nn.Linear(32, 16)
+
+        def forward(self, x):
+            t = self.patch(x).flatten(2).transpose(1, 2)
+            t = self.fc2(torch.relu(self.fc1(t)))
+            return self.head(t.mean(1))
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Net().eval(), torch.randn(1, 3, fx.HW, fx.HW), str(path), input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "N"}}, opset_version=17, dynamo=False)
+    return path
+
+
+@pytest.mark.parametrize("target", ["host", "arm64-dotprod"])
+def test_linear_layers_get_the_dot_kernel(tmp_path, target, caplog):
+    """Matmuls with a constant weight (Linear on tokens [N, T, K] and on [N, K]) run the dot kernel over token
+    rows, scheduled, bit-exact against TVM's unscheduled host build (arm64: under qemu)."""
+    from plateau import runtime
+    from plateau.compile.schedule_dot import dot_kernel
+
+    onnx_path = fx.ort_qdq(_token_mlp_onnx(tmp_path / "fp32.onnx"), tmp_path / "mlp.onnx")
+    tgt = get_target(target)
+    t = tvm.target.Target(tgt.tvm_target)
+    if dot_kernel(t) is None:
+        pytest.skip(f"no dot kernel for {target} here")
+    mod, _ = import_onnx(onnx_path)
+    with t:
+        out, _ = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), dot_kernel(t))
+    assert out["main"].script().count("plateau_matmul_") == 3  # fc1, fc2 and the 16-wide head
+    with caplog.at_level("WARNING", logger="plateau.compile.schedule"):
+        compile_onnx(onnx_path, target, tmp_path / "sched")
+    assert "left unscheduled" not in caplog.text
+    compile_onnx(onnx_path, "host", tmp_path / "plain", schedule="none")
+    x = np.random.default_rng(5).standard_normal((3, 3, fx.HW, fx.HW)).astype(np.float32)
     if target == "host":
         got = _run(tmp_path / "sched" / "model.so", x)
     elif runtime.sysroot_status() is None or shutil.which("qemu-aarch64") is None:
