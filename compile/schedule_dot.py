@@ -3,6 +3,7 @@
 Instructions of one family, "P pixels x L output channels, each += K activation bytes . K weight bytes":
 
     x86 AVX-512 VNNI  vpdpbusd  P = 1, L = 16, K = 4, u8 x s8   (DotKernel VNNI)
+                      (256-bit) P = 1, L = 8,  K = 4, u8 x s8   (VNNI8: convs with 8k, not 16k, output channels)
     aarch64 dotprod   sdot      P = 1, L = 4,  K = 4, s8 x s8   (DotKernel SDOT)
     aarch64 i8mm      smmla     P = 2, L = 2,  K = 8, s8 x s8   (DotKernel SMMLA: a 2x8 by 8x2 matrix product)
 
@@ -13,8 +14,12 @@ pad to a multiple of 4 and whose output channels are a multiple of L becomes one
         --conv_dot(Wp)--> int32 --(- shift * sum W)--> epilogue
 
 The input stage absorbs the zero-point Pad (and the transposes ConvertLayout leaves around it) that precede the
-conv in the graph, so no separate pad kernel runs between two convs; the schedule computes it per output row,
-for the input rows that row reads (a few KB, hot in cache).
+conv in the graph, so no separate pad kernel runs between two convs; the schedule computes it per band of output
+rows, for the input rows the band reads (a few KB, hot in cache).
+
+The same kernel serves 4-bit weights (re-packed two per byte in its order, unpacked inside it: DOT_WEIGHT) and
+matmuls with a constant weight (x [N, T, K] as an N x T x 1 image and a 1x1 kernel: _matmul_te). Depthwise convs
+get their own kernel on the same input stage (_dw_te, schedule_dw_conv): no dot product there, one tap per channel.
 
     conv_dot[n, h, w, o] = sum_{kh, kw, c} x[n, h*sh + kh, w*sw + kw, c] * Wp[o // L, kh, kw, c // K, o % L, c % K]
 
@@ -27,7 +32,7 @@ activations are shifted by -128. The shift is exact: the shift times the weight 
 per-channel constant. The weights are repacked once, in numpy, so that the L output channels x 4 input channels of one
 instruction are contiguous bytes. The schedule keeps an (ow_block x L*oc_block) int32 tile in registers, reduces over
 (kh, kw, c/4) with one instruction per (pixel, L channels, 4 inputs), runs the fused epilogue (bias, requantize,
-clip, cast) on the tile, and parallelizes (n, oh).
+clip, cast) on the tile, and parallelizes (n, bands of oh).
 
 LLVM 22 changed the VNNI intrinsic to take byte vectors (<64 x i8>); TVM's own VNNI intrinsic passes int32 vectors
 and fails to compile, so this file registers its own (and the sdot one beside it, for symmetry).
