@@ -502,36 +502,41 @@ class _DotConvRewriter(relax.PyExprMutator):
         (ht, hb), (wl, wr) = (pw[2 * hw[0]], pw[2 * hw[0] + 1]), (pw[2 * hw[1]], pw[2 * hw[1] + 1])
         return src, layout, (ht, hb, wl, wr), int(value)
 
+    def _conv_source(self, call: relax.Call) -> tuple[relax.Expr, str, tuple[int, ...], int]:
+        """(source, its layout, (top, bottom, left, right) pads, pad value) the conv's input stage reads: the
+        conv's own zero padding, or, when it has none, the zero-point Pad before it (_zero_point_pad)."""
+        t, left, b, r = (int(p) for p in call.attrs.padding)  # relax conv2d padding is (top, left, bottom, right)
+        pads = (t, b, left, r)
+        peeled = None if any(pads) else self._zero_point_pad(call.args[0])
+        return peeled if peeled is not None else (call.args[0], "NHWC", pads, 0)
+
     def _depthwise_call(self, call: relax.Call, w: np.ndarray) -> relax.Expr:
         """The depthwise kernel: its input stage takes in the zero-point pad like the dot kernel's (no shift: the
         bytes are multiplied as they are, widened to int32)."""
         sh, sw = (int(s) for s in call.attrs.strides)
-        t, left, b, r = (int(p) for p in call.attrs.padding)
-        data = call.args[0]
-        src, layout, pads, value = data, "NHWC", (t, b, left, r), 0
-        peeled = None if any(pads) else self._zero_point_pad(data)
-        if peeled is not None:
-            src, layout, pads, value = peeled
+        src, layout, pads, value = self._conv_source(call)
         how = ConvInput(layout, pads, value, int(w.shape[0]), 0, str(src.ty.dtype), 0)
         w_hwc = np.ascontiguousarray(w[..., 0].transpose(1, 2, 0))
         self.count += 1
         return self.builder_.call_te(partial(_dw_te, sh=sh, sw=sw, how=how), src, relax.const(w_hwc),
                                      primfunc_name_hint="plateau_dwconv2d")
 
-    def _matmul_call(self, call: relax.Call, k: DotKernel, w: np.ndarray, int4: bool) -> relax.Expr:
-        """The matmul as the dot kernel over token rows (_matmul_te); the shift and its weight-sum fix as for
-        a conv."""
-        x = call.args[0]
-        shift = 0 if str(x.ty.dtype) == k.act_dtype else (128 if k.act_dtype == "uint8" else -128)
+    def _dot_call(self, te_fn, src: relax.Expr, act_dtype: str, w: np.ndarray, int4: bool, k: DotKernel,
+                  name: str, **how: object) -> relax.Expr:
+        """Emit the dot kernel `te_fn(src, packed weight, how=ConvInput, int4_shape=...)` for the OHWI int8 weight
+        `w`, and the per-channel constant that undoes the activation shift (a conv and a matmul alike)."""
+        # +128 takes int8 to uint8 (VNNI), -128 takes uint8 to int8 (sdot); 0 when the types already agree
+        shift = 0 if act_dtype == k.act_dtype else (128 if k.act_dtype == "uint8" else -128)
         wp, ck = _pack_weight(w, k.lanes, k.k)
-        how = ConvInput("NHWC", (0, 0, 0, 0), 0, ck, shift, k.act_dtype, 0)
+        stage = ConvInput(channels=ck, shift=shift, dtype=k.act_dtype, **how)
+        # 4-bit weights stay two per byte, re-packed in the kernel's order and unpacked inside the kernel
         weight = relax.const(_pack_halves(wp), "uint8") if int4 else relax.const(wp)
-        mm = self.builder_.call_te(partial(_matmul_te, how=how, int4_shape=tuple(wp.shape) if int4 else None), x,
-                                   weight, primfunc_name_hint=f"plateau_matmul_{k.name}")
+        out = self.builder_.call_te(partial(te_fn, how=stage, int4_shape=tuple(wp.shape) if int4 else None), src,
+                                    weight, primfunc_name_hint=f"{name}_{k.name}")
         self.count += 1
         if not shift:
-            return mm
-        acc = self.builder_.emit(mm)
+            return out  # the call itself, not a var bound to it: FuseOps does not fuse across a var alias
+        acc = self.builder_.emit(out)
         fix = (-shift * w.astype(np.int64).reshape(w.shape[0], -1).sum(axis=1)).astype(np.int32)
         return relax.op.add(acc, relax.const(fix))
 
@@ -543,8 +548,9 @@ class _DotConvRewriter(relax.PyExprMutator):
             return self._depthwise_call(call, dw)
         for mk in (k, VNNI8) if k is VNNI else (k,):
             mm = _matmul(call, mk, self.lookup_binding)
-            if mm is not None:
-                return self._matmul_call(call, mk, *mm)
+            if mm is not None:  # the matmul as the dot kernel over token rows (_matmul_te)
+                x = call.args[0]
+                return self._dot_call(_matmul_te, x, str(x.ty.dtype), *mm, mk, "plateau_matmul")
         found = _eligible(call, k, self.lookup_binding)
         if found is None and k is VNNI:  # 8k output channels: the 256-bit instruction
             k = VNNI8
@@ -552,36 +558,18 @@ class _DotConvRewriter(relax.PyExprMutator):
         if found is None:
             return call
         w, int4 = found
-        op, a = relax.op, call.attrs
         data = call.args[0]
-        # +128 takes int8 to uint8 (VNNI), -128 takes uint8 to int8 (sdot); 0 when the types already agree
-        shift = 0 if str(data.ty.dtype) == k.act_dtype else (128 if k.act_dtype == "uint8" else -128)
-        wp, ck = _pack_weight(w, k.lanes, k.k)
-        sh, sw = (int(s) for s in a.strides)
-        t, left, b, r = (int(p) for p in a.padding)  # relax conv2d padding is (top, left, bottom, right)
+        sh, sw = (int(v) for v in call.attrs.strides)
         # conv padding is zeros (the rewrites pad with the zero point themselves, as a Pad before the conv: taken
         # into the kernel's input stage when the conv adds none of its own)
-        src, layout, pads, value = data, "NHWC", (t, b, left, r), 0
-        peeled = None if any(pads) else self._zero_point_pad(data)
-        if peeled is not None:
-            src, layout, pads, value = peeled
+        src, layout, pads, value = self._conv_source(call)
         pairs = 0
         if k.pixels > 1:  # the re-laid input needs a width that is a multiple of the stride
             width = int(src.ty.shape[3 if layout == "NCHW" else 2]) + pads[2] + pads[3]
             pads = (*pads[:3], pads[3] + (-width % sw))
             pairs = sw
-        how = ConvInput(layout, pads, value, ck, shift, k.act_dtype, pairs)
-        # 4-bit weights stay two per byte, re-packed in the kernel's order and unpacked inside the kernel
-        weight = relax.const(_pack_halves(wp), "uint8") if int4 else relax.const(wp)
-        int4_shape = tuple(wp.shape) if int4 else None
-        conv = self.builder_.call_te(partial(_fused_conv_te, sh=sh, sw=sw, how=how, int4_shape=int4_shape), src,
-                                     weight, primfunc_name_hint=f"plateau_conv2d_{k.name}")
-        self.count += 1
-        if not shift:
-            return conv  # the call itself, not a var bound to it: FuseOps does not fuse across a var alias
-        acc = self.builder_.emit(conv)
-        fix = (-shift * w.astype(np.int64).reshape(w.shape[0], -1).sum(axis=1)).astype(np.int32)
-        return op.add(acc, relax.const(fix))
+        return self._dot_call(partial(_fused_conv_te, sh=sh, sw=sw), src, str(data.ty.dtype), w, int4, k,
+                              "plateau_conv2d", layout=layout, pads=pads, value=value, pairs=pairs)
 
 
 def rewrite_convs_dot(mod: tvm.IRModule, kernel: DotKernel = VNNI) -> tuple[tvm.IRModule, int]:
