@@ -186,12 +186,30 @@ def test_arm_kernels_bit_exact_under_qemu(block_models, tmp_path, target, name):
     np.testing.assert_array_equal(got, _run(tmp_path / "plain" / "model.so", x))
 
 
+def _assert_scheduled_build_exact(onnx_path: Path, target: str, tmp_path: Path, caplog, seed: int) -> None:
+    """Build `onnx_path` for `target` with no kernel left unscheduled, run it (arm64: under qemu) and compare it
+    with TVM's unscheduled host build on every logit."""
+    from plateau import runtime
+
+    with caplog.at_level("WARNING", logger="plateau.compile.schedule"):
+        compile_onnx(onnx_path, target, tmp_path / "sched")
+    assert "left unscheduled" not in caplog.text
+    compile_onnx(onnx_path, "host", tmp_path / "plain", schedule="none")
+    x = np.random.default_rng(seed).standard_normal((3, 3, fx.HW, fx.HW)).astype(np.float32)
+    if target == "host":
+        got = _run(tmp_path / "sched" / "model.so", x)
+    elif runtime.sysroot_status() is None or shutil.which("qemu-aarch64") is None:
+        pytest.skip("arm64 sysroot / qemu not set up (make arm64-sysroot)")
+    else:
+        got = runtime.run_artifact(tmp_path / "sched", x, device="qemu").outputs
+    np.testing.assert_array_equal(got, _run(tmp_path / "plain" / "model.so", x))
+
+
 @pytest.mark.parametrize("target,weights", [("host", "s8"), ("arm64-dotprod", "s8"), ("host", "s4")])
 def test_depthwise_conv_kernel_is_exact(tmp_path, target, weights, caplog):
     """MobileNet-style block (stem, depthwise 3x3 + ReLU6, pointwise): the depthwise conv becomes its own
     kernel (input stage, unrolled taps, channels vectorized), scheduled, and the library equals TVM's
     unscheduled host build on every logit (arm64: under qemu)."""
-    from plateau import runtime
     from plateau.compile.schedule import find_conv_block, fresh_schedule, legalize_passes
     from plateau.compile.schedule_dot import DW_BLOCK, dot_kernel, schedule_dw_conv
 
@@ -212,18 +230,7 @@ def test_depthwise_conv_kernel_is_exact(tmp_path, target, weights, caplog):
     (dw,) = [f for gv, f in mod.functions_items() if "plateau_dwconv2d" in gv.name_hint]
     sch = fresh_schedule(dw)
     assert "T.vectorized" in schedule_dw_conv(sch, find_conv_block(sch, DW_BLOCK)).mod.script()
-    with caplog.at_level("WARNING", logger="plateau.compile.schedule"):
-        compile_onnx(onnx_path, target, tmp_path / "sched")
-    assert "left unscheduled" not in caplog.text
-    compile_onnx(onnx_path, "host", tmp_path / "plain", schedule="none")
-    x = np.random.default_rng(4).standard_normal((3, 3, fx.HW, fx.HW)).astype(np.float32)
-    if target == "host":
-        got = _run(tmp_path / "sched" / "model.so", x)
-    elif runtime.sysroot_status() is None or shutil.which("qemu-aarch64") is None:
-        pytest.skip("arm64 sysroot / qemu not set up (make arm64-sysroot)")
-    else:
-        got = runtime.run_artifact(tmp_path / "sched", x, device="qemu").outputs
-    np.testing.assert_array_equal(got, _run(tmp_path / "plain" / "model.so", x))
+    _assert_scheduled_build_exact(onnx_path, target, tmp_path, caplog, seed=4)
 
 
 def _token_mlp_onnx(path: Path) -> Path:
@@ -255,7 +262,6 @@ def _token_mlp_onnx(path: Path) -> Path:
 def test_linear_layers_get_the_dot_kernel(tmp_path, target, caplog):
     """Matmuls with a constant weight (Linear on tokens [N, T, K] and on [N, K]) run the dot kernel over token
     rows, scheduled, bit-exact against TVM's unscheduled host build (arm64: under qemu)."""
-    from plateau import runtime
     from plateau.compile.schedule_dot import dot_kernel
 
     onnx_path = fx.ort_qdq(_token_mlp_onnx(tmp_path / "fp32.onnx"), tmp_path / "mlp.onnx")
@@ -267,18 +273,7 @@ def test_linear_layers_get_the_dot_kernel(tmp_path, target, caplog):
     with t:
         out, _ = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), dot_kernel(t))
     assert out["main"].script().count("plateau_matmul_") == 3  # fc1, fc2 and the 16-wide head
-    with caplog.at_level("WARNING", logger="plateau.compile.schedule"):
-        compile_onnx(onnx_path, target, tmp_path / "sched")
-    assert "left unscheduled" not in caplog.text
-    compile_onnx(onnx_path, "host", tmp_path / "plain", schedule="none")
-    x = np.random.default_rng(5).standard_normal((3, 3, fx.HW, fx.HW)).astype(np.float32)
-    if target == "host":
-        got = _run(tmp_path / "sched" / "model.so", x)
-    elif runtime.sysroot_status() is None or shutil.which("qemu-aarch64") is None:
-        pytest.skip("arm64 sysroot / qemu not set up (make arm64-sysroot)")
-    else:
-        got = runtime.run_artifact(tmp_path / "sched", x, device="qemu").outputs
-    np.testing.assert_array_equal(got, _run(tmp_path / "plain" / "model.so", x))
+    _assert_scheduled_build_exact(onnx_path, target, tmp_path, caplog, seed=5)
 
 
 def _two_blocks(consumer) -> Schedule:
