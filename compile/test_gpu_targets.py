@@ -80,3 +80,42 @@ def test_gpu_library_matches_onnxruntime(gpu_builds, qdq_models, target):
         None, {"input": x})[0]
     steps = np.rint(np.abs(ours - ref) / fx.output_step(qdq_models["ort_s8s8"]))
     assert steps.max() <= 1 and (steps == 0).mean() >= 0.99, steps
+
+
+@needs_nvcc
+def test_run_artifact_names_the_missing_gpu(gpu_builds):
+    """plateau run / validate on a CUDA library where TVM sees no GPU: one line naming the library and the API."""
+    from plateau.errors import PlateauError
+    from plateau.runtime import run_artifact
+    from plateau.runtime.run import artifact_device_api
+
+    d, _ = gpu_builds["cuda"]
+    assert artifact_device_api(d) == "cuda"
+    if runtime_available("cuda"):
+        pytest.skip("a CUDA GPU is present: test_run_artifact_on_the_gpu runs instead")
+    x = np.zeros((2, 3, 16, 16), np.float32)
+    with pytest.raises(PlateauError, match=r"model\.so runs its kernels on a cuda GPU, and TVM finds none here"):
+        run_artifact(d, x)
+
+
+@pytest.mark.gpu
+@needs_nvcc
+def test_run_artifact_on_the_gpu(gpu_builds, qdq_models):
+    """run_artifact picks the GPU from the compile manifest: same logits as the VM called directly, and timings."""
+    import tvm
+    from tvm import relax
+
+    from plateau.compile import _fixtures as fx
+    from plateau.runtime import run_artifact
+
+    if not runtime_available("cuda"):
+        pytest.skip("no CUDA GPU here")
+    d, _ = gpu_builds["cuda"]
+    x = np.concatenate(fx.calibration_batches(3, 8, seed=9))
+    res = run_artifact(d, x, batch_size=5, timing=True)  # 24 rows in batches of 5: a short last batch
+    dev = tvm.cuda(0)
+    direct = relax.VirtualMachine(tvm.runtime.load_module(str(d / "model.so")), dev)["main"](
+        tvm.runtime.tensor(x, dev)).numpy()
+    np.testing.assert_array_equal(res.outputs, direct)
+    assert res.info["device_api"] == "cuda" and dev.device_name in res.info["machine"]
+    assert res.latency["batch_5"]["median_ms"] > 0

@@ -5,7 +5,8 @@ onnxruntime (no plateau). The spec and the result are JSON files:
 
     python _bench_worker.py spec.json result.json
 
-spec: {"kind": "tvm"|"ort", "path": model.so|model.onnx, "threads": 2, "inputs": in.npy, "batches": [1, 64],
+spec: {"kind": "tvm"|"ort", "path": model.so|model.onnx, "device_api": "cpu"|"cuda"|"opencl" (tvm; default cpu),
+       "threads": 2, "inputs": in.npy, "batches": [1, 64],
        "warmup": 5, "min_repeats": 10, "max_repeats": 200, "max_seconds": 8.0, "rel_tol": 0.02,
        "eval_inputs": eval.npy | null, "eval_outputs": out.npy | null, "eval_batch": 100}
 result: {"latency": {"batch_1": {median_ms, p90_ms, min_ms, repeat, stable, seconds}, ...},
@@ -78,11 +79,13 @@ def time_until_stable(call, *, warmup: int = 5, min_repeats: int = 10, max_repea
             "seconds": round(time.perf_counter() - t_start, 2)}
 
 
-def _tvm_engine(path: str, threads: int):
+def _tvm_engine(path: str, threads: int, api: str = "cpu"):
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    dev = tvm.cpu(0)
+    # A GPU build: the input is uploaded once, outside the timed call; each call ends by copying the logits back,
+    # which also waits for the kernels to finish.
+    dev = {"cpu": tvm.cpu, "cuda": tvm.cuda, "opencl": tvm.opencl}[api](0)
     vm = VirtualMachine(tvm.runtime.load_module(path), dev)
     main = vm["main"]
 
@@ -121,7 +124,10 @@ def _tile(x: np.ndarray, b: int) -> np.ndarray:
 def run(spec: dict) -> dict:
     rss0 = _rss_mb()
     t0 = time.perf_counter()
-    make_call = (_tvm_engine if spec["kind"] == "tvm" else _ort_engine)(spec["path"], int(spec["threads"]))
+    if spec["kind"] == "tvm":
+        make_call = _tvm_engine(spec["path"], int(spec["threads"]), spec.get("device_api", "cpu"))
+    else:
+        make_call = _ort_engine(spec["path"], int(spec["threads"]))
     load_s = time.perf_counter() - t0
     x = np.load(spec["inputs"])
     lat = {}

@@ -32,7 +32,7 @@ from plateau.artifacts import atomic_path, read_manifest, sha256_file, write_jso
 from plateau.data import batches, load_split
 from plateau.errors import PlateauError
 
-from .run import DEVICES, run_artifact
+from .run import DEVICES, artifact_device_api, run_artifact
 from .validate import check_artifact, pick_device, run_on_device
 
 __all__ = ["add_arguments", "main", "ENGINES", "ort_quantize", "requantize_variant"]
@@ -173,7 +173,9 @@ def _measure(kind: str, path: Path, device: str, args, x_lat: np.ndarray, x_eval
     """Run one engine in a fresh process; its latency/memory dict and its eval-set logits."""
     np.save(tmp / "lat.npy", x_lat)
     emulated = device == "qemu"
-    spec = {"kind": kind, "path": str(path.resolve()), "threads": args.threads, "inputs": str(tmp / "lat.npy"),
+    api = artifact_device_api(path) if kind == "tvm" else "cpu"
+    spec = {"kind": kind, "path": str(path.resolve()), "device_api": api, "threads": args.threads,
+            "inputs": str(tmp / "lat.npy"),
             "batches": sorted({1, args.batch}), "warmup": 1 if emulated else args.warmup,
             "min_repeats": 3 if emulated else args.min_repeats, "max_repeats": 5 if emulated else args.repeats,
             "max_seconds": args.max_seconds, "rel_tol": 0.02, "eval_inputs": None, "eval_outputs": None}
@@ -301,7 +303,7 @@ def main(args: argparse.Namespace) -> dict:
     rows = _best_of_u8_s8(rows)
     report = {
         "run": str(run), "target": args.target, "device": device, "emulated": emulated,
-        "machine": _machine(device), "model": exp.get("model"), "bits": bits, "threads": args.threads,
+        "machine": _machine(device, artifact_device_api(lib)), "model": exp.get("model"), "bits": bits, "threads": args.threads,
         "batches": sorted({1, args.batch}), "eval_images": int(len(y_eval)),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "settings": {"warmup": args.warmup, "min_repeats": args.min_repeats, "max_repeats": args.repeats,
@@ -330,7 +332,7 @@ def _best_of_u8_s8(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _machine(device: str) -> str:
+def _machine(device: str, api: str = "cpu") -> str:
     if device == "qemu":
         return "aarch64 under qemu-aarch64 on " + platform.machine()
     cpu = ""
@@ -338,7 +340,12 @@ def _machine(device: str) -> str:
         cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
     except OSError:
         pass
-    return f"{platform.machine()} {cpu}, {os.cpu_count()} cores".strip()
+    gpu = ""
+    if api != "cpu" and device == "local":
+        import tvm
+
+        gpu = f" + {tvm.cuda(0).device_name if api == 'cuda' else tvm.opencl(0).device_name}"
+    return f"{platform.machine()} {cpu}, {os.cpu_count()} cores{gpu}".strip()
 
 
 def render_document(r: dict):

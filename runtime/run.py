@@ -23,7 +23,8 @@ from plateau.errors import PlateauError
 
 from . import _worker
 
-__all__ = ["RunResult", "run_artifact", "rpc_connect", "list_devices", "elf_machine", "DEVICES"]
+__all__ = ["RunResult", "run_artifact", "rpc_connect", "list_devices", "elf_machine", "artifact_device_api",
+           "DEVICES"]
 
 DEVICES = ["local", "qemu", "rpc"]
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64", 40: "arm", 243: "riscv"}
@@ -63,22 +64,54 @@ def _host_machine() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
 
 
-def _resolve_artifact(lib_path: str | Path) -> tuple[Path, dict | None]:
-    """model.so path (a compile folder is accepted too) and the compile manifest's input spec if there is one."""
+def _resolve_artifact(lib_path: str | Path) -> tuple[Path, dict | None, str]:
+    """model.so path (a compile folder is accepted too), the compile manifest's input spec if there is one, and
+    where its kernels run: "cpu", or the GPU API ("cuda", "opencl") of a GPU target's build."""
     p = Path(lib_path)
     if p.is_dir():
         p = p / "model.so"
     if not p.is_file():
         raise PlateauError(f"{p}: no such compiled model (run `plateau compile` first)")
-    spec = None
+    spec, api = None, "cpu"
     if (p.parent / "manifest.json").is_file():
         from plateau.artifacts import read_manifest
 
         m = read_manifest(p.parent, "compile")
         spec = m.get("input")
+        api = _GPU_APIS.get(str((m.get("tvm_target") or {}).get("kind")), "cpu")
         _check_recorded(p, m)
     _check_elf_extent(p)
-    return p, spec
+    return p, spec, api
+
+
+def artifact_device_api(lib_path: str | Path) -> str:
+    """Where a compiled model's kernels run: "cpu", "cuda" or "opencl" (from its compile manifest)."""
+    return _resolve_artifact(lib_path)[2]
+
+
+# TVM target kind -> the device API its kernels need (the host code of such a library is still a CPU ELF).
+_GPU_APIS = {"cuda": "cuda", "opencl": "opencl"}
+
+
+def _tvm_device(api: str, remote=None):
+    """The TVM device a library's kernels run on, locally or on an RPC session."""
+    import tvm
+
+    if remote is not None:
+        return {"cpu": remote.cpu, "cuda": remote.cuda, "opencl": remote.cl}[api](0)
+    return {"cpu": tvm.cpu, "cuda": tvm.cuda, "opencl": tvm.opencl}[api](0)
+
+
+def _check_gpu_here(lib: Path, api: str) -> str:
+    """The local GPU's name, or a one-line error when TVM cannot run `api` kernels here."""
+    from plateau.compile.gpu import runtime_available
+
+    if not runtime_available(api):
+        need = ("a CUDA driver and an NVIDIA GPU" if api == "cuda" else
+                "an OpenCL device and a TVM runtime built with USE_OPENCL=ON")
+        raise PlateauError(f"{lib} runs its kernels on a {api} GPU, and TVM finds none here (it needs {need}): run "
+                           "it on a machine with one, locally or with device 'rpc'")
+    return str(_tvm_device(api).device_name)
 
 
 def _check_recorded(lib: Path, manifest: dict) -> None:
@@ -167,7 +200,7 @@ def run_artifact(
         raise PlateauError(f"unknown device {device!r} (choose from {', '.join(DEVICES)})")
     if rpc is not None and device != "rpc":
         raise PlateauError(f"rpc={rpc!r} is only used with device='rpc' (got device={device!r})")
-    lib, spec = _resolve_artifact(lib_path)
+    lib, spec, api = _resolve_artifact(lib_path)
     machine = elf_machine(lib)
     x, batch, fixed = _check_inputs(inputs, spec, batch_size)
     sizes = [batch] if fixed else sorted({1, batch})
@@ -178,14 +211,17 @@ def run_artifact(
                 f"{lib} is built for {machine}, this machine is {host}: run it with device 'qemu' (emulated) "
                 "or 'rpc' (a board)"
             )
-        return _run_local(lib, x, batch, fixed, sizes, timing)
+        return _run_local(lib, x, batch, fixed, sizes, timing, api)
     if device == "qemu":
         if machine != "aarch64":
             raise PlateauError(f"{lib} is built for {machine}, not aarch64: run it with device 'local'")
+        if api != "cpu":
+            raise PlateauError(f"{lib} runs its kernels on a {api} GPU, which qemu does not emulate: run it with "
+                               "device 'local' or 'rpc' on a machine with that GPU")
         return _run_qemu(lib, x, batch, fixed, sizes, timing)
     if not rpc:
         raise PlateauError("device 'rpc' needs rpc='host:port' (a TVM RPC server, e.g. `plateau device serve`)")
-    return _run_rpc(lib, x, batch, fixed, sizes, timing, rpc, rpc_key or "", machine)
+    return _run_rpc(lib, x, batch, fixed, sizes, timing, rpc, rpc_key or "", machine, api)
 
 
 # --- local -------------------------------------------------------------------------------------------------------
@@ -196,19 +232,23 @@ def _progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="img", leave=False, mininterval=0.5, disable=None)
 
 
-def _run_local(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int], timing: bool) -> RunResult:
+def _run_local(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int], timing: bool,
+               api: str = "cpu") -> RunResult:
+    machine = _host_machine()
+    if api != "cpu":
+        machine = f"{machine} + {_check_gpu_here(lib, api)}"
     try:
-        vm, dev = _worker.load_vm(str(lib))
+        vm, dev = _worker.load_vm(str(lib), _tvm_device(api))
     except Exception as e:  # noqa: BLE001 - any load failure means a bad artifact
         raise PlateauError(f"{lib}: cannot be loaded as a TVM module ({_worker._oneline(e)})") from None
-    with _progress_bar(len(x), "run local") as bar:
+    with _progress_bar(len(x), f"run local {api}") as bar:
         try:
             y = _worker.run_batches(vm, dev, x, batch, fixed, lambda done, n: bar.update(done - bar.n))
         except Exception as e:  # noqa: BLE001
             raise PlateauError(_worker.run_error(str(lib), e)) from None
     latency = _worker.time_batches(vm, dev, x, sizes, repeat=20) if timing else None
-    return RunResult(y, "local", False, _label(latency, False), {"machine": _host_machine(), "artifact": str(lib),
-                                                                  "batch": batch})
+    return RunResult(y, "local", False, _label(latency, False), {"machine": machine, "artifact": str(lib),
+                                                                  "batch": batch, "device_api": api})
 
 
 def _label(latency: dict | None, emulated: bool) -> dict | None:
@@ -292,7 +332,7 @@ def rpc_connect(addr: str, key: str = ""):
 
 
 def _run_rpc(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int], timing: bool, addr: str,
-             key: str, machine: str) -> RunResult:
+             key: str, machine: str, api: str = "cpu") -> RunResult:
     import tvm
 
     host, port = _parse_addr(addr)
@@ -304,7 +344,7 @@ def _run_rpc(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int]
     try:
         remote.upload(str(lib), target=name)
         rlib = remote.load_module(name)
-        dev = remote.cpu(0)
+        dev = _tvm_device(api, remote)
         vm = tvm.runtime.vm.VirtualMachine(rlib, dev)
     except Exception as e:  # noqa: BLE001
         raise PlateauError(f"{lib}: the RPC server {host}:{port} cannot load it ({_worker._oneline(e)})") from None
@@ -322,7 +362,7 @@ def _run_rpc(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int]
         remote.remove(name)
     return RunResult(y, "rpc", emulated, _label(latency, emulated),
                      {"machine": info.get("machine", "unknown"), "artifact": str(lib), "batch": batch,
-                      "rpc": f"{host}:{port}"})
+                      "rpc": f"{host}:{port}", "device_api": api})
 
 
 def _remote_info(remote) -> dict:
