@@ -11,10 +11,12 @@ RUNS=${RUNS:-"runs/r20 runs/r20u runs/r20w4"}
 PLATEAU=${PLATEAU:-python3 -m plateau}
 THREADS=${THREADS:-$(nproc)}
 JSON=${JSON:-bench/results/gpu_cuda.json}
-for r in $RUNS; do
-  /usr/bin/time -f "compile %e s" $PLATEAU compile --run "$r" --target cuda
-  $PLATEAU validate --run "$r" --target cuda
-  $PLATEAU bench --run "$r" --target cuda --engines tvm-int8,tvm-fp32,ort-fp32 --threads "$THREADS" --batch 64
+for r in $RUNS; do  # a run that fails is reported as such in $JSON; the others go on
+  rm -rf "$r/compile/cuda" "$r/validate/cuda" "$r/bench/cuda"
+  /usr/bin/time -f "compile %e s" $PLATEAU compile --run "$r" --target cuda &&
+    $PLATEAU validate --run "$r" --target cuda &&
+    $PLATEAU bench --run "$r" --target cuda --engines tvm-int8,tvm-fp32,ort-fp32 --threads "$THREADS" --batch 64 ||
+    echo "gpu_cuda: $r failed"
 done
 python3 - "$JSON" $RUNS <<'EOF'
 import json, subprocess, sys, time
@@ -26,6 +28,9 @@ smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.tota
 nvcc = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
 res = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "gpu": smi, "nvcc": nvcc, "runs": {}}
 for r in runs:
+    if not (Path(r) / "bench/cuda/report.json").is_file():
+        res["runs"][r] = {"error": "failed: see the log of bench/gpu_cuda.sh"}
+        continue
     comp = json.loads((Path(r) / "compile/cuda/manifest.json").read_text())
     val = json.loads((Path(r) / "validate/cuda/report.json").read_text())
     ben = json.loads((Path(r) / "bench/cuda/report.json").read_text())

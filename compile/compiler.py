@@ -27,7 +27,7 @@ from plateau.artifacts import atomic_path, sha256_file, write_manifest
 from plateau.errors import PlateauError
 
 from ._common import REQUANT_DOC, REQUANT_MODES, const_np
-from .gpu import SOURCE_SUFFIX, device_source, dp4a_count, gpu_pipeline, runtime_available
+from .gpu import SOURCE_SUFFIX, device_compiler, device_source, dp4a_count, gpu_pipeline, runtime_available
 from .lower import float_compute_calls, float_ops, lower_qdq, op_counts
 from .onnx_prep import PreparedModel, array_key, prepare_onnx
 from .pack_int4 import build_pipeline, pack_int4_weights, packed_weight_bytes
@@ -150,10 +150,23 @@ def build(mod: tvm.IRModule, target: CompileTarget, schedule: str = "default",
                 pipeline = gpu_pipeline(t)
             else:
                 pipeline = scheduled_pipeline(t, tiles) if schedule == "default" else build_pipeline(t)
-            return tvm.compile(mod, t, relax_pipeline=pipeline), tdict
+            with device_compiler(t.kind.name):
+                return tvm.compile(mod, t, relax_pipeline=pipeline), tdict
         except Exception as e:  # LLVM rejects a CPU name or a schedule: try the next, report all if none builds
-            errors.append(f"{tdict}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            errors.append(f"{tdict}: {type(e).__name__}: {_first_error_line(str(e))}")
     raise PlateauError(f"target {target.name!r} failed to build: " + " | ".join(errors))
+
+
+def _first_error_line(msg: str) -> str:
+    """The line of a build failure that says what went wrong: a device compiler's log (NVRTC, nvcc) starts with a
+    bare "compilation failed:" and names the error further down."""
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    if lines[0].endswith(":"):
+        return " ".join([lines[0], next((ln for ln in lines[1:] if "error" in ln.lower()), lines[1] if len(lines) > 1
+                                        else "")]).strip()
+    return lines[0]
 
 
 def _io_info(mod: tvm.IRModule) -> tuple[dict, dict]:
