@@ -23,6 +23,7 @@ __all__ = [
     "backend_pipeline",
     "const_np", "scalar", "qtype_of", "Multiplier", "requantize", "REQUANT_MODES", "REQUANT_DOC", "per_tensor", "f32",
     "dequantize_f32", "quantize_f32", "requantize_elementwise", "exact_reciprocal", "dequantized_values",
+    "dot_bound", "fits_int32", "round_to_int_tail",
 ]
 
 REQUANT_MODES = ("float", "float64", "fixed")  # see the module docstring
@@ -104,6 +105,7 @@ def requantize(
     lo: int,
     chan_shape: tuple[int, ...],
     mode: str = "float",
+    acc_bound: float | None = None,
 ) -> relax.Expr:
     """int32 accumulator -> quantized output of type `out`, saturated to [lo, out.qmax].
 
@@ -111,7 +113,8 @@ def requantize(
     (C,) for matmul, () per-tensor). `lo` is out.qmin, or max(out.qmin, zp_y) when a ReLU was folded in.
     Rounding is half to even (TVM's round lowers to llvm.nearbyint); clamping after rounding gives the same
     integers as clamping before. maximum/minimum with scalar constants (not clip) let ConvertLayout carry
-    NHWC through the tail.
+    NHWC through the tail. `acc_bound` (a bound on |acc|, from the constant weights) lets the tail add the zero
+    point and saturate in int32 (round_to_int_tail).
     """
     op = relax.op
     n = int(np.prod(chan_shape))
@@ -120,8 +123,39 @@ def requantize(
     dt = {"float": "float32", "float64": "float64"}[mode]
     m = np.broadcast_to(mult.m64 if dt == "float64" else mult.m32, (n,)).reshape(chan_shape).astype(dt)
     c = lambda v: relax.const(np.asarray(v, dt), dt)  # noqa: E731  (explicit dtype: relax.const narrows)
-    r = op.add(op.round(op.multiply(op.astype(acc, dt), c(m))), c(zp_y))
+    y = op.multiply(op.astype(acc, dt), c(m))
+    if acc_bound is not None and fits_int32(float(acc_bound) * float(np.max(m))):
+        return round_to_int_tail(y, zp_y, lo, out)
+    r = op.add(op.round(y), c(zp_y))
     return op.astype(op.minimum(op.maximum(r, c(lo)), c(out.qmax)), out.np_dtype.name)
+
+
+def dot_bound(w: np.ndarray, x_t: QType, zp_x: int, bias: np.ndarray | None = None, axis: int = 0) -> float:
+    """The largest |sum_k w[k] * (x_k - zp_x) + bias| over inputs of type `x_t`: the bound on a conv's or a
+    matmul's int32 accumulator (one output channel per index of `axis` of w)."""
+    dx = max(int(zp_x) - x_t.qmin, x_t.qmax - int(zp_x))
+    w = np.moveaxis(np.abs(w.astype(np.int64)), axis, 0).reshape(w.shape[axis], -1).sum(axis=1)
+    b = np.zeros_like(w) if bias is None else np.abs(np.asarray(bias, np.int64)).reshape(-1)
+    return float(np.max(w * dx + b))
+
+
+def fits_int32(y_bound: float) -> bool:
+    """Whether every round(y) + zp with |y| <= y_bound fits int32, with room for the float rounding of y."""
+    return np.isfinite(y_bound) and y_bound * (1 + 1e-5) + 1024 < 2**31
+
+
+def round_to_int_tail(y: relax.Expr, zp: int, lo: int, out: QType) -> relax.Expr:
+    """saturate(round_half_even(y) + zp) to [lo, out.qmax] with the zero point added and the clamp done in int32,
+    for a float y whose rounding is known to fit int32 (fits_int32).
+
+    The same integers as the float tail (round, + zp, clamp in float): round(y) + zp is exact in float32 below
+    2^24, and above it both saturate. The form lets a CPU round and convert in one instruction (`astype(round(y),
+    int32)` becomes llvm.lrint: schedule.round_to_int32) and saturate while narrowing (vpmovsdb / sqxtn).
+    """
+    op = relax.op
+    i32 = lambda v: relax.const(np.asarray(v, np.int32), "int32")  # noqa: E731
+    r = op.add(op.astype(op.round(y), "int32"), i32(zp))
+    return op.astype(op.minimum(op.maximum(r, i32(lo)), i32(out.qmax)), out.np_dtype.name)
 
 
 def _requantize_fixed(acc: relax.Expr, m: np.ndarray, zp_y: int, out: QType, lo: int) -> relax.Expr:
@@ -196,6 +230,8 @@ def quantize_f32(y: relax.Expr, s: np.float32, zp: int, out: QType, lo: int | No
     lo = out.qmin if lo is None else lo
     r = None if domain is None else exact_reciprocal(domain, s, zp, lo, out.qmax)
     scaled = op.divide(y, f32(s)) if r is None else op.multiply(y, f32(r))
+    if domain is not None and fits_int32(float(np.max(np.abs(domain))) / float(s)):
+        return round_to_int_tail(scaled, zp, lo, out)
     q = op.add(op.round(scaled), f32(zp))
     return op.astype(op.minimum(op.maximum(q, f32(lo)), f32(out.qmax)), out.np_dtype.name)
 

@@ -17,7 +17,7 @@ import numpy as np
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from ._common import Multiplier, const_np, qtype_of, requantize, scalar
+from ._common import Multiplier, const_np, dot_bound, qtype_of, requantize, scalar
 
 __all__ = ["ConvRewrite"]
 
@@ -69,6 +69,7 @@ class ConvRewrite:
             s_xw = (np.float32(s_x) * s_w).astype(np.float32)
             # Exporters make s_b == s_x * s_w; otherwise rescale (rounding, so not bit-exact).
             bias = b if np.allclose(s_b, s_xw, rtol=1e-6, atol=0) else np.rint(b * (s_b / s_xw)).astype(np.int64)
+        bound = dot_bound(w, in_t, int(zp_x), bias)
         bias = bias - int(zp_x) * w64.reshape(cout, -1).sum(axis=1)
         if np.any(np.abs(bias) >= 2**31):
             return expr
@@ -85,4 +86,4 @@ class ConvRewrite:
         acc = relax.op.add(acc, relax.const(bias.astype(np.int32).reshape(1, cout, 1, 1)))
         lo = max(out_t.qmin, int(zp_y)) if self.relu in m else out_t.qmin
         mult = Multiplier.for_product(s_x, s_w, s_y)
-        return requantize(acc, mult, int(zp_y), out_t, lo, (1, cout, 1, 1), self.requant)
+        return requantize(acc, mult, int(zp_y), out_t, lo, (1, cout, 1, 1), self.requant, bound)

@@ -17,7 +17,7 @@ import numpy as np
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from ._common import Multiplier, const_np, qtype_of, requantize, scalar
+from ._common import Multiplier, const_np, dot_bound, qtype_of, requantize, scalar
 
 __all__ = ["MatmulRewrite"]
 
@@ -74,6 +74,7 @@ class MatmulRewrite:
                 return expr
             s_xw = (np.float32(s_x) * s_w).astype(np.float32)
             bias = b if np.allclose(s_b, s_xw, rtol=1e-6, atol=0) else np.rint(b * (s_b / s_xw)).astype(np.int64)
+        bound = dot_bound(w, in_t, int(zp_x), bias, axis=1)
         bias = bias - int(zp_x) * w64.sum(axis=0)
         if np.any(np.abs(bias) >= 2**31):
             return expr
@@ -82,4 +83,4 @@ class MatmulRewrite:
         acc = relax.op.add(acc, relax.const(bias.astype(np.int32)))
         lo = max(out_t.qmin, int(zp_y)) if self.relu in m else out_t.qmin
         mult = Multiplier.for_product(s_x, s_w, s_y)
-        return requantize(acc, mult, int(zp_y), out_t, lo, (cout,), self.requant)
+        return requantize(acc, mult, int(zp_y), out_t, lo, (cout,), self.requant, bound)

@@ -34,9 +34,9 @@ class MeanRewrite:
 
     def __call__(self, expr: relax.Expr, m: dict) -> relax.Expr:
         x_q = m[self.x_q]
-        out_t = qtype_of(m[self.quant].attrs.out_dtype)
+        in_t, out_t = qtype_of(x_q.ty.dtype), qtype_of(m[self.quant].attrs.out_dtype)
         s_x, zp_x, s_y, zp_y = (scalar(m[p]) for p in (self.s_x, self.zp_x, self.s_y, self.zp_y))
-        if qtype_of(x_q.ty.dtype) is None or out_t is None or None in (s_x, zp_x, s_y, zp_y):
+        if in_t is None or out_t is None or None in (s_x, zp_x, s_y, zp_y):
             return expr
         attrs = m[self.mean].attrs
         shape = x_q.ty.shape
@@ -51,7 +51,8 @@ class MeanRewrite:
         if int(zp_x):
             acc = relax.op.add(acc, relax.const(np.int32(-int(zp_x) * k)))
         mult = Multiplier.for_mean(s_x, s_y, k)
-        return requantize(acc, mult, int(zp_y), out_t, out_t.qmin, (), self.requant)
+        bound = k * max(int(zp_x) - in_t.qmin, in_t.qmax - int(zp_x))
+        return requantize(acc, mult, int(zp_y), out_t, out_t.qmin, (), self.requant, bound)
 
 
 class AvgPoolRewrite:
@@ -74,7 +75,8 @@ class AvgPoolRewrite:
         out_t = qtype_of(m[self.quant].attrs.out_dtype)
         s_x, zp_x, s_y, zp_y = (scalar(m[p]) for p in (self.s_x, self.zp_x, self.s_y, self.zp_y))
         a = m[self.pool].attrs
-        if qtype_of(x_q.ty.dtype) is None or out_t is None or None in (s_x, zp_x, s_y, zp_y):
+        in_t = qtype_of(x_q.ty.dtype)
+        if in_t is None or out_t is None or None in (s_x, zp_x, s_y, zp_y):
             return expr
         if bool(a.ceil_mode) or str(a.layout) != "NCHW" or any(int(d) != 1 for d in a.dilation):
             return expr
@@ -101,4 +103,5 @@ class AvgPoolRewrite:
             mult, shape = Multiplier.for_mean(s_x, s_y, kh * kw), ()
         else:
             mult, shape = Multiplier.for_mean(s_x, s_y, count.reshape(-1)), (1, 1, oh, ow)
-        return requantize(acc, mult, int(zp_y), out_t, out_t.qmin, shape, self.requant)
+        bound = kh * kw * max(int(zp_x) - in_t.qmin, in_t.qmax - int(zp_x))
+        return requantize(acc, mult, int(zp_y), out_t, out_t.qmin, shape, self.requant, bound)

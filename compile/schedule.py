@@ -271,6 +271,45 @@ def _legalize_round(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     return bb.call_te(_round_te, call.args[0], primfunc_name_hint="round")
 
 
+def _lrint_te(x: te.Tensor) -> te.Tensor:
+    # Round half to even and convert in one instruction (vcvtps2dq / fcvtns): MXCSR / FPCR round to nearest even.
+    return te.compute(x.shape, lambda *i: tirx.call_llvm_pure_intrin("int32", "llvm.lrint", x(*i)),
+                      name="round_to_int32")
+
+
+@relax.expr_functor.mutator
+class _RoundToInt32(relax.PyExprMutator):
+    """astype(round(y), "int32") -> llvm.lrint(y), where the float y is rounded only to be converted (the int32
+    requantize tail, _common.round_to_int_tail). Where the conversion is defined (round(y) fits int32) the two
+    give the same integers; LLVM does not fuse nearbyint and the conversion itself."""
+
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.mod_ = mod
+
+    def transform(self) -> tvm.IRModule:
+        for gv, func in self.mod_.functions_items():
+            if isinstance(func, relax.Function):
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return self.builder_.get()
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (TVM's visitor name)
+        call = self.visit_expr_post_order(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.astype"
+                and str(call.attrs.dtype) == "int32" and isinstance(call.args[0], relax.Var)):
+            return call
+        rounded = self.lookup_binding(call.args[0])
+        if not (isinstance(rounded, relax.Call) and isinstance(rounded.op, tvm.ir.Op)
+                and rounded.op.name == "relax.round" and str(rounded.args[0].ty.dtype) in ("float32", "float64")):
+            return call
+        return self.builder_.call_te(_lrint_te, rounded.args[0], primfunc_name_hint="round_to_int32")
+
+
+def round_to_int32(mod: tvm.IRModule) -> tvm.IRModule:
+    """_RoundToInt32 over every Relax function, then the rounds left unused are dropped."""
+    return relax.transform.DeadCodeElimination()(_RoundToInt32(mod).transform())
+
+
 def legalize_passes(target: tvm.target.Target) -> list:
     """TVM's CPU legalization passes minus FoldConstant (pack_int4 needs that), rounding as llvm.nearbyint."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -297,6 +336,7 @@ def scheduled_pipeline(target: tvm.target.Target, tiles: TileChooser | None = No
         with target:
             if kernel is not None:
                 mod, _ = rewrite_convs_dot(mod, kernel)
+            mod = round_to_int32(mod)
             mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + legalize)(mod)
             mod = schedule_primfuncs(mod, tiles, kernel)
             seq = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))

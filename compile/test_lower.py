@@ -75,11 +75,13 @@ def test_conv_is_integer_after_lowering():
     assert op_counts(before)["float_conv2d"] == 1
     after = lower_qdq(before)
     ops = _ops(after)
-    assert ops == ["nn.pad", "nn.conv2d", "add", "astype", "multiply", "round", "add", "maximum", "minimum",
-                   "astype"], ops
+    # the accumulator's bound (from W) proves round(y) fits int32: zero point and clamp in int32 (round_to_int_tail)
+    assert ops == ["nn.pad", "nn.conv2d", "add", "astype", "multiply", "round", "astype", "add", "maximum",
+                   "minimum", "astype"], ops
     assert float_compute_calls(after) == []
     calls = [b.value for blk in after["main"].body.blocks for b in blk.bindings]
-    pad, conv, bias, maxi = calls[0], calls[1], calls[2], calls[7]
+    pad, conv, bias, maxi = calls[0], calls[1], calls[2], calls[8]
+    assert str(calls[6].attrs.dtype) == "int32" and str(maxi.ty.dtype) == "int32"
     assert float(pad.attrs.pad_value) == ZP_X  # padded taps contribute (zp - zp) * w = 0
     assert [int(p) for p in conv.attrs.padding] == [0, 0, 0, 0]
     assert str(conv.args[0].ty.dtype) == "int8" and str(conv.args[1].ty.dtype) == "int8"
