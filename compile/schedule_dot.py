@@ -55,13 +55,14 @@ from .pack_int4 import unpacked_value
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DotKernel", "VNNI", "VNNI8", "SDOT", "kernel_of", "DOT_BLOCK", "DOT_INPUT", "DOT_WEIGHT", "DW_BLOCK", "ConvInput", "ConvTile", "dot_kernel", "rewrite_convs_dot",
+__all__ = ["DotKernel", "VNNI", "VNNI8", "SDOT", "AVX2", "has_avx2", "kernel_of", "DOT_BLOCK", "DOT_INPUT", "DOT_WEIGHT", "DW_BLOCK", "ConvInput", "ConvTile", "dot_kernel", "rewrite_convs_dot",
            "schedule_dot_conv", "schedule_dw_conv", "has_vnni", "has_sdot", "default_tile", "conv_extents"]
 
 VNNI_INTRIN = "plateau_vnni_16x4_u8s8s32"
 VNNI8_INTRIN = "plateau_vnni_8x4_u8s8s32"
 SDOT_INTRIN = "plateau_sdot_4x4_s8s8s32"
 SMMLA_INTRIN = "plateau_smmla_2x2x8_s8s8s32"
+AVX2_INTRIN = "plateau_avx2_8x2_s16s16s32"
 DOT_BLOCK = "plateau_dot_conv"  # the conv block's name; FuseTIR keeps it, the scheduler finds it by it
 DOT_INPUT = "plateau_dot_input"  # the conv's input stage (pad, shift, re-layout), scheduled per output row
 DOT_WEIGHT = "plateau_dot_weight"  # 4-bit weights unpacked from two per byte, once per call before the rows
@@ -80,12 +81,16 @@ class DotKernel:
     registers: int  # accumulators a register tile may hold
     pixels: int = 1
     k: int = 4
+    w_dtype: str = "int8"  # the weight type the instruction takes
 
 
 VNNI = DotKernel("vnni", VNNI_INTRIN, 16, "uint8", 28)
 VNNI8 = DotKernel("vnniy", VNNI8_INTRIN, 8, "uint8", 28)  # 256-bit vpdpbusd: convs with 8k, not 16k, channels
 SDOT = DotKernel("sdot", SDOT_INTRIN, 4, "int8", 24)
 SMMLA = DotKernel("smmla", SMMLA_INTRIN, 2, "int8", 24, pixels=2, k=8)
+# AVX2 without VNNI: vpmaddwd, int16 x int16 pairs summed into int32 (exact; vpmaddubsw's int16 sums saturate).
+# The input stage widens the activations to int16 (int8 and uint8 alike, no shift); weights are stored as int16.
+AVX2 = DotKernel("avx2", AVX2_INTRIN, 8, "int16", 12, k=2, w_dtype="int16")
 
 # CPUs LLVM knows with AVX-512 VNNI (mcpu names); "+avx512vnni" in mattr also counts.
 _VNNI_CPUS = {"znver4", "znver5", "cascadelake", "cooperlake", "icelake-client", "icelake-server", "tigerlake",
@@ -164,13 +169,44 @@ def _smmla_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         C[1, T.ramp(T.int32(0), 1, 2)] = T.vectorhigh("int32x2", r)
 
 
+@T.prim_func(s_tir=True)
+def _pmaddwd_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (2,), "int16", offset_factor=1)
+    B = T.match_buffer(b, (8, 2), "int16", offset_factor=1)  # lane i: output channel i's 2 weights
+    C = T.match_buffer(c, (8,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        for i in T.serial(0, 8):
+            for k in T.serial(0, 2):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _pmaddwd_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (2,), "int16", offset_factor=1)
+    B = T.match_buffer(b, (8, 2), "int16", offset_factor=1)
+    C = T.match_buffer(c, (8,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        # the activation pair broadcast to every lane; vpmaddwd: lane i = a0 * b[i, 0] + a1 * b[i, 1]
+        a_vec = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
+                              dtype="int16x16")
+        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a_vec, B.vload([0, 0], dtype="int16x16"),
+            dtype="int32x8")
+
+
 def _register() -> None:
     # LLVM 22's vpdpbusd takes (<16 x i32>, <64 x i8>, <64 x i8>); sdot (<4 x i32>, <16 x i8>, <16 x i8>)
     vnni = _dot_pair(16, "uint8", "llvm.x86.avx512.vpdpbusd.512")
     vnni8 = _dot_pair(8, "uint8", "llvm.x86.avx512.vpdpbusd.256")
     sdot = _dot_pair(4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")
     for name, (desc, impl) in ((VNNI_INTRIN, vnni), (VNNI8_INTRIN, vnni8), (SDOT_INTRIN, sdot),
-                               (SMMLA_INTRIN, (_smmla_desc, _smmla_impl))):
+                               (SMMLA_INTRIN, (_smmla_desc, _smmla_impl)), (AVX2_INTRIN, (_pmaddwd_desc, _pmaddwd_impl))):
         try:
             TensorIntrin.get(name)
         except Exception:  # not registered yet (get raises a TVMError for unknown names)
@@ -190,6 +226,24 @@ def has_vnni(target: tvm.target.Target) -> bool:
         return False
     mattr = [str(a) for a in (attrs.get("mattr") or [])]
     return str(attrs.get("mcpu", "") or "") in _VNNI_CPUS or "+avx512vnni" in mattr
+
+
+# x86-64 CPUs LLVM knows with AVX2 (those with AVX-512 VNNI take VNNI first); "+avx2" in mattr also counts.
+_AVX2_CPUS = {"haswell", "broadwell", "skylake", "skylake-avx512", "cannonlake", "kabylake", "coffeelake",
+              "cometlake", "alderlake", "raptorlake", "meteorlake", "arrowlake", "arrowlake-s", "lunarlake",
+              "gracemont", "sierraforest", "grandridge", "clearwaterforest", "znver1", "znver2", "znver3",
+              "x86-64-v3", "x86-64-v4", *_VNNI_CPUS}
+
+
+def has_avx2(target: tvm.target.Target) -> bool:
+    """Whether `target` is x86-64 with AVX2 (by mcpu name or +avx2 in mattr)."""
+    if target.kind.name != "llvm":
+        return False
+    triple = str(target.attrs.get("mtriple", "") or "")
+    if triple and not triple.startswith(("x86_64", "i686")):
+        return False
+    mattr = [str(a) for a in (target.attrs.get("mattr") or [])]
+    return str(target.attrs.get("mcpu", "") or "") in _AVX2_CPUS or "+avx2" in mattr
 
 
 # aarch64 CPUs LLVM knows with the dot-product extension; "+dotprod" (or "+i8mm", ARMv8.6) in mattr also counts.
@@ -217,10 +271,12 @@ def has_i8mm(target: tvm.target.Target) -> bool:
 
 
 def dot_kernel(target: tvm.target.Target) -> DotKernel | None:
-    """The dot-product conv kernel for `target`: VNNI on x86 with AVX-512 VNNI, smmla on aarch64 with i8mm, sdot
-    on aarch64 with dotprod."""
+    """The dot-product conv kernel for `target`: VNNI on x86 with AVX-512 VNNI, else vpmaddwd with AVX2; smmla on
+    aarch64 with i8mm, sdot on aarch64 with dotprod."""
     if has_vnni(target):
         return VNNI
+    if has_avx2(target):
+        return AVX2
     if has_i8mm(target):
         return SMMLA
     if has_sdot(target):
@@ -293,9 +349,9 @@ def _pack_halves(wp: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(v[:, 0] | (v[:, 1] << 4)).reshape(-1)
 
 
-def _weight_te(packed: te.Tensor, shape: tuple[int, ...]) -> te.Tensor:
+def _weight_te(packed: te.Tensor, shape: tuple[int, ...], dtype: str = "int8") -> te.Tensor:
     """The packed weight [O/L, KH, KW, Ck/K, L, K] unpacked from _pack_halves' bytes, sign-extended by
-    (v ^ 8) - 8."""
+    (v ^ 8) - 8, as the kernel's weight type."""
     half = shape[-1] * shape[-2] // 2
 
     def value(*idx):
@@ -306,29 +362,30 @@ def _weight_te(packed: te.Tensor, shape: tuple[int, ...]) -> te.Tensor:
         byte = packed[group * half + lane % half]
         nibble = tvm.tirx.if_then_else(lane < half, byte & tvm.tirx.const(0xF, "uint8"),
                                        byte >> tvm.tirx.const(4, "uint8"))
-        return (nibble.astype("int8") ^ tvm.tirx.const(8, "int8")) - tvm.tirx.const(8, "int8")
+        return ((nibble.astype("int8") ^ tvm.tirx.const(8, "int8")) - tvm.tirx.const(8, "int8")).astype(dtype)
 
     return te.compute(shape, value, name=DOT_WEIGHT)
 
 
 def _fused_conv_te(src: te.Tensor, wp: te.Tensor, sh: int, sw: int, how: ConvInput,
-                   int4_shape: tuple[int, ...] | None = None) -> te.Tensor:
+                   int4_shape: tuple[int, ...] | None = None, w_dtype: str = "int8") -> te.Tensor:
     """The whole kernel: input stage, then the dot conv (pairs layout for smmla); with `int4_shape`, `wp` is the
-    packed 4-bit weight, unpacked first."""
+    packed 4-bit weight, unpacked first (to `w_dtype`)."""
     data = _input_te(src, how)
     if int4_shape is not None:
-        wp = _weight_te(wp, int4_shape)
+        wp = _weight_te(wp, int4_shape, w_dtype)
     return (_conv_te_pairs if how.pairs else _conv_te)(data, wp, sh, sw)
 
 
-def _matmul_te(src: te.Tensor, wp: te.Tensor, how: ConvInput, int4_shape: tuple[int, ...] | None = None) -> te.Tensor:
+def _matmul_te(src: te.Tensor, wp: te.Tensor, how: ConvInput, int4_shape: tuple[int, ...] | None = None,
+               w_dtype: str = "int8") -> te.Tensor:
     """x [B, T, K] (or [B, K]) @ W as the dot conv: rows are tokens (H = T, W = 1, a 1x1 kernel), so the rows run
     in parallel; the output keeps the matmul's shape, so its epilogue fuses as for a conv."""
     rows = src.shape[1] if len(src.shape) == 3 else 1
     k = src.shape[-1]
     x4 = te.compute((src.shape[0], rows, 1, k),
                     lambda b, t, _w, c: src[b, t, c] if len(src.shape) == 3 else src[b, c], name="matmul_rows")
-    conv = _fused_conv_te(x4, wp, 1, 1, how, int4_shape)
+    conv = _fused_conv_te(x4, wp, 1, 1, how, int4_shape, w_dtype)
     if len(src.shape) == 3:
         return te.compute((src.shape[0], rows, conv.shape[3]), lambda b, t, n: conv[b, t, 0, n], name="matmul_out")
     return te.compute((src.shape[0], conv.shape[3]), lambda b, n: conv[b, 0, 0, n], name="matmul_out")
@@ -352,16 +409,16 @@ def _dw_te(src: te.Tensor, w: te.Tensor, sh: int, sw: int, how: ConvInput) -> te
 
 def _conv_te(data: te.Tensor, wp: te.Tensor, sh: int, sw: int) -> te.Tensor:
     n, h, w, _ = data.shape
-    ocb, kh, kw, cb, lanes, _ = wp.shape
+    ocb, kh, kw, cb, lanes, k = wp.shape
     oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
     rh = te.reduce_axis((0, kh), "rh")
     rw = te.reduce_axis((0, kw), "rw")
-    rc = te.reduce_axis((0, cb * 4), "rc")
+    rc = te.reduce_axis((0, cb * k), "rc")
     return te.compute(
         (n, oh, ow, ocb * lanes),
         lambda b, y, x, o: te.sum(
             data[b, y * sh + rh, x * sw + rw, rc].astype("int32")
-            * wp[o // lanes, rh, rw, rc // 4, o % lanes, rc % 4].astype("int32"),
+            * wp[o // lanes, rh, rw, rc // k, o % lanes, rc % k].astype("int32"),
             axis=[rh, rw, rc],
         ),
         name=DOT_BLOCK,
@@ -525,14 +582,15 @@ class _DotConvRewriter(relax.PyExprMutator):
                   name: str, **how: object) -> relax.Expr:
         """Emit the dot kernel `te_fn(src, packed weight, how=ConvInput, int4_shape=...)` for the OHWI int8 weight
         `w`, and the per-channel constant that undoes the activation shift (a conv and a matmul alike)."""
-        # +128 takes int8 to uint8 (VNNI), -128 takes uint8 to int8 (sdot); 0 when the types already agree
-        shift = 0 if act_dtype == k.act_dtype else (128 if k.act_dtype == "uint8" else -128)
+        # +128 takes int8 to uint8 (VNNI), -128 takes uint8 to int8 (sdot); 0 when the types already agree or the
+        # kernel's type holds both (int16: AVX2)
+        shift = 0 if act_dtype == k.act_dtype or k.act_dtype == "int16" else (128 if k.act_dtype == "uint8" else -128)
         wp, ck = _pack_weight(w, k.lanes, k.k)
         stage = ConvInput(channels=ck, shift=shift, dtype=k.act_dtype, **how)
         # 4-bit weights stay two per byte, re-packed in the kernel's order and unpacked inside the kernel
-        weight = relax.const(_pack_halves(wp), "uint8") if int4 else relax.const(wp)
-        out = self.builder_.call_te(partial(te_fn, how=stage, int4_shape=tuple(wp.shape) if int4 else None), src,
-                                    weight, primfunc_name_hint=f"{name}_{k.name}")
+        weight = relax.const(_pack_halves(wp), "uint8") if int4 else relax.const(wp.astype(k.w_dtype))
+        te_call = partial(te_fn, how=stage, int4_shape=tuple(wp.shape) if int4 else None, w_dtype=k.w_dtype)
+        out = self.builder_.call_te(te_call, src, weight, primfunc_name_hint=f"{name}_{k.name}")
         self.count += 1
         if not shift:
             return out  # the call itself, not a var bound to it: FuseOps does not fuse across a var alias
@@ -614,7 +672,7 @@ def default_tile(ow_extent: int, oc_blocks: int, kernel: DotKernel = VNNI) -> Co
         oc = next(t for t in (8, 4, 2, 1) if oc_blocks % t == 0 and ow // 2 * t <= 16)
         return ConvTile(ow, oc)
     ow = next(t for t in (8, 7, 4, 2, 1) if ow_extent % t == 0)
-    oc = next(t for t in (4, 2, 1) if oc_blocks % t == 0 and ow * t <= 16)
+    oc = next(t for t in (4, 2, 1) if oc_blocks % t == 0 and ow * t <= min(16, kernel.registers))
     return ConvTile(ow, oc)
 
 

@@ -1,7 +1,8 @@
 """Compile targets, filed by name in a registry.
 
     >>> list_targets()
-    ['arm64', 'arm64-dotprod', 'arm64-i8mm', 'arm64-neon', 'cuda', 'host', 'opencl', 'rpi4', 'rpi5']
+    ['arm64', 'arm64-dotprod', 'arm64-i8mm', 'arm64-neon', 'cuda', 'host', 'opencl', 'rpi4', 'rpi5', 'x86-avx2',
+     'x86-vnni']
     >>> get_target("arm64").tvm_target      # {"kind": "llvm", "mtriple": "aarch64-linux-gnu", ...}
 
 A target is a TVM target dict (TVM 0.27 refuses target strings) plus how to link the shared library: host targets
@@ -102,6 +103,15 @@ def _host() -> CompileTarget:
     # "generic" / empty means LLVM does not know this CPU; mcpu "native" is refused by 0.27 and falls back anyway.
     main = {"kind": "llvm", "mcpu": cpu} if cpu and cpu != "generic" else {"kind": "llvm"}
     return CompileTarget("host", main, None, f"this machine's CPU ({cpu or 'generic'})", ({"kind": "llvm"},))
+
+
+# x86-64 machines other than this one: AVX2 only (vpmaddwd kernel), AVX-512 VNNI (vpdpbusd kernel).
+register_target("x86-avx2")(lambda: CompileTarget(
+    "x86-avx2", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}, None,
+    "x86-64 with AVX2, no AVX-512 (Haswell and later, Zen 1-3): int8 convs on vpmaddwd"))
+register_target("x86-vnni")(lambda: CompileTarget(
+    "x86-vnni", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake"}, None,
+    "x86-64 with AVX-512 VNNI (Cascade Lake, Ice Lake and later, Zen 4): int8 convs on vpdpbusd"))
 
 
 def _arm(name: str, mattr: list[str], mcpu: str | None, description: str) -> CompileTarget:

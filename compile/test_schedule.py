@@ -147,6 +147,47 @@ def test_vnni_conv_kernel_exact(stride, tile):
     assert "vpdpbusd" in lib.mod.inspect_source("asm")
 
 
+def _host_has_avx2() -> bool:
+    try:
+        return any(" avx2" in ln for ln in open("/proc/cpuinfo") if ln.startswith("flags"))
+    except OSError:
+        return False
+
+
+needs_avx2 = pytest.mark.skipif(not _host_has_avx2(), reason="this CPU has no AVX2 to run an x86-avx2 build")
+
+
+def test_x86_targets_pick_their_kernel():
+    """x86-avx2 (Haswell) takes the vpmaddwd kernel, x86-vnni (Cascade Lake) vpdpbusd; not for aarch64 / GPU."""
+    from plateau.compile.schedule_dot import AVX2, VNNI, dot_kernel, has_avx2
+
+    kernel = {t: dot_kernel(tvm.target.Target(get_target(t).tvm_target)) for t in ("x86-avx2", "x86-vnni")}
+    assert kernel == {"x86-avx2": AVX2, "x86-vnni": VNNI}
+    assert has_avx2(tvm.target.Target({"kind": "llvm", "mattr": ["+avx2"]}))
+    assert not has_avx2(tvm.target.Target(get_target("arm64").tvm_target))
+    assert not has_avx2(tvm.target.Target({"kind": "llvm", "mcpu": "core2"}))
+
+
+@needs_avx2
+@pytest.mark.parametrize("name", ["s8s8", "u8s8", "w4"])
+def test_avx2_kernel_is_exact(block_models, tmp_path, name, caplog):
+    """x86-avx2: every conv is the tensorized vpmaddwd kernel (int16 pairs, exact: vpmaddubsw's int16 sums would
+    saturate), int8 and uint8 activations and 4-bit weights alike; run on this CPU, the library equals TVM's
+    unscheduled host build on every logit."""
+    from plateau.compile.asm import instructions_per_function
+    from plateau.compile.schedule_dot import AVX2
+
+    tgt = get_target("x86-avx2")
+    mod, _ = import_onnx(block_models[name])
+    _, n = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), AVX2)
+    assert n == 4
+    ex, _ = build(lower_for_target(lower_qdq(mod), tgt), tgt)
+    counts = instructions_per_function(ex.mod.imports[0].inspect_source("asm"), "vpmaddwd")
+    convs = {f: c for f, c in counts.items() if f.startswith("fused_plateau_conv2d_avx2")}
+    assert len(convs) == 4 and all(c > 0 for c in convs.values()), counts
+    _assert_scheduled_build_exact(block_models[name], "x86-avx2", tmp_path, caplog, seed=4)
+
+
 def test_arm_targets_pick_the_sdot_kernel():
     from plateau.compile.schedule_dot import SDOT, SMMLA, dot_kernel
 
@@ -196,7 +237,7 @@ def _assert_scheduled_build_exact(onnx_path: Path, target: str, tmp_path: Path, 
     assert "left unscheduled" not in caplog.text
     compile_onnx(onnx_path, "host", tmp_path / "plain", schedule="none")
     x = np.random.default_rng(seed).standard_normal((3, 3, fx.HW, fx.HW)).astype(np.float32)
-    if target == "host":
+    if get_target(target).arch == "host":  # this machine's CPU runs it (x86-avx2 too: needs_avx2)
         got = _run(tmp_path / "sched" / "model.so", x)
     elif runtime.sysroot_status() is None or shutil.which("qemu-aarch64") is None:
         pytest.skip("arm64 sysroot / qemu not set up (make arm64-sysroot)")
