@@ -4,6 +4,7 @@ Instructions of one family, "P pixels x L output channels, each += K activation 
 
     x86 AVX-512 VNNI  vpdpbusd  P = 1, L = 16, K = 4, u8 x s8   (DotKernel VNNI)
                       (256-bit) P = 1, L = 8,  K = 4, u8 x s8   (VNNI8: convs with 8k, not 16k, output channels)
+    x86 AVX2          vpmaddwd  P = 1, L = 8,  K = 2, s16 x s16 (DotKernel AVX2: int16 activations and weights)
     aarch64 dotprod   sdot      P = 1, L = 4,  K = 4, s8 x s8   (DotKernel SDOT)
     aarch64 i8mm      smmla     P = 2, L = 2,  K = 8, s8 x s8   (DotKernel SMMLA: a 2x8 by 8x2 matrix product)
 
@@ -28,7 +29,8 @@ input is re-laid as [n, h, sw, w/sw, c] (a free view at stride 1), where pixels 
 neighbours: x[n, h, w*sw + kw, c] = x'[n, h, kw % sw, w + kw // sw, c].
 
 `vpdpbusd` multiplies unsigned by signed bytes, so int8 activations are shifted by +128; `sdot` is signed, so uint8
-activations are shifted by -128. The shift is exact: the shift times the weight sum is subtracted again, a
+activations are shifted by -128; AVX2's input stage widens both to int16 (no shift). AVX2 has `vpmaddubsw` for
+u8 x s8, but it sums pairs into saturating int16 (255 * -128 * 2 overflows), so it is not used. The shift is exact: the shift times the weight sum is subtracted again, a
 per-channel constant. The weights are repacked once, in numpy, so that the L output channels x 4 input channels of one
 instruction are contiguous bytes. The schedule keeps an (ow_block x L*oc_block) int32 tile in registers, reduces over
 (kh, kw, c/4) with one instruction per (pixel, L channels, 4 inputs), runs the fused epilogue (bias, requantize,
