@@ -274,6 +274,36 @@ def test_depthwise_conv_kernel_is_exact(tmp_path, target, weights, caplog):
     _assert_scheduled_build_exact(onnx_path, target, tmp_path, caplog, seed=4)
 
 
+def test_depthwise_fallback_runs_outer_loops_in_parallel(tmp_path, monkeypatch, caplog):
+    """A depthwise conv whose shape the tiled schedule refuses is not left unscheduled: its outer loops run in
+    parallel, and the library still equals TVM's unscheduled build on every logit."""
+    import plateau.compile.schedule as S
+    from plateau.compile.schedule import legalize_passes, schedule_primfuncs
+    from plateau.compile.schedule_dot import dot_kernel
+
+    refused = []
+
+    def refuse(sch, block):
+        refused.append(block)
+        raise ValueError("this shape is not tiled")
+
+    monkeypatch.setattr(S, "schedule_dw_conv", refuse)
+    monkeypatch.setattr(S, "MIN_PARALLEL_WORK", 1)  # the tiny model's 8x8 depthwise would stay serial
+    onnx_path = fx.ort_qdq(fx.tiny_mobile_onnx(tmp_path / "fp32.onnx"), tmp_path / "mobile.onnx", "s8", "s8")
+    tgt = get_target("host")
+    t = tvm.target.Target(tgt.tvm_target)
+    mod, _ = import_onnx(onnx_path)
+    with t:
+        mod, _ = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), dot_kernel(t))
+        from tvm.relax.backend.cpu_generic import pipeline as cpu
+        mod = tvm.transform.Sequential(cpu.library_dispatch_passes(t) + legalize_passes(t))(mod)
+        scheduled = schedule_primfuncs(mod, None, dot_kernel(t))
+    (name,) = [gv.name_hint for gv in mod.get_global_vars() if "plateau_dwconv2d" in gv.name_hint]
+    assert refused and "T.parallel" in scheduled[name].script()
+    assert scheduled[name].script() != mod[name].script()
+    _assert_scheduled_build_exact(onnx_path, "host", tmp_path, caplog, seed=6)
+
+
 def _token_mlp_onnx(path: Path) -> Path:
     """Patchify conv -> tokens [N, 16, 32] -> Linear(32, 64) + ReLU -> Linear(64, 32) -> token mean -> Linear(32,
     10): matmuls on 3-D token tensors and on a 2-D one."""
