@@ -134,10 +134,12 @@ def packed_weight_bytes(mod: tvm.IRModule) -> tuple[int, int]:
 
 
 def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's default CPU pipeline minus FoldConstant (which would undo the packing)."""
+    """TVM's default CPU pipeline, unscheduled, minus FoldConstant (which would undo the packing); legalized as
+    the scheduled pipeline is (schedule.legalize_passes), so both compute the same numbers."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    # late imports: schedule imports schedule_dot, which imports this module
     from ._common import backend_pipeline
+    from .schedule import legalize_passes
 
-    legalize = [p for p in cpu.legalize_passes(target) if "FoldConstant" not in str(p.info.name)]
-    return backend_pipeline(cpu, target, legalize)
+    return backend_pipeline(cpu, target, legalize_passes(target))

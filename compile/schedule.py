@@ -201,6 +201,53 @@ def schedule_outer_parallel(sch: Schedule) -> bool:
     return done
 
 
+def _vector_width(extent: int) -> int:
+    """The largest divisor of `extent` up to 16 (int32 lanes of a zmm): vectorizes without a tail."""
+    return max(d for d in range(1, 17) if extent % d == 0)
+
+
+def schedule_int_matmul(sch: Schedule) -> bool:
+    """An integer matmul of two activations (attention's Q.K^T and P.V: TVM's "matmul" block, loops batch...,
+    rows, columns, k): the reduction moved outside the columns, so each row of B streams contiguously and the
+    columns vectorize; a few rows share each B row (unrolled); batch loops in parallel; the elementwise epilogue
+    inlined and vectorized. Integer sums: any order gives the same result. False, changing nothing, for anything
+    else (a float matmul keeps its order: the rounding would change)."""
+    if not _has_root(sch):
+        return False
+    inline_spatial(sch)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    reductions = [b for b in blocks if not _spatial_only(sch, b)]
+    if len(reductions) != 1 or not sch.get(reductions[0]).name_hint.startswith("matmul"):
+        return False
+    mm = reductions[0]
+    ivs = sch.get(mm).iter_vars
+    loops = sch.get_loops(mm)
+    out_dtype = str(sch.get(mm).writes[0].source.dtype)
+    if (len(loops) != len(ivs) or len(ivs) < 3 or ivs[-1].iter_type != tirx.IterVar.CommReduce
+            or any(iv.iter_type != tirx.IterVar.DataPar for iv in ivs[:-1]) or not out_dtype.startswith("int")
+            or _static_work(sch, mm) < MIN_PARALLEL_WORK):
+        return False
+    *batch, i, j, k = loops
+    rows = sch.get(i).extent
+    if not isinstance(rows, tirx.IntImm):
+        return False
+    io, ii = sch.split(i, [None, next(r for r in (5, 4, 3, 2, 1) if int(rows) % r == 0)])
+    sch.reorder(*batch, io, k, ii, j)
+    sch.unroll(ii)
+    sch.parallel(sch.fuse(*batch) if len(batch) > 1 else (batch[0] if batch else io))
+    for blk in blocks:
+        if blk.same_as(mm):
+            continue
+        outer = sch.get_loops(blk)
+        if len(outer) >= 2:
+            sch.parallel(sch.fuse(*outer[:2]))
+        last = sch.get_loops(blk)[-1]
+        ext = sch.get(last).extent
+        if isinstance(ext, tirx.IntImm) and _vector_width(int(ext)) > 1:
+            sch.vectorize(sch.split(last, [None, _vector_width(int(ext))])[1])
+    return True
+
+
 def _has_root(sch: Schedule) -> bool:
     try:
         sch.get_sblock("root")
@@ -226,6 +273,16 @@ def find_conv_block(sch: Schedule, prefix: str = DOT_BLOCK) -> tvm.s_tir.schedul
     return found[0] if len(found) == 1 else None
 
 
+def _attempt(schedule: Callable[[Schedule], bool], sch: Schedule) -> Schedule | None:
+    """schedule() on a copy of sch's function: the copy where it applies, None where it does not (or fails)."""
+    trial = fresh_schedule(sch.mod["main"])
+    try:
+        return trial if schedule(trial) else None
+    except Exception as e:  # noqa: BLE001 (ScheduleError: this schedule does not fit the function)
+        log.debug("%s did not apply (%s)", schedule.__name__, str(e).splitlines()[0] if str(e) else e)
+        return None
+
+
 def schedule_primfuncs(mod: tvm.IRModule, tiles: TileChooser | None = None,
                        kernel: DotKernel | None = None) -> tvm.IRModule:
     """Schedule every PrimFunc of `mod` (after FuseTIR): dot convs tiled, spatial kernels parallel/vectorized.
@@ -249,8 +306,12 @@ def schedule_primfuncs(mod: tvm.IRModule, tiles: TileChooser | None = None,
                     log.debug("depthwise schedule of %s failed (%s); outer loops in parallel", name, e)
                     if not schedule_outer_parallel(sch):
                         continue
-            elif not (schedule_injective(sch) or schedule_outer_parallel(sch)):
-                continue
+            elif not schedule_injective(sch):
+                matmul = _attempt(schedule_int_matmul, sch)
+                if matmul is not None:
+                    sch = matmul
+                elif not schedule_outer_parallel(sch):
+                    continue
         except Exception as e:  # noqa: BLE001 (ScheduleError, TVM FFI errors: the function stays as built)
             log.warning("schedule of %s failed, left unscheduled: %s", name, str(e).splitlines()[0] if str(e) else e)
             continue
@@ -269,6 +330,47 @@ def _legalize_round(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     if not str(call.args[0].ty.dtype).startswith("float"):
         return call.args[0]  # rounding an integer tensor is the identity
     return bb.call_te(_round_te, call.args[0], primfunc_name_hint="round")
+
+
+def _default_legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    return tvm.ir.Op.get(call.op.name).get_attr("FLegalize")(bb, call)
+
+
+def _quantize_te(x: te.Tensor, s: float, zp: int, dtype: str) -> te.Tensor:
+    # TVM's own quantize (x / s, round half to even, + zp, saturate) with the rounding as llvm.nearbyint, which
+    # vectorizes (see _round_te); tirx.round made a float island's whole output loop scalar.
+    lo, hi = (tirx.const(float(v.value), "float32") for v in (tirx.min_value(dtype), tirx.max_value(dtype)))
+
+    def value(*i):
+        r = tirx.call_llvm_pure_intrin("float32", "llvm.nearbyint", x(*i) / tirx.const(s, "float32"))
+        return te.max(te.min(r + tirx.const(float(zp), "float32"), hi), lo).astype(dtype)
+
+    return te.compute(x.shape, value, name="quantized")
+
+
+def _legalize_quantize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """A per-tensor float32 -> integer quantize (a float island's output) as _quantize_te; others as TVM does."""
+    from ._common import scalar
+
+    s, zp = scalar(call.args[1]), scalar(call.args[2])
+    out = str(call.attrs.out_dtype)
+    if s is None or zp is None or str(call.args[0].ty.dtype) != "float32" or "int" not in out:
+        return _default_legalize(bb, call)
+    return bb.call_te(_quantize_te, call.args[0], s=float(s), zp=int(zp), dtype=out, primfunc_name_hint="quantize")
+
+
+def _legalize_erf(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """erf (GELU's) as TVM's vectorizable rational approximation (topi.fast_erf, float32): libm's erff, which the
+    default lowering calls, is one scalar call per element and runs the whole loop around it scalar."""
+    from tvm import topi
+
+    if str(call.args[0].ty.dtype) != "float32":
+        return _default_legalize(bb, call)
+    return bb.call_te(topi.fast_erf, call.args[0], primfunc_name_hint="erf")
+
+
+# Legalizations of this pipeline (both schedules: the same numbers from the scheduled and the unscheduled build).
+CPU_LEGALIZE = {"relax.round": _legalize_round, "relax.quantize": _legalize_quantize, "relax.erf": _legalize_erf}
 
 
 def _lrint_te(x: te.Tensor) -> te.Tensor:
@@ -311,7 +413,8 @@ def round_to_int32(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 def legalize_passes(target: tvm.target.Target) -> list:
-    """TVM's CPU legalization passes minus FoldConstant (pack_int4 needs that), rounding as llvm.nearbyint."""
+    """TVM's CPU legalization passes minus FoldConstant (pack_int4 needs that), with CPU_LEGALIZE's lowerings:
+    rounding as llvm.nearbyint, quantize vectorizable, erf as a rational approximation."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     out = []
@@ -319,8 +422,7 @@ def legalize_passes(target: tvm.target.Target) -> list:
         name = str(p.info.name)
         if "FoldConstant" in name:
             continue
-        out.append(relax.transform.LegalizeOps({"relax.round": _legalize_round}) if name.endswith("LegalizeOps")
-                   else p)
+        out.append(relax.transform.LegalizeOps(CPU_LEGALIZE) if name.endswith("LegalizeOps") else p)
     return out
 
 

@@ -3,6 +3,8 @@ onnxruntime's integer QLinearMatMul."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -14,8 +16,9 @@ from plateau.compile import compile_onnx
 from plateau.export.validate import ort_session
 
 
-def _attention_scores_qdq(path, a_dtype=np.int8) -> None:
-    """input [N, 2, 8, 16] -> Q -> DQ -> (A) ; A @ transpose(A) -> Q -> DQ: scores of 2 heads, 8 tokens, 16 dims."""
+def _attention_scores_qdq(path, a_dtype=np.int8, shape=(2, 8, 16)) -> None:
+    """input [N, heads, tokens, dims] -> Q -> DQ -> (A) ; A @ transpose(A) -> Q -> DQ: attention scores (2 heads,
+    8 tokens, 16 dims by default)."""
     zp = a_dtype(3 if a_dtype == np.int8 else 120)
     inits = [numpy_helper.from_array(v, n) for n, v in (
         ("s", np.float32(0.04)), ("z", zp), ("ys", np.float32(0.1)), ("yz", np.int8(-2)))]
@@ -26,7 +29,7 @@ def _attention_scores_qdq(path, a_dtype=np.int8) -> None:
              helper.make_node("MatMul", ["a", "bt"], ["scores"], name="qk"),
              helper.make_node("QuantizeLinear", ["scores", "ys", "yz"], ["sq"]),
              helper.make_node("DequantizeLinear", ["sq", "ys", "yz"], ["output"])]
-    fx.save_graph(path, nodes, inits, ["N", 2, 8, 16], "qk")
+    fx.save_graph(path, nodes, inits, ["N", *shape], "qk")
 
 
 @pytest.mark.parametrize("a_dtype", [np.int8, np.uint8])
@@ -40,3 +43,53 @@ def test_activation_matmul_is_integer_and_matches_onnxruntime(tmp_path, a_dtype)
     ref = ort_session(tmp_path / "m.onnx").run(None, {"input": x})[0]
     steps = np.rint(np.abs(ours - ref) / fx.output_step(tmp_path / "m.onnx"))
     assert ours.shape == (3, 2, 8, 8) and steps.max() <= 1 and (steps == 0).mean() >= 0.999, steps.max()
+
+
+def test_large_activation_matmul_gets_the_row_schedule(tmp_path):
+    """ViT-Tiny's attention shape (3 heads, 65 tokens, 64 dims): schedule_int_matmul takes the integer matmul (k
+    outside the columns, 5 rows per k step, heads in parallel); the library equals TVM's unscheduled build on every
+    value and onnxruntime within one step."""
+    from plateau.compile.compiler import import_onnx, lower_for_target
+    from plateau.compile.lower import lower_qdq
+    from plateau.compile.schedule import fresh_schedule, legalize_passes, schedule_int_matmul
+    from plateau.compile.targets import get_target
+
+    path = tmp_path / "m.onnx"
+    _attention_scores_qdq(path, np.int8, (3, 65, 64))
+    tgt = get_target("host")
+    t = tvm.target.Target(tgt.tvm_target)
+    mod, _ = import_onnx(path)
+    with t:
+        from tvm.relax.backend.cpu_generic import pipeline as cpu
+        mod = tvm.transform.Sequential(cpu.library_dispatch_passes(t) + legalize_passes(t) +
+                                       [relax.transform.FuseOps(), relax.transform.FuseTIR()])(
+            lower_for_target(lower_qdq(mod), tgt))
+    (name,) = [gv.name_hint for gv in mod.get_global_vars() if gv.name_hint.startswith("fused_matmul")]
+    sch = fresh_schedule(mod[name])
+    assert schedule_int_matmul(sch)
+    script = sch.mod["main"].script()
+    assert "T.parallel" in script and "T.unroll(T.int64(5))" in script and "T.vectorized" in script
+    assert re.search(r"for \w+, k in T\.grid", script), script  # k outside the 5 rows and the columns
+
+    compile_onnx(path, "host", tmp_path / "sched")
+    compile_onnx(path, "host", tmp_path / "plain", schedule="none")
+    x = (np.random.default_rng(1).standard_normal((4, 3, 65, 64)) * 1.5).astype(np.float32)
+    outs = [relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / d / "model.so")), tvm.cpu())["main"](
+        tvm.runtime.tensor(x)).numpy() for d in ("sched", "plain")]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    ref = ort_session(path).run(None, {"input": x})[0]
+    steps = np.rint(np.abs(outs[0] - ref) / fx.output_step(path))
+    assert steps.max() <= 1 and (steps == 0).mean() >= 0.999
+
+
+def test_a_float_matmul_keeps_its_order():
+    """schedule_int_matmul leaves a float matmul alone: reordering its sum would change the rounding."""
+    from tvm import te
+
+    from plateau.compile.schedule import fresh_schedule, schedule_int_matmul
+
+    a, b = te.placeholder((4, 65, 64), "float32"), te.placeholder((4, 64, 65), "float32")
+    k = te.reduce_axis((0, 64), "k")
+    c = te.compute((4, 65, 65), lambda n, i, j: te.sum(a[n, i, k] * b[n, k, j], axis=k), name="matmul")
+    sch = fresh_schedule(te.create_prim_func([a, b, c]))
+    assert not schedule_int_matmul(sch)
