@@ -36,7 +36,8 @@ __all__ = ["main", "conv_macs"]
 
 
 def conv_macs(fp32_onnx: Path) -> int:
-    """Multiply-accumulates of one image through every Conv / Gemm / MatMul of the float model."""
+    """Multiply-accumulates of one image through every Conv / Gemm / MatMul of the float model (matmuls of two
+    activations, attention's, included)."""
     import onnx
     from onnx import shape_inference
 
@@ -55,10 +56,14 @@ def conv_macs(fp32_onnx: Path) -> int:
             w = inits[n.input[1]]
             out = shapes[n.output[0]]
             total += int(np.prod(out)) * int(np.prod(w[1:]))
-        elif n.op_type in ("Gemm", "MatMul") and n.input[1] in inits:
-            w = inits[n.input[1]]
-            out = shapes[n.output[0]]
-            total += int(np.prod(out)) * (w[0] if n.op_type == "MatMul" or not _trans_b(n) else w[1])
+        elif n.op_type in ("Gemm", "MatMul"):  # B a weight or an activation (attention), shaped by inference
+            w = inits.get(n.input[1]) or shapes.get(n.input[1])
+            out = shapes.get(n.output[0])
+            if out and not out[0]:  # a batch the shape inference could not carry (Shape -> Reshape): one image
+                out = [1, *out[1:]]
+            if not w or not out or len(w) < 2 or 0 in w[-2:] or 0 in out:
+                raise ValueError(f"{fp32_onnx}: cannot infer the shapes of {n.op_type} node {n.name!r}")
+            total += int(np.prod(out)) * (w[-2] if n.op_type == "MatMul" or not _trans_b(n) else w[-1])
     return total
 
 
@@ -206,6 +211,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--retune", action="store_true", help="delete the tile database first")
     p.add_argument("--target", default="host", help="compile target of the TVM builds, run on this machine (e.g. "
                    "x86-avx2: the vpmaddwd kernel, for CPUs without AVX-512 VNNI)")
+    p.add_argument("--fp32", help="FP32 ONNX instead of <run>/export/model_fp32.onnx")
+    p.add_argument("--qdq", help="QDQ ONNX for TVM instead of <run>/export/model_qdq.onnx (e.g. onnxruntime's "
+                   "quantize_static output: bench/vit_onnx.py)")
+    p.add_argument("--allow-float", action="store_true", help="compile with float islands (LayerNorm, Softmax, "
+                   "GELU of a transformer) kept in float")
     p.add_argument("--out", default="bench/results/compile_speed.json")
     args = p.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its thread pool
@@ -217,8 +227,10 @@ def main(argv: list[str] | None = None) -> dict:
     from plateau.runtime.bench import ort_quantize
 
     run = Path(args.run)
-    fp32, qdq = run / "export" / "model_fp32.onnx", run / "export" / "model_qdq.onnx"
-    man = json.loads((run / "export" / "manifest.json").read_text())
+    fp32 = Path(args.fp32) if args.fp32 else run / "export" / "model_fp32.onnx"
+    qdq = Path(args.qdq) if args.qdq else run / "export" / "model_qdq.onnx"
+    manifest = run / "export" / "manifest.json"
+    man = json.loads(manifest.read_text()) if manifest.is_file() else {}  # no export: default normalization
     cfg = man.get("plateau_cfg", {})
     x_all = _images(args.data, max(args.batches) + 256, cfg.get("mean", [0.485, 0.456, 0.406]),
                     cfg.get("std", [0.229, 0.224, 0.225]))
@@ -232,14 +244,15 @@ def main(argv: list[str] | None = None) -> dict:
         db.unlink()
     builds = {}
     t0 = time.perf_counter()
-    compile_onnx(qdq, args.target, out_untuned, schedule="none")
+    compile_onnx(qdq, args.target, out_untuned, schedule="none", allow_float=args.allow_float)
     builds["untuned_build_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    first = compile_onnx(qdq, args.target, out_tuned, tune_minutes=0.0 if db.exists() else args.tune_minutes)
+    first = compile_onnx(qdq, args.target, out_tuned, tune_minutes=0.0 if db.exists() else args.tune_minutes,
+                         allow_float=args.allow_float)
     builds["first_build_s"] = time.perf_counter() - t0
     builds["tuning_search_s"] = (first.get("tuning") or {}).get("search_seconds", 0.0)
     t0 = time.perf_counter()
-    second = compile_onnx(qdq, args.target, out_tuned)  # reads the database: no measuring
+    second = compile_onnx(qdq, args.target, out_tuned, allow_float=args.allow_float)  # reads the database
     builds["second_build_s"] = time.perf_counter() - t0
     builds["tuning"] = second.get("tuning")
 
@@ -279,7 +292,10 @@ def main(argv: list[str] | None = None) -> dict:
     res = {n: {b: {"median_ms": float(np.median(v)) * 1e3, "min_ms": float(np.min(v)) * 1e3,
                    "max_ms": float(np.max(v)) * 1e3} for b, v in d.items()} for n, d in samples.items()}
 
-    macs = conv_macs(fp32)
+    try:
+        macs, macs_note = conv_macs(fp32), None
+    except ValueError as e:  # e.g. a transformer exported with a dynamic reshape: no MAC rate rather than a wrong one
+        macs, macs_note = None, str(e)
     cpu, mhz = _cpu()
     cores = args.threads
     ghz = measured_clock_ghz()
@@ -288,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     peak = cores * 64 * ghz * 1e9 if vnni else None
     big = max(args.batches)
     t_big = res["tvm-int8"][big]["median_ms"] / 1e3
-    rate = macs * big / t_big
+    rate = macs * big / t_big if macs else None
     ort_best = {b: min(res["ort-qop-u8s8"][b]["median_ms"], res["ort-qdq-u8s8"][b]["median_ms"])
                 for b in args.batches}
     ort_best_min = {b: min(res["ort-qop-u8s8"][b]["min_ms"], res["ort-qdq-u8s8"][b]["min_ms"]) for b in args.batches}
@@ -305,8 +321,9 @@ def main(argv: list[str] | None = None) -> dict:
                        "untuned_over_tvm": res["tvm-int8-untuned"][b]["median_ms"] / res["tvm-int8"][b]["median_ms"]}
                    for b in args.batches},
         "target": args.target,
-        "mac_rate": {"batch": big, "gmac_per_s": rate / 1e9, "vnni_peak_gmac_per_s": peak / 1e9 if peak else None,
-                     "fraction_of_peak": rate / peak if peak else None},
+        "mac_rate": {"batch": big, "gmac_per_s": rate / 1e9 if rate else None,
+                     "vnni_peak_gmac_per_s": peak / 1e9 if peak else None,
+                     "fraction_of_peak": rate / peak if peak and rate else None, "note": macs_note},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1, default=str))
@@ -331,7 +348,9 @@ def _markdown(r: dict, batches: list[int]) -> str:
                      f"{q['ort_fp32_over_tvm']:.2f}x ({q['ort_fp32_over_tvm_min']:.2f}x on minima); untuned / tuned = "
                      f"{q['untuned_over_tvm']:.1f}x; bit-exact vs untuned: {r['exact_vs_untuned'][b]}")
     m = r["mac_rate"]
-    if m["vnni_peak_gmac_per_s"]:
+    if m["gmac_per_s"] is None:
+        lines.append(f"- int8 MAC rate: not computed ({m['note']})")
+    elif m["vnni_peak_gmac_per_s"]:
         lines.append(f"- int8 MAC rate at batch {m['batch']}: {m['gmac_per_s']:.1f} GMAC/s = "
                      f"{100 * m['fraction_of_peak']:.1f}% of the VNNI peak {m['vnni_peak_gmac_per_s']:.0f} GMAC/s "
                      f"({r['machine']['threads']} cores x 64 MAC/cycle x the measured clock) "
