@@ -246,26 +246,35 @@ def _assert_scheduled_build_exact(onnx_path: Path, target: str, tmp_path: Path, 
     np.testing.assert_array_equal(got, _run(tmp_path / "plain" / "model.so", x))
 
 
+def _rewritten_and_legalized(onnx_path: Path, target: str) -> tuple[tvm.IRModule, int]:
+    """`onnx_path` lowered for `target`, its convs rewritten to the target's dot kernel (and how many), then
+    legalized by the CPU pipeline: the PrimFuncs schedule_primfuncs receives."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from plateau.compile.schedule import legalize_passes
+    from plateau.compile.schedule_dot import dot_kernel
+
+    tgt = get_target(target)
+    t = tvm.target.Target(tgt.tvm_target)
+    mod, _ = import_onnx(onnx_path)
+    with t:
+        mod, n = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), dot_kernel(t))
+        return tvm.transform.Sequential(cpu.library_dispatch_passes(t) + legalize_passes(t))(mod), n
+
+
 @pytest.mark.parametrize("target,weights", [("host", "s8"), ("arm64-dotprod", "s8"), ("host", "s4")])
 def test_depthwise_conv_kernel_is_exact(tmp_path, target, weights, caplog):
     """MobileNet-style block (stem, depthwise 3x3 + ReLU6, pointwise): the depthwise conv becomes its own
     kernel (input stage, unrolled taps, channels vectorized), scheduled, and the library equals TVM's
     unscheduled host build on every logit (arm64: under qemu)."""
-    from plateau.compile.schedule import find_conv_block, fresh_schedule, legalize_passes
+    from plateau.compile.schedule import find_conv_block, fresh_schedule
     from plateau.compile.schedule_dot import DW_BLOCK, dot_kernel, schedule_dw_conv
 
     onnx_path = fx.ort_qdq(fx.tiny_mobile_onnx(tmp_path / "fp32.onnx"), tmp_path / "mobile.onnx", "s8", weights)
-    tgt = get_target(target)
-    t = tvm.target.Target(tgt.tvm_target)
-    if dot_kernel(t) is None:
+    if dot_kernel(tvm.target.Target(get_target(target).tvm_target)) is None:
         pytest.skip(f"no dot kernel for {target} here")
-    mod, _ = import_onnx(onnx_path)
-    with t:
-        mod, n = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), dot_kernel(t))
-        # the depthwise conv, the stem, and the 16 -> 24 pointwise (on x86 the 8-lane VNNI kernel: 24 = 3 x 8)
-        assert n == 3
-        from tvm.relax.backend.cpu_generic import pipeline as cpu
-        mod = tvm.transform.Sequential(cpu.library_dispatch_passes(t) + legalize_passes(t))(mod)
+    mod, n = _rewritten_and_legalized(onnx_path, target)
+    assert n == 3  # the depthwise conv, the stem, and the 16 -> 24 pointwise (on x86 the 8-lane VNNI kernel: 3 x 8)
     if target == "host":
         assert "plateau_conv2d_vnniy" in str(mod.get_global_vars())
     (dw,) = [f for gv, f in mod.functions_items() if "plateau_dwconv2d" in gv.name_hint]
@@ -278,7 +287,7 @@ def test_depthwise_fallback_runs_outer_loops_in_parallel(tmp_path, monkeypatch, 
     """A depthwise conv whose shape the tiled schedule refuses is not left unscheduled: its outer loops run in
     parallel, and the library still equals TVM's unscheduled build on every logit."""
     import plateau.compile.schedule as S
-    from plateau.compile.schedule import legalize_passes, schedule_primfuncs
+    from plateau.compile.schedule import schedule_primfuncs
     from plateau.compile.schedule_dot import dot_kernel
 
     refused = []
@@ -290,13 +299,9 @@ def test_depthwise_fallback_runs_outer_loops_in_parallel(tmp_path, monkeypatch, 
     monkeypatch.setattr(S, "schedule_dw_conv", refuse)
     monkeypatch.setattr(S, "MIN_PARALLEL_WORK", 1)  # the tiny model's 8x8 depthwise would stay serial
     onnx_path = fx.ort_qdq(fx.tiny_mobile_onnx(tmp_path / "fp32.onnx"), tmp_path / "mobile.onnx", "s8", "s8")
-    tgt = get_target("host")
-    t = tvm.target.Target(tgt.tvm_target)
-    mod, _ = import_onnx(onnx_path)
+    mod, _ = _rewritten_and_legalized(onnx_path, "host")
+    t = tvm.target.Target(get_target("host").tvm_target)
     with t:
-        mod, _ = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), dot_kernel(t))
-        from tvm.relax.backend.cpu_generic import pipeline as cpu
-        mod = tvm.transform.Sequential(cpu.library_dispatch_passes(t) + legalize_passes(t))(mod)
         scheduled = schedule_primfuncs(mod, None, dot_kernel(t))
     (name,) = [gv.name_hint for gv in mod.get_global_vars() if "plateau_dwconv2d" in gv.name_hint]
     assert refused and "T.parallel" in scheduled[name].script()
