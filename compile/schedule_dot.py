@@ -48,7 +48,7 @@ from functools import partial
 
 import numpy as np
 import tvm
-from tvm import relax, te
+from tvm import relax, te, tirx
 from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
@@ -99,24 +99,32 @@ _VNNI_CPUS = {"znver4", "znver5", "cascadelake", "cooperlake", "icelake-client",
               "sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "rocketlake", "alderlake-avx512"}
 
 
+def _dot_desc(lanes: int, k: int, act: str, weight: str) -> tirx.PrimFunc:
+    """The description every one-pixel dot instruction matches: `lanes` int32 lanes, each += `k` `act` values .
+    `k` `weight` values; lane i of B holds output channel i's k weights."""
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (k,), act, offset_factor=1)
+        B = T.match_buffer(b, (lanes, k), weight, offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:k], B[0:lanes, 0:k])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for r in T.serial(0, k):
+                    with T.sblock("update"):
+                        vi, vr = T.axis.remap("SR", [i, r])
+                        C[vi] = C[vi] + T.cast(A[vr], "int32") * T.cast(B[vi, vr], "int32")
+
+    return desc
+
+
 def _dot_pair(lanes: int, act: str, llvm_intrinsic: str) -> tuple:
     """(description, implementation) of `lanes` int32 lanes, each += 4 `act` bytes . 4 int8 weight bytes: the 4
     activation bytes are broadcast to every lane, lane i of B holds output channel i's 4 weights."""
     a_bytes, b_bytes, acc = f"{act}x{4 * lanes}", f"int8x{4 * lanes}", f"int32x{lanes}"
-
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), act, offset_factor=1)
-        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            for i in T.serial(0, lanes):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+    desc = _dot_desc(lanes, 4, act, "int8")
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -172,21 +180,6 @@ def _smmla_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 
 
 @T.prim_func(s_tir=True)
-def _pmaddwd_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (2,), "int16", offset_factor=1)
-    B = T.match_buffer(b, (8, 2), "int16", offset_factor=1)  # lane i: output channel i's 2 weights
-    C = T.match_buffer(c, (8,), "int32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-
-@T.prim_func(s_tir=True)
 def _pmaddwd_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     A = T.match_buffer(a, (2,), "int16", offset_factor=1)
     B = T.match_buffer(b, (8, 2), "int16", offset_factor=1)
@@ -208,7 +201,7 @@ def _register() -> None:
     vnni8 = _dot_pair(8, "uint8", "llvm.x86.avx512.vpdpbusd.256")
     sdot = _dot_pair(4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")
     for name, (desc, impl) in ((VNNI_INTRIN, vnni), (VNNI8_INTRIN, vnni8), (SDOT_INTRIN, sdot),
-                               (SMMLA_INTRIN, (_smmla_desc, _smmla_impl)), (AVX2_INTRIN, (_pmaddwd_desc, _pmaddwd_impl))):
+                               (SMMLA_INTRIN, (_smmla_desc, _smmla_impl)), (AVX2_INTRIN, (_dot_desc(8, 2, "int16", "int16"), _pmaddwd_impl))):
         try:
             TensorIntrin.get(name)
         except Exception:  # not registered yet (get raises a TVMError for unknown names)
@@ -218,8 +211,8 @@ def _register() -> None:
 _register()
 
 
-def has_vnni(target: tvm.target.Target) -> bool:
-    """Whether `target` is x86-64 with AVX-512 VNNI (by mcpu name or +avx512vnni in mattr)."""
+def _x86_has(target: tvm.target.Target, cpus: set[str], feature: str) -> bool:
+    """Whether `target` is x86 LLVM with `feature`: its mcpu among `cpus`, or `feature` in its mattr."""
     if target.kind.name != "llvm":
         return False
     attrs = target.attrs
@@ -227,7 +220,12 @@ def has_vnni(target: tvm.target.Target) -> bool:
     if triple and not triple.startswith(("x86_64", "i686")):
         return False
     mattr = [str(a) for a in (attrs.get("mattr") or [])]
-    return str(attrs.get("mcpu", "") or "") in _VNNI_CPUS or "+avx512vnni" in mattr
+    return str(attrs.get("mcpu", "") or "") in cpus or feature in mattr
+
+
+def has_vnni(target: tvm.target.Target) -> bool:
+    """Whether `target` is x86-64 with AVX-512 VNNI (by mcpu name or +avx512vnni in mattr)."""
+    return _x86_has(target, _VNNI_CPUS, "+avx512vnni")
 
 
 # x86-64 CPUs LLVM knows with AVX2 (those with AVX-512 VNNI take VNNI first); "+avx2" in mattr also counts.
@@ -239,13 +237,7 @@ _AVX2_CPUS = {"haswell", "broadwell", "skylake", "skylake-avx512", "cannonlake",
 
 def has_avx2(target: tvm.target.Target) -> bool:
     """Whether `target` is x86-64 with AVX2 (by mcpu name or +avx2 in mattr)."""
-    if target.kind.name != "llvm":
-        return False
-    triple = str(target.attrs.get("mtriple", "") or "")
-    if triple and not triple.startswith(("x86_64", "i686")):
-        return False
-    mattr = [str(a) for a in (target.attrs.get("mattr") or [])]
-    return str(target.attrs.get("mcpu", "") or "") in _AVX2_CPUS or "+avx2" in mattr
+    return _x86_has(target, _AVX2_CPUS, "+avx2")
 
 
 # aarch64 CPUs LLVM knows with the dot-product extension; "+dotprod" (or "+i8mm", ARMv8.6) in mattr also counts.
