@@ -6,6 +6,8 @@
 - Subgraphs computed from constants only (torch exports F.pad's pads as Constant -> Concat -> Reshape -> Cast,
   which the importer calls "dynamic pads") are folded into initializers with onnx's reference evaluator.
   QuantizeLinear / DequantizeLinear are never folded: the rewrites need to see them.
+- Cast(INT4 initializer -> INT8) (and UINT4 -> UINT8), Plateau's widened layout for onnxruntime, is the same
+  integers: its consumers read the 4-bit initializer itself, so the weight is still known (and packed) as 4-bit.
 - INT4 / UINT4 initializers are unpacked to INT8 / UINT8 (exact: same values). The importer cannot read packed
   4-bit tensors, and TVM miscompiles native int4 buffers (shared notes). A QuantizeLinear whose zero point was
   4-bit gets a Clip to the 4-bit range after it, so activations still saturate at -8..7 (or 0..15).
@@ -74,6 +76,29 @@ def _check_ops(model: onnx.ModelProto, path: str | Path) -> None:
 
 
 _NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "If", "Loop", "Scan"}
+_WIDENED = {TensorProto.INT4: TensorProto.INT8, TensorProto.UINT4: TensorProto.UINT8}
+
+
+def _drop_widening_casts(graph: onnx.GraphProto) -> None:
+    """Cast(4-bit initializer -> the 8-bit type of the same signedness) => the initializer (see the docstring)."""
+    inits = {i.name: i.data_type for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias: dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if (node.op_type == "Cast" and node.input[0] in inits and _WIDENED.get(inits[node.input[0]]) == to
+                and node.output[0] not in outputs):
+            alias[node.output[0]] = node.input[0]
+        else:
+            kept.append(node)
+    if not alias:
+        return
+    for node in kept:
+        for k, name in enumerate(node.input):
+            node.input[k] = alias.get(name, name)
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def _fold_constants(model: onnx.ModelProto) -> None:
@@ -173,6 +198,7 @@ def prepare_onnx(path: str | Path) -> PreparedModel:
     for node in graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.domain == "com.microsoft":
             node.domain = ""
+    _drop_widening_casts(graph)
     _fold_constants(model)
     _fold_clip_into_quantize(graph)
     inits = {i.name: i for i in graph.initializer}
