@@ -155,8 +155,11 @@ def plant_scale_error(src: str | Path, dst: str | Path, layer: str, factor: floa
 
     model = onnx.load(str(src))
     g = model.graph
-    node = next((n for n in g.node if n.op_type == "QuantizeLinear" and n.output[0] == f"{layer}.q"), None)
-    if node is None:
+    producer = {o: n for n in g.node for o in n.output}
+    node = producer.get(f"{layer}.q")
+    if node is not None and node.op_type == "Clip":  # an activation below 8 bits: QuantizeLinear -> clamp
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "QuantizeLinear":
         raise PlateauError(f"{src}: no QuantizeLinear writes {layer}.q")
     inits = {i.name: i for i in g.initializer}
     scale = numpy_helper.to_array(inits[node.input[1]])

@@ -116,3 +116,27 @@ def test_document_md_and_self_contained_html(tmp_path):
     assert html.count("data:image/png;base64,") == 2 and "src='acc.png'" not in html and "<code>b</code>" in html
     assert json.loads((tmp_path / "report.json").read_text()) == {"k": 1} and files["html"] == "report.html"
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_planted_scale_error_below_8_bits(tmp_path):
+    """With 4-bit activations `<layer>.q` is the clamp after the QuantizeLinear: the planted scale still lands on
+    that layer's QuantizeLinear, and the debug copy reads the clamped integers."""
+    import onnx
+    import torch
+
+    from plateau.export import QuantConfig, quantize_model, to_qdq_onnx
+    from plateau.models import create_model
+
+    torch.manual_seed(0)
+    ref = quantize_model(create_model("small_cnn", width=8).eval(), [torch.randn(8, 3, 32, 32)],
+                         QuantConfig.from_bits("W4A4"))
+    onnx.save(to_qdq_onnx(ref), tmp_path / "q.onnx")
+    layers.plant_scale_error(tmp_path / "q.onnx", tmp_path / "planted.onnx", "res_a_0", 1.25)
+    g = onnx.load(tmp_path / "planted.onnx").graph
+    planted = [n for n in g.node if n.op_type == "QuantizeLinear" and "res_a_0.s_planted" in n.input]
+    assert len(planted) == 1
+    clip = next(n for n in g.node if n.output[0] == "res_a_0.q")
+    assert clip.op_type == "Clip" and clip.input[0] == planted[0].output[0]
+    layers.debug_onnx(tmp_path / "q.onnx", layers.quant_points(ref), tmp_path / "debug.onnx")
+    with pytest.raises(PlateauError, match="no QuantizeLinear writes nope.q"):
+        layers.plant_scale_error(tmp_path / "q.onnx", tmp_path / "x.onnx", "nope")
