@@ -10,6 +10,20 @@ Structure (every quantized operator's inputs are DequantizeLinear outputs, so co
 
 Weights are integer initializers (INT8, or INT4 packed by onnx's helpers), never float weights re-quantized at run
 time. The file carries metadata: Plateau's format version, bits, calibration, source checkpoint hash.
+
+Bit widths below 8 come in two layouts (`four_bit=`), with the same meaning:
+
+    widened (default)   4-bit weights stay INT4 initializers (half a byte each) and go through Cast(INT8) before
+                        their DequantizeLinear; activations below 8 bits are quantized to INT8 and clamped to their
+                        range by a Clip on the integers:  QuantizeLinear(int8) -> Clip(qmin, qmax) -> DQ.
+                        onnxruntime folds the Cast at load and fuses every conv into its integer kernels, so it
+                        computes what the reference computes.
+    native              DequantizeLinear straight off the INT4 initializer, QuantizeLinear to INT4 for 4-bit
+                        activations (what onnxruntime's quantizer writes). onnxruntime has no integer kernel for
+                        INT4 and runs those convs in float on dequantized values, which flips near-ties.
+
+In both, an activation narrower than its container type (A2, A3, A5..A7) gets the Clip, so it saturates where the
+reference saturates.
 """
 
 from __future__ import annotations
@@ -26,11 +40,12 @@ from plateau.quant import QType, pack_int4
 from .graph import QNode
 from .quantize import FakeQuantModel, clip_range
 
-__all__ = ["to_qdq_onnx", "to_float_onnx", "OPSET", "INPUT_NAME", "OUTPUT_NAME"]
+__all__ = ["to_qdq_onnx", "to_float_onnx", "OPSET", "INPUT_NAME", "OUTPUT_NAME", "FOUR_BIT_LAYOUTS"]
 
 OPSET = 21
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+FOUR_BIT_LAYOUTS = ("widened", "native")
 
 
 def _onnx_type(qt: QType) -> int:
@@ -38,6 +53,12 @@ def _onnx_type(qt: QType) -> int:
         "int8": TensorProto.INT8, "uint8": TensorProto.UINT8,
         "int4": TensorProto.INT4, "uint4": TensorProto.UINT4, "int32": TensorProto.INT32,
     }[qt.storage]
+
+
+def _container(qt: QType, four_bit: str) -> QType:
+    """The ONNX type an activation of type `qt` is quantized to: INT4/UINT4 only for exactly 4 bits in the native
+    layout (ONNX has no Clip on 4-bit tensors), else the 8-bit type of its signedness."""
+    return qt if four_bit == "native" and qt.bits == 4 else QType(8, qt.signed)
 
 
 def _int_initializer(name: str, values: np.ndarray, qt: QType) -> onnx.TensorProto:
@@ -154,21 +175,38 @@ def _finish(b: _Builder, shape: list[int], n_out: int | None, meta: dict, name: 
     return model
 
 
-def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None) -> onnx.ModelProto:
-    """The QDQ ONNX graph of a fake-quant reference model.
+def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None, four_bit: str = "widened") -> onnx.ModelProto:
+    """The QDQ ONNX graph of a fake-quant reference model; `four_bit` picks the layout below 8 bits (module doc).
 
     Each consumer gets its own DequantizeLinear (as onnxruntime's quantizer does): runtimes fuse DQ -> op -> Q
     into one integer kernel only when the DQ feeds that op alone.
     """
+    if four_bit not in FOUR_BIT_LAYOUTS:
+        raise ValueError(f"four_bit must be one of {', '.join(FOUR_BIT_LAYOUTS)}, got {four_bit!r}")
     g, b = ref.graph, _Builder()
     qout: dict[str, tuple[str, str, str]] = {}  # node -> (integer tensor, scale, zero point)
-    qp: dict[str, tuple[str, str]] = {}  # quant point -> (scale, zero point) initializer names
+    qp: dict[str, tuple[str, str, QType]] = {}  # quant point -> (scale, zero point) initializer names, its type
+    bounds: dict[tuple[int, int, str], tuple[str, str]] = {}  # (qmin, qmax, container) -> Clip bound initializers
     uses: dict[str, int] = {}
 
+    def clip_bounds(qt: QType, box: QType) -> tuple[str, str]:
+        key = (qt.qmin, qt.qmax, box.storage)
+        if key not in bounds:
+            bounds[key] = tuple(b.init(_int_initializer(f"clip.{box.storage}.{v}", np.asarray(v), box))
+                                for v in (qt.qmin, qt.qmax))
+        return bounds[key]
+
     def quant(src: str, n_name: str, qsource: str) -> None:
-        s, z = qp[qsource]
-        b.node("QuantizeLinear", [src, s, z], [f"{n_name}.q"], "")
-        qout[n_name] = (f"{n_name}.q", s, z)
+        s, z, qt = qp[qsource]
+        box = _container(qt, four_bit)
+        out = f"{n_name}.q"
+        if (qt.qmin, qt.qmax) != (box.qmin, box.qmax):
+            # Saturate at the activation's own range: a clamp on the integers, after a QuantizeLinear to `box`.
+            b.node("QuantizeLinear", [src, s, z], [f"{n_name}.q_{box.storage}"], "")
+            b.node("Clip", [f"{n_name}.q_{box.storage}", *clip_bounds(qt, box)], [out], "")
+        else:
+            b.node("QuantizeLinear", [src, s, z], [out], "")
+        qout[n_name] = (out, s, z)
 
     def dq(src_node: str, consumer: str, out: str | None = None) -> str:
         q, s, z = qout[src_node]
@@ -181,8 +219,8 @@ def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None) -> onnx.ModelProt
         if n.quantized_output:
             a = ref.acts[n.name]
             s = b.const_f32(f"{n.name}.s", np.float32(a.scale))
-            z = b.init(_int_initializer(f"{n.name}.zp", np.asarray(a.zero_point), a.qtype))
-            qp[n.name] = (s, z)
+            z = b.init(_int_initializer(f"{n.name}.zp", np.asarray(a.zero_point), _container(a.qtype, four_bit)))
+            qp[n.name] = (s, z, a.qtype)
         if n.op == "input":
             quant(INPUT_NAME, n.name, n.name)
             continue
@@ -191,6 +229,11 @@ def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None) -> onnx.ModelProt
         if n.is_weighted:
             wq = ref.weights[n.name]
             wi = b.init(_int_initializer(f"{n.name}.wq", wq.q.numpy().astype(np.int32), wq.qtype))
+            if four_bit == "widened" and wq.qtype.storage in ("int4", "uint4"):
+                # Stored at half a byte, read as the same integers in 8 bits (onnxruntime folds this at load).
+                wide = QType(8, wq.qtype.signed)
+                b.node("Cast", [wi], [f"{n.name}.w8"], "", to=_onnx_type(wide))
+                wi = f"{n.name}.w8"
             ws = b.const_f32(f"{n.name}.ws", wq.scale.numpy())
             # Symmetric weights: the zero point input is left out (ONNX's default is 0 of the weight's type).
             b.node("DequantizeLinear", [wi, ws], [f"{n.name}.w"], "", axis=0)
@@ -215,7 +258,8 @@ def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None) -> onnx.ModelProt
         quant(pre, n.name, g.quant_source(n.name))
     dq(g.output, "output", OUTPUT_NAME)
     n_out = ref.weights[g.output].q.shape[0] if g.output in ref.weights else None
-    return _finish(b, g.input_shape, n_out, meta or {}, "plateau_qdq")
+    meta = {"plateau.four_bit_layout": four_bit, **(meta or {})}
+    return _finish(b, g.input_shape, n_out, meta, "plateau_qdq")
 
 
 def to_float_onnx(ref: FakeQuantModel, meta: dict | None = None) -> onnx.ModelProto:

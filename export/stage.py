@@ -40,9 +40,18 @@ from plateau.models import (
 
 from .config import ACT_CALIBRATIONS, ROUNDINGS, WEIGHT_CALIBRATIONS, QuantConfig
 from .graph import QGraph
-from .onnx_writer import to_float_onnx, to_qdq_onnx
+from .onnx_writer import FOUR_BIT_LAYOUTS, to_float_onnx, to_qdq_onnx
 from .quantize import FakeQuantModel, quantize_graph, quantize_model
-from .validate import ORT_INT8_QDQ, compare_logits, logits_of, ort_fn, ort_session, top1, torch_fn
+from .validate import (
+    ORT_INT8_QDQ,
+    compare_logits,
+    logits_of,
+    ort_fn,
+    ort_kernels,
+    ort_session,
+    top1,
+    torch_fn,
+)
 
 __all__ = ["add_arguments", "main", "export_model", "load_reference", "resolve_source"]
 
@@ -67,6 +76,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-unsigned", action="store_true", help="uint8 activations (default int8)")
     p.add_argument("--allow-float", action="store_true", help="keep ops with no integer form (GELU, Softmax, "
                    "LayerNorm, ...) in float between DequantizeLinear and QuantizeLinear, listed in the report")
+    p.add_argument("--four-bit-layout", default="widened", choices=FOUR_BIT_LAYOUTS,
+                   help="how weights and activations below 8 bits are written: 'widened' (INT4 weights read through "
+                        "Cast(INT8), activations clamped in INT8: onnxruntime runs them in its integer kernels) or "
+                        "'native' (INT4 straight into DequantizeLinear / out of QuantizeLinear: onnxruntime runs those "
+                        "convs in float)")
     p.add_argument("--calib-images", type=int, default=512, help="calibration images from the train split")
     p.add_argument("--eval-limit", type=int, help="validate on the first N test images (default: all)")
     p.add_argument("--img-size", type=int, help="resize ImageFolder images to this size")
@@ -101,9 +115,10 @@ def _calibration_batches(train, cfg: QuantConfig, mean, std) -> list[torch.Tenso
 
 
 def export_model(model: torch.nn.Module | QGraph, calib: list[torch.Tensor], cfg: QuantConfig, out_dir: str | Path,
-                 meta: dict | None = None, source: dict | None = None) -> tuple[FakeQuantModel, dict]:
+                 meta: dict | None = None, source: dict | None = None,
+                 four_bit: str = "widened") -> tuple[FakeQuantModel, dict]:
     """Quantize `model` (a torch module, or a graph read from ONNX) and write model_qdq.onnx, model_fp32.onnx and
-    reference.pt into out_dir (atomically)."""
+    reference.pt into out_dir (atomically); `four_bit` is the QDQ layout below 8 bits (see onnx_writer)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(model, QGraph):
@@ -112,7 +127,8 @@ def export_model(model: torch.nn.Module | QGraph, calib: list[torch.Tensor], cfg
         ref = quantize_model(model, calib, cfg, progress=True)
     meta = {"plateau.bits": cfg.bits_name, "plateau.calibration": cfg.act_calibration,
             "plateau.rounding": cfg.rounding, "plateau.config": json.dumps(cfg.to_dict()), **(meta or {})}
-    for name, proto in (("model_qdq.onnx", to_qdq_onnx(ref, meta)), ("model_fp32.onnx", to_float_onnx(ref, meta))):
+    for name, proto in (("model_qdq.onnx", to_qdq_onnx(ref, meta, four_bit)),
+                        ("model_fp32.onnx", to_float_onnx(ref, meta))):
         with atomic_path(out_dir / name) as tmp:
             onnx.save(proto, str(tmp))
     with atomic_path(out_dir / "reference.pt") as tmp:
@@ -209,8 +225,9 @@ def main(args: argparse.Namespace) -> dict:
         mixed = {"budget_avg_bits": args.mixed_precision, "layer_bits": cfg.layer_bits, "sensitivity": sens}
     print(f"export: {src['model']} at {cfg.bits_name}, {cfg.act_calibration} calibration on {args.calib_images} "
           f"train images, {cfg.rounding} rounding")
+    layout = getattr(args, "four_bit_layout", "widened")
     ref, meta = export_model(model, calib, cfg, out, {"plateau.source_sha256": src["sha256"],
-                                                      "plateau.model": src["model"]}, source=src)
+                                                      "plateau.model": src["model"]}, source=src, four_bit=layout)
 
     # Validation on the test split: FP (folded float), the reference, onnxruntime FP32 and QDQ. A limit takes a
     # fixed random subset (ImageFolder order is sorted by class); validate reads the same indices.
@@ -230,12 +247,14 @@ def main(args: argparse.Namespace) -> dict:
         "float_islands": [{"node": n.name, "module": n.module, "kind": n.attrs["kind"]}
                           for n in ref.graph.nodes if n.op == "float"],
         "onnxruntime_session": dict(ORT_INT8_QDQ),
+        "four_bit_layout": layout,
     }
     try:
         ort_fp = logits_of(ort_fn(ort_session(out / "model_fp32.onnx")), test, mean, std, limit=lim, desc="ort fp32")
         ort_q = logits_of(ort_fn(ort_session(out / "model_qdq.onnx")), test, mean, std, limit=lim, desc="ort qdq")
         report["top1"].update(onnxruntime_fp32=top1(ort_fp, labels), onnxruntime_qdq=top1(ort_q, labels))
         report["onnxruntime_vs_reference"] = compare_logits(ort_q, rl, ref.output_step)
+        report["onnxruntime_kernels"] = ort_kernels(out / "model_qdq.onnx")
         report["onnxruntime_fp32_max_abs_diff"] = float(np.abs(ort_fp - fp).max())
         save_npy(out / "ort_logits.npy", ort_q)
     except Exception as e:  # onnxruntime cannot run some configurations (e.g. 4-bit activations)
@@ -251,7 +270,7 @@ def main(args: argparse.Namespace) -> dict:
     files = {k: k for k in ("model_qdq.onnx", "model_fp32.onnx", "reference.pt", "reference_logits.npy",
                             "labels.npy", "test_indices.npy", "report.json", "report.md")}
     write_manifest(out, "export", config={**cfg.to_dict(), "bits": cfg.bits_name, "model": src["model"],
-                                          "data": str(data), "img_size": size},
+                                          "data": str(data), "img_size": size, "four_bit_layout": layout},
                    outputs=files, inputs={"checkpoint": {"path": src["checkpoint"], "sha256": src["sha256"]}},
                    model=src["model"], plateau_cfg=mcfg,
                    quantization={"input": {"scale": a_in.scale, "zero_point": a_in.zero_point,
@@ -276,6 +295,16 @@ def render_report(r: dict) -> str:
                   f"- top-1 agreement: {100 * c['top1_agreement']:.2f}%",
                   f"- logits bit-exact: {100 * c['bit_exact']:.3f}%, within one step: "
                   f"{100 * c['within_one_step']:.3f}%, max difference: {c['max_steps']} steps"]
+        k = r.get("onnxruntime_kernels")
+        if k:
+            ops = ", ".join(f"{n} {v}" for n, v in k["ops"].items())
+            lines.append(f"- onnxruntime's kernels: {k['integer']} integer, {k['float']} float ({ops})")
+            if k["float"]:
+                lines.append("  A float kernel computes DequantizeLinear -> float op -> QuantizeLinear: its float "
+                             "accumulation can round a near-tie the other way from the reference's exact integers.")
+            if k["float"] and r.get("four_bit_layout") == "native":
+                lines.append("  onnxruntime has no integer kernel for INT4 tensors; `--four-bit-layout widened` "
+                             "writes the same graph in a form it runs in integers.")
     if "onnxruntime_error" in r:
         lines += ["", f"onnxruntime: {r['onnxruntime_error']}"]
     islands = r.get("float_islands") or []

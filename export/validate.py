@@ -10,7 +10,7 @@ import torch
 
 from plateau.data import ImageSet, batches
 
-__all__ = ["logits_of", "ort_session", "ORT_INT8_QDQ", "compare_logits", "top1"]
+__all__ = ["logits_of", "ort_session", "ort_kernels", "ORT_INT8_QDQ", "compare_logits", "top1"]
 
 ORT_INT8_QDQ = {"session.qdqisint8allowed": "1"}  # the session config of every check (see ort_session)
 
@@ -37,8 +37,9 @@ def torch_fn(module: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[np.nda
     return run
 
 
-def ort_session(path: str | Path | bytes, threads: int = 2, int8_qdq: bool = True):
-    """An onnxruntime CPU session for checking numerics.
+def ort_session(path: str | Path | bytes, threads: int = 2, int8_qdq: bool = True,
+                optimized_path: str | Path | None = None):
+    """An onnxruntime CPU session for checking numerics (writing the graph it optimized to `optimized_path`).
 
     int8_qdq sets `session.qdqisint8allowed`: onnxruntime's default on ARM, off on x86. Off, x86 onnxruntime fuses a
     signed-int8 QDQ Conv into its integer kernel only where its S8->U8 rewrite applies (a QuantizeLinear with a single
@@ -52,8 +53,32 @@ def ort_session(path: str | Path | bytes, threads: int = 2, int8_qdq: bool = Tru
     so.log_severity_level = 3
     for key, value in (ORT_INT8_QDQ if int8_qdq else {}).items():
         so.add_session_config_entry(key, value)
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
     src = path if isinstance(path, bytes) else str(path)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+# How onnxruntime's CPU provider runs a conv / matmul after its graph optimizations (QDQ fusion, layout).
+_ORT_INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
+                    "DynamicQuantizeMatMul"}
+_ORT_FLOAT_OPS = {"Conv", "FusedConv", "NchwcConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
+
+
+def ort_kernels(path: str | Path, int8_qdq: bool = True) -> dict:
+    """Count the convs / matmuls onnxruntime runs in integer kernels and in float ones, read off the graph its
+    session optimizes `path` to. A float one computes DQ -> float op -> Q: float accumulation, not the reference's
+    exact integers (onnxruntime has no integer kernel for INT4 tensors, for instance)."""
+    import tempfile
+    from collections import Counter
+
+    import onnx
+
+    with tempfile.TemporaryDirectory() as d:
+        ort_session(path, 1, int8_qdq, optimized_path=Path(d) / "optimized.onnx")
+        ops = Counter(n.op_type for n in onnx.load(str(Path(d) / "optimized.onnx")).graph.node)
+    return {"integer": sum(ops[o] for o in _ORT_INTEGER_OPS), "float": sum(ops[o] for o in _ORT_FLOAT_OPS),
+            "ops": {o: ops[o] for o in sorted(_ORT_INTEGER_OPS | _ORT_FLOAT_OPS) if ops[o]}}
 
 
 def ort_fn(sess) -> Callable[[np.ndarray], np.ndarray]:
