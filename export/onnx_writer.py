@@ -229,14 +229,18 @@ def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None, four_bit: str = "
         if n.is_weighted:
             wq = ref.weights[n.name]
             wi = b.init(_int_initializer(f"{n.name}.wq", wq.q.numpy().astype(np.int32), wq.qtype))
+            wt = wq.qtype
             if four_bit == "widened" and wq.qtype.storage in ("int4", "uint4"):
                 # Stored at half a byte, read as the same integers in 8 bits (onnxruntime folds this at load).
-                wide = QType(8, wq.qtype.signed)
-                b.node("Cast", [wi], [f"{n.name}.w8"], "", to=_onnx_type(wide))
+                wt = QType(8, wq.qtype.signed)
+                b.node("Cast", [wi], [f"{n.name}.w8"], "", to=_onnx_type(wt))
                 wi = f"{n.name}.w8"
             ws = b.const_f32(f"{n.name}.ws", wq.scale.numpy())
-            # Symmetric weights: the zero point input is left out (ONNX's default is 0 of the weight's type).
-            b.node("DequantizeLinear", [wi, ws], [f"{n.name}.w"], "", axis=0)
+            # Symmetric weights: the zero point input is left out (ONNX's default is 0 of the weight's type), but
+            # for a Gemm, which onnxruntime fuses into its integer QGemm only when the zero point is given.
+            wz = [b.init(_int_initializer(f"{n.name}.wz", np.zeros(wq.q.shape[0], np.int32), wt))] \
+                if n.op == "linear" else []
+            b.node("DequantizeLinear", [wi, ws, *wz], [f"{n.name}.w"], "", axis=0)
             bi = b.init(numpy_helper.from_array(wq.bias_q.numpy().astype(np.int32), f"{n.name}.bq"))
             bs = b.const_f32(f"{n.name}.bs", wq.bias_scale.numpy())
             b.node("DequantizeLinear", [bi, bs], [f"{n.name}.b"], "", axis=0)
