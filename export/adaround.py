@@ -1,32 +1,44 @@
-"""Learned rounding (AdaRound, with QDrop-style input mixing), layer by layer.
+"""Learned rounding (AdaRound), per layer or per block (BRECQ), with QDrop-style activation quantization inside the
+reconstruction and, optionally, learned activation clipping.
 
-For each conv/linear layer in order, the rounding direction of every weight is learned on calibration images so
-that the layer reproduces its full-precision output:
+The model is reconstructed one unit at a time, earlier units first. A unit is one conv/linear layer
+(reconstruction="layer") or one block (reconstruction="block": the nodes between two points of the graph where a
+single tensor carries everything later nodes need, e.g. a residual block from its input to its add; a unit with no
+conv/linear is folded into the next). For every weight of the unit the rounding direction is learned on calibration
+images so that the unit reproduces its full-precision output:
 
     W_soft = s * clamp(floor(W / s) + h(V), qmin, qmax),   h(V) = clamp(sigmoid(V) * 1.2 - 0.1, 0, 1)
-    loss   = mean((layer(X_in; W_soft) - layer(X_fp; W))^2) + lambda * sum(1 - |2 h(V) - 1|^beta)
+    loss   = mean((unit(X_in; W_soft) - unit(X_fp; W))^2) + lambda * sum(1 - |2 h(V) - 1|^beta)
 
-X_in is the layer's input in the partly quantized model (earlier layers already rounded, activations
-fake-quantized), mixed element-wise with the full-precision input (QDrop), which keeps the solution from
-over-fitting the calibration set. beta anneals from 20 to 2, pushing h(V) to 0 or 1; the learned rounding is then
-floor(W / s) + (h(V) >= 0.5). Scales, zero points and the int32 bias rule are unchanged, so the reference, the
-ONNX writer and the compiler need nothing new.
+X_in is the unit's input in the partly quantized model (earlier units already rounded, activations fake-quantized),
+mixed element-wise with the full-precision input (QDrop); quantization points inside a block are fake-quantized and
+mixed with their unquantized value the same way. Both keep the solution from over-fitting the calibration set.
+beta anneals from 20 to 2, pushing h(V) to 0 or 1; the learned rounding is then floor(W / s) + (h(V) >= 0.5).
+
+learn_act_clip also learns the scale of every activation quantization point in the unit, its output included (not
+the logits), by the straight-through gradient of fake_quantize (LSQ), with the zero point fixed: the clipping range
+[(qmin - zp) * s, (qmax - zp) * s] moves with it. Biases are re-quantized at the end, at the final s_x * s_w.
+Everything else (the int32 bias rule, the reference, the ONNX writer, the compiler) is unchanged.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+
+from plateau.quant import fake_quantize
 
 from .config import QuantConfig
 from .graph import QGraph, QNode
-from .quantize import ActQ, WeightQ, _with_bias, run_graph
+from .quantize import ActQ, WeightQ, _apply, _with_bias, run_graph
 
-__all__ = ["learn_rounding"]
+__all__ = ["learn_rounding", "reconstruction_units"]
 
 _ZETA, _GAMMA = 1.1, -0.1
+_LAMBDA = 0.01
+_LR_ROUNDING, _LR_LOG_SCALE = 1e-2, 2e-3
 
 
 def _h(v: torch.Tensor) -> torch.Tensor:
@@ -38,64 +50,142 @@ def _h_inverse(frac: torch.Tensor) -> torch.Tensor:
     return torch.log(p / (1 - p))
 
 
-def _layer(n: QNode, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a = n.attrs
-    if n.op == "conv":
-        y = F.conv2d(x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"])
-    else:
-        y = F.linear(x, w, b)
-    return F.relu(y) if n.relu else y
+def reconstruction_units(graph: QGraph, per_block: bool) -> list[list[QNode]]:
+    """The units reconstructed one after the other, in graph order; each has one input tensor and holds at least
+    one conv/linear layer."""
+    if not per_block:
+        return [[n] for n in graph.weighted()]
+    # A cut after node k: no later node reads a tensor made before k (only k's own output crosses the cut).
+    last_use = {n.name: k for k, n in enumerate(graph.nodes)}
+    for k, n in enumerate(graph.nodes):
+        for i in n.inputs:
+            last_use[i] = max(last_use[i], k)
+    units, current, reach = [], [], 0  # reach: the last use of any tensor made before node k
+    for k, n in enumerate(graph.nodes):
+        reach = max(reach, last_use[graph.nodes[k - 1].name]) if k else 0
+        if n.op == "input":
+            continue
+        current.append(n)
+        if reach <= k and any(m.is_weighted for m in current):
+            units.append(current)
+            current = []
+    if current and units:  # a tail without conv/linear (e.g. a final pooling) joins the last unit
+        units[-1].extend(current)
+    return units
 
 
-def _inputs(graph: QGraph, batches: list[torch.Tensor], name: str, acts, weights) -> torch.Tensor:
+def _unit_input(unit: list[QNode]) -> str:
+    inside = {n.name for n in unit}
+    outside = {i for n in unit for i in n.inputs if i not in inside}
+    assert len(outside) == 1, f"a reconstruction unit needs one input, {unit[0].name} has {sorted(outside)}"
+    return outside.pop()
+
+
+def _values(graph: QGraph, batches: list[torch.Tensor], name: str, acts, weights) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([run_graph(graph, x, acts, weights, keep=True)[name] for x in batches])
 
 
-def _optimize(n: QNode, wq: WeightQ, x_q: torch.Tensor, x_fp: torch.Tensor, cfg: QuantConfig,
-              gen: torch.Generator) -> torch.Tensor:
-    """Learn the rounding of one layer; returns the new integer weights."""
-    s = wq.scale.view(-1, *([1] * (n.weight.ndim - 1)))
-    w_floor = torch.floor(n.weight / s)
-    v = _h_inverse(n.weight / s - w_floor).requires_grad_(True)
-    qmin, qmax = wq.qtype.qmin, wq.qtype.qmax
+class _Unit(torch.nn.Module):
+    """A differentiable copy of one unit: soft-rounded weights, fake-quantized (optionally learned-scale)
+    activation points with QDrop mixing."""
+
+    def __init__(self, unit: list[QNode], weights: dict[str, WeightQ], acts: dict[str, ActQ], quant_points: list[str],
+                 learn_scales: bool) -> None:
+        super().__init__()
+        self.nodes, self.input = unit, _unit_input(unit)
+        self.acts = {k: acts[k] for k in quant_points}
+        self.rounding = torch.nn.ParameterDict()
+        self.floor, self.scale = {}, {}
+        for n in unit:
+            if n.is_weighted:
+                s = weights[n.name].scale.view(-1, *([1] * (n.weight.ndim - 1)))
+                self.scale[n.name], self.floor[n.name] = s, torch.floor(n.weight / s)
+                self.rounding[n.name] = torch.nn.Parameter(_h_inverse(n.weight / s - self.floor[n.name]))
+        self.qtypes = {n.name: weights[n.name].qtype for n in unit if n.is_weighted}
+        self.log_scales = torch.nn.ParameterDict({
+            k: torch.nn.Parameter(torch.tensor(math.log(a.scale))) for k, a in self.acts.items()} if learn_scales else {})
+
+    def soft_weight(self, name: str) -> torch.Tensor:
+        qt = self.qtypes[name]
+        return self.scale[name] * torch.clamp(self.floor[name] + _h(self.rounding[name]), qt.qmin, qt.qmax)
+
+    def hard_rounding(self) -> dict[str, torch.Tensor]:
+        return {k: torch.clamp(self.floor[k] + (_h(v) >= 0.5).float(), self.qtypes[k].qmin, self.qtypes[k].qmax)
+                for k, v in self.rounding.items()}
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return sum((1 - (2 * _h(v) - 1).abs().pow(beta)).sum() for v in self.rounding.values())
+
+    def act_scale(self, name: str) -> torch.Tensor | float:
+        return self.log_scales[name].exp() if name in self.log_scales else self.acts[name].scale
+
+    def forward(self, x: torch.Tensor, gen: torch.Generator | None, soft: bool = True) -> torch.Tensor:
+        vals = {self.input: x}
+        for n in self.nodes:
+            w, b = ((self.soft_weight(n.name) if soft else n.weight), n.bias) if n.is_weighted else (None, None)
+            y = _apply(n, [vals[i] for i in n.inputs], w, b)
+            if soft and n.name in self.acts:
+                a = self.acts[n.name]
+                yq = fake_quantize(y, self.act_scale(n.name), a.zero_point, a.qtype)
+                # QDrop: each element keeps its unquantized value with probability 1/2
+                y = torch.where(torch.rand(y.shape, generator=gen) < 0.5, y, yq) if gen is not None else yq
+            vals[n.name] = y
+        return vals[self.nodes[-1].name]
+
+
+def _optimize(unit: _Unit, x_q: torch.Tensor, x_fp: torch.Tensor, cfg: QuantConfig, gen: torch.Generator) -> None:
     with torch.no_grad():
-        target = torch.cat([_layer(n, x_fp[i:i + 256], n.weight, n.bias) for i in range(0, len(x_fp), 256)])
-    opt = torch.optim.Adam([v], lr=1e-2)
+        target = torch.cat([unit(x_fp[i:i + 256], None, soft=False) for i in range(0, len(x_fp), 256)])
+    groups = [{"params": list(unit.rounding.values()), "lr": _LR_ROUNDING}]
+    if len(unit.log_scales):
+        groups.append({"params": list(unit.log_scales.values()), "lr": _LR_LOG_SCALE})
+    opt = torch.optim.Adam(groups)
     iters, warm = cfg.adaround_iters, int(0.2 * cfg.adaround_iters)
-    lam = 0.01
     for it in range(iters):
         idx = torch.randint(0, len(x_q), (cfg.adaround_batch,), generator=gen)
         xin = x_q[idx]
         if cfg.adaround_act_quant:
             keep_fp = torch.rand(xin.shape, generator=gen) < 0.5
             xin = torch.where(keep_fp, x_fp[idx], xin)
-        w = s * torch.clamp(w_floor + _h(v), qmin, qmax)
-        rec = (_layer(n, xin, w, n.bias) - target[idx]).pow(2).sum(1).mean()
-        loss = rec
+        out = unit(xin, gen if cfg.adaround_act_quant else None)
+        loss = (out - target[idx]).pow(2).sum(1).mean()  # summed over channels, averaged over images and pixels
         if it >= warm:
             beta = 2 + (20 - 2) * (1 + math.cos(math.pi * (it - warm) / max(1, iters - warm))) / 2
-            loss = loss + lam * (1 - (2 * _h(v) - 1).abs().pow(beta)).sum()
+            loss = loss + _LAMBDA * unit.regularizer(beta)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        return torch.clamp(w_floor + (_h(v) >= 0.5).float(), qmin, qmax)
 
 
 def learn_rounding(graph: QGraph, acts: dict[str, ActQ], weights: dict[str, WeightQ], calib: list[torch.Tensor],
-                   cfg: QuantConfig, progress: bool = False) -> dict[str, WeightQ]:
-    """Replace round-to-nearest weights by learned rounding, layer by layer (earlier layers first)."""
+                   cfg: QuantConfig, progress: bool = False) -> tuple[dict[str, WeightQ], dict[str, ActQ]]:
+    """Replace round-to-nearest weights by learned rounding, unit by unit (earlier units first); with
+    cfg.learn_act_clip the activation scales are learned too. Returns (weights, activation parameters)."""
     from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(cfg.seed)
+    acts = dict(acts)
+    logits = graph.quant_source(graph.output)
     done: dict[str, WeightQ] = {}
-    layers = graph.weighted()
-    for n in tqdm(layers, desc="learned rounding", unit="layer", disable=not progress, leave=False):
-        wq = weights[n.name]
-        x_fp = _inputs(graph, calib, n.inputs[0], None, None)
-        x_q = _inputs(graph, calib, n.inputs[0], acts, done)
+    units = reconstruction_units(graph, cfg.reconstruction == "block")
+    for nodes in tqdm(units, desc=f"learned rounding ({cfg.reconstruction}s)", unit=cfg.reconstruction,
+                      disable=not progress, leave=False):
+        # Quantization points the unit fake-quantizes: those inside it (QDrop), and with learned clipping its
+        # output as well (the logits keep their min-max range: see calibrate).
+        inner = [n.name for n in nodes[:-1] if n.name in acts] if cfg.adaround_act_quant else []
+        out = [nodes[-1].name] if cfg.learn_act_clip and nodes[-1].name in acts and nodes[-1].name != logits else []
+        unit = _Unit(nodes, weights, acts, inner + out, cfg.learn_act_clip)
+        x_fp = _values(graph, calib, unit.input, None, None)
+        x_q = _values(graph, calib, unit.input, acts, done)
         with torch.enable_grad():
-            q = _optimize(n, wq, x_q, x_fp, cfg, gen)
-        done[n.name] = _with_bias(n, q, wq.scale, wq.qtype, acts)
-    return done
+            _optimize(unit, x_q, x_fp, cfg, gen)
+        for name, q in unit.hard_rounding().items():
+            done[name] = WeightQ(q, weights[name].scale, weights[name].qtype, weights[name].bias_q,
+                                 weights[name].bias_scale)
+        for name, log_s in unit.log_scales.items():
+            a = acts[name]
+            acts[name] = ActQ(float(np.float32(math.exp(log_s.item()))), a.zero_point, a.qtype)
+    # The int32 biases at the final input scales (learned clipping may have moved them).
+    nodes = {n.name: n for n in graph.weighted()}
+    return {k: _with_bias(nodes[k], w.q, w.scale, w.qtype, acts) for k, w in done.items()}, acts

@@ -7,11 +7,12 @@ from dataclasses import asdict, dataclass, field
 from plateau.errors import PlateauError
 from plateau.quant import QType, parse_bits
 
-__all__ = ["QuantConfig", "ACT_CALIBRATIONS", "WEIGHT_CALIBRATIONS", "ROUNDINGS"]
+__all__ = ["QuantConfig", "ACT_CALIBRATIONS", "WEIGHT_CALIBRATIONS", "ROUNDINGS", "RECONSTRUCTIONS"]
 
 ACT_CALIBRATIONS = ("minmax", "percentile", "mse", "kl")
 WEIGHT_CALIBRATIONS = ("minmax", "mse")
 ROUNDINGS = ("nearest", "adaround")
+RECONSTRUCTIONS = ("layer", "block")
 
 
 @dataclass
@@ -34,6 +35,8 @@ class QuantConfig:
     adaround_iters: int = 500
     adaround_batch: int = 32
     adaround_act_quant: bool = True  # QDrop-style: quantized activations inside the reconstruction
+    reconstruction: str = "layer"  # learned rounding per conv/linear layer (AdaRound) or per block (BRECQ)
+    learn_act_clip: bool = False  # learn the activation scales (clipping ranges) during the reconstruction
     allow_float: bool = False  # ops with no integer form (GELU, Softmax, ...) stay float islands between DQ and Q
     seed: int = 0
 
@@ -50,6 +53,10 @@ class QuantConfig:
                                f"choose from {', '.join(WEIGHT_CALIBRATIONS)}")
         if self.rounding not in ROUNDINGS:
             raise PlateauError(f"unknown rounding {self.rounding!r}: choose from {', '.join(ROUNDINGS)}")
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise PlateauError(f"unknown reconstruction {self.reconstruction!r}: choose from {', '.join(RECONSTRUCTIONS)}")
+        if self.learn_act_clip and self.rounding != "adaround":
+            raise PlateauError("learned activation clipping runs inside learned rounding: add --rounding adaround")
         if not 50.0 < self.percentile <= 100.0:
             raise PlateauError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.calib_images < 1:

@@ -470,7 +470,7 @@ def quantize_graph(graph: QGraph, calib: Iterable[torch.Tensor], cfg: QuantConfi
     if cfg.rounding == "adaround":
         from .adaround import learn_rounding
 
-        weights = learn_rounding(graph, acts, weights, batches, cfg, progress=progress)
+        weights, acts = learn_rounding(graph, acts, weights, batches, cfg, progress=progress)
     return FakeQuantModel(graph, acts, weights, cfg, model_cfg)
 
 

@@ -38,7 +38,7 @@ from plateau.models import (
     read_torch_file,
 )
 
-from .config import ACT_CALIBRATIONS, ROUNDINGS, WEIGHT_CALIBRATIONS, QuantConfig
+from .config import ACT_CALIBRATIONS, RECONSTRUCTIONS, ROUNDINGS, WEIGHT_CALIBRATIONS, QuantConfig
 from .graph import QGraph
 from .onnx_writer import FOUR_BIT_LAYOUTS, to_float_onnx, to_qdq_onnx
 from .quantize import FakeQuantModel, quantize_graph, quantize_model
@@ -68,6 +68,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-calibration", default="minmax", choices=ACT_CALIBRATIONS)
     p.add_argument("--weight-calibration", default="minmax", choices=WEIGHT_CALIBRATIONS)
     p.add_argument("--rounding", default="nearest", choices=ROUNDINGS, help="adaround: learned rounding")
+    p.add_argument("--reconstruction", default="layer", choices=RECONSTRUCTIONS,
+                   help="learned rounding per conv/linear layer (AdaRound) or per block (BRECQ: a residual block "
+                        "reconstructed as one)")
+    p.add_argument("--learn-act-clip", action="store_true",
+                   help="with --rounding adaround: learn the activation clipping ranges (scales) as well")
     p.add_argument("--adaround-iters", type=int, default=500)
     p.add_argument("--keep-first-last-8bit", action="store_true", help="first and last layer at 8 bits")
     p.add_argument("--mixed-precision", type=float, metavar="AVG_BITS",
@@ -191,7 +196,8 @@ def main(args: argparse.Namespace) -> dict:
             args.bits, act_calibration=args.act_calibration, weight_calibration=args.weight_calibration,
             rounding=args.rounding, keep_first_last_8bit=args.keep_first_last_8bit, act_signed=not args.act_unsigned,
             calib_images=args.calib_images, adaround_iters=args.adaround_iters,
-            allow_float=getattr(args, "allow_float", False))
+            reconstruction=getattr(args, "reconstruction", "layer"),
+            learn_act_clip=getattr(args, "learn_act_clip", False), allow_float=getattr(args, "allow_float", False))
     except TypeError as e:
         raise PlateauError(str(e)) from None
     if args.onnx:
@@ -224,7 +230,9 @@ def main(args: argparse.Namespace) -> dict:
         cfg.layer_bits = choose_bits(graph, sens, args.mixed_precision)
         mixed = {"budget_avg_bits": args.mixed_precision, "layer_bits": cfg.layer_bits, "sensitivity": sens}
     print(f"export: {src['model']} at {cfg.bits_name}, {cfg.act_calibration} calibration on {args.calib_images} "
-          f"train images, {cfg.rounding} rounding")
+          f"train images, {cfg.rounding} rounding"
+          + (f" per {cfg.reconstruction}{' with learned activation clipping' if cfg.learn_act_clip else ''}"
+             if cfg.rounding == "adaround" else ""))
     layout = getattr(args, "four_bit_layout", "widened")
     ref, meta = export_model(model, calib, cfg, out, {"plateau.source_sha256": src["sha256"],
                                                       "plateau.model": src["model"]}, source=src, four_bit=layout)
