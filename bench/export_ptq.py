@@ -4,6 +4,8 @@
 
 Each Plateau configuration runs through `plateau export` (calibration on 512-1024 TRAIN images, validation on the
 test split), so its report holds FP, reference and onnxruntime top-1 and onnxruntime's agreement with the reference.
+Configurations with anything below 8 bits are also written in the native 4-bit layout from the same reference and
+run on onnxruntime beside the default (widened) file, with the count of convs / matmuls it ran in integer kernels.
 onnxruntime's quantize_static (QDQ, per-channel, min-max) runs on the same FP32 graph and calibration images.
 Writes bench/results/export_ptq.json and prints a markdown table.
 """
@@ -27,14 +29,21 @@ CONFIGS = {
     "W4A8-adaround": dict(bits="W4A8", rounding="adaround", weight_calibration="mse", calib_images=1024),
     "W4A4-adaround-fl8": dict(bits="W4A4", rounding="adaround", weight_calibration="mse", act_calibration="mse",
                               keep_first_last_8bit=True, calib_images=1024),
+    # per-block reconstruction (BRECQ) with learned activation clipping, otherwise as the rows above
+    "W4A8-brecq": dict(bits="W4A8", rounding="adaround", reconstruction="block", learn_act_clip=True,
+                       weight_calibration="mse", calib_images=1024),
+    "W4A4-brecq-fl8": dict(bits="W4A4", rounding="adaround", reconstruction="block", learn_act_clip=True,
+                           weight_calibration="mse", act_calibration="mse", keep_first_last_8bit=True,
+                           calib_images=1024),
 }
 
 
 def export_args(run: Path, ckpt: Path, data: Path, limit: int | None, **kw) -> Namespace:
     base = dict(run=str(run), checkpoint=str(ckpt), model="cifar_resnet20", data=str(data), onnx=None, mean=None,
                 std=None, bits="W8A8", act_calibration="minmax", weight_calibration="minmax", rounding="nearest",
-                adaround_iters=500, keep_first_last_8bit=False, act_unsigned=False, calib_images=512,
-                eval_limit=limit, img_size=None, mixed_precision=None)
+                adaround_iters=500, reconstruction="layer", learn_act_clip=False, keep_first_last_8bit=False,
+                act_unsigned=False, calib_images=512,
+                eval_limit=limit, img_size=None, mixed_precision=None, four_bit_layout="widened")
     base.update(kw)
     return Namespace(**base)
 
@@ -70,41 +79,33 @@ def _ort_on_export(d: Path, data: str, model: str | bytes) -> tuple:
     return lg, rep, ref, test.labels
 
 
-def _int8_weight_twin(d: Path, data: str) -> dict | None:
-    """onnxruntime on the same QDQ graph with its INT4 weight initializers widened to INT8 (same values, so the
-    same QDQ semantics): onnxruntime has no integer kernel for INT4 weights and runs those convs in float; the
-    twin shows what its integer kernels compute. None when the graph has no 4-bit weight."""
-    import numpy as np
+def _native_layout(d: Path, data: str) -> dict | None:
+    """onnxruntime on the same reference written in the native 4-bit layout (DequantizeLinear straight off INT4,
+    QuantizeLinear to INT4), beside the default widened one: same meaning, but onnxruntime has no integer kernel
+    for INT4 and runs those convs in float. None when the export has nothing below 8 bits."""
     import onnx
-    from onnx import TensorProto, numpy_helper
 
-    from plateau.export.validate import compare_logits
+    from plateau.export import load_reference, to_qdq_onnx
+    from plateau.export.validate import compare_logits, ort_kernels
 
-    m = onnx.load(str(d / "model_qdq.onnx"))
-    four = [i for i, t in enumerate(m.graph.initializer) if t.data_type == TensorProto.INT4]
-    zero_points = {n.input[2] for n in m.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
-    four_bit_acts = any(t.name in zero_points and t.data_type in (TensorProto.INT4, TensorProto.UINT4)
-                        for t in m.graph.initializer)
-    if not four or four_bit_acts:  # with 4-bit activations the twin is not a comparison onnxruntime can make
+    ref = load_reference(d / "reference.pt")
+    if all(w.qtype.bits == 8 for w in ref.weights.values()) and all(a.qtype.bits == 8 for a in ref.acts.values()):
         return None
-    for i in four:
-        t = m.graph.initializer[i]
-        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.int8), t.name))
-    try:
-        lg, rep, ref, _ = _ort_on_export(d, data, m.SerializeToString())
-    except Exception as e:  # 4-bit activations: onnxruntime may not run them at all
-        return {"error": str(e).splitlines()[0][:200]}
-    return compare_logits(lg, ref, rep["output_step"])
+    path = d / "model_qdq_native.onnx"
+    onnx.save(to_qdq_onnx(ref, four_bit="native"), str(path))
+    lg, rep, rl, _ = _ort_on_export(d, data, str(path))
+    return {**compare_logits(lg, rl, rep["output_step"]), "onnxruntime_kernels": ort_kernels(path)}
 
 
 def _revalidate(d: Path, data: str) -> dict:
     """An existing export's report with onnxruntime's logits measured again (same test images, same reference)."""
-    from plateau.export.validate import compare_logits, top1
+    from plateau.export.validate import compare_logits, ort_kernels, top1
 
     try:
         lg, rep, ref, labels = _ort_on_export(d, data, str(d / "model_qdq.onnx"))
         rep["top1"]["onnxruntime_qdq"] = top1(lg, labels)
         rep["onnxruntime_vs_reference"] = compare_logits(lg, ref, rep["output_step"])
+        rep["onnxruntime_kernels"] = ort_kernels(d / "model_qdq.onnx")
         rep.pop("onnxruntime_error", None)
     except Exception as e:  # onnxruntime cannot run some configurations (e.g. 4-bit activations)
         rep = json.loads((d / "report.json").read_text())
@@ -136,21 +137,27 @@ def main() -> None:
         else:
             rep = stage.main(export_args(run, Path(a.ckpt), Path(a.data), a.limit, **CONFIGS[name]))
         rows[name] = {"top1": rep["top1"], "onnxruntime_vs_reference": rep.get("onnxruntime_vs_reference"),
+                      "onnxruntime_kernels": rep.get("onnxruntime_kernels"),
                       "onnxruntime_error": rep.get("onnxruntime_error"), "seconds": round(time.time() - t0, 1),
-                      "config": CONFIGS[name]}
-        twin = _int8_weight_twin(run / "export", a.data)
-        if twin is not None:
-            rows[name]["onnxruntime_int8_weight_twin_vs_reference"] = twin
+                      "qdq_bytes": (run / "export" / "model_qdq.onnx").stat().st_size,
+                      "fp32_bytes": (run / "export" / "model_fp32.onnx").stat().st_size, "config": CONFIGS[name]}
+        native = _native_layout(run / "export", a.data)
+        if native is not None:
+            rows[name]["onnxruntime_native_layout_vs_reference"] = native
     # onnxruntime's own quantizer on the same FP32 graph (from the first run's export).
     first = Path(a.out) / a.configs.split(",")[0] / "export"
     man = json.loads((first / "manifest.json").read_text())
     mean, std = man["plateau_cfg"]["mean"], man["plateau_cfg"]["std"]
     test = load_split(a.data, "test")
+    if (first / "test_indices.npy").exists():  # the exports' test images (a random subset under --limit)
+        import numpy as np
+
+        test = test.subset(np.load(first / "test_indices.npy"))
     for name, w, act in (("ort-W8A8-U8S8", "s8", "u8"), ("ort-W4A8", "s4", "u8"), ("ort-W4A4", "s4", "s4")):
         t0 = time.time()
         try:
             q = ort_quantizer(first / "model_fp32.onnx", Path(a.out) / f"{name}.onnx", Path(a.data), mean, std, w, act)
-            lg = logits_of(ort_fn(ort_session(q)), test, mean, std, limit=a.limit)
+            lg = logits_of(ort_fn(ort_session(q)), test, mean, std)
             rows[name] = {"top1": {"onnxruntime": top1(lg, test.labels)}, "seconds": round(time.time() - t0, 1)}
         except Exception as e:  # report what onnxruntime cannot do
             rows[name] = {"error": str(e).splitlines()[0][:200]}
@@ -161,8 +168,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print("| config | FP32 | reference | onnxruntime | ORT vs ref: top-1 agreement | bit-exact | within 1 step | max "
-          "| INT8-weight twin: bit-exact / max |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| ORT kernels int/float | native 4-bit layout: agreement / bit-exact / max / ORT kernels int/float "
+          "| QDQ / FP32 bytes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         t = r.get("top1", {})
         c = r.get("onnxruntime_vs_reference") or {}
@@ -170,13 +178,26 @@ def main() -> None:
         ort = t.get("onnxruntime_qdq", t.get("onnxruntime"))
         print(f"| {name} | {f(t.get('fp32'))} | {f(t.get('reference'))} | {f(ort) if ort is not None else r.get('error', '-')} | "
               f"{f(c.get('top1_agreement'))} | {f(c.get('bit_exact'))} | {f(c.get('within_one_step'))} | "
-              f"{c.get('max_steps', '-')} | {_twin_cell(r.get('onnxruntime_int8_weight_twin_vs_reference'))} |")
+              f"{c.get('max_steps', '-')} | {_kernels(r.get('onnxruntime_kernels'))} | "
+              f"{_native_cell(r.get('onnxruntime_native_layout_vs_reference'))} | "
+              f"{_ratio(r)} |")
 
 
-def _twin_cell(t: dict | None) -> str:
+def _kernels(k: dict | None) -> str:
+    return f"{k['integer']} / {k['float']}" if k else "-"
+
+
+def _native_cell(t: dict | None) -> str:
     if not t:
         return "-"
-    return t["error"] if "error" in t else f"{100 * t['bit_exact']:.2f}% / {t['max_steps']}"
+    return (f"{100 * t['top1_agreement']:.2f}% / {100 * t['bit_exact']:.2f}% / {t['max_steps']} / "
+            f"{_kernels(t['onnxruntime_kernels'])}")
+
+
+def _ratio(r: dict) -> str:
+    if "qdq_bytes" not in r:
+        return "-"
+    return f"{r['qdq_bytes']} / {r['fp32_bytes']} ({r['qdq_bytes'] / r['fp32_bytes']:.3f}x)"
 
 
 if __name__ == "__main__":
