@@ -228,8 +228,9 @@ def output_step(path: Path) -> float:
 
 
 def compare_to_ort(onnx_path: Path, so_path: Path, n_batches: int = 8, batch: int = 8, seed: int = 123,
-                   hw: int = HW) -> dict:
-    """Run the compiled library (plain TVM) and onnxruntime on the same random inputs; count output steps."""
+                   hw: int = HW, optimize: bool = True) -> dict:
+    """Run the compiled library (plain TVM) and onnxruntime on the same random inputs; count output steps.
+    optimize=False: onnxruntime without graph optimizations (no QDQ fusion, float ops on dequantized values)."""
     import tvm
     from tvm import relax
 
@@ -237,7 +238,7 @@ def compare_to_ort(onnx_path: Path, so_path: Path, n_batches: int = 8, batch: in
 
     lib = tvm.runtime.load_module(str(so_path))
     vm = relax.VirtualMachine(lib, tvm.cpu())
-    sess = ort_session(str(onnx_path))
+    sess = ort_session(str(onnx_path), optimize=optimize)
     step = output_step(onnx_path)
     steps, top1 = [], []
     for x in calibration_batches(n_batches, batch, seed, hw):

@@ -33,10 +33,15 @@ def compiled(qdq_models, tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_matches_onnxruntime(compiled, name):
+    from plateau.export.validate import ort_u8s8_saturates
+
     onnx_path, out_dir, _ = compiled[name]
-    stats = fx.compare_to_ort(onnx_path, out_dir / "model.so", n_batches=N_BATCHES)
+    # Where onnxruntime's own U8S8 kernels saturate (x86 without VNNI) they are no oracle: the library is held to
+    # onnxruntime's unfused graph instead (float convs on dequantized values, which only near-ties move).
+    fused = not (name == "ort_u8s8" and ort_u8s8_saturates())
+    stats = fx.compare_to_ort(onnx_path, out_dir / "model.so", n_batches=N_BATCHES, optimize=fused)
     print(f"{name}: {json.dumps(stats)}")  # shown with pytest -s / -rA: the measured parity
-    assert stats["exact"] >= (0.995 if name in FLOAT_CONV_IN_ORT else 0.999), stats
+    assert stats["exact"] >= (0.995 if name in FLOAT_CONV_IN_ORT or not fused else 0.999), stats
     assert stats["max_steps"] <= 1, stats
     assert stats["top1"] == 1.0, stats
 

@@ -49,6 +49,7 @@ from .validate import (
     ort_fn,
     ort_kernels,
     ort_session,
+    ort_u8s8_saturates,
     top1,
     torch_fn,
 )
@@ -263,6 +264,12 @@ def main(args: argparse.Namespace) -> dict:
         report["top1"].update(onnxruntime_fp32=top1(ort_fp, labels), onnxruntime_qdq=top1(ort_q, labels))
         report["onnxruntime_vs_reference"] = compare_logits(ort_q, rl, ref.output_step)
         report["onnxruntime_kernels"] = ort_kernels(out / "model_qdq.onnx")
+        if (not cfg.act_signed and ort_u8s8_saturates()
+                and any(w.qtype.bits == 8 and float(w.q.abs().max()) > 64 for w in ref.weights.values())):
+            report["onnxruntime_note"] = (
+                "this CPU is x86-64 without VNNI: onnxruntime's U8S8 kernels add pairs of uint8 x int8 products in "
+                "int16 (vpmaddubsw), which saturates with 8-bit weights, so its logits are no check of the reference "
+                "here; int8 activations (the default) are exact, and so is a CPU with VNNI or an ARM one")
         report["onnxruntime_fp32_max_abs_diff"] = float(np.abs(ort_fp - fp).max())
         save_npy(out / "ort_logits.npy", ort_q)
     except Exception as e:  # onnxruntime cannot run some configurations (e.g. 4-bit activations)
@@ -313,6 +320,8 @@ def render_report(r: dict) -> str:
             if k["float"] and r.get("four_bit_layout") == "native":
                 lines.append("  onnxruntime has no integer kernel for INT4 tensors; `--four-bit-layout widened` "
                              "writes the same graph in a form it runs in integers.")
+    if "onnxruntime_note" in r:
+        lines += ["", f"Note: {r['onnxruntime_note']}."]
     if "onnxruntime_error" in r:
         lines += ["", f"onnxruntime: {r['onnxruntime_error']}"]
     islands = r.get("float_islands") or []

@@ -377,3 +377,17 @@ def test_float32_accumulation_path_is_exact(model, data, monkeypatch):
     fast = ref(x)
     monkeypatch.setattr(qz, "_exact_dtype", lambda *a: torch.float64)
     torch.testing.assert_close(ref(x), fast, rtol=0, atol=0)
+
+
+def test_ort_u8s8_saturation_is_read_off_the_cpu_flags(tmp_path, monkeypatch):
+    import platform
+
+    from plateau.export.validate import ort_u8s8_saturates
+
+    (tmp_path / "avx2").write_text("processor : 0\nflags : fpu sse2 avx avx2 fma\n")
+    (tmp_path / "vnni").write_text("processor : 0\nflags : fpu avx2 avx512f avx512_vnni\n")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert ort_u8s8_saturates(tmp_path / "avx2") and not ort_u8s8_saturates(tmp_path / "vnni")
+    assert ort_u8s8_saturates(tmp_path / "missing")  # unknown x86: no VNNI assumed
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert not ort_u8s8_saturates(tmp_path / "avx2")
