@@ -238,15 +238,22 @@ def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None, four_bit: str = "
             ws = b.const_f32(f"{n.name}.ws", wq.scale.numpy())
             # Symmetric weights: the zero point input is left out (ONNX's default is 0 of the weight's type), but
             # for a Gemm: onnxruntime fuses it into its integer QGemm only when the zero point is given. Except
-            # after unsigned activations with weights above 64: x86 onnxruntime's U8S8 QGemm sums pairs of
-            # products in int16 (vpmaddubsw), which then saturates (up to 75 output steps off, measured), where its
-            # float Gemm is off by at most a near-tie.
+            # after unsigned activations with weights above 64: on x86 without VNNI onnxruntime's U8S8 kernels add
+            # pairs of products in int16 (vpmaddubsw), which then saturates (validate.ort_u8s8_saturates), where
+            # its float Gemm is off by at most a near-tie.
             exact_qgemm = ref.acts[n.attrs["_in_q"]].qtype.signed or 2 * 255 * int(wq.q.abs().max()) < 2**15
             wz = [b.init(_int_initializer(f"{n.name}.wz", np.zeros(wq.q.shape[0], np.int32), wt))] \
                 if n.op == "linear" and exact_qgemm else []
             b.node("DequantizeLinear", [wi, ws, *wz], [f"{n.name}.w"], "", axis=0)
             bi = b.init(numpy_helper.from_array(wq.bias_q.numpy().astype(np.int32), f"{n.name}.bq"))
-            bs = b.const_f32(f"{n.name}.bs", wq.bias_scale.numpy())
+            # The bias scale is float32(s_x * s_w) by construction: written as that product of the two scales the
+            # file already holds (runtimes fold it at load), not as a third per-channel table.
+            s_x = qp[n.attrs["_in_q"]][0]
+            if np.array_equal(np.float32(ref.acts[n.attrs["_in_q"]].scale) * wq.scale.numpy(), wq.bias_scale.numpy()):
+                bs = f"{n.name}.bs"
+                b.node("Mul", [s_x, ws], [bs], "")
+            else:  # a reference whose bias scale was made otherwise keeps it as given
+                bs = b.const_f32(f"{n.name}.bs", wq.bias_scale.numpy())
             b.node("DequantizeLinear", [bi, bs], [f"{n.name}.b"], "", axis=0)
             w, bias = f"{n.name}.w", f"{n.name}.b"
         pre = f"{n.name}.y"

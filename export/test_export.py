@@ -96,6 +96,13 @@ def test_qdq_file_structure(model, data, bits, layout):
         assert len(casts) == 6 and all(c.op_type == "Cast" and c.attribute[0].i == TensorProto.INT8 for c in casts)
     else:
         assert casts == []
+    # Bias scales are written as Mul(s_x, s_w) of scales the file holds, equal to the reference's bias scale.
+    for n in ref.graph.weighted():
+        mul = producer[f"{n.name}.bs"]
+        assert mul.op_type == "Mul" and mul.input[1] == f"{n.name}.ws" and mul.input[0] in inits
+        s_b = np.float32(onnx.numpy_helper.to_array(inits[mul.input[0]])) * onnx.numpy_helper.to_array(
+            inits[mul.input[1]])
+        np.testing.assert_array_equal(s_b, ref.weights[n.name].bias_scale.numpy())
     zp_types = {t.data_type for n, t in inits.items() if n.endswith(".zp")}
     clips = [n for n in m.graph.node if n.op_type == "Clip"]
     if bits == "W4A4" and layout == "native":
