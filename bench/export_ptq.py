@@ -29,12 +29,16 @@ CONFIGS = {
     "W4A8-adaround": dict(bits="W4A8", rounding="adaround", weight_calibration="mse", calib_images=1024),
     "W4A4-adaround-fl8": dict(bits="W4A4", rounding="adaround", weight_calibration="mse", act_calibration="mse",
                               keep_first_last_8bit=True, calib_images=1024),
-    # per-block reconstruction (BRECQ) with learned activation clipping, otherwise as the rows above
-    "W4A8-brecq": dict(bits="W4A8", rounding="adaround", reconstruction="block", learn_act_clip=True,
-                       weight_calibration="mse", calib_images=1024),
-    "W4A4-brecq-fl8": dict(bits="W4A4", rounding="adaround", reconstruction="block", learn_act_clip=True,
-                           weight_calibration="mse", act_calibration="mse", keep_first_last_8bit=True,
-                           calib_images=1024),
+    # per-block reconstruction (BRECQ), without and with learned activation clipping, otherwise as the rows above
+    "W4A8-brecq": dict(bits="W4A8", rounding="adaround", reconstruction="block", weight_calibration="mse",
+                       calib_images=1024),
+    "W4A8-brecq-clip": dict(bits="W4A8", rounding="adaround", reconstruction="block", learn_act_clip=True,
+                            weight_calibration="mse", calib_images=1024),
+    "W4A4-brecq-fl8": dict(bits="W4A4", rounding="adaround", reconstruction="block", weight_calibration="mse",
+                           act_calibration="mse", keep_first_last_8bit=True, calib_images=1024),
+    "W4A4-brecq-clip-fl8": dict(bits="W4A4", rounding="adaround", reconstruction="block", learn_act_clip=True,
+                                weight_calibration="mse", act_calibration="mse", keep_first_last_8bit=True,
+                                calib_images=1024),
 }
 
 

@@ -38,7 +38,7 @@ __all__ = ["learn_rounding", "reconstruction_units"]
 
 _ZETA, _GAMMA = 1.1, -0.1
 _LAMBDA = 0.01
-_LR_ROUNDING, _LR_LOG_SCALE = 1e-2, 2e-3
+_LR_ROUNDING, _LR_LOG_SCALE = 1e-2, 5e-4
 
 
 def _h(v: torch.Tensor) -> torch.Tensor:
