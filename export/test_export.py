@@ -398,3 +398,19 @@ def test_ort_u8s8_saturation_is_read_off_the_cpu_flags(tmp_path, monkeypatch):
     assert ort_u8s8_saturates(tmp_path / "missing")  # unknown x86: no VNNI assumed
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     assert not ort_u8s8_saturates(tmp_path / "avx2")
+
+
+def test_learned_scale_moves_off_rounding_boundaries():
+    """A scale that puts a frequent value exactly on a .5 boundary (where learned clipping likes to settle) is moved
+    by a fraction of a percent to where no value sits within the tolerance of one."""
+    from plateau.export.adaround import away_from_ties
+    from plateau.quant import INT8
+
+    s = 0.02
+    v = torch.cat([torch.full((5000,), 4.5 * s), torch.linspace(-1.0, 1.0, 2001)])  # 4.5 steps: a tie
+    t = away_from_ties(v, s, INT8, 0)
+    assert t != np.float32(s) and abs(t / s - 1) <= 2e-3
+    steps = (v.double() / t)
+    assert ((steps - steps.floor() - 0.5).abs() < 1e-4).sum() < 5
+    clean = torch.linspace(-1.0, 1.0, 1001) * 0.987654
+    assert away_from_ties(clean, 0.0123457, INT8, 0) == np.float32(0.0123457)  # nothing near a tie: unchanged
