@@ -39,6 +39,7 @@ from plateau.quant import QType, pack_int4
 
 from .graph import QNode
 from .quantize import FakeQuantModel, clip_range
+from .validate import ort_u8s8_pairs_fit
 
 __all__ = ["to_qdq_onnx", "to_float_onnx", "OPSET", "INPUT_NAME", "OUTPUT_NAME", "FOUR_BIT_LAYOUTS"]
 
@@ -241,7 +242,7 @@ def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None, four_bit: str = "
             # after unsigned activations with weights above 64: on x86 without VNNI onnxruntime's U8S8 kernels add
             # pairs of products in int16 (vpmaddubsw), which then saturates (validate.ort_u8s8_saturates), where
             # its float Gemm is off by at most a near-tie.
-            exact_qgemm = ref.acts[n.attrs["_in_q"]].qtype.signed or 2 * 255 * int(wq.q.abs().max()) < 2**15
+            exact_qgemm = ref.acts[n.attrs["_in_q"]].qtype.signed or ort_u8s8_pairs_fit(int(wq.q.abs().max()))
             wz = [b.init(_int_initializer(f"{n.name}.wz", np.zeros(wq.q.shape[0], np.int32), wt))] \
                 if n.op == "linear" and exact_qgemm else []
             b.node("DequantizeLinear", [wi, ws, *wz], [f"{n.name}.w"], "", axis=0)

@@ -414,3 +414,28 @@ def test_learned_scale_moves_off_rounding_boundaries():
     assert ((steps - steps.floor() - 0.5).abs() < 1e-4).sum() < 5
     clean = torch.linspace(-1.0, 1.0, 1001) * 0.987654
     assert away_from_ties(clean, 0.0123457, INT8, 0) == np.float32(0.0123457)  # nothing near a tie: unchanged
+
+
+def test_export_report_counts_onnxruntime_kernels_and_flags_u8s8(tmp_path, monkeypatch):
+    """`plateau export` on a 4-bit model: onnxruntime ran every conv and the Gemm in integer kernels (widened layout),
+    the native layout's report says they ran in float; uint8 activations on a CPU whose onnxruntime U8S8 kernels
+    saturate get a note instead of passing for a check."""
+    import json
+
+    from plateau.cli import main as cli
+
+    torch.manual_seed(0)
+    torch.save({"model": create_model("small_cnn").state_dict(), "model_name": "small_cnn"}, tmp_path / "ck.pt")
+    base = ["export", "--checkpoint", str(tmp_path / "ck.pt"), "--data", "synthetic", "--calib-images", "64",
+            "--eval-limit", "64"]
+    assert cli([*base, "--run", str(tmp_path / "w4"), "--bits", "W4A8"]) == 0
+    rep = json.loads((tmp_path / "w4/export/report.json").read_text())
+    assert rep["onnxruntime_kernels"] == {"integer": 6, "float": 0, "ops": {"QGemm": 1, "QLinearConv": 5}}
+    assert rep["four_bit_layout"] == "widened" and rep["onnxruntime_vs_reference"]["max_steps"] <= 1
+    assert "onnxruntime's kernels: 6 integer, 0 float" in (tmp_path / "w4/export/report.md").read_text()
+    assert cli([*base, "--run", str(tmp_path / "nat"), "--bits", "W4A8", "--four-bit-layout", "native"]) == 0
+    md = (tmp_path / "nat/export/report.md").read_text()
+    assert "0 integer, 6 float" in md and "no integer kernel for INT4" in md
+    monkeypatch.setattr("plateau.export.stage.ort_u8s8_saturates", lambda: True)
+    assert cli([*base, "--run", str(tmp_path / "u8"), "--act-unsigned"]) == 0
+    assert "vpmaddubsw" in json.loads((tmp_path / "u8/export/report.json").read_text())["onnxruntime_note"]

@@ -10,7 +10,8 @@ import torch
 
 from plateau.data import ImageSet, batches
 
-__all__ = ["logits_of", "ort_session", "ort_kernels", "ort_u8s8_saturates", "ORT_INT8_QDQ", "compare_logits", "top1"]
+__all__ = ["logits_of", "ort_session", "ort_kernels", "ort_u8s8_saturates", "ort_u8s8_pairs_fit", "ORT_INT8_QDQ",
+           "compare_logits", "top1"]
 
 ORT_INT8_QDQ = {"session.qdqisint8allowed": "1"}  # the session config of every check (see ort_session)
 
@@ -98,6 +99,12 @@ def ort_u8s8_saturates(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     except OSError:
         return True  # unknown x86: assume the common case, no VNNI
     return not ({"avx512_vnni", "avx_vnni"} & set(flags))
+
+
+def ort_u8s8_pairs_fit(max_abs_weight: int) -> bool:
+    """Whether a pair of uint8 x int8 products with weights up to `max_abs_weight` fits int16, so that the U8S8
+    kernels `ort_u8s8_saturates` is about are exact anyway (weights up to 64)."""
+    return 2 * 255 * max_abs_weight < 2**15
 
 
 def ort_fn(sess) -> Callable[[np.ndarray], np.ndarray]:
