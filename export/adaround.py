@@ -100,13 +100,13 @@ class _Unit(torch.nn.Module):
         self.nodes, self.input = unit, _unit_input(unit)
         self.acts = {k: acts[k] for k in quant_points}
         self.rounding = torch.nn.ParameterDict()
-        self.floor, self.scale = {}, {}
+        self.floor, self.scale, self.qtypes = {}, {}, {}
         for n in unit:
             if n.is_weighted:
                 s = weights[n.name].scale.view(-1, *([1] * (n.weight.ndim - 1)))
                 self.scale[n.name], self.floor[n.name] = s, torch.floor(n.weight / s)
+                self.qtypes[n.name] = weights[n.name].qtype
                 self.rounding[n.name] = torch.nn.Parameter(_h_inverse(n.weight / s - self.floor[n.name]))
-        self.qtypes = {n.name: weights[n.name].qtype for n in unit if n.is_weighted}
         self.log_scales = torch.nn.ParameterDict({
             k: torch.nn.Parameter(torch.tensor(math.log(a.scale))) for k, a in self.acts.items()} if learn_scales else {})
 
