@@ -46,8 +46,8 @@ def export_args(run: Path, ckpt: Path, data: Path, limit: int | None, **kw) -> N
     base = dict(run=str(run), checkpoint=str(ckpt), model="cifar_resnet20", data=str(data), onnx=None, mean=None,
                 std=None, bits="W8A8", act_calibration="minmax", weight_calibration="minmax", rounding="nearest",
                 adaround_iters=500, reconstruction="layer", learn_act_clip=False, keep_first_last_8bit=False,
-                act_unsigned=False, calib_images=512,
-                eval_limit=limit, img_size=None, mixed_precision=None, four_bit_layout="widened")
+                act_unsigned=False, calib_images=512, eval_limit=limit, img_size=None, mixed_precision=None,
+                four_bit_layout="widened")
     base.update(kw)
     return Namespace(**base)
 

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,24 +28,16 @@ def main() -> None:
     a = p.parse_args()
     from plateau.data import batches, load_split
     from plateau.export import load_reference
-    from plateau.export.validate import ort_session
+    from plateau.export.validate import ort_quant_points
 
     export = Path(a.run) / "export"
     ref = load_reference(export / "reference.pt")
-    names = [f"{k}.q" for k in ref.acts]
-    model = onnx.load(str(export / "model_qdq.onnx"))
-    types = {t.name: t.data_type for t in model.graph.initializer}
-    zp = {n.output[0]: n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear"}
-    model.graph.output.extend([helper.make_tensor_value_info(n, types.get(zp.get(n), TensorProto.INT8), None)
-                               for n in names])
-    with tempfile.TemporaryDirectory() as d:
-        onnx.save(model, f"{d}/m.onnx")
-        sess = ort_session(f"{d}/m.onnx")
+    run = ort_quant_points(onnx.load(str(export / "model_qdq.onnx")), list(ref.acts))
     differ = dict.fromkeys(ref.acts, 0)
     total = dict.fromkeys(ref.acts, 0)
     test = load_split(a.data, "test")
     for x, _ in batches(test, 200, ref.model_cfg["mean"], ref.model_cfg["std"], limit=a.images):
-        got = dict(zip(names, sess.run(names, {"input": x.numpy()}), strict=True))
+        got = run(x.numpy())
         want = ref.intermediates(x)
         for k in ref.acts:
             d = got[f"{k}.q"].astype(np.int64) - want[k].numpy().astype(np.int64).reshape(got[f"{k}.q"].shape)

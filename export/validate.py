@@ -10,8 +10,8 @@ import torch
 
 from plateau.data import ImageSet, batches
 
-__all__ = ["logits_of", "ort_session", "ort_kernels", "ort_u8s8_saturates", "ort_u8s8_pairs_fit", "ORT_INT8_QDQ",
-           "compare_logits", "top1"]
+__all__ = ["logits_of", "ort_session", "ort_kernels", "ort_quant_points", "ort_u8s8_saturates", "ort_u8s8_pairs_fit",
+           "ORT_INT8_QDQ", "compare_logits", "top1"]
 
 ORT_INT8_QDQ = {"session.qdqisint8allowed": "1"}  # the session config of every check (see ort_session)
 
@@ -83,6 +83,31 @@ def ort_kernels(path: str | Path, int8_qdq: bool = True) -> dict:
         ops = Counter(n.op_type for n in onnx.load(str(Path(d) / "optimized.onnx")).graph.node)
     return {"integer": sum(ops[o] for o in _ORT_INTEGER_OPS), "float": sum(ops[o] for o in _ORT_FLOAT_OPS),
             "ops": {o: ops[o] for o in sorted(_ORT_INTEGER_OPS | _ORT_FLOAT_OPS) if ops[o]}}
+
+
+def ort_quant_points(model, keys: list[str]) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """A run of the QDQ `model` (an onnx.ModelProto) in onnxruntime that also returns the integer tensor `<key>.q`
+    of each quantization point in `keys`, for comparison with `FakeQuantModel.intermediates`: x -> {tensor name:
+    array}, the model's own outputs included."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    producer = {o: n for n in m.graph.node for o in n.output}
+    types = {t.name: t.data_type for t in m.graph.initializer}
+
+    def elem_type(tensor: str) -> int:  # the zero point's type (an activation below 8 bits: behind its Clip)
+        q = producer[tensor]
+        q = producer[q.input[0]] if q.op_type == "Clip" else q
+        return types.get(q.input[2], TensorProto.UINT8) if len(q.input) > 2 else TensorProto.UINT8
+
+    names = [f"{k}.q" for k in keys]
+    m.graph.output.extend([helper.make_tensor_value_info(n, elem_type(n), None) for n in names])
+    sess = ort_session(m.SerializeToString())
+    outs = [o.name for o in sess.get_outputs()]
+    first = sess.get_inputs()[0].name
+    return lambda x: dict(zip(outs, sess.run(outs, {first: x}), strict=True))
 
 
 def ort_u8s8_saturates(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
