@@ -41,7 +41,7 @@ ORT = {"ort_u8s8": "u8", "ort_s8s8": "s8"}
 
 def ort_quantize(fp32: Path, out: Path, act: str, calib: list[np.ndarray]) -> Path:
     """onnxruntime's quantize_static QDQ model (s8 per-channel weights), made once."""
-    from plateau.runtime.bench import ort_quantize as quantize_static
+    from plateau.ort_quantizer import ort_quantize as quantize_static
 
     if out.exists():
         return out

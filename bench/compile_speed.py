@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from plateau.compile import compile_onnx
     from plateau.compile.schedule_dot import has_vnni
-    from plateau.runtime.bench import ort_quantize
+    from plateau.ort_quantizer import ort_quantize
 
     run = Path(args.run)
     fp32 = Path(args.fp32) if args.fp32 else run / "export" / "model_fp32.onnx"

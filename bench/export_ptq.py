@@ -57,7 +57,7 @@ def ort_quantizer(fp32: Path, out: Path, data: Path, mean, std, weight: str, act
     import numpy as np
 
     from plateau.data import batches, load_split
-    from plateau.runtime.bench import ort_quantize
+    from plateau.ort_quantizer import ort_quantize
 
     train = load_split(data, "train")
     calib = np.concatenate([x.numpy() for x, _ in batches(train, 64, mean, std, shuffle=True, limit=512)])

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from plateau.models import create_model
-from plateau.runtime.bench import ort_quantize
+from plateau.ort_quantizer import ort_quantize
 
 
 def main(out: Path) -> None:

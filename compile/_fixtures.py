@@ -80,8 +80,8 @@ def tiny_mobile_onnx(path: Path, seed: int = 0) -> Path:
 
 
 def ort_qdq(fp32: Path, path: Path, activation: str = "s8", weight: str = "s8") -> Path:
-    """onnxruntime's quantize_static QDQ of `fp32` on the fixed calibration batches (runtime.bench.ort_quantize)."""
-    from plateau.runtime.bench import ort_quantize
+    """onnxruntime's quantize_static QDQ of `fp32` on the fixed calibration batches (plateau.ort_quantizer)."""
+    from plateau.ort_quantizer import ort_quantize
 
     batches = calibration_batches()
     return ort_quantize(fp32, np.concatenate(batches), path, "qdq", activation, weight, batch=len(batches[0]))

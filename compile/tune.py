@@ -203,7 +203,7 @@ def _tuning_device(target: CompileTarget, rpc: str | None, rpc_key: str) -> Devi
             raise PlateauError(f"tuning for target {target.name!r} needs the board: pass --rpc HOST:PORT of "
                                "`plateau device serve` running there (timings on this machine would tune for it)")
         return Device()
-    from plateau.runtime import rpc_connect
+    from plateau.rpc import rpc_connect
 
     remote, info = rpc_connect(rpc, rpc_key)
     want = "aarch64" if target.arch == "aarch64" else None

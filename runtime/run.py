@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -20,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from plateau.errors import PlateauError
+from plateau.rpc import parse_addr, rpc_connect
 
 from . import _worker
 
 __all__ = ["RunResult", "run_artifact", "rpc_connect", "list_devices", "elf_machine", "artifact_device_api",
-           "DEVICES"]
+           "host_machine", "DEVICES"]
 
 DEVICES = ["local", "qemu", "rpc"]
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64", 40: "arm", 243: "riscv"}
@@ -59,7 +59,8 @@ def elf_machine(lib: str | Path) -> str:
     return _ELF_MACHINES.get(code, f"e_machine {code}")
 
 
-def _host_machine() -> str:
+def host_machine() -> str:
+    """This machine's CPU as elf_machine names it ("x86_64", "aarch64", ...)."""
     m = platform.machine().lower()
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
 
@@ -205,7 +206,7 @@ def run_artifact(
     x, batch, fixed = _check_inputs(inputs, spec, batch_size)
     sizes = [batch] if fixed else sorted({1, batch})
     if device == "local":
-        host = _host_machine()
+        host = host_machine()
         if machine != host:
             raise PlateauError(
                 f"{lib} is built for {machine}, this machine is {host}: run it with device 'qemu' (emulated) "
@@ -234,7 +235,7 @@ def _progress_bar(total: int, desc: str):
 
 def _run_local(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int], timing: bool,
                api: str = "cpu") -> RunResult:
-    machine = _host_machine()
+    machine = host_machine()
     if api != "cpu":
         machine = f"{machine} + {_check_gpu_here(lib, api)}"
     try:
@@ -303,39 +304,11 @@ def _run_qemu(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int
 
 
 # --- rpc ---------------------------------------------------------------------------------------------------------
-def _parse_addr(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise PlateauError(f"rpc address {addr!r} must be host:port, e.g. 127.0.0.1:9090")
-    return host.strip("[]"), int(port)
-
-
-def rpc_connect(addr: str, key: str = ""):
-    """(TVM RPC session, what a `plateau device serve` server says about itself) for HOST:PORT; one-line errors."""
-    from tvm import rpc as tvm_rpc
-
-    host, port = _parse_addr(addr)
-    # A plain TCP probe first: TVM's connect retries for a long time on a dead address before failing.
-    try:
-        with socket.create_connection((host, port), timeout=5):
-            pass
-    except OSError as e:
-        raise PlateauError(f"cannot reach RPC server {host}:{port} ({e.strerror or e}): is `plateau device serve` "
-                           "running there?") from None
-    try:
-        remote = tvm_rpc.connect(host, port, key=key)
-    except Exception as e:  # noqa: BLE001
-        why = _worker._oneline(e)
-        hint = "; check rpc_key (the server's --key)" if "key" in why else "; is it a TVM RPC server?"
-        raise PlateauError(f"RPC session with {host}:{port} failed ({why}){hint}") from None
-    return remote, _remote_info(remote)
-
-
 def _run_rpc(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int], timing: bool, addr: str,
              key: str, machine: str, api: str = "cpu") -> RunResult:
     import tvm
 
-    host, port = _parse_addr(addr)
+    host, port = parse_addr(addr)
     remote, info = rpc_connect(addr, key)
     if info.get("machine") and info["machine"] != machine:
         raise PlateauError(f"{lib} is built for {machine}, the RPC server {host}:{port} is {info['machine']}")
@@ -363,15 +336,3 @@ def _run_rpc(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int]
     return RunResult(y, "rpc", emulated, _label(latency, emulated),
                      {"machine": info.get("machine", "unknown"), "artifact": str(lib), "batch": batch,
                       "rpc": f"{host}:{port}", "device_api": api})
-
-
-def _remote_info(remote) -> dict:
-    """What a `plateau device serve` server says about itself; {} for a plain TVM RPC server."""
-    try:
-        f = remote.get_function("plateau.device.info")
-    except Exception:  # noqa: BLE001 - not ours: nothing known
-        return {}
-    try:
-        return json.loads(str(f()))
-    except Exception:  # noqa: BLE001
-        return {}

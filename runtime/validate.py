@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from plateau.artifacts import read_manifest, sha256_file
 from plateau.data import batches, load_split
 from plateau.errors import PlateauError
 
-from .run import DEVICES, elf_machine, run_artifact
+from .run import DEVICES, elf_machine, host_machine, run_artifact
 
 __all__ = ["add_arguments", "main", "compare_logits", "render_report", "check_artifact", "pick_device",
            "run_on_device", "QEMU_CPU_FEATURES"]
@@ -71,11 +70,6 @@ def compare_logits(device: np.ndarray, reference: np.ndarray, step: float) -> di
 
 
 # --- checks shared with `plateau bench` ------------------------------------------------------------------------------
-def _host_machine() -> str:
-    m = platform.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
-
-
 def check_artifact(comp_dir: Path, target: str, export_manifest: dict | None, *, strict_onnx: bool = True) -> dict:
     """The compile manifest of comp_dir, checked: built for `target`, for that target's CPU, from the run's export.
 
@@ -111,7 +105,7 @@ def _target_machine(target: str) -> str | None:
         t = get_target(target)
     except PlateauError:
         return None
-    return "aarch64" if t.arch == "aarch64" else _host_machine()
+    return "aarch64" if t.arch == "aarch64" else host_machine()
 
 
 def needed_features(comp: dict) -> set[str]:
@@ -125,7 +119,7 @@ def pick_device(device: str | None, rpc: str | None, lib: Path) -> str:
         return "rpc"
     if device:
         return device
-    return "local" if elf_machine(lib) == _host_machine() else "qemu"
+    return "local" if elf_machine(lib) == host_machine() else "qemu"
 
 
 def _check_emulated_cpu(comp: dict, device: str, target: str) -> None:
