@@ -1,17 +1,24 @@
-"""Export stage: calibration, learned rounding, BN folding, the fake-quant reference and the QDQ ONNX graph.
+"""Export stage: post-training quantization (calibration, learned rounding, BN folding) of a model into the
+fake-quant reference, the QDQ ONNX graph written from it, and its check on onnxruntime.
 
     >>> from plateau.export import QuantConfig, quantize_model, to_qdq_onnx
     >>> ref = quantize_model(model, calib_batches, QuantConfig.from_bits("W4A8", rounding="adaround"))
     >>> onnx.save(to_qdq_onnx(ref), "model_qdq.onnx")
 
-The CLI (`plateau export`) calls `add_arguments(parser)` and `main(args)`.
+The reference itself (graph capture, the op table, the integer numerics) lives in the core (plateau.capture,
+plateau.ops, plateau.reference): training uses it too. The CLI (`plateau export`) calls `add_arguments(parser)`
+and `main(args)`.
 """
 
-from .config import QuantConfig
-from .graph import QGraph, capture
+from plateau.capture import capture
+from plateau.qconfig import QuantConfig
+from plateau.qgraph import QGraph
+from plateau.reference import FakeQuantModel
+
 from .onnx_writer import to_float_onnx, to_qdq_onnx
-from .quantize import FakeQuantModel, quantize_model
-from .stage import add_arguments, export_model, load_reference, main
+from .ptq import quantize_graph, quantize_model
+from .reference_file import load_reference
+from .stage import add_arguments, export_model, main
 
 __all__ = [
     "QuantConfig",
@@ -19,6 +26,7 @@ __all__ = [
     "capture",
     "FakeQuantModel",
     "quantize_model",
+    "quantize_graph",
     "to_qdq_onnx",
     "to_float_onnx",
     "export_model",

@@ -32,11 +32,13 @@ import math
 import numpy as np
 import torch
 
+from plateau.calibrate import with_bias
+from plateau.ops import OPS
+from plateau.ops.base import relu_clip
+from plateau.qconfig import ROUNDINGS, QuantConfig
+from plateau.qgraph import ActQ, QGraph, QNode, WeightQ
 from plateau.quant import fake_quantize
-
-from .config import QuantConfig
-from .graph import QGraph, QNode
-from .quantize import ActQ, WeightQ, _apply, _with_bias, run_graph
+from plateau.reference import run_graph
 
 __all__ = ["learn_rounding", "reconstruction_units", "away_from_ties"]
 
@@ -128,7 +130,7 @@ class _Unit(torch.nn.Module):
         vals = {self.input: x}
         for n in self.nodes:
             w, b = ((self.soft_weight(n.name) if soft else n.weight), n.bias) if n.is_weighted else (None, None)
-            y = _apply(n, [vals[i] for i in n.inputs], w, b)
+            y = relu_clip(n, OPS.get(n.op).run_float(n, [vals[i] for i in n.inputs], w, b))
             if soft and n.name in self.acts:
                 a = self.acts[n.name]
                 yq = fake_quantize(y, self.act_scale(n.name), a.zero_point, a.qtype)
@@ -200,6 +202,7 @@ def _settle_off_ties(graph: QGraph, batches: list[torch.Tensor], names: list[str
                           a.zero_point, a.qtype)
 
 
+@ROUNDINGS.register("adaround")
 def learn_rounding(graph: QGraph, acts: dict[str, ActQ], weights: dict[str, WeightQ], calib: list[torch.Tensor],
                    cfg: QuantConfig, progress: bool = False) -> tuple[dict[str, WeightQ], dict[str, ActQ]]:
     """Replace round-to-nearest weights by learned rounding, unit by unit (earlier units first); with
@@ -232,4 +235,4 @@ def learn_rounding(graph: QGraph, acts: dict[str, ActQ], weights: dict[str, Weig
             _settle_off_ties(graph, calib[:2], list(unit.log_scales), acts, done)
     # The int32 biases at the final input scales (learned clipping may have moved them).
     nodes = {n.name: n for n in graph.weighted()}
-    return {k: _with_bias(nodes[k], w.q, w.scale, w.qtype, acts) for k, w in done.items()}, acts
+    return {k: with_bias(nodes[k], w.q, w.scale, w.qtype, acts) for k, w in done.items()}, acts

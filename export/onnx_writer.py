@@ -35,10 +35,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from plateau.artifacts import FORMAT_VERSION
+from plateau.ops import OPS, OnnxBuilder, clip_range
 from plateau.quant import QType, pack_int4
+from plateau.reference import FakeQuantModel
 
-from .graph import QNode
-from .quantize import FakeQuantModel, clip_range
 from .validate import ort_u8s8_pairs_fit
 
 __all__ = ["to_qdq_onnx", "to_float_onnx", "OPSET", "INPUT_NAME", "OUTPUT_NAME", "FOUR_BIT_LAYOUTS"]
@@ -70,98 +70,7 @@ def _int_initializer(name: str, values: np.ndarray, qt: QType) -> onnx.TensorPro
     return numpy_helper.from_array(values.astype(qt.np_dtype), name)
 
 
-class _Builder:
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-
-    def init(self, t: onnx.TensorProto) -> str:
-        self.inits.append(t)
-        return t.name
-
-    def const_f32(self, name: str, v: np.ndarray | float) -> str:
-        return self.init(numpy_helper.from_array(np.asarray(v, dtype=np.float32), name))
-
-    def node(self, op: str, ins: list[str], outs: list[str], name: str, **attrs) -> None:
-        self.nodes.append(helper.make_node(op, ins, outs, name=name, **attrs))
-
-
-def _op(b: _Builder, n: QNode, ins: list[str], out: str, w: str | None = None, bias: str | None = None) -> None:
-    """Emit the float operator for one node (shared by the QDQ and the FP32 writers)."""
-    a = n.attrs
-    if n.op == "conv":
-        p = a["padding"]
-        b.node("Conv", [ins[0], w, bias], [out], n.name, strides=a["stride"], pads=[p[0], p[1], p[0], p[1]],
-               dilations=a["dilation"], group=a["groups"], kernel_shape=a["kernel"])
-    elif n.op == "linear":
-        b.node("Gemm", [ins[0], w, bias], [out], n.name, transB=1)
-    elif n.op in ("add", "mul"):
-        b.node(n.op.capitalize(), ins, [out], n.name)
-    elif n.op == "gap":
-        b.node("GlobalAveragePool", ins, [out], n.name)
-    elif n.op in ("maxpool", "avgpool"):
-        p = a["padding"]
-        kw = dict(kernel_shape=a["kernel"], strides=a["stride"], pads=[p[0], p[1], p[0], p[1]],
-                  ceil_mode=int(a["ceil_mode"]))
-        if n.op == "maxpool":
-            b.node("MaxPool", ins, [out], n.name, dilations=a["dilation"], **kw)
-        else:
-            b.node("AveragePool", ins, [out], n.name, count_include_pad=int(a["count_include_pad"]), **kw)
-    elif n.op == "flatten":
-        b.node("Flatten", ins, [out], n.name, axis=1)
-    elif n.op == "slice":
-        args = [b.init(numpy_helper.from_array(np.asarray(a[k], np.int64), f"{n.name}_{k}"))
-                for k in ("starts", "ends", "axes", "steps")]
-        b.node("Slice", [ins[0], *args], [out], n.name)
-    elif n.op == "pad":
-        # torch pads last dimension first, (begin, end) pairs; ONNX lists all begins then all ends.
-        tp = a["pad"]
-        rank = 4
-        begins, ends = [0] * rank, [0] * rank
-        for i in range(len(tp) // 2):
-            begins[rank - 1 - i], ends[rank - 1 - i] = tp[2 * i], tp[2 * i + 1]
-        pads = b.init(numpy_helper.from_array(np.asarray(begins + ends, np.int64), f"{n.name}_pads"))
-        b.node("Pad", [ins[0], pads], [out], n.name, mode="constant")
-    elif n.op == "relu":
-        b.node("Relu", ins, [out], n.name)
-    elif n.op == "cat":
-        b.node("Concat", ins, [out], n.name, axis=a["dim"])
-    elif n.op == "float":
-        _float_op(b, n.name, a["kind"], a["params"], ins[0], out)
-    else:
-        raise AssertionError(n.op)
-
-
-def _float_op(b: _Builder, name: str, kind: str, p: dict, x: str, out: str) -> None:
-    """The ONNX node(s) of a float island (export/float_ops.py has the torch side)."""
-    if kind == "gelu":
-        b.node("Gelu", [x], [out], name, approximate=p["approximate"])
-    elif kind == "silu":
-        b.node("Sigmoid", [x], [f"{name}.sigmoid"], f"{name}_sigmoid")
-        b.node("Mul", [x, f"{name}.sigmoid"], [out], name)
-    elif kind in ("sigmoid", "tanh"):
-        b.node(kind.capitalize(), [x], [out], name)
-    elif kind == "hardswish":
-        b.node("HardSwish", [x], [out], name)
-    elif kind == "hardsigmoid":
-        b.node("HardSigmoid", [x], [out], name, alpha=float(p["alpha"]), beta=float(p["beta"]))
-    elif kind == "softmax":
-        b.node("Softmax", [x], [out], name, axis=p["axis"])
-    elif kind == "layer_norm":
-        w = b.const_f32(f"{name}.ln_scale", p["weight"].numpy())
-        bias = b.const_f32(f"{name}.ln_bias", p["bias"].numpy())
-        b.node("LayerNormalization", [x, w, bias], [out], name, axis=-p["weight"].dim(), epsilon=p["eps"])
-    elif kind == "leaky_relu":
-        b.node("LeakyRelu", [x], [out], name, alpha=p["alpha"])
-    elif kind == "elu":
-        b.node("Elu", [x], [out], name, alpha=p["alpha"])
-    elif kind == "clip":
-        b.node("Clip", [x, b.const_f32(f"{name}.min", p["min"]), b.const_f32(f"{name}.max", p["max"])], [out], name)
-    else:
-        raise AssertionError(kind)
-
-
-def _finish(b: _Builder, shape: list[int], n_out: int | None, meta: dict, name: str) -> onnx.ModelProto:
+def _finish(b: OnnxBuilder, shape: list[int], n_out: int | None, meta: dict, name: str) -> onnx.ModelProto:
     inp = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", *shape[1:]])
     out = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", n_out] if n_out else None)
     graph = helper.make_graph(b.nodes, name, [inp], [out], b.inits)
@@ -184,7 +93,7 @@ def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None, four_bit: str = "
     """
     if four_bit not in FOUR_BIT_LAYOUTS:
         raise ValueError(f"four_bit must be one of {', '.join(FOUR_BIT_LAYOUTS)}, got {four_bit!r}")
-    g, b = ref.graph, _Builder()
+    g, b = ref.graph, OnnxBuilder()
     qout: dict[str, tuple[str, str, str]] = {}  # node -> (integer tensor, scale, zero point)
     qp: dict[str, tuple[str, str, QType]] = {}  # quant point -> (scale, zero point) initializer names, its type
     bounds: dict[tuple[int, int, str], tuple[str, str]] = {}  # (qmin, qmax, container) -> Clip bound initializers
@@ -258,7 +167,7 @@ def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None, four_bit: str = "
             b.node("DequantizeLinear", [bi, bs], [f"{n.name}.b"], "", axis=0)
             w, bias = f"{n.name}.w", f"{n.name}.b"
         pre = f"{n.name}.y"
-        _op(b, n, ins, pre, w, bias)
+        OPS.get(n.op).to_onnx(b, n, ins, pre, w, bias)
         a = ref.acts.get(n.name)
         # With the output zero point at qmin, saturation already clamps negatives: Q(relu(y)) == Q(y). Leaving the
         # Relu out lets runtimes fuse Conv/Add -> Q into one integer kernel.
@@ -280,7 +189,7 @@ def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None, four_bit: str = "
 
 def to_float_onnx(ref: FakeQuantModel, meta: dict | None = None) -> onnx.ModelProto:
     """The BN-folded float32 graph (the FP32 baseline for onnxruntime and TVM)."""
-    g, b = ref.graph, _Builder()
+    g, b = ref.graph, OnnxBuilder()
     name: dict[str, str] = {}
     for n in g.nodes:
         if n.op == "input":
@@ -291,7 +200,7 @@ def to_float_onnx(ref: FakeQuantModel, meta: dict | None = None) -> onnx.ModelPr
             w = b.const_f32(f"{n.name}_weight", n.weight.numpy())
             bias = b.const_f32(f"{n.name}_bias", n.bias.numpy())
         out = OUTPUT_NAME if n.name == g.output and not n.relu and "clip" not in n.attrs else f"{n.name}_out"
-        _op(b, n, [name[i] for i in n.inputs], out, w, bias)
+        OPS.get(n.op).to_onnx(b, n, [name[i] for i in n.inputs], out, w, bias)
         if n.relu:
             r = OUTPUT_NAME if n.name == g.output and "clip" not in n.attrs else f"{n.name}_relu"
             b.node("Relu", [out], [r], f"{n.name}_Relu")

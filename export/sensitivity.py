@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from plateau.calibrate import calibrate, weight_scales, with_bias
 from plateau.errors import PlateauError
-
-from .config import QuantConfig
-from .graph import QGraph
-from .quantize import _with_bias, calibrate, quantize, run_graph, weight_scales
+from plateau.qconfig import QuantConfig
+from plateau.qgraph import QGraph
+from plateau.quant import quantize
+from plateau.reference import run_graph
 
 __all__ = ["layer_sensitivity", "choose_bits"]
 
@@ -32,7 +33,7 @@ def layer_sensitivity(graph: QGraph, calib: list[torch.Tensor], cfg: QuantConfig
         for b in bits:
             qt = cfg.weight_qtype(b)
             s = weight_scales(n.weight, qt, cfg.weight_calibration)
-            w = {n.name: _with_bias(n, quantize(n.weight, s, 0, qt, axis=0), s, qt, acts)}
+            w = {n.name: with_bias(n, quantize(n.weight, s, 0, qt, axis=0), s, qt, acts)}
             kl = sum(F.kl_div(F.log_softmax(run_graph(graph, x, None, w), 1), f, log_target=True,
                               reduction="batchmean").item() for x, f in zip(calib, fp, strict=True))
             out[n.module or n.name][b] = kl / len(calib)

@@ -27,6 +27,8 @@ from plateau.artifacts import (
     write_manifest,
     write_text,
 )
+from plateau.capture import capture
+from plateau.config_cli import add_config_arguments, config_from_args
 from plateau.data import SYNTHETIC, batches, load_split
 from plateau.errors import PlateauError
 from plateau.models import (
@@ -37,11 +39,17 @@ from plateau.models import (
     model_cfg,
     read_torch_file,
 )
+from plateau.qconfig import QuantConfig
+from plateau.qgraph import QGraph
+from plateau.quant import parse_bits
+from plateau.reference import FakeQuantModel
 
-from .config import ACT_CALIBRATIONS, RECONSTRUCTIONS, ROUNDINGS, WEIGHT_CALIBRATIONS, QuantConfig
-from .graph import QGraph
+from .onnx_reader import read_onnx
 from .onnx_writer import FOUR_BIT_LAYOUTS, to_float_onnx, to_qdq_onnx
-from .quantize import FakeQuantModel, quantize_graph, quantize_model
+from .ptq import quantize_graph, quantize_model
+from .reference_file import load_reference, reference_state
+from .report import render_report
+from .sensitivity import choose_bits, layer_sensitivity
 from .validate import (
     ORT_INT8_QDQ,
     compare_logits,
@@ -67,28 +75,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--std", type=float, nargs=3, help="input normalization std for --onnx (default ImageNet's)")
     p.add_argument("--data", help="ImageFolder tree or 'synthetic' (default: the data the run trained on)")
     p.add_argument("--bits", default="W8A8", help="W8A8 (default), W4A8, W4A4, ... (2..8 bits each)")
-    p.add_argument("--act-calibration", default="minmax", choices=ACT_CALIBRATIONS)
-    p.add_argument("--weight-calibration", default="minmax", choices=WEIGHT_CALIBRATIONS)
-    p.add_argument("--rounding", default="nearest", choices=ROUNDINGS, help="adaround: learned rounding")
-    p.add_argument("--reconstruction", default="layer", choices=RECONSTRUCTIONS,
-                   help="learned rounding per conv/linear layer (AdaRound) or per block (BRECQ: a residual block "
-                        "reconstructed as one)")
-    p.add_argument("--learn-act-clip", action="store_true",
-                   help="with --rounding adaround: learn the activation clipping ranges (scales) as well")
-    p.add_argument("--adaround-iters", type=int, default=500)
-    p.add_argument("--keep-first-last-8bit", action="store_true", help="first and last layer at 8 bits")
+    add_config_arguments(p, QuantConfig)  # calibration, rounding, first/last 8-bit, ... (plateau/qconfig.py)
     p.add_argument("--mixed-precision", type=float, metavar="AVG_BITS",
                    help="choose per-layer weight bits from measured sensitivity so that the parameter-weighted "
                         "average is at most AVG_BITS (e.g. 4.5); the choice goes into the manifest")
-    p.add_argument("--act-unsigned", action="store_true", help="uint8 activations (default int8)")
-    p.add_argument("--allow-float", action="store_true", help="keep ops with no integer form (GELU, Softmax, "
-                   "LayerNorm, ...) in float between DequantizeLinear and QuantizeLinear, listed in the report")
     p.add_argument("--four-bit-layout", default="widened", choices=FOUR_BIT_LAYOUTS,
                    help="how weights and activations below 8 bits are written: 'widened' (INT4 weights read through "
                         "Cast(INT8), activations clamped in INT8: onnxruntime runs them in its integer kernels) or "
                         "'native' (INT4 straight into DequantizeLinear / out of QuantizeLinear: onnxruntime runs those "
                         "convs in float)")
-    p.add_argument("--calib-images", type=int, default=512, help="calibration images from the train split")
     p.add_argument("--eval-limit", type=int, help="validate on the first N test images (default: all)")
     p.add_argument("--img-size", type=int, help="resize ImageFolder images to this size")
 
@@ -143,68 +138,16 @@ def export_model(model: torch.nn.Module | QGraph, calib: list[torch.Tensor], cfg
     return ref, meta
 
 
-def reference_state(ref: FakeQuantModel, model: torch.nn.Module | QGraph, source: dict | None = None) -> dict:
-    """Everything needed to rebuild the reference, as tensors and plain values (loads with weights_only=True)."""
-    from_onnx = isinstance(model, QGraph)
-    return {
-        "format": "plateau.reference", "version": 1,
-        "model_name": None if from_onnx else getattr(model, "plateau_name", None),
-        "onnx_path": (source or {}).get("onnx") if from_onnx else None,
-        "num_classes": int(ref.graph.weighted()[-1].weight.shape[0]),
-        "plateau_cfg": ref.model_cfg if from_onnx else model_cfg(model),
-        "model": {} if from_onnx else model.state_dict(),
-        "config": ref.cfg.to_dict(),
-        "acts": {k: {"scale": a.scale, "zero_point": a.zero_point, **a.qtype.to_dict()} for k, a in ref.acts.items()},
-        "weights": {k: {"q": w.q.to(torch.int8 if w.qtype.bits <= 8 else torch.int32), "scale": w.scale,
-                        "bias_q": w.bias_q.to(torch.int32), "bias_scale": w.bias_scale, **w.qtype.to_dict()}
-                    for k, w in ref.weights.items()},
-    }
-
-
-def load_reference(path: str | Path) -> FakeQuantModel:
-    """Rebuild the fake-quant reference saved by `plateau export` (reference.pt)."""
-    from plateau.quant import QType
-
-    from .quantize import ActQ, WeightQ, prepare
-
-    path = Path(path)
-    st = read_torch_file(path, "reference", " (run `plateau export` first)")
-    if not isinstance(st, dict) or st.get("format") != "plateau.reference":
-        raise PlateauError(f"reference {path}: not a Plateau reference file")
-    if st.get("onnx_path"):
-        from .onnx_reader import read_onnx
-
-        graph = read_onnx(st["onnx_path"], allow_float=st["config"].get("allow_float", False))
-        for n in graph.weighted():
-            n.attrs["_in_q"] = graph.quant_source(n.inputs[0])
-    else:
-        model = create_model(st["model_name"], num_classes=st["num_classes"])
-        model.load_state_dict(st["model"], strict=False)
-        model.plateau_cfg = st["plateau_cfg"]
-        graph = prepare(model.eval(), [1, *st["plateau_cfg"]["input_size"]], st["config"].get("allow_float", False))
-    acts = {k: ActQ(a["scale"], a["zero_point"], QType(a["bits"], a["signed"], a["narrow"]))
-            for k, a in st["acts"].items()}
-    weights = {k: WeightQ(w["q"].float(), w["scale"], QType(w["bits"], w["signed"], w["narrow"]),
-                          w["bias_q"].long(), w["bias_scale"]) for k, w in st["weights"].items()}
-    return FakeQuantModel(graph, acts, weights, QuantConfig(**st["config"]), st["plateau_cfg"])
-
-
 def main(args: argparse.Namespace) -> dict:
     run = Path(args.run)
     out = run / "export"
     t0 = time.time()
     try:
-        cfg = QuantConfig.from_bits(
-            args.bits, act_calibration=args.act_calibration, weight_calibration=args.weight_calibration,
-            rounding=args.rounding, keep_first_last_8bit=args.keep_first_last_8bit, act_signed=not args.act_unsigned,
-            calib_images=args.calib_images, adaround_iters=args.adaround_iters,
-            reconstruction=getattr(args, "reconstruction", "layer"),
-            learn_act_clip=getattr(args, "learn_act_clip", False), allow_float=getattr(args, "allow_float", False))
-    except TypeError as e:
+        w_bits, a_bits = parse_bits(args.bits)
+    except ValueError as e:
         raise PlateauError(str(e)) from None
+    cfg = config_from_args(QuantConfig, args, weight_bits=w_bits, act_bits=a_bits)
     if args.onnx:
-        from .onnx_reader import read_onnx
-
         if not args.data:
             raise PlateauError("--onnx needs --data (calibration and test images)")
         model = read_onnx(args.onnx, allow_float=cfg.allow_float)
@@ -224,10 +167,7 @@ def main(args: argparse.Namespace) -> dict:
     calib = _calibration_batches(train, cfg, mean, std)
     mixed = None
     if args.mixed_precision is not None:
-        from .quantize import prepare
-        from .sensitivity import choose_bits, layer_sensitivity
-
-        graph = model if isinstance(model, QGraph) else prepare(model, [1, *mcfg["input_size"]], cfg.allow_float)
+        graph = model if isinstance(model, QGraph) else capture(model, [1, *mcfg["input_size"]], cfg.allow_float)
         sens = layer_sensitivity(graph, calib, cfg)
         cfg.layer_bits = choose_bits(graph, sens, args.mixed_precision)
         mixed = {"budget_avg_bits": args.mixed_precision, "layer_bits": cfg.layer_bits, "sensitivity": sens}
@@ -296,36 +236,3 @@ def main(args: argparse.Namespace) -> dict:
                    eval_limit=args.eval_limit, qdq_sha256=sha256_file(out / "model_qdq.onnx"), mixed_precision=mixed)
     print(render_report(report))
     return report
-
-
-def render_report(r: dict) -> str:
-    t = r["top1"]
-    lines = [f"# Export report: {r['model']} at {r['bits']}", "",
-             f"Data: `{r['data']}`, {r['test_images']} test images. Output step: {r['output_step']:.6g}.", "",
-             "| model | top-1 |", "|---|---|"]
-    for k, v in t.items():
-        lines.append(f"| {k} | {100 * v:.2f}% |")
-    c = r.get("onnxruntime_vs_reference")
-    if c:
-        lines += ["", "onnxruntime QDQ against the fake-quant reference:", "",
-                  f"- top-1 agreement: {100 * c['top1_agreement']:.2f}%",
-                  f"- logits bit-exact: {100 * c['bit_exact']:.3f}%, within one step: "
-                  f"{100 * c['within_one_step']:.3f}%, max difference: {c['max_steps']} steps"]
-        k = r.get("onnxruntime_kernels")
-        if k:
-            ops = ", ".join(f"{n} {v}" for n, v in k["ops"].items())
-            lines.append(f"- onnxruntime's kernels: {k['integer']} integer, {k['float']} float ({ops})")
-            if k["float"]:
-                lines.append("  A float kernel computes DequantizeLinear -> float op -> QuantizeLinear: its float "
-                             "accumulation can round a near-tie the other way from the reference's exact integers.")
-            if k["float"] and r.get("four_bit_layout") == "native":
-                lines.append("  onnxruntime has no integer kernel for INT4 tensors; `--four-bit-layout widened` "
-                             "writes the same graph in a form it runs in integers.")
-    if "onnxruntime_note" in r:
-        lines += ["", f"Note: {r['onnxruntime_note']}."]
-    if "onnxruntime_error" in r:
-        lines += ["", f"onnxruntime: {r['onnxruntime_error']}"]
-    islands = r.get("float_islands") or []
-    lines += ["", f"Float islands (--allow-float): {len(islands)}" + ("" if islands else ", every op is integer")]
-    lines += [f"- `{i['node']}` ({i['kind']}{', module ' + i['module'] if i.get('module') else ''})" for i in islands]
-    return "\n".join(lines) + "\n"

@@ -213,7 +213,7 @@ def test_config_errors():
 
 
 def test_layer_bits_and_first_last(model, data):
-    from plateau.export.quantize import weight_bits
+    from plateau.calibrate import weight_bits
 
     ref = quantize_model(model, data[0], QuantConfig.from_bits("W4A4", keep_first_last_8bit=True,
                                                                layer_bits={"res.a.0": 6}))
@@ -272,9 +272,8 @@ def test_reconstruction_units():
     """Per block: each residual block (its convs, the shortcut, the add) is one unit with one input tensor; a
     stretch with no conv/linear joins the unit that follows it."""
     from plateau.export.adaround import _unit_input, reconstruction_units
-    from plateau.export.quantize import prepare
 
-    g = prepare(create_model("cifar_resnet20").eval(), [1, 3, 32, 32])
+    g = capture(create_model("cifar_resnet20").eval(), [1, 3, 32, 32])
     units = reconstruction_units(g, per_block=True)
     assert len(units) == 11 and [n.op for n in units[0]] == ["conv"]
     assert all([n.op for n in u][:2] == ["conv", "conv"] and u[-1].op == "add" for u in units[1:10])
@@ -315,22 +314,21 @@ def test_block_reconstruction_with_learned_clipping(model, data, tmp_path):
 
 
 def test_kl_calibration_clips_outliers():
-    from plateau.export.quantize import _Observer
+    from plateau.calibrators import ACT_CALIBRATORS, Observer
     from plateau.quant import INT8
 
-    o = _Observer()
+    o = Observer()
     t = torch.cat([torch.randn(100000), torch.tensor([60.0])])
     o.update_range(t)
     o.update_hist(t)
-    lo, hi = o.clip("kl", INT8, 99.99)
+    lo, hi = ACT_CALIBRATORS.get("kl").clip(o, INT8, 99.99)
     assert 2.0 < hi < 30.0 and -30.0 < lo < -2.0
 
 
 def test_mixed_precision_meets_budget_and_spares_sensitive_layers(model, data):
-    from plateau.export.quantize import prepare
     from plateau.export.sensitivity import choose_bits, layer_sensitivity
 
-    g = prepare(model, [1, 3, 32, 32])
+    g = capture(model, [1, 3, 32, 32])
     sens = layer_sensitivity(g, data[0][:1], QuantConfig(), bits=(8, 4))
     assert all(s[4] >= 0 for s in sens.values())
     choice = choose_bits(g, sens, 6.0)
@@ -341,8 +339,9 @@ def test_mixed_precision_meets_budget_and_spares_sensitive_layers(model, data):
 
 def test_fp32_onnx_input_quantizes_like_the_torch_model(model, data, tmp_path):
     """A float ONNX file from torch.onnx (BN unfolded) reads into the same graph and quantizes identically."""
+    from plateau.export import quantize_graph
     from plateau.export.onnx_reader import read_onnx
-    from plateau.export.quantize import quantize_graph
+    from plateau.reference import run_graph
 
     calib, x = data
     torch.onnx.export(model, torch.zeros(1, 3, 32, 32), tmp_path / "m.onnx", input_names=["input"],
@@ -350,8 +349,6 @@ def test_fp32_onnx_input_quantizes_like_the_torch_model(model, data, tmp_path):
     g = read_onnx(tmp_path / "m.onnx")
     assert [n.op for n in g.nodes].count("conv") == 5 and g.node(g.output).op == "linear"
     with torch.no_grad():
-        from plateau.export.quantize import run_graph
-
         torch.testing.assert_close(run_graph(g, x), model(x), atol=1e-4, rtol=1e-4)
     a = quantize_graph(g, calib, QuantConfig.from_bits("W8A8"))
     b = quantize_model(model, calib, QuantConfig.from_bits("W8A8"))
@@ -375,12 +372,12 @@ def test_onnx_input_with_unsupported_op_names_the_node(tmp_path):
 
 def test_float32_accumulation_path_is_exact(model, data, monkeypatch):
     """The reference's fast float32 accumulation equals float64 accumulation exactly."""
-    from plateau.export import quantize as qz
+    from plateau.ops import layers
 
     calib, x = data
     ref = quantize_model(model, calib, QuantConfig.from_bits("W8A8"))
     fast = ref(x)
-    monkeypatch.setattr(qz, "_exact_dtype", lambda *a: torch.float64)
+    monkeypatch.setattr(layers, "exact_dtype", lambda *a: torch.float64)
     torch.testing.assert_close(ref(x), fast, rtol=0, atol=0)
 
 

@@ -21,14 +21,10 @@ import torch
 
 __all__ = [
     "mean_multiplier",
-    "PerTensor",
-    "PerAxis",
     "QType",
     "INT8",
     "UINT8",
     "INT32",
-    "qtype_for",
-    "qrange",
     "choose_qparams",
     "quantize",
     "dequantize",
@@ -36,6 +32,7 @@ __all__ = [
     "round_ste",
     "quantize_np",
     "dequantize_np",
+    "quantize_bias",
     "quantize_bias_np",
     "rounding_noise_std",
     "requant_multiplier",
@@ -45,19 +42,6 @@ __all__ = [
     "pack_int4",
     "unpack_int4",
 ]
-
-
-# --- granularity -------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PerTensor:
-    """One scale and zero point for the whole tensor."""
-
-
-@dataclass(frozen=True)
-class PerAxis:
-    """One scale and zero point per slice along `axis` (output channels for weights: axis 0)."""
-
-    axis: int = 0
 
 
 # --- integer types -----------------------------------------------------------------------------------------------
@@ -113,14 +97,6 @@ class QType:
 INT8 = QType(8, True)
 UINT8 = QType(8, False)
 INT32 = QType(32, True)
-
-
-def qtype_for(bits: int, signed: bool = True, narrow: bool = False) -> QType:
-    return QType(bits, signed, narrow)
-
-
-def qrange(qtype: QType) -> tuple[int, int]:
-    return qtype.qmin, qtype.qmax
 
 
 def parse_bits(text: str) -> tuple[int, int]:
@@ -257,11 +233,20 @@ def dequantize_np(
     return ((q.astype(np.int64) - z).astype(np.float32) * s).astype(np.float32)
 
 
+def quantize_bias(bias: torch.Tensor, input_scale: float, weight_scale: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int32 bias of a conv/linear layer: (values as int64, scale) with scale = float32(s_x * s_w) per output
+    channel and zero point 0; round half to even of bias / scale, divided in float64, saturated to int32."""
+    s_b = (torch.tensor(input_scale, dtype=torch.float32) * weight_scale).to(torch.float32)
+    q = torch.clamp(torch.round(bias.double() / s_b.double()), -(2**31), 2**31 - 1).to(torch.int64)
+    return q, s_b
+
+
 def quantize_bias_np(bias: np.ndarray, input_scale: float | np.ndarray, weight_scale: np.ndarray) -> tuple:
-    """int32 bias with scale input_scale * weight_scale (per output channel) and zero point 0."""
+    """quantize_bias in numpy: (int32 values, float32 scale)."""
     s = (np.float32(input_scale) * np.asarray(weight_scale, dtype=np.float32)).astype(np.float32)
-    q = np.clip(np.rint(np.asarray(bias, dtype=np.float32) / s), -(2**31), 2**31 - 1).astype(np.int32)
-    return q, s
+    q = np.rint(np.asarray(bias, dtype=np.float32).astype(np.float64) / s.astype(np.float64))
+    return np.clip(q, -(2**31), 2**31 - 1).astype(np.int32), s
 
 
 # --- derived quantities ----------------------------------------------------------------------------------------------
