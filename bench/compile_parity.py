@@ -84,7 +84,8 @@ def gpu_sources(onnx_path: Path, out: Path) -> dict:
     for target in ("cuda", "opencl"):
         t = time.time()
         m = compile_onnx(onnx_path, target, out / "plateau_s8" / target)
-        res[target] = {"compile_seconds": round(time.time() - t, 1), "ops": m["ops"], "float_islands": m["float_islands"],
+        res[target] = {"compile_seconds": round(time.time() - t, 1), "ops": m["ops"],
+                       "float_islands": m["float_islands"],
                        "device_source": m["device_source"], "runs_here": m["runs_here"], "run_note": m["run_note"]}
     return res
 

@@ -180,7 +180,8 @@ def main() -> None:
         c = r.get("onnxruntime_vs_reference") or {}
         f = lambda v: f"{100 * v:.2f}%" if isinstance(v, float) else "-"  # noqa: E731
         ort = t.get("onnxruntime_qdq", t.get("onnxruntime"))
-        print(f"| {name} | {f(t.get('fp32'))} | {f(t.get('reference'))} | {f(ort) if ort is not None else r.get('error', '-')} | "
+        ort_txt = f(ort) if ort is not None else r.get("error", "-")
+        print(f"| {name} | {f(t.get('fp32'))} | {f(t.get('reference'))} | {ort_txt} | "
               f"{f(c.get('top1_agreement'))} | {f(c.get('bit_exact'))} | {f(c.get('within_one_step'))} | "
               f"{c.get('max_steps', '-')} | {_kernels(r.get('onnxruntime_kernels'))} | "
               f"{_native_cell(r.get('onnxruntime_native_layout_vs_reference'))} | "

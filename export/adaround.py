@@ -110,7 +110,8 @@ class _Unit(torch.nn.Module):
                 self.qtypes[n.name] = weights[n.name].qtype
                 self.rounding[n.name] = torch.nn.Parameter(_h_inverse(n.weight / s - self.floor[n.name]))
         self.log_scales = torch.nn.ParameterDict({
-            k: torch.nn.Parameter(torch.tensor(math.log(a.scale))) for k, a in self.acts.items()} if learn_scales else {})
+            k: torch.nn.Parameter(torch.tensor(math.log(a.scale))) for k, a in self.acts.items()
+        } if learn_scales else {})
 
     def soft_weight(self, name: str) -> torch.Tensor:
         qt = self.qtypes[name]

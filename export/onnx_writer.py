@@ -134,6 +134,12 @@ def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None, four_bit: str = "
         if n.op == "input":
             quant(INPUT_NAME, n.name, n.name)
             continue
+        op = OPS.get(n.op)
+        if op.writes_integers:  # a constant: its integers are an initializer
+            box = _container(ref.acts[n.name].qtype, four_bit)
+            qi = b.init(_int_initializer(f"{n.name}.q", op.integers(n, ref.acts[n.name]), box))
+            qout[n.name] = (qi, *qp[n.name][:2])
+            continue
         ins = [dq(i, n.name) for i in n.inputs]
         w = bias = None
         if n.is_weighted:
@@ -167,7 +173,7 @@ def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None, four_bit: str = "
             b.node("DequantizeLinear", [bi, bs], [f"{n.name}.b"], "", axis=0)
             w, bias = f"{n.name}.w", f"{n.name}.b"
         pre = f"{n.name}.y"
-        OPS.get(n.op).to_onnx(b, n, ins, pre, w, bias)
+        op.to_onnx(b, n, ins, pre, w, bias)
         a = ref.acts.get(n.name)
         # With the output zero point at qmin, saturation already clamps negatives: Q(relu(y)) == Q(y). Leaving the
         # Relu out lets runtimes fuse Conv/Add -> Q into one integer kernel.
@@ -177,7 +183,8 @@ def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None, four_bit: str = "
         if "clip" in n.attrs:  # ReLU6 / Hardtanh: left out when the output range lies inside it (Q saturates)
             qlo, qhi = clip_range(n, a)
             if qlo > a.qtype.qmin or qhi < a.qtype.qmax:
-                lo, hi = (b.const_f32(f"{n.name}.clip_{k}", v) for k, v in zip(("lo", "hi"), n.attrs["clip"], strict=True))
+                lo, hi = (b.const_f32(f"{n.name}.clip_{k}", v)
+                          for k, v in zip(("lo", "hi"), n.attrs["clip"], strict=True))
                 b.node("Clip", [pre, lo, hi], [f"{n.name}.clip"], "")
                 pre = f"{n.name}.clip"
         quant(pre, n.name, g.quant_source(n.name))

@@ -150,5 +150,6 @@ def compare_logits(device: np.ndarray, reference: np.ndarray, step: float) -> di
         "within_one_step": float((steps <= 1).mean()),
         "max_steps": int(steps.max()) if steps.size else 0,
         "top1_agreement": float((device.argmax(1) == reference.argmax(1)).mean()),
-        "step_histogram": {str(k): int(v) for k, v in zip(*np.unique(np.minimum(steps, 10), return_counts=True), strict=False)},
+        "step_histogram": {str(k): int(v) for k, v in
+                           zip(*np.unique(np.minimum(steps, 10), return_counts=True), strict=False)},
     }

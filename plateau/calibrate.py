@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,9 +29,9 @@ __all__ = ["calibrate", "act_bits", "weight_bits", "weight_scales", "quantize_we
 
 
 def act_bits(graph: QGraph, cfg: QuantConfig) -> dict[str, int]:
-    """Activation bits per quantization point: the configured width, 8 at the logits, and 8 around the first and
-    last weighted layers when keep_first_last_8bit is set."""
-    bits = {n.name: cfg.act_bits for n in graph.nodes if n.quantized_output}
+    """Activation bits per quantization point: the configured width, 8 at the logits and for constants (a
+    position embedding), and 8 around the first and last weighted layers when keep_first_last_8bit is set."""
+    bits = {n.name: 8 if n.op == "const" else cfg.act_bits for n in graph.nodes if n.quantized_output}
     bits[graph.quant_source(graph.output)] = 8
     if cfg.keep_first_last_8bit:
         w = graph.weighted()
@@ -55,6 +56,22 @@ def weight_bits(graph: QGraph, cfg: QuantConfig) -> dict[str, int]:
     return bits
 
 
+def probability_points(graph: QGraph) -> set[str]:
+    """The outputs of Softmax islands (attention probabilities): values in [0, 1] whose grid needs no calibration."""
+    return {n.name for n in graph.nodes if n.op == "float" and n.attrs["kind"] == "softmax"}
+
+
+def probability_qparams(bits: int) -> ActQ:
+    """The grid of a probability: unsigned, zero point 0, scale 2^-bits (so 1 / scale is an exact integer).
+
+    Unsigned whatever the other activations are: the attention scores before it stay int8, so onnxruntime, which
+    fuses DequantizeLinear -> Softmax -> QuantizeLinear only between one 8-bit type, runs the float Softmax the
+    graph means rather than its QLinearSoftmax (a lookup table; its int8 output wraps a probability of 1 round
+    to -128)."""
+    qt = QType(bits, signed=False)
+    return ActQ(float(np.float32(2.0**-bits)), 0, qt)
+
+
 @torch.no_grad()
 def calibrate(graph: QGraph, calib: Iterable[torch.Tensor], cfg: QuantConfig) -> dict[str, ActQ]:
     """Activation quantization parameters from calibration batches (float forward, streamed statistics)."""
@@ -74,8 +91,12 @@ def calibrate(graph: QGraph, calib: Iterable[torch.Tensor], cfg: QuantConfig) ->
             run_graph(graph, x, observe=lambda name, t: obs[name].update_hist(t))
     bits = act_bits(graph, cfg)
     logits = graph.quant_source(graph.output)
+    probabilities = probability_points(graph)
     acts = {}
     for name, o in obs.items():
+        if name in probabilities and name != logits:
+            acts[name] = probability_qparams(bits[name])
+            continue
         qt = cfg.act_qtype(bits[name])
         # The logits keep their whole range: clipping them would make the argmax a tie.
         lo, hi = o.range() if name == logits else method.clip(o, qt, cfg.percentile)

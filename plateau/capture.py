@@ -1,8 +1,11 @@
 """Capture a torch model as a QGraph: fold BatchNorm, trace with torch.fx, map every FX node to an op of the table.
 
-BatchNorm is folded into the preceding convolution first (torch.fx's conv-bn fusion). Each FX node is then
-claimed by the first entry of the op table (plateau/ops/) that recognises it; float islands (float_island.py)
-only with allow_float. A ReLU whose input has no other user is fused into the producing op when that op is
+BatchNorm is folded into the preceding convolution first (torch.fx's conv-bn fusion); the trace is specialized to
+the input shape (plateau.specialize: shape arithmetic and masks folded, layout calls made canonical); attention
+layers that would call a fused kernel are traced unfused (their matmuls and softmax are quantization points).
+Each FX node is then claimed by the first entry of the op table (plateau/ops/) that recognises it; float islands
+(float_island.py) only with allow_float; a constant tensor argument becomes a const node. Last, the graph
+rewrites of plateau.graph_rewrites (split Q/K/V, fold the attention scale, class token and position embedding). A ReLU whose input has no other user is fused into the producing op when that op is
 relu-fusable (quantized after the ReLU); so is a ReLU6 / Hardtanh (attrs["clip"] = (lo, hi): quantized after the
 clamp, which on integers is a clamp to [Q(lo), Q(hi)]).
 
@@ -13,13 +16,18 @@ clamp, which on integers is a clamp to [Q(lo), Q(hi)]).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import fx, nn
 from torch.fx.experimental.optimization import fuse as fuse_conv_bn
 
 from plateau.errors import PlateauError
+from plateau.graph_rewrites import apply_rewrites, shapes_of
 from plateau.ops import OPS, Op, float_kind_of_call, float_kind_of_module
 from plateau.qgraph import QGraph, QNode
+from plateau.specialize import Broadcast, specialize
 
 __all__ = ["capture"]
 
@@ -80,19 +88,50 @@ def _clip_bounds(node: fx.Node, gm: fx.GraphModule) -> tuple[float, float] | Non
     return float(found[1]["min"]), float(found[1]["max"])
 
 
+@contextlib.contextmanager
+def unfused_attention(model: nn.Module) -> Iterator[None]:
+    """Attention layers (timm's `fused_attn`) compute Q.K^T, softmax and P.V step by step while inside: each is a
+    quantization point then, and a Hessian-vector product can differentiate through them."""
+    saved = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    for m, _ in saved:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, was in saved:
+            m.fused_attn = was
+
+
+def trace(model: nn.Module, input_shape: list[int] | tuple[int, ...]) -> fx.GraphModule:
+    """BN folded, traced with torch.fx (attention unfused) and specialized to `input_shape` (batch left free)."""
+    model = model.eval()
+    try:
+        with unfused_attention(model):
+            gm = fuse_conv_bn(model, inplace=False)
+            return specialize(gm, torch.zeros(list(input_shape)))
+    except PlateauError:
+        raise
+    except Exception as e:
+        raise PlateauError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
 def capture(model: nn.Module, input_shape: list[int] | tuple[int, ...], allow_float: bool = False) -> QGraph:
     """Fold BN, trace with torch.fx and map every node to a QNode; unsupported ops raise PlateauError naming them.
 
     allow_float keeps ops with no integer form but a float one (float_island.FLOAT_KINDS) as float islands."""
-    model = model.eval()
-    try:
-        gm = fuse_conv_bn(model, inplace=False)
-    except Exception as e:
-        raise PlateauError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e})") from None
+    gm = trace(model, input_shape)
     nodes: list[QNode] = []
     alias: dict[str, str] = {}  # fx node name -> QNode name carrying its value
 
     def src(a: object) -> str:
+        if isinstance(a, (torch.Tensor, Broadcast)):  # a constant the model adds or concatenates
+            value = a.value if isinstance(a, Broadcast) else a.detach().float()
+            value = value if value.dim() and value.shape[0] == 1 else value.unsqueeze(0)
+            c = QNode(f"const_{len(nodes)}", "const", [],
+                      attrs={"value": value.detach().clone(), "broadcast": isinstance(a, Broadcast)})
+            nodes.append(c)
+            return c.name
         if not isinstance(a, fx.Node):
             raise ValueError(f"non-tensor argument {a!r}")
         return alias[a.name]
@@ -146,4 +185,10 @@ def capture(model: nn.Module, input_shape: list[int] | tuple[int, ...], allow_fl
         except (ValueError, KeyError, TypeError) as e:
             raise PlateauError(f"cannot quantize {_describe(node, gm)}: {e}") from None
     assert output is not None
-    return QGraph(nodes, output, list(input_shape))
+    graph = apply_rewrites(QGraph(nodes, output, list(input_shape)))
+    shapes = shapes_of(graph)
+    for n in graph.nodes:
+        if n.op == "linear" and len(shapes[n.inputs[0]]) > 2:  # token rows: the ONNX writer needs the shape
+            n.attrs["in_shape"] = [-1, *shapes[n.inputs[0]][1:]]
+    graph.refresh()
+    return graph

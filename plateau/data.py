@@ -136,7 +136,8 @@ def _decode(files: list[tuple[Path, int]], img_size: int | None, desc: str) -> t
         labels.append(label)
     shapes = {a.shape for a in images}
     if len(shapes) != 1:
-        raise PlateauError(f"images under {files[0][0].parent.parent} differ in size {sorted(shapes)[:3]}: pass --img-size")
+        raise PlateauError(f"images under {files[0][0].parent.parent} differ in size {sorted(shapes)[:3]}: "
+                           "pass --img-size")
     return np.stack(images), np.asarray(labels, np.int64)
 
 
@@ -164,7 +165,7 @@ def load_split(data: str | Path, split: str, img_size: int | None = None) -> Ima
     return ImageSet(images, labels, classes, str(root))
 
 
-# --- batching ----------------------------------------------------------------------------------------------------------
+# --- batching ---------------------------------------------------------------------------------------------------------
 def normalize(images: np.ndarray | torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), scaled to [0, 1] and normalized."""
     x = torch.as_tensor(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)

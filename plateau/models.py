@@ -125,7 +125,7 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", hint: str = "") 
         raise PlateauError(f"{what} {path}: cannot be read as a torch {what} ({type(e).__name__})") from None
 
 
-# --- Plateau's small default CNN ---------------------------------------------------------------------------------------
+# --- Plateau's small default CNN --------------------------------------------------------------------------------------
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
 
@@ -165,7 +165,7 @@ def small_cnn(num_classes: int = 10, width: int = 16) -> nn.Module:
     return m
 
 
-# --- CIFAR ResNets (He et al. 2016), key-compatible with the public pretrained checkpoints --------------------------------
+# --- CIFAR ResNets (He et al. 2016), key-compatible with the public pretrained checkpoints ----------------------------
 class _ShortcutA(nn.Module):
     """Option A shortcut: subsample by 2 and zero-pad channels, no parameters."""
 

@@ -50,6 +50,10 @@ class QGraph:
     input_shape: list[int]
 
     def __post_init__(self) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute what depends on the graph's structure (after a rewrite changed it)."""
         # A weighted node's int32 bias is quantized at its input's scale: record which quantization point that is.
         for n in self.weighted():
             n.attrs["_in_q"] = self.quant_source(n.inputs[0])

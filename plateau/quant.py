@@ -271,7 +271,7 @@ def requant_multiplier(m: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mult.astype(np.int32), (-exp).astype(np.int32)
 
 
-# --- integer-kernel numerics (what the reference, onnxruntime's QLinearConv and TVM's lowering compute) ------------------
+# --- integer-kernel numerics (what the reference, onnxruntime's QLinearConv and TVM's lowering compute) ---------------
 def conv_multiplier(s_x: float | np.ndarray, s_w: np.ndarray, s_y: float) -> np.ndarray:
     """Requantization multiplier of a conv/matmul: float32(float32(s_x * s_w) / s_y), per output channel.
 

@@ -86,6 +86,7 @@ def requantize_variant(run: Path, exp: dict, bits: str, out_dir: Path) -> Path:
 
     from plateau.export import QuantConfig, export_model
     from plateau.models import create_model
+    from plateau.quant import parse_bits
 
     key = {"reference_sha256": sha256_file(run / "export" / "reference.pt"), "bits": bits}
     if _cached(out_dir, key):
@@ -96,10 +97,10 @@ def requantize_variant(run: Path, exp: dict, bits: str, out_dir: Path) -> Path:
     model.plateau_cfg = st["plateau_cfg"]
     model.eval()
     c = exp["config"]
-    cfg = QuantConfig.from_bits(bits, act_calibration=c.get("act_calibration", "minmax"),
-                                weight_calibration=c.get("weight_calibration", "minmax"), rounding="nearest",
-                                keep_first_last_8bit=bool(c.get("keep_first_last_8bit")),
-                                act_signed=bool(c.get("act_signed", True)), calib_images=int(c.get("calib_images", 512)))
+    w, a = parse_bits(bits)
+    # the export's settings at the other bit width, rounded to nearest (learned rounding would take minutes)
+    cfg = QuantConfig.from_dict(c, weight_bits=w, act_bits=a, rounding="nearest", learn_act_clip=False,
+                                layer_bits={})
     train = load_split(c["data"], "train", c.get("img_size"))
     mean, std = st["plateau_cfg"]["mean"], st["plateau_cfg"]["std"]
     calib = [x for x, _ in batches(train, 128, mean, std, shuffle=True, seed=cfg.seed, limit=cfg.calib_images)]

@@ -12,7 +12,16 @@ of `FLOAT_KINDS` (float_island.py).
 
 from plateau.qgraph import OPS
 
-from . import elementwise, float_island, layers, passthrough, pooling  # noqa: F401  (each registers its ops)
+from . import (  # noqa: F401  (each registers its ops)
+    const,
+    elementwise,
+    float_island,
+    layers,
+    layout,
+    matmul,
+    passthrough,
+    pooling,
+)
 from .base import OnnxBuilder, OnnxNode, Op, clip_range, register_op
 from .float_island import FLOAT_KINDS, float_kind_of_call, float_kind_of_module, run_float_kind
 

@@ -114,6 +114,7 @@ class Op:
     relu_fusable: ClassVar[bool] = False  # a following ReLU / ReLU6 is quantized with it
     alias: ClassVar[bool] = False  # no node of its own: the output is the input (Identity, Dropout, ...)
     float_island: ClassVar[bool] = False  # no integer form: captured only with allow_float
+    writes_integers: ClassVar[bool] = False  # its integers are an initializer of the file (a constant)
     modules: ClassVar[tuple[type, ...]] = ()
     functions: ClassVar[tuple[object, ...]] = ()
     methods: ClassVar[tuple[str, ...]] = ()

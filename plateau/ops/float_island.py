@@ -10,7 +10,7 @@ FLOAT_KINDS: how torch.fx and ONNX spell it, its float32 computation and the ONN
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,19 +38,21 @@ class FloatKind:
     of_module: Callable[[nn.Module], Params | None] = lambda m: None
     of_call: Callable[[object, list, dict], Params | None] = lambda f, args, kw: None
     of_onnx: Callable[[OnnxNode], Params | None] = lambda r: None
-    methods: tuple[str, ...] = field(default=())
+    of_method: Callable[[str, list, dict], Params | None] = lambda name, args, kw: None
 
 
 FLOAT_KINDS: Registry[FloatKind] = Registry("float op")
 
 
-def _unary(name: str, onnx: str, fn, module: type | None = None, functions: tuple = (), methods=()) -> FloatKind:
+def _unary(name: str, onnx: str, fn, module: type | None = None, functions: tuple = (),
+           methods: tuple[str, ...] = ()) -> FloatKind:
     """A parameterless op: one ONNX node of type `onnx` computing `fn`."""
     return FLOAT_KINDS.add(name, FloatKind(
         name, onnx, lambda p, x: fn(x), lambda b, n, p, x, out: b.node(onnx, [x], [out], n),
         of_module=(lambda m: {} if isinstance(m, module) else None) if module else (lambda m: None),
         of_call=lambda f, args, kw: {} if f in functions else None,
-        of_onnx=lambda r: {} if r.node.op_type == onnx else None, methods=methods))
+        of_onnx=lambda r: {} if r.node.op_type == onnx else None,
+        of_method=lambda m, args, kw: {} if m in methods else None))
 
 
 def _attr_str(v: object) -> str:
@@ -86,18 +88,20 @@ FLOAT_KINDS.add("hardsigmoid", FloatKind(
     if r.node.op_type == "HardSigmoid" else None))
 
 
-def _softmax_call(f: object, args: list, kw: dict) -> Params | None:
-    if f not in (F.softmax, torch.softmax):
-        return None
+def _softmax_dim(args: list, kw: dict) -> Params | None:
     dim = args[1] if len(args) > 1 else kw.get("dim")
-    return {"axis": int(dim)} if isinstance(dim, int) else None
+    return {"axis": int(dim)} if isinstance(dim, int) and kw.get("dtype") is None else None
+
+
+def _softmax_call(f: object, args: list, kw: dict) -> Params | None:
+    return _softmax_dim(args, kw) if f in (F.softmax, torch.softmax) else None
 
 
 FLOAT_KINDS.add("softmax", FloatKind(
     "softmax", "Softmax", lambda p, x: torch.softmax(x, dim=p["axis"]),
     lambda b, n, p, x, out: b.node("Softmax", [x], [out], n, axis=p["axis"]),
     of_module=lambda m: {"axis": -1 if m.dim is None else int(m.dim)} if isinstance(m, nn.Softmax) else None,
-    of_call=_softmax_call,
+    of_call=_softmax_call, of_method=lambda m, args, kw: _softmax_dim(args, kw) if m == "softmax" else None,
     of_onnx=lambda r: {"axis": int(r.attrs.get("axis", -1))} if r.node.op_type == "Softmax" else None))
 
 
@@ -108,6 +112,21 @@ def _layer_norm_module(m: nn.Module) -> Params | None:
     w = m.weight.detach().float().clone() if m.weight is not None else torch.ones(shape)
     b = m.bias.detach().float().clone() if m.bias is not None else torch.zeros(shape)
     return {"weight": w, "bias": b, "eps": float(m.eps)}
+
+
+def _layer_norm_call(f: object, args: list, kw: dict) -> Params | None:
+    """F.layer_norm(x, normalized_shape, weight, bias, eps) with constant weight and bias (a traced norm layer)."""
+    if f is not F.layer_norm:
+        return None
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    a = {**dict(zip(names, args, strict=False)), **kw}
+    shape = tuple(a["normalized_shape"])
+    w, b = a.get("weight"), a.get("bias")
+    if not all(v is None or isinstance(v, torch.Tensor) for v in (w, b)):
+        return None
+    return {"weight": w.detach().float().clone() if w is not None else torch.ones(shape),
+            "bias": b.detach().float().clone() if b is not None else torch.zeros(shape),
+            "eps": float(a.get("eps", 1e-5))}
 
 
 def _layer_norm_onnx(r: OnnxNode) -> Params | None:
@@ -131,7 +150,7 @@ def _write_layer_norm(b: OnnxBuilder, name: str, p: Params, x: str, out: str) ->
 FLOAT_KINDS.add("layer_norm", FloatKind(
     "layer_norm", "LayerNormalization",
     lambda p, x: F.layer_norm(x, tuple(x.shape[-p["weight"].dim():]), p["weight"], p["bias"], p["eps"]),
-    _write_layer_norm, of_module=_layer_norm_module, of_onnx=_layer_norm_onnx))
+    _write_layer_norm, of_module=_layer_norm_module, of_call=_layer_norm_call, of_onnx=_layer_norm_onnx))
 FLOAT_KINDS.add("leaky_relu", FloatKind(
     "leaky_relu", "LeakyRelu", lambda p, x: F.leaky_relu(x, p["alpha"]),
     lambda b, n, p, x, out: b.node("LeakyRelu", [x], [out], n, alpha=p["alpha"]),
@@ -191,7 +210,7 @@ class FloatIsland(Op):
         return float_kind_of_call(f, args, kwargs) is not None
 
     def claims_method(self, method):
-        return any(method in fk.methods for _, fk in FLOAT_KINDS.items())
+        return True  # decided with the arguments, in from_method
 
     def from_module(self, m, args):
         kind, params = float_kind_of_module(m)
@@ -202,8 +221,10 @@ class FloatIsland(Op):
         return {"kind": kind, "params": params}, args[:1]
 
     def from_method(self, method, args, kwargs):
-        kind = next(k for k, fk in FLOAT_KINDS.items() if method in fk.methods)
-        return {"kind": kind, "params": {}}, args[:1]
+        for k, fk in FLOAT_KINDS.items():
+            if (p := fk.of_method(method, args, kwargs)) is not None:
+                return {"kind": k, "params": p}, args[:1]
+        return None
 
     def run_float(self, n, ins, w, b):
         return run_float_kind(n.attrs["kind"], n.attrs["params"], ins[0])

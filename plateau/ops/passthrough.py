@@ -163,7 +163,7 @@ class Pad(_PassThrough):
 
     def to_onnx(self, b: OnnxBuilder, n, ins, out, w=None, bias=None):
         # torch pads last dimension first, (begin, end) pairs; ONNX lists all begins then all ends.
-        tp, rank = n.attrs["pad"], 4
+        tp, rank = n.attrs["pad"], n.attrs.get("rank", 4)
         begins, ends = [0] * rank, [0] * rank
         for i in range(len(tp) // 2):
             begins[rank - 1 - i], ends[rank - 1 - i] = tp[2 * i], tp[2 * i + 1]

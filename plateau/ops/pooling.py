@@ -17,7 +17,7 @@ from plateau.quant import mean_multiplier, requantize
 
 from .base import OnnxBuilder, OnnxNode, Op, pool_attrs, register_op
 
-__all__ = ["GlobalAvgPool", "AvgPool", "MaxPool"]
+__all__ = ["GlobalAvgPool", "AvgPool", "MaxPool", "Mean"]
 
 
 @register_op
@@ -125,3 +125,47 @@ class MaxPool(Op):
 
     def from_onnx(self, r: OnnxNode) -> QNode:
         return QNode(r.name, self.name, r.inputs[:1], attrs=_window_attrs(r))
+
+
+@register_op
+class Mean(Op):
+    """The mean over some axes (a transformer's average over tokens): exact integer sums, requantized like GAP."""
+
+    name = "mean"
+    functions = (torch.mean,)
+    methods = ("mean",)
+    onnx_types = ("ReduceMean",)
+
+    def _attrs(self, args: list, kwargs: dict) -> tuple[dict, list]:
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if dim is None:
+            raise ValueError("mean over every axis")
+        axes = [int(d) for d in (dim if isinstance(dim, (tuple, list)) else [dim])]
+        return {"axes": axes, "keepdim": bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))}, args[:1]
+
+    def from_call(self, f, args, kwargs):
+        return self._attrs(args, kwargs)
+
+    def from_method(self, method, args, kwargs):
+        return self._attrs(args, kwargs)
+
+    def run_float(self, n, ins, w, b):
+        return ins[0].mean(dim=n.attrs["axes"], keepdim=n.attrs["keepdim"])
+
+    def run_int(self, n, ins, ain, a, w):
+        x = ins[0]
+        acc = (x - ain[0].zero_point).sum(dim=n.attrs["axes"], keepdim=n.attrs["keepdim"])
+        count = int(np.prod([x.shape[d] for d in n.attrs["axes"]]))
+        m = torch.from_numpy(mean_multiplier(ain[0].scale, a.scale, count))
+        return requantize(acc, m, a.zero_point, a.qtype, axis=None)
+
+    def to_onnx(self, b: OnnxBuilder, n, ins, out, w=None, bias=None):
+        axes = b.const_i64(f"{n.name}.axes", n.attrs["axes"])
+        b.node("ReduceMean", [ins[0], axes], [out], n.name, keepdims=int(n.attrs["keepdim"]))
+
+    def from_onnx(self, r: OnnxNode) -> QNode | None:
+        axes = r.const_input(1)
+        if axes is None or axes not in r.consts:
+            return None
+        return QNode(r.name, self.name, r.inputs[:1], attrs={
+            "axes": [int(d) for d in r.consts[axes]], "keepdim": bool(r.attrs.get("keepdims", 1))})
