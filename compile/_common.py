@@ -150,7 +150,7 @@ def round_to_int_tail(y: relax.Expr, zp: int, lo: int, out: QType) -> relax.Expr
 
     The same integers as the float tail (round, + zp, clamp in float): round(y) + zp is exact in float32 below
     2^24, and above it both saturate. The form lets a CPU round and convert in one instruction (`astype(round(y),
-    int32)` becomes llvm.lrint: schedule.round_to_int32) and saturate while narrowing (vpmovsdb / sqxtn).
+    int32)` becomes llvm.lrint: cpu_pipeline.round_to_int32) and saturate while narrowing (vpmovsdb / sqxtn).
     """
     op = relax.op
     i32 = lambda v: relax.const(np.asarray(v, np.int32), "int32")  # noqa: E731

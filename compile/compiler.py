@@ -27,15 +27,18 @@ from plateau.artifacts import atomic_path, sha256_file, write_manifest
 from plateau.errors import PlateauError
 
 from ._common import REQUANT_DOC, REQUANT_MODES, const_np
+from .cpu_pipeline import SCHEDULES, build_pipeline, scheduled_pipeline
+from .dot_instructions import DotKernel
+from .dot_schedule import TileChooser
 from .gpu import SOURCE_SUFFIX, device_compiler, device_source, dp4a_count, gpu_pipeline, runtime_available
 from .lower import float_compute_calls, float_ops, lower_qdq, op_counts
 from .onnx_prep import PreparedModel, array_key, prepare_onnx
-from .pack_int4 import build_pipeline, pack_int4_weights, packed_weight_bytes
+from .pack_int4 import pack_int4_weights, packed_weight_bytes
 from .rewrite_pad import onnx_constant_pads, restore_pads
-from .schedule import SCHEDULES, TileChooser, graph_layout, scheduled_pipeline
 from .targets import CompileTarget, get_target
+from .tune import tuned_tiles
 
-__all__ = ["compile_onnx", "build", "import_onnx", "lower_for_target"]
+__all__ = ["compile_onnx", "build", "import_onnx", "lower_for_target", "graph_layout"]
 
 
 def import_onnx(onnx_path: str | Path) -> tuple[tvm.IRModule, PreparedModel]:
@@ -117,6 +120,14 @@ def _op_names(mod: tvm.IRModule):
                         yield b.value.op.name
 
 
+def graph_layout(target: CompileTarget, schedule: str = "default") -> str:
+    """The conv layout of the graph: NHWC where the target's dot kernel runs (its reduction over contiguous
+    channels), else the target's own."""
+    if schedule == "default" and target.kernel is not None:
+        return "NHWC"
+    return target.conv_layout
+
+
 def _to_layout(mod: tvm.IRModule, layout: str) -> tvm.IRModule:
     """Switch integer conv2d to `layout`; the weight transposes are folded into the constants."""
     if layout == "NCHW" or not any(name == "relax.nn.conv2d" for name in _op_names(mod)):
@@ -137,8 +148,9 @@ def build(mod: tvm.IRModule, target: CompileTarget, schedule: str = "default",
     """Build `mod` for `target`, trying its fallback target dicts if the main one fails; returns the dict used.
 
     The pipeline is TVM's default CPU pipeline without FoldConstant (see pack_int4): fold before calling this.
-    On CPUs, schedule "default" adds the hand schedules of schedule.py (`tiles`: tuned conv tiles, tune.py);
-    "none" builds the kernels unscheduled.
+    On CPUs, schedule "default" adds the target's dot kernel and the hand schedules (cpu_pipeline.py; `tiles`:
+    tuned conv tiles, tune.py); "none" builds the kernels unscheduled. The fallback dicts build without a dot
+    kernel (_kernel_in_use).
     """
     if schedule not in SCHEDULES:
         raise PlateauError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
@@ -148,13 +160,21 @@ def build(mod: tvm.IRModule, target: CompileTarget, schedule: str = "default",
             t = tvm.target.Target(tdict)
             if target.device != "cpu":
                 pipeline = gpu_pipeline(t)
+            elif schedule == "default":
+                pipeline = scheduled_pipeline(t, _kernel_in_use(target, tdict, schedule), tiles)
             else:
-                pipeline = scheduled_pipeline(t, tiles) if schedule == "default" else build_pipeline(t)
+                pipeline = build_pipeline(t)
             with device_compiler(t.kind.name):
                 return tvm.compile(mod, t, relax_pipeline=pipeline), tdict
         except Exception as e:  # LLVM rejects a CPU name or a schedule: try the next, report all if none builds
             errors.append(f"{tdict}: {type(e).__name__}: {_first_error_line(str(e))}")
     raise PlateauError(f"target {target.name!r} failed to build: " + " | ".join(errors))
+
+
+def _kernel_in_use(target: CompileTarget, tdict: dict, schedule: str) -> DotKernel | None:
+    """The dot kernel a build of `target` with the target dict `tdict` runs: the target's own for its main dict
+    and the default schedule; none for a fallback dict (a generic CPU) or unscheduled builds."""
+    return target.kernel if schedule == "default" and tdict == target.tvm_target else None
 
 
 def _first_error_line(msg: str) -> str:
@@ -197,7 +217,8 @@ def compile_onnx(
     lowered is a PlateauError naming its ONNX node, unless `allow_float`, which keeps it in float and lists it
     in manifest["float_islands"]. `requant` is "float" (float32 multiplier, as onnxruntime's
     fused kernels), "float64" (the exact product) or "fixed" (integer-only); see plateau.compile._common.
-    `schedule` "default" uses the hand-written CPU schedules (schedule.py), "none" TVM's unscheduled kernels.
+    `schedule` "default" uses the target's dot kernel and the hand-written CPU schedules (cpu_pipeline.py),
+    "none" TVM's unscheduled kernels; manifest["kernel"] names the dot kernel in use (None: none).
     `tune_minutes` > 0 searches conv tiles within that budget (tune.py), timed on this machine, or on the board
     at `tune_rpc` (HOST:PORT of `plateau device serve`; needed for arm64 targets), kept in out_dir/tuning/ so
     later builds reuse them. Returns the manifest dict.
@@ -226,9 +247,7 @@ def compile_onnx(
     mod = lower_for_target(mod, tgt, schedule)
     lib_weight_bytes, n_packed = packed_weight_bytes(mod)
     tiles, tuning = None, None
-    if schedule == "default":
-        from .tune import tuned_tiles  # the database in out_dir/tuning/, searched when tune_minutes > 0
-
+    if schedule == "default":  # the database in out_dir/tuning/, searched when tune_minutes > 0
         tiles, tuning = tuned_tiles(mod, tgt, out_dir / "tuning", tune_minutes, tune_rpc, tune_rpc_key)
     ex, tdict = build(mod, tgt, schedule, tiles)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -260,13 +279,14 @@ def compile_onnx(
     inp["name"] = next(i.name for i in prep.model.graph.input if i.name not in {x.name for x in
                                                                                  prep.model.graph.initializer})
     config = {"target": target, "allow_float": allow_float, "requant": requant, "schedule": schedule}
+    kernel = _kernel_in_use(tgt, tdict, schedule)
     return write_manifest(
         out_dir, "compile", config=config,
         outputs={"library": {"path": so.name, "sha256": sha256_file(so), "bytes": so.stat().st_size}},
         inputs={"onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)}},
         target=target, tvm_target=tdict, arch=tgt.arch, tvm_version=tvm.__version__,
         input=inp, output=out, batch="dynamic" if isinstance(inp["shape"][0], str) else inp["shape"][0],
-        conv_layout=graph_layout(tgt, schedule), ops=op_counts(mod), float_islands=islands, tuning=tuning,
+        conv_layout=graph_layout(tgt, schedule), kernel=kernel.name if kernel else None, ops=op_counts(mod), float_islands=islands, tuning=tuning,
         requantize={"mode": requant, **REQUANT_DOC[requant]},
         weight_bytes=prep.weight_bytes, weight_bits=sorted(prep.compute_weight_bits),
         # weights whose values fit in 4 bits are stored two per byte and unpacked at run time (pack_int4.py)

@@ -27,6 +27,11 @@ import shutil
 
 import tvm
 from tvm import relax
+from tvm.relax.backend.gpu_generic import pipeline as gpu
+from tvm.s_tir import dlight as dl
+
+from ._common import backend_pipeline
+from .gpu_dp4a import Dp4aMatmul
 
 __all__ = ["gpu_pipeline", "device_compiler", "device_source", "runtime_available", "dp4a_count", "SOURCE_SUFFIX"]
 
@@ -35,12 +40,6 @@ SOURCE_SUFFIX = {"cuda": ".cu", "opencl": ".cl"}
 
 def gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     """TVM's generic GPU pipeline minus FoldConstant, with dlight's default rules (and dp4a first on CUDA)."""
-    from tvm.relax.backend.gpu_generic import pipeline as gpu
-    from tvm.s_tir import dlight as dl
-
-    from ._common import backend_pipeline
-    from .gpu_dp4a import Dp4aMatmul
-
     legalize = [p for p in gpu.legalize_passes(target)
                 if not any(n in str(p.info.name) for n in ("FoldConstant", "ApplyDefaultSchedule"))]
     rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]

@@ -9,8 +9,8 @@ elementwise ops that restores it:
 
 The unpack runs once per inference as one fused elementwise kernel over the weights; the conv itself still reads
 int8 (so +dotprod still gives sdot). TVM's native int4 buffers are not used: they are miscompiled (shared notes).
-The default pipeline's FoldConstant would fold the unpack straight back into an int8 constant, so `build_pipeline`
-is the default CPU pipeline without it; constants are folded before packing instead.
+The default pipeline's FoldConstant would fold the unpack straight back into an int8 constant, so the CPU
+pipelines (cpu_pipeline.py) leave it out; constants are folded before packing instead.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from ._common import const_np
 
-__all__ = ["pack_int4_weights", "packed_weight_bytes", "build_pipeline", "MIN_PACK_VALUES", "unpacked_value",
+__all__ = ["pack_int4_weights", "packed_weight_bytes", "MIN_PACK_VALUES", "unpacked_value",
            "packed_int4", "pack_nibbles"]
 
 MIN_PACK_VALUES = 32  # smaller weights are not worth an extra kernel launch
@@ -131,15 +131,3 @@ def packed_weight_bytes(mod: tvm.IRModule) -> tuple[int, int]:
                     total += w.nbytes
                     packed += name == "relax.bitwise_and"
     return total, packed
-
-
-def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's default CPU pipeline, unscheduled, minus FoldConstant (which would undo the packing); legalized as
-    the scheduled pipeline is (schedule.legalize_passes), so both compute the same numbers."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-    # late imports: schedule imports schedule_dot, which imports this module
-    from ._common import backend_pipeline
-    from .schedule import legalize_passes
-
-    return backend_pipeline(cpu, target, legalize_passes(target))

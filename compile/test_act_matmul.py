@@ -50,9 +50,11 @@ def test_large_activation_matmul_gets_the_row_schedule(tmp_path):
     outside the columns, 5 rows per k step, heads in parallel); the library equals TVM's unscheduled build on every
     value and onnxruntime within one step."""
     from plateau.compile.compiler import import_onnx, lower_for_target
+    from plateau.compile.cpu_pipeline import legalize_passes
+    from plateau.compile.cpu_schedule import schedule_int_matmul
     from plateau.compile.lower import lower_qdq
-    from plateau.compile.schedule import fresh_schedule, legalize_passes, schedule_int_matmul
     from plateau.compile.targets import get_target
+    from plateau.compile.tir_helpers import fresh_schedule
 
     path = tmp_path / "m.onnx"
     _attention_scores_qdq(path, np.int8, (3, 65, 64))
@@ -86,7 +88,8 @@ def test_a_float_matmul_keeps_its_order():
     """schedule_int_matmul leaves a float matmul alone: reordering its sum would change the rounding."""
     from tvm import te
 
-    from plateau.compile.schedule import fresh_schedule, schedule_int_matmul
+    from plateau.compile.cpu_schedule import schedule_int_matmul
+    from plateau.compile.tir_helpers import fresh_schedule
 
     a, b = te.placeholder((4, 65, 64), "float32"), te.placeholder((4, 64, 65), "float32")
     k = te.reduce_axis((0, 64), "k")

@@ -1,4 +1,4 @@
-"""The CPU pipeline's own lowerings (schedule.CPU_LEGALIZE) of float-island ops: erf as topi.fast_erf and a
+"""The CPU pipeline's own lowerings (cpu_pipeline.CPU_LEGALIZE) of float-island ops: erf as topi.fast_erf and a
 float island's QuantizeLinear with llvm.nearbyint, both vectorizable. The unscheduled build lowers them the same
 way, so the two builds still agree on every value."""
 

@@ -7,7 +7,8 @@ import pytest
 import tvm
 from tvm import relax
 
-from plateau.compile.pack_int4 import build_pipeline, pack_int4_weights, packed_weight_bytes, unpacked_value
+from plateau.compile.cpu_pipeline import build_pipeline
+from plateau.compile.pack_int4 import pack_int4_weights, packed_weight_bytes, unpacked_value
 
 
 def _matmul_module(w: np.ndarray) -> tvm.IRModule:

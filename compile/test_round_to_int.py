@@ -1,4 +1,4 @@
-"""The int32 requantize tail (_common.round_to_int_tail) and its CPU lowering (schedule.round_to_int32: llvm.lrint).
+"""The int32 requantize tail (_common.round_to_int_tail) and its CPU lowering (cpu_pipeline.round_to_int32: llvm.lrint).
 
 Where the accumulator's bound proves round(y) fits int32, requantize adds the zero point and clamps in int32; the
 CPU pipeline then rounds and converts in one instruction. Both must give the integers of the float tail, which is
@@ -13,7 +13,7 @@ from tvm import relax
 
 from plateau.compile._common import Multiplier, dot_bound, fits_int32, requantize
 from plateau.compile.compiler import build
-from plateau.compile.schedule import round_to_int32
+from plateau.compile.cpu_pipeline import round_to_int32
 from plateau.compile.targets import get_target
 from plateau.quant import INT8, UINT8
 
