@@ -23,7 +23,7 @@ __all__ = [
     "backend_pipeline",
     "const_np", "scalar", "qtype_of", "Multiplier", "requantize", "REQUANT_MODES", "REQUANT_DOC", "per_tensor", "f32",
     "dequantize_f32", "quantize_f32", "requantize_elementwise", "exact_reciprocal", "dequantized_values",
-    "dot_bound", "fits_int32", "round_to_int_tail",
+    "dot_bound", "folded_bias", "fits_int32", "round_to_int_tail",
 ]
 
 REQUANT_MODES = ("float", "float64", "fixed")  # see the module docstring
@@ -137,6 +137,33 @@ def dot_bound(w: np.ndarray, x_t: QType, zp_x: int, bias: np.ndarray | None = No
     w = np.moveaxis(np.abs(w.astype(np.int64)), axis, 0).reshape(w.shape[axis], -1).sum(axis=1)
     b = np.zeros_like(w) if bias is None else np.abs(np.asarray(bias, np.int64)).reshape(-1)
     return float(np.max(w * dx + b))
+
+
+def folded_bias(w: np.ndarray, out_axis: int, x_t: QType, zp_x: int, s_x: np.floating, s_w: np.ndarray,
+                bias_q: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, float] | None:
+    """(the int32 bias of an integer conv / matmul on the raw input integers, the bound on its accumulator), or
+    None where the bias cannot be folded (a bias zero point, a bias of another size, an int32 overflow).
+
+    sum_k W[k] * (x_k - zp_x) + B = sum_k W[k] * x_k + (B - zp_x * sum_k W[k]): the input zero point folds into
+    the bias exactly. `w` holds one output channel per index of `out_axis`; `bias_q` is the (B_q, s_b, zp_b)
+    constants of the graph's bias (None: no bias). Exporters make s_b == s_x * s_w; otherwise B is rescaled
+    (rounding, so not bit-exact)."""
+    cout = w.shape[out_axis]
+    bias = np.zeros(cout, np.int64)
+    if bias_q is not None:
+        b_q, s_b, zp_b = bias_q
+        b = b_q.astype(np.int64).reshape(-1)
+        s_b = np.broadcast_to(s_b.astype(np.float32).reshape(-1), (cout,))
+        if np.any(zp_b != 0) or b.size != cout:
+            return None
+        s_xw = (np.float32(s_x) * s_w).astype(np.float32)
+        bias = b if np.allclose(s_b, s_xw, rtol=1e-6, atol=0) else np.rint(b * (s_b / s_xw)).astype(np.int64)
+    bound = dot_bound(w, x_t, int(zp_x), bias, axis=out_axis)
+    w_sum = np.moveaxis(w.astype(np.int64), out_axis, 0).reshape(cout, -1).sum(axis=1)
+    bias = bias - int(zp_x) * w_sum
+    if np.any(np.abs(bias) >= 2**31):
+        return None
+    return bias, bound
 
 
 def fits_int32(y_bound: float) -> bool:

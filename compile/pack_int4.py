@@ -9,8 +9,9 @@ elementwise ops that restores it:
 
 The unpack runs once per inference as one fused elementwise kernel over the weights; the conv itself still reads
 int8 (so +dotprod still gives sdot). TVM's native int4 buffers are not used: they are miscompiled (shared notes).
-The default pipeline's FoldConstant would fold the unpack straight back into an int8 constant, so the CPU
-pipelines (cpu_pipeline.py) leave it out; constants are folded before packing instead.
+The nibbles are plateau.quant's (pack_int4 / unpack_int4, ONNX's INT4 order). The default pipeline's FoldConstant
+would fold the unpack straight back into an int8 constant, so the CPU pipelines (cpu_pipeline.py) leave it out;
+constants are folded before packing instead.
 """
 
 from __future__ import annotations
@@ -20,21 +21,13 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
+from plateau.quant import pack_int4, unpack_int4
+
 from ._common import const_np
 
-__all__ = ["pack_int4_weights", "packed_weight_bytes", "MIN_PACK_VALUES", "unpacked_value",
-           "packed_int4", "pack_nibbles"]
+__all__ = ["pack_int4_weights", "packed_weight_bytes", "MIN_PACK_VALUES", "unpacked_value", "packed_int4"]
 
 MIN_PACK_VALUES = 32  # smaller weights are not worth an extra kernel launch
-
-
-def pack_nibbles(w: np.ndarray) -> np.ndarray:
-    """int8 values in -8..7, flattened, two per byte: value 2i in the low nibble of byte i, 2i + 1 in the high."""
-    flat = w.reshape(-1).astype(np.int16)
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.int16)])
-    nib = (flat & 0xF).astype(np.uint8)
-    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8)
 
 
 def _unpack(packed: relax.Expr, shape: tuple[int, ...], n: int) -> relax.Expr:
@@ -51,7 +44,7 @@ def _unpack(packed: relax.Expr, shape: tuple[int, ...], n: int) -> relax.Expr:
 
 def packed_int4(w: np.ndarray) -> relax.Expr:
     """The run-time unpack expression of int8 values `w` (all in -8..7), stored two per byte."""
-    packed = relax.const(pack_nibbles(w), "uint8")
+    packed = relax.const(pack_int4(w), "uint8")
     return _unpack(packed, tuple(w.shape), w.size)
 
 
@@ -92,8 +85,7 @@ def unpacked_value(expr: relax.Expr, lookup) -> np.ndarray | None:
     n = int(np.prod(shape))
     if packed is None or packed.dtype != np.uint8 or 2 * packed.size < n:
         return None
-    nib = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(-1)[:n].astype(np.int8)
-    return ((nib ^ 8) - 8).reshape(shape)
+    return unpack_int4(packed, n).reshape(shape)
 
 
 def pack_int4_weights(mod: tvm.IRModule) -> tvm.IRModule:

@@ -17,7 +17,7 @@ import numpy as np
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from ._common import Multiplier, const_np, dot_bound, qtype_of, requantize, scalar
+from ._common import Multiplier, const_np, folded_bias, qtype_of, requantize, scalar
 
 __all__ = ["MatmulRewrite"]
 
@@ -65,19 +65,11 @@ class MatmulRewrite:
         cout = w.shape[1]
         s_w = np.broadcast_to(s_w_raw, (cout,))
 
-        w64 = w.astype(np.int64)
-        bias = np.zeros(cout, np.int64)
-        if self.b_q in m:
-            b = const_np(m[self.b_q]).astype(np.int64).reshape(-1)
-            s_b = np.broadcast_to(const_np(m[self.s_b]).astype(np.float32).reshape(-1), (cout,))
-            if np.any(const_np(m[self.zp_b]) != 0) or b.size != cout:
-                return expr
-            s_xw = (np.float32(s_x) * s_w).astype(np.float32)
-            bias = b if np.allclose(s_b, s_xw, rtol=1e-6, atol=0) else np.rint(b * (s_b / s_xw)).astype(np.int64)
-        bound = dot_bound(w, in_t, int(zp_x), bias, axis=1)
-        bias = bias - int(zp_x) * w64.sum(axis=0)
-        if np.any(np.abs(bias) >= 2**31):
+        bias_q = (const_np(m[self.b_q]), const_np(m[self.s_b]), const_np(m[self.zp_b])) if self.b_q in m else None
+        folded = folded_bias(w, 1, in_t, int(zp_x), s_x, s_w, bias_q)
+        if folded is None:
             return expr
+        bias, bound = folded
 
         acc = relax.op.matmul(x_q, relax.const(np.ascontiguousarray(w)), out_dtype="int32")
         acc = relax.op.add(acc, relax.const(bias.astype(np.int32)))

@@ -9,7 +9,7 @@ import tvm
 from tvm import relax
 
 from plateau.compile import lower_qdq, op_counts
-from plateau.compile._common import Multiplier, requantize
+from plateau.compile._common import Multiplier, dot_bound, folded_bias, requantize
 from plateau.compile.lower import float_compute_calls
 from plateau.quant import INT8, dequantize_np
 
@@ -173,3 +173,20 @@ ACC = np.array([1, 3, 5, -1, -3, 1000, -1000, 0], np.int32)  # x 0.5: ties at +-
 def test_requantize_golden(mode, lo, expected):
     out = _run(_requant_module(0.5, -1, lo, mode), ACC)
     np.testing.assert_array_equal(out, np.array(expected, np.int8))
+
+
+def test_folded_bias_conv_and_matmul_alike():
+    """B - zp_x * sum W per output channel, whichever axis holds the channels; None when it leaves int32."""
+    rng = np.random.default_rng(5)
+    w = rng.integers(-128, 128, (4, 3, 3, 3)).astype(np.int8)  # conv OIHW: channels on axis 0
+    b, s_x, s_w = rng.integers(-1000, 1000, 4).astype(np.int32), np.float32(0.02), np.full(4, 0.01, np.float32)
+    s_b = (s_x * s_w).astype(np.float32)
+    bias, bound = folded_bias(w, 0, INT8, 3, s_x, s_w, (b, s_b, np.zeros(4, np.int32)))
+    np.testing.assert_array_equal(bias, b - 3 * w.astype(np.int64).reshape(4, -1).sum(axis=1))
+    assert bound == dot_bound(w, INT8, 3, b.astype(np.int64))
+    wm = np.ascontiguousarray(w.reshape(4, -1).T)  # matmul [in, out]: channels on axis 1
+    assert np.array_equal(folded_bias(wm, 1, INT8, 3, s_x, s_w, (b, s_b, np.zeros(4, np.int32)))[0], bias)
+    assert folded_bias(w, 0, INT8, 3, s_x, s_w, (b, s_b, np.ones(4, np.int32))) is None  # bias zero point
+    assert folded_bias(w, 0, INT8, 3, s_x, s_w) is not None  # no bias
+    w_pos, big = np.abs(w.astype(np.int16)).clip(1, 127).astype(np.int8), np.full(4, 2**31 - 1, np.int64)
+    assert folded_bias(w_pos, 0, INT8, -128, s_x, s_w, (big, s_b, np.zeros(4, np.int32))) is None  # overflow
