@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from plateau.compile import _fixtures as fx
+from support import compile_models as fx
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,8 @@
 - Clip(y, lo, hi) -> QuantizeLinear (ReLU6 and friends) becomes QuantizeLinear(y) -> a Clip on the integers to
   [Q(lo), Q(hi)]: quantize is monotone, so the two are equal exactly, and the conv / matmul / add rewrites then
   see their QuantizeLinear directly. A clamp that covers the whole integer range is dropped.
+
+`output_step` reads the quantization step of a QDQ file's output (what "one step" means when outputs are compared).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 from plateau.errors import PlateauError
 from plateau.quant import QType, quantize_np
 
-__all__ = ["PreparedModel", "prepare_onnx", "array_key"]
+__all__ = ["PreparedModel", "prepare_onnx", "array_key", "output_step"]
 
 _FOUR_BIT = {TensorProto.INT4: (TensorProto.INT8, QType(4, True)), TensorProto.UINT4: (TensorProto.UINT8, QType(4, False))}
 _COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -249,3 +251,17 @@ def prepare_onnx(path: str | Path) -> PreparedModel:
                 prep.weight_bytes += (arr.size * bits + 7) // 8
                 prep.compute_weight_bits.add(bits)
     return prep
+
+
+def output_step(path: str | Path) -> float:
+    """The quantization step of the graph output: the scale of the DequantizeLinear that produces it (through
+    Identity nodes)."""
+    model = onnx.load(str(path))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    node = producer[model.graph.output[0].name]
+    while node.op_type == "Identity":
+        node = producer[node.input[0]]
+    if node.op_type != "DequantizeLinear":
+        raise PlateauError(f"{path}: the output comes from {node.op_type}, not a DequantizeLinear: no output step")
+    return float(inits[node.input[1]])

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import tvm
 from onnx import helper, numpy_helper
+from support import compile_models as fx
 from tvm import relax
 
-from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx
+from plateau.compile.onnx_prep import output_step
 from plateau.export.validate import ort_session
 
 
@@ -41,7 +42,7 @@ def test_activation_matmul_is_integer_and_matches_onnxruntime(tmp_path, a_dtype)
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "out" / "model.so")), tvm.cpu())
     ours = vm["main"](tvm.runtime.tensor(x)).numpy()
     ref = ort_session(tmp_path / "m.onnx").run(None, {"input": x})[0]
-    steps = np.rint(np.abs(ours - ref) / fx.output_step(tmp_path / "m.onnx"))
+    steps = np.rint(np.abs(ours - ref) / output_step(tmp_path / "m.onnx"))
     assert ours.shape == (3, 2, 8, 8) and steps.max() <= 1 and (steps == 0).mean() >= 0.999, steps.max()
 
 
@@ -80,7 +81,7 @@ def test_large_activation_matmul_gets_the_row_schedule(tmp_path):
         tvm.runtime.tensor(x)).numpy() for d in ("sched", "plain")]
     np.testing.assert_array_equal(outs[0], outs[1])
     ref = ort_session(path).run(None, {"input": x})[0]
-    steps = np.rint(np.abs(outs[0] - ref) / fx.output_step(path))
+    steps = np.rint(np.abs(outs[0] - ref) / output_step(path))
     assert steps.max() <= 1 and (steps == 0).mean() >= 0.999
 
 

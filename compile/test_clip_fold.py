@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import helper, numpy_helper
+from support import compile_models as fx
 
-from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx
+from plateau.compile.onnx_prep import output_step
 
 
 def _relu6_conv_qdq(path, out_scale: float) -> None:
@@ -49,4 +50,4 @@ def test_relu6_folds_into_the_integer_conv(tmp_path, out_scale):
     ours = vm["main"](tvm.runtime.tensor(x)).numpy()
     ref = ort_session(tmp_path / "m.onnx").run(None, {"input": x})[0]
     assert ours.max() <= 6.0 + 1e-6 and ref.max() <= 6.0 + 1e-6
-    assert (np.rint(np.abs(ours - ref) / fx.output_step(tmp_path / "m.onnx")) == 0).mean() >= 0.999
+    assert (np.rint(np.abs(ours - ref) / output_step(tmp_path / "m.onnx")) == 0).mean() >= 0.999

@@ -7,11 +7,12 @@ import json
 import numpy as np
 import pytest
 import tvm
+from support import compile_models as fx
 from tvm import relax
 
 from plateau.artifacts import read_manifest, sha256_file
-from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx
+from plateau.compile.onnx_prep import output_step
 
 # onnxruntime runs these convs in float on dequantized values (no QLinearConv fusion on x86 for int8 activations
 # with int4 weights), so its rounding flips rare near-ties that the exact integer conv does not; one flipped
@@ -117,5 +118,5 @@ def test_conv_geometry_with_input_zero_point(tmp_path, pads, strides, dilations)
     ours = vm["main"](tvm.runtime.tensor(x)).numpy()
     ref = ort_session(str(path)).run(None, {"input": x})[0]
     assert ours.shape == ref.shape
-    steps = np.rint(np.abs(ours - ref) / fx.output_step(path))
+    steps = np.rint(np.abs(ours - ref) / output_step(path))
     assert steps.max() <= 1 and (steps == 0).mean() >= 0.999, steps

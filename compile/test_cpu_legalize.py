@@ -9,9 +9,9 @@ import math
 import numpy as np
 import tvm
 from onnx import helper, numpy_helper
+from support import compile_models as fx
 from tvm import relax
 
-from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx
 from plateau.compile.compiler import build, import_onnx, lower_for_target
 from plateau.compile.lower import lower_qdq

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from support import compile_models as fx
 from tvm import relax
 
-from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx
 from plateau.errors import PlateauError
 

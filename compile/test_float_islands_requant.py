@@ -12,10 +12,11 @@ import pytest
 import torch
 import tvm
 from onnx import helper, numpy_helper
+from support import compile_models as fx
 from tvm import relax
 
-from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx
+from plateau.compile.onnx_prep import output_step
 
 export = pytest.importorskip("plateau.export")
 
@@ -75,7 +76,7 @@ def test_fixed_point_requant_matches_reference(small_cnn_w8a8, tmp_path):
     assert m["requantize"]["mode"] == "fixed" and "requant_multiplier" in m["requantize"]["conv_matmul"]
     assert m["config"]["requant"] == "fixed" and m["float_islands"] == []
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "model.so")), tvm.cpu())
-    step = fx.output_step(path)
+    step = output_step(path)
     diffs, agree = [], []
     for x in fx.calibration_batches(8, 8, seed=99, hw=32):
         ours = vm["main"](tvm.runtime.tensor(x)).numpy()

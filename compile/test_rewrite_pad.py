@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from support import compile_models as fx
 
-from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx, lower_qdq, op_counts
 from plateau.compile.compiler import import_onnx
 from plateau.compile.rewrite_pad import PadSpec, onnx_constant_pads

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm
+from support import compile_models as fx
 from tvm import relax, te, tirx
 from tvm.s_tir import Schedule
 
-from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx, get_target
 from plateau.compile.compiler import build, import_onnx, lower_for_target
 from plateau.compile.cpu_features import has_avx2, kernel_for_target

@@ -10,6 +10,7 @@ import pytest
 
 from plateau.compile import compile_onnx, get_target, list_targets, lower_qdq
 from plateau.compile.compiler import build, import_onnx, lower_for_target
+from plateau.compile.onnx_prep import output_step
 from plateau.errors import PlateauError
 
 EM_AARCH64, EM_X86_64 = 183, 62
@@ -89,7 +90,7 @@ def test_every_target_builds(qdq_models, tmp_path, target):
 @pytest.mark.parametrize("name", ["ort_s8s8", "ort_mobile", "exporter_w4"])
 def test_nhwc_layout_is_exact_on_host(qdq_models, tmp_path, name):
     """arm64 targets build the integer conv in NHWC; run that same Relax on the host to check its numerics."""
-    from plateau.compile import _fixtures as fx
+    from support import compile_models as fx
     mod, _ = import_onnx(qdq_models[name])
     arm = get_target("arm64")
     assert arm.conv_layout == "NHWC"
@@ -121,8 +122,7 @@ def test_arm64_library_runs_under_qemu(qdq_models, tmp_path, name):
     import subprocess
 
     import numpy as np
-
-    from plateau.compile import _fixtures as fx
+    from support import compile_models as fx
 
     runtime = pytest.importorskip("plateau.runtime")
     if runtime.sysroot_status() is None or shutil.which("qemu-aarch64") is None:
@@ -137,5 +137,5 @@ def test_arm64_library_runs_under_qemu(qdq_models, tmp_path, name):
     from plateau.export.validate import ort_session
 
     ref = ort_session(str(qdq_models[name])).run(None, {"input": x})[0]
-    steps = np.rint(np.abs(np.load(tmp_path / "y.npy") - ref) / fx.output_step(qdq_models[name]))
+    steps = np.rint(np.abs(np.load(tmp_path / "y.npy") - ref) / output_step(qdq_models[name]))
     assert steps.max() <= 1 and (steps == 0).mean() >= 0.99, steps

@@ -9,9 +9,9 @@ import pytest
 import torch
 import tvm
 from onnx import TensorProto, helper, numpy_helper
+from support import compile_models as fx
 from tvm import relax
 
-from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx
 from plateau.compile.onnx_prep import prepare_onnx
 from plateau.quant import pack_int4

@@ -1,5 +1,7 @@
 """Tiny QDQ ONNX models for the compile tests (16x16 inputs, a few hundred weights: seconds on two cores).
 
+Test support, outside the installed package: tests import it as `from support import compile_models as fx`.
+
 - `tiny_cnn_onnx`: a torch conv-bn-relu x2 + residual add + global average pool + linear, exported to ONNX
   (opset 17, dynamic batch), to be quantized with onnxruntime's quantize_static (`ort_qdq`).
 - `exporter_style_qdq`: an opset-21 graph built by hand the way our exporter writes it: explicit Relu between
@@ -17,10 +19,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from plateau.compile.onnx_prep import output_step
 from plateau.quant import INT8, QType, choose_qparams, quantize_bias_np, quantize_np
 
 __all__ = [
-    "tiny_cnn_onnx", "tiny_mobile_onnx", "ort_qdq", "exporter_style_qdq", "single_conv_qdq", "calibration_batches", "output_step",
+    "tiny_cnn_onnx", "tiny_mobile_onnx", "ort_qdq", "exporter_style_qdq", "single_conv_qdq", "calibration_batches",
     "compare_to_ort", "conv_tie_report", "HW", "save_graph",
 ]
 
@@ -213,18 +216,6 @@ def save_graph(path: Path, nodes: list, inits: list, input_shape: list, name: st
     model.ir_version = 10
     onnx.save(model, str(path))
     return Path(path)
-
-
-def output_step(path: Path) -> float:
-    """The quantization step of the graph output: the scale of the DequantizeLinear that produces it."""
-    model = onnx.load(str(path))
-    producer = {o: n for n in model.graph.node for o in n.output}
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    node = producer[model.graph.output[0].name]
-    while node.op_type == "Identity":
-        node = producer[node.input[0]]
-    assert node.op_type == "DequantizeLinear", node.op_type
-    return float(inits[node.input[1]])
 
 
 def compare_to_ort(onnx_path: Path, so_path: Path, n_batches: int = 8, batch: int = 8, seed: int = 123,
