@@ -48,8 +48,9 @@ def import_onnx(onnx_path: str | Path) -> tuple[tvm.IRModule, PreparedModel]:
         warnings.simplefilter("ignore")  # dynamic batch and onnx.checker chatter, not user errors
         try:
             mod = relax_onnx.from_onnx(prep.model, keep_params_in_input=False)
-        except Exception as e:  # the importer raises bare TVMError / ValueError / KeyError on malformed graphs
-            raise PlateauError(f"{onnx_path}: the TVM ONNX importer failed: {type(e).__name__}: {e}") from None
+        except Exception as e:  # the importer raises bare TVMError / ValueError / KeyError on bad graphs
+            raise PlateauError(f"{onnx_path}: the TVM ONNX importer failed: {type(e).__name__}: {e}"
+                               ) from None
     return restore_pads(mod, onnx_constant_pads(prep.model)), prep
 
 
@@ -67,12 +68,15 @@ def _weight_of(call: relax.Call, bindings: dict) -> np.ndarray | None:
     return None
 
 
-# Relax op -> the ONNX op types it comes from, to name the node behind a float island (by order of appearance).
+# Relax op -> the ONNX op types it comes from, to name the node behind a float island (by order of
+# appearance).
 _ONNX_TYPES = {
     "nn.softmax": ("Softmax",), "nn.log_softmax": ("LogSoftmax",), "nn.layer_norm": ("LayerNormalization",),
     "nn.gelu": ("Gelu",), "nn.gelu_tanh": ("Gelu",), "sigmoid": ("Sigmoid", "HardSigmoid"), "tanh": ("Tanh",),
-    "mean": ("GlobalAveragePool", "ReduceMean"), "nn.avg_pool2d": ("AveragePool",), "nn.max_pool2d": ("MaxPool",),
-    "add": ("Add", "Sum"), "multiply": ("Mul",), "subtract": ("Sub",), "divide": ("Div",), "concat": ("Concat",),
+    "mean": ("GlobalAveragePool", "ReduceMean"), "nn.avg_pool2d": ("AveragePool",),
+    "nn.max_pool2d": ("MaxPool",),
+    "add": ("Add", "Sum"), "multiply": ("Mul",), "subtract": ("Sub",), "divide": ("Div",),
+    "concat": ("Concat",),
     "reshape": ("Reshape", "Flatten"), "permute_dims": ("Transpose",), "strided_slice": ("Slice",),
     "nn.pad": ("Pad",), "nn.relu": ("Relu",), "clip": ("Clip",), "erf": ("Erf",),
 }
@@ -145,7 +149,8 @@ def lower_for_target(mod: tvm.IRModule, target: CompileTarget, schedule: str = "
 
 def build(mod: tvm.IRModule, target: CompileTarget, schedule: str = "default",
           tiles: TileChooser | None = None) -> tuple[relax.VMExecutable, dict]:
-    """Build `mod` for `target`, trying its fallback target dicts if the main one fails; returns the dict used.
+    """Build `mod` for `target`, trying its fallback target dicts if the main one fails; returns (executable,
+    the target dict used).
 
     The pipeline is TVM's default CPU pipeline without FoldConstant (see pack_int4): fold before calling this.
     On CPUs, schedule "default" adds the target's dot kernel and the hand schedules (cpu_pipeline.py; `tiles`:
@@ -166,26 +171,26 @@ def build(mod: tvm.IRModule, target: CompileTarget, schedule: str = "default",
                 pipeline = build_pipeline(t)
             with device_compiler(t.kind.name):
                 return tvm.compile(mod, t, relax_pipeline=pipeline), tdict
-        except Exception as e:  # LLVM rejects a CPU name or a schedule: try the next, report all if none builds
+        except Exception as e:  # LLVM rejects a CPU name or a schedule: the next; all reported if none builds
             errors.append(f"{tdict}: {type(e).__name__}: {_first_error_line(str(e))}")
     raise PlateauError(f"target {target.name!r} failed to build: " + " | ".join(errors))
 
 
 def _kernel_in_use(target: CompileTarget, tdict: dict, schedule: str) -> DotKernel | None:
-    """The dot kernel a build of `target` with the target dict `tdict` runs: the target's own for its main dict
-    and the default schedule; none for a fallback dict (a generic CPU) or unscheduled builds."""
+    """The dot kernel a build of `target` with the target dict `tdict` runs: the target's own for its main
+    dict and the default schedule; none for a fallback dict (a generic CPU) or unscheduled builds."""
     return target.kernel if schedule == "default" and tdict == target.tvm_target else None
 
 
 def _first_error_line(msg: str) -> str:
-    """The line of a build failure that says what went wrong: a device compiler's log (NVRTC, nvcc) starts with a
-    bare "compilation failed:" and names the error further down."""
+    """The line of a build failure that says what went wrong: a device compiler's log (NVRTC, nvcc) starts
+    with a bare "compilation failed:" and names the error further down."""
     lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
     if not lines:
         return ""
     if lines[0].endswith(":"):
-        return " ".join([lines[0], next((ln for ln in lines[1:] if "error" in ln.lower()), lines[1] if len(lines) > 1
-                                        else "")]).strip()
+        detail = next((ln for ln in lines[1:] if "error" in ln.lower()), lines[1] if len(lines) > 1 else "")
+        return " ".join([lines[0], detail]).strip()
     return lines[0]
 
 
@@ -219,9 +224,9 @@ def compile_onnx(
     fused kernels), "float64" (the exact product) or "fixed" (integer-only); see plateau.compile._common.
     `schedule` "default" uses the target's dot kernel and the hand-written CPU schedules (cpu_pipeline.py),
     "none" TVM's unscheduled kernels; manifest["kernel"] names the dot kernel in use (None: none).
-    `tune_minutes` > 0 searches conv tiles within that budget (tune.py), timed on this machine, or on the board
-    at `tune_rpc` (HOST:PORT of `plateau device serve`; needed for arm64 targets), kept in out_dir/tuning/ so
-    later builds reuse them. Returns the manifest dict.
+    `tune_minutes` > 0 searches conv tiles within that budget (tune.py), timed on this machine, or on the
+    board at `tune_rpc` (HOST:PORT of `plateau device serve`; needed for arm64 targets), kept in
+    out_dir/tuning/ so later builds reuse them. Returns the manifest dict.
     """
     tgt = get_target(target)
     if requant not in REQUANT_MODES:
@@ -270,14 +275,15 @@ def compile_onnx(
         if tgt.device == "cuda":
             extra["device_source"]["dp4a"] = dp4a_count(src.read_text())
         extra["runs_here"] = runtime_available(tgt.device)
-        extra["run_note"] = ("run where a GPU exists: " + ("a CUDA driver and GPU" if tgt.device == "cuda" else
-                             "an OpenCL device and a TVM runtime built with USE_OPENCL=ON (the apache-tvm wheel "
-                             "has no OpenCL runtime)"))
+        needs = ("a CUDA driver and GPU" if tgt.device == "cuda" else
+                 "an OpenCL device and a TVM runtime built with USE_OPENCL=ON (the apache-tvm wheel "
+                 "has no OpenCL runtime)")
+        extra["run_note"] = "run where a GPU exists: " + needs
 
     inp, out = _io_info(mod)
     out["name"] = next((o.name for o in prep.model.graph.output), "output")
-    inp["name"] = next(i.name for i in prep.model.graph.input if i.name not in {x.name for x in
-                                                                                 prep.model.graph.initializer})
+    weights = {x.name for x in prep.model.graph.initializer}
+    inp["name"] = next(i.name for i in prep.model.graph.input if i.name not in weights)
     config = {"target": target, "allow_float": allow_float, "requant": requant, "schedule": schedule}
     kernel = _kernel_in_use(tgt, tdict, schedule)
     return write_manifest(
@@ -286,7 +292,8 @@ def compile_onnx(
         inputs={"onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)}},
         target=target, tvm_target=tdict, arch=tgt.arch, tvm_version=tvm.__version__,
         input=inp, output=out, batch="dynamic" if isinstance(inp["shape"][0], str) else inp["shape"][0],
-        conv_layout=graph_layout(tgt, schedule), kernel=kernel.name if kernel else None, ops=op_counts(mod), float_islands=islands, tuning=tuning,
+        conv_layout=graph_layout(tgt, schedule), kernel=kernel.name if kernel else None, ops=op_counts(mod),
+        float_islands=islands, tuning=tuning,
         requantize={"mode": requant, **REQUANT_DOC[requant]},
         weight_bytes=prep.weight_bytes, weight_bits=sorted(prep.compute_weight_bits),
         # weights whose values fit in 4 bits are stored two per byte and unpacked at run time (pack_int4.py)

@@ -1,7 +1,7 @@
 """Which dot-product kernel an LLVM CPU target can run, from its CPU name (mcpu) and features (mattr).
 
-Used once per target, when the target is created (targets.py: `host` is probed here; the named targets state their
-kernel and test_schedule checks that this module agrees). Everything after that reads `CompileTarget.kernel`.
+Used once per target, when the target is created (targets.py: `host` is probed here; the named targets state
+their kernel and test_schedule checks that this module agrees). All later code reads `CompileTarget.kernel`.
 
     >>> kernel_for_target({"kind": "llvm", "mcpu": "znver4"}).name
     'vnni'
@@ -16,9 +16,9 @@ from .dot_instructions import AVX2, SDOT, SMMLA, VNNI, DotKernel
 __all__ = ["kernel_for_target", "has_vnni", "has_avx2", "has_sdot", "has_i8mm"]
 
 # CPUs LLVM knows with AVX-512 VNNI (mcpu names); "+avx512vnni" in mattr also counts.
-_VNNI_CPUS = {"znver4", "znver5", "cascadelake", "cooperlake", "icelake-client", "icelake-server", "tigerlake",
-              "sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "rocketlake",
-              "alderlake-avx512"}
+_VNNI_CPUS = {"znver4", "znver5", "cascadelake", "cooperlake", "icelake-client", "icelake-server",
+              "tigerlake", "sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d",
+              "rocketlake", "alderlake-avx512"}
 
 # x86-64 CPUs LLVM knows with AVX2 (those with AVX-512 VNNI take VNNI first); "+avx2" in mattr also counts.
 _AVX2_CPUS = {"haswell", "broadwell", "skylake", "skylake-avx512", "cannonlake", "kabylake", "coffeelake",
@@ -26,11 +26,14 @@ _AVX2_CPUS = {"haswell", "broadwell", "skylake", "skylake-avx512", "cannonlake",
               "gracemont", "sierraforest", "grandridge", "clearwaterforest", "znver1", "znver2", "znver3",
               "x86-64-v3", "x86-64-v4", *_VNNI_CPUS}
 
-# aarch64 CPUs LLVM knows with the dot-product extension; "+dotprod" (or "+i8mm", ARMv8.6) in mattr also counts.
-_SDOT_CPUS = {"cortex-a55", "cortex-a65", "cortex-a75", "cortex-a76", "cortex-a77", "cortex-a78", "cortex-a710",
-              "cortex-a715", "cortex-x1", "cortex-x2", "neoverse-n1", "neoverse-n2", "neoverse-v1", "apple-m1"}
+# aarch64 CPUs LLVM knows with the dot-product extension; "+dotprod" (or "+i8mm", ARMv8.6) in mattr also
+# counts.
+_SDOT_CPUS = {"cortex-a55", "cortex-a65", "cortex-a75", "cortex-a76", "cortex-a77", "cortex-a78",
+              "cortex-a710", "cortex-a715", "cortex-x1", "cortex-x2", "neoverse-n1", "neoverse-n2",
+              "neoverse-v1", "apple-m1"}
 
-_I8MM_CPUS = {"cortex-a710", "cortex-a715", "cortex-x2", "cortex-x3", "neoverse-n2", "neoverse-v1", "neoverse-v2"}
+_I8MM_CPUS = {"cortex-a710", "cortex-a715", "cortex-x2", "cortex-x3", "neoverse-n2", "neoverse-v1",
+              "neoverse-v2"}
 
 
 def _mcpu_mattr(target: tvm.target.Target) -> tuple[str, list[str]]:
@@ -80,8 +83,9 @@ def has_i8mm(target: tvm.target.Target) -> bool:
 
 
 def kernel_for_target(target: dict | tvm.target.Target) -> DotKernel | None:
-    """The dot-product conv kernel for the TVM target (a dict or a Target): VNNI on x86 with AVX-512 VNNI, else
-    vpmaddwd with AVX2; smmla on aarch64 with i8mm, sdot on aarch64 with dotprod; None otherwise (GPUs too)."""
+    """The dot-product conv kernel for the TVM target (a dict or a Target): VNNI on x86 with AVX-512 VNNI,
+    else vpmaddwd with AVX2; smmla on aarch64 with i8mm, sdot on aarch64 with dotprod; None otherwise (GPUs
+    too)."""
     t = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
     if has_vnni(t):
         return VNNI

@@ -3,14 +3,14 @@
 TVM's default CPU pipeline schedules nothing: every kernel runs single-threaded loops as legalized.
 `schedule_primfuncs` (run by cpu_pipeline.scheduled_pipeline after FuseOps / FuseTIR) picks one schedule per
 function:
-- the dot conv / matmul (dot_schedule.py): register tiling, tensorize, the fused epilogue per tile, parallel rows;
+- the dot conv / matmul (dot_schedule.py): register tiles, tensorized, epilogue fused per tile, rows parallel;
 - the depthwise conv (dot_schedule.py), else its outer loops in parallel;
 - a function made only of spatial blocks (pad, quantize, residual add, ...): intermediate blocks inlined where
   that cannot change a float result (tir_helpers.inline_safe), inner loops vectorized;
 - an integer matmul of two activations (attention): `schedule_int_matmul`;
 - anything else with enough work: its leading spatial loops in parallel.
 
-The arithmetic of every block is unchanged, so the scheduled build computes the same numbers as the unscheduled one.
+The arithmetic of every block is unchanged: the scheduled build computes the numbers of the unscheduled one.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ __all__ = ["schedule_primfuncs", "schedule_injective", "schedule_outer_parallel"
 log = logging.getLogger(__name__)
 
 # Elementwise kernels (pad + shift, residual adds outside a conv, quantize) are memory copies of a few KB per
-# image. A parallel loop costs a thread-pool barrier per kernel, and on a loaded machine the barrier waits for a
-# descheduled worker (milliseconds at batch 1); serial vectorized loops cost less at batch 1 and little at 64.
+# image. A parallel loop costs a thread-pool barrier per kernel, and on a loaded machine the barrier waits for
+# a descheduled worker (milliseconds at batch 1); serial vectorized loops cost less at batch 1 and little at
+# 64.
 PARALLEL_ELEMENTWISE = False
 
 MIN_PARALLEL_WORK = 1 << 16  # iterations per image below which a reduction kernel stays serial
@@ -49,8 +50,8 @@ MIN_PARALLEL_WORK = 1 << 16  # iterations per image below which a reduction kern
 
 def schedule_injective(sch: Schedule) -> bool:
     """For a function made only of spatial blocks: inline the safe intermediates, then vectorize (and with
-    PARALLEL_ELEMENTWISE parallelize) every remaining block. Returns False, changing nothing, when the function
-    has a reduction."""
+    PARALLEL_ELEMENTWISE parallelize) every remaining block. Returns False, changing nothing, when the
+    function has a reduction."""
     if not has_root(sch):
         return False
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
@@ -63,8 +64,8 @@ def schedule_injective(sch: Schedule) -> bool:
 
 
 def schedule_outer_parallel(sch: Schedule) -> bool:
-    """Any other kernel (a conv the dot kernel does not take, a matmul, a mean): run the leading spatial loops of
-    each block in parallel, the rest as built. The reduction order inside each output is untouched."""
+    """Any other kernel (a conv the dot kernel does not take, a matmul, a mean): run the leading spatial loops
+    of each block in parallel, the rest as built. The reduction order inside each output is untouched."""
     if not has_root(sch):
         return False
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
@@ -92,9 +93,9 @@ def _vector_width(extent: int) -> int:
 def schedule_int_matmul(sch: Schedule) -> bool:
     """An integer matmul of two activations (attention's Q.K^T and P.V: TVM's "matmul" block, loops batch...,
     rows, columns, k): the reduction moved outside the columns, so each row of B streams contiguously and the
-    columns vectorize; a few rows share each B row (unrolled); batch loops in parallel; the elementwise epilogue
-    inlined and vectorized. Integer sums: any order gives the same result. False, changing nothing, for anything
-    else (a float matmul keeps its order: the rounding would change)."""
+    columns vectorize; a few rows share each B row (unrolled); batch loops in parallel; the elementwise
+    epilogue inlined and vectorized. Integer sums: any order gives the same result. False, changing nothing,
+    for anything else (a float matmul keeps its order: the rounding would change)."""
     if not has_root(sch):
         return False
     inline_spatial(sch)
@@ -132,7 +133,8 @@ def schedule_int_matmul(sch: Schedule) -> bool:
 
 
 def _attempt(schedule: Callable[[Schedule], bool], sch: Schedule) -> Schedule | None:
-    """schedule() on a copy of sch's function: the copy where it applies, None where it does not (or fails)."""
+    """schedule() on a copy of sch's function: the copy where it applies, None where it does not (or
+    fails)."""
     trial = fresh_schedule(sch.mod["main"])
     try:
         return trial if schedule(trial) else None
@@ -143,8 +145,8 @@ def _attempt(schedule: Callable[[Schedule], bool], sch: Schedule) -> Schedule | 
 
 def schedule_primfuncs(mod: tvm.IRModule, tiles: TileChooser | None = None,
                        kernel: DotKernel | None = None) -> tvm.IRModule:
-    """Schedule every PrimFunc of `mod` (after FuseTIR): dot convs tiled for `kernel` (the target's; None: no dot
-    kernel), spatial kernels vectorized, others parallel. A function a schedule fails on is kept as it was
+    """Schedule every PrimFunc of `mod` (after FuseTIR): dot convs tiled for `kernel` (the target's; None: no
+    dot kernel), spatial kernels vectorized, others parallel. A function a schedule fails on is kept as it was
     (logged), so the build never fails because of this."""
     out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     for gv, func in mod.functions_items():

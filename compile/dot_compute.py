@@ -1,23 +1,25 @@
-"""TE compute definitions of the CPU integer kernels: the dot-product conv, the matmul on it, the depthwise conv.
+"""TE compute of the CPU integer kernels: the dot-product conv, the matmul on it, the depthwise conv.
 
 The graph is NHWC between convs (ConvertLayout at the graph boundary). One kernel is
 
-    x (NHWC, or NCHW at the graph input) --[input stage: pad with the zero point, shift to the kernel's byte type]-->
+    x (NHWC, or NCHW at the graph input)
+        --[input stage: pad with the zero point, shift to the kernel's byte type]-->
         --conv_dot(Wp)--> int32
 
-    conv_dot[n, h, w, o] = sum_{kh, kw, c} x[n, h*sh + kh, w*sw + kw, c] * Wp[o // L, kh, kw, c // K, o % L, c % K]
+    conv_dot[n, h, w, o] = sum_{kh, kw, c} x[n, h*sh + kh, w*sw + kw, c]
+                                           * Wp[o // L, kh, kw, c // K, o % L, c % K]
 
 with the weight packed once, in numpy (`pack_weight`), so that the L output channels x K input channels of one
-instruction are contiguous. The input stage takes in the zero-point Pad (and the transposes ConvertLayout leaves
-around it) that precede the conv in the graph, so no separate pad kernel runs between two convs.
+instruction are contiguous. The input stage takes in the zero-point Pad (and the transposes ConvertLayout
+leaves around it) that precede the conv in the graph, so no separate pad kernel runs between two convs.
 
-For smmla the two pixels of one instruction are rows of a 2x8 operand, so they must sit one row stride apart: the
-input is re-laid as [n, h, sw, w/sw, c] (a free view at stride 1), where pixels w and w+1 of a stride-sw conv are
-neighbours: x[n, h, w*sw + kw, c] = x'[n, h, kw % sw, w + kw // sw, c].
+For smmla the two pixels of one instruction are rows of a 2x8 operand, so they must sit one row stride apart:
+the input is re-laid as [n, h, sw, w/sw, c] (a free view at stride 1), where pixels w and w+1 of a stride-sw
+conv are neighbours: x[n, h, w*sw + kw, c] = x'[n, h, kw % sw, w + kw // sw, c].
 
-4-bit weights stay two per byte (`pack_halves`) and are unpacked inside the kernel (DOT_WEIGHT). Matmuls with a
-constant weight are the same conv over token rows (`matmul_te`); depthwise convs get their own compute on the same
-input stage (`dw_te`). The blocks are named (DOT_BLOCK, ...) so the schedule finds them after FuseTIR.
+4-bit weights stay two per byte (`pack_halves`) and are unpacked inside the kernel (DOT_WEIGHT). Matmuls with
+a constant weight are the same conv over token rows (`matmul_te`); depthwise convs get their own compute on
+the same input stage (`dw_te`). The blocks are named (DOT_BLOCK, ...): the schedule finds them after FuseTIR.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ DW_BLOCK = "plateau_dw_conv"  # the depthwise conv's block (no dot product: one 
 
 @dataclass(frozen=True)
 class ConvInput:
-    """How the conv reads its integer input: layout of the source tensor, spatial pads (top, bottom, left, right)
-    filled with `value` (the zero point), input channels padded to `channels` (they meet zero weights), `shift`
-    added to reach the kernel's byte type `dtype`, and for smmla the pixel-pair stride `pairs` (0: none)."""
+    """How the conv reads its integer input: layout of the source tensor, spatial pads (top, bottom, left,
+    right) filled with `value` (the zero point), input channels padded to `channels` (they meet zero weights),
+    `shift` added to reach the kernel's byte type `dtype`, and for smmla the pixel-pair stride `pairs` (0:
+    none)."""
 
     layout: str = "NHWC"
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
@@ -60,21 +63,23 @@ def pack_weight(w_ohwi: np.ndarray, lanes: int, k: int = 4) -> tuple[np.ndarray,
     ck = -(-c // k) * k
     w = np.zeros((o, kh, kw, ck), np.int8)
     w[..., :c] = w_ohwi
-    return np.ascontiguousarray(w.reshape(o // lanes, lanes, kh, kw, ck // k, k).transpose(0, 2, 3, 4, 1, 5)), ck
+    blocks = w.reshape(o // lanes, lanes, kh, kw, ck // k, k)
+    return np.ascontiguousarray(blocks.transpose(0, 2, 3, 4, 1, 5)), ck
 
 
 def pack_halves(wp: np.ndarray) -> np.ndarray:
-    """The packed weight [..., L, K] (values in -8..7) as 4-bit values two per byte, in groups of the L*K bytes one
-    instruction reads: byte j of a group holds value j in its low nibble and value j + L*K/2 in its high one, so
-    the unpack is two vector operations with one shift each (_weight_te). The nibbles are plateau.quant's
-    (pack_int4, low nibble first) after interleaving each group's two halves."""
+    """The packed weight [..., L, K] (values in -8..7) as 4-bit values two per byte, in groups of the L*K
+    bytes one instruction reads: byte j of a group holds value j in its low nibble and value j + L*K/2 in its
+    high one, so the unpack is two vector operations with one shift each (_weight_te). The nibbles are
+    plateau.quant's (pack_int4, low nibble first) after interleaving each group's two halves."""
     g = wp.shape[-1] * wp.shape[-2]
     halves = wp.reshape(-1, 2, g // 2)
     return pack_int4(np.stack([halves[:, 0], halves[:, 1]], axis=-1))
 
 
 def _input_te(src: te.Tensor, how: ConvInput) -> te.Tensor:
-    """The conv's input stage: NHWC (or [n, h, sw, w/sw, c] for smmla pairs), padded, shifted, in how.dtype."""
+    """The conv's input stage: NHWC (or [n, h, sw, w/sw, c] for smmla pairs), padded, shifted, in
+    how.dtype."""
     if how.layout == "NCHW":
         n, c, h, w = src.shape
         load = lambda b, y, x, ch: src[b, ch, y, x]  # noqa: E731
@@ -97,8 +102,8 @@ def _input_te(src: te.Tensor, how: ConvInput) -> te.Tensor:
 
     if how.pairs:
         s = how.pairs
-        return te.compute((n, hp, s, wp // s, how.channels), lambda b, y, r, q, ch: value(b, y, q * s + r, ch),
-                          name=DOT_INPUT)
+        return te.compute((n, hp, s, wp // s, how.channels),
+                          lambda b, y, r, q, ch: value(b, y, q * s + r, ch), name=DOT_INPUT)
     return te.compute((n, hp, wp, how.channels), value, name=DOT_INPUT)
 
 
@@ -122,8 +127,8 @@ def _weight_te(packed: te.Tensor, shape: tuple[int, ...], dtype: str = "int8") -
 
 def fused_conv_te(src: te.Tensor, wp: te.Tensor, sh: int, sw: int, how: ConvInput,
                   int4_shape: tuple[int, ...] | None = None, w_dtype: str = "int8") -> te.Tensor:
-    """The whole kernel: input stage, then the dot conv (pairs layout for smmla); with `int4_shape`, `wp` is the
-    packed 4-bit weight, unpacked first (to `w_dtype`)."""
+    """The whole kernel: input stage, then the dot conv (pairs layout for smmla); with `int4_shape`, `wp` is
+    the packed 4-bit weight, unpacked first (to `w_dtype`)."""
     data = _input_te(src, how)
     if int4_shape is not None:
         wp = _weight_te(wp, int4_shape, w_dtype)
@@ -132,12 +137,13 @@ def fused_conv_te(src: te.Tensor, wp: te.Tensor, sh: int, sw: int, how: ConvInpu
 
 def matmul_te(src: te.Tensor, wp: te.Tensor, how: ConvInput, int4_shape: tuple[int, ...] | None = None,
               w_dtype: str = "int8") -> te.Tensor:
-    """x [B, T, K] (or [B, K]) @ W as the dot conv: rows are tokens (H = T, W = 1, a 1x1 kernel), so the rows run
-    in parallel; the output keeps the matmul's shape, so its epilogue fuses as for a conv."""
+    """x [B, T, K] (or [B, K]) @ W as the dot conv: rows are tokens (H = T, W = 1, a 1x1 kernel), so the rows
+    run in parallel; the output keeps the matmul's shape, so its epilogue fuses as for a conv."""
     rows = src.shape[1] if len(src.shape) == 3 else 1
     k = src.shape[-1]
     x4 = te.compute((src.shape[0], rows, 1, k),
-                    lambda b, t, _w, c: src[b, t, c] if len(src.shape) == 3 else src[b, c], name="matmul_rows")
+                    lambda b, t, _w, c: src[b, t, c] if len(src.shape) == 3 else src[b, c],
+                    name="matmul_rows")
     conv = fused_conv_te(x4, wp, 1, 1, how, int4_shape, w_dtype)
     if len(src.shape) == 3:
         return te.compute((src.shape[0], rows, conv.shape[3]), lambda b, t, n: conv[b, t, 0, n],
@@ -162,7 +168,8 @@ def dw_te(src: te.Tensor, w: te.Tensor, sh: int, sw: int, how: ConvInput) -> te.
 
 
 def conv_te(data: te.Tensor, wp: te.Tensor, sh: int, sw: int) -> te.Tensor:
-    """The dot conv on an NHWC input stage and a packed weight [O/L, KH, KW, Ck/K, L, K] (module docstring)."""
+    """The dot conv on an NHWC input stage and a packed weight [O/L, KH, KW, Ck/K, L, K] (module
+    docstring)."""
     n, h, w, _ = data.shape
     ocb, kh, kw, cb, lanes, k = wp.shape
     oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1

@@ -3,18 +3,18 @@
 Instructions of one family, "P pixels x L output channels, each += K activation bytes . K weight bytes":
 
     x86 AVX-512 VNNI  vpdpbusd  P = 1, L = 16, K = 4, u8 x s8   (VNNI)
-                      (256-bit) P = 1, L = 8,  K = 4, u8 x s8   (VNNI8: convs with 8k, not 16k, output channels)
+                      (256-bit) P = 1, L = 8,  K = 4, u8 x s8   (VNNI8: 8k, not 16k, output channels)
     x86 AVX2          vpmaddwd  P = 1, L = 8,  K = 2, s16 x s16 (AVX2: int16 activations and weights)
     aarch64 dotprod   sdot      P = 1, L = 4,  K = 4, s8 x s8   (SDOT)
     aarch64 i8mm      smmla     P = 2, L = 2,  K = 8, s8 x s8   (SMMLA: a 2x8 by 8x2 matrix product)
 
 Each is a `DotKernel` (its shape, byte types and register budget) plus a TVM tensor intrinsic: a description
 (the loop nest the schedule's tiles are matched against) and an implementation (the LLVM intrinsic call).
-`register_kernel` files both; adding a kernel is one call here. Which target gets which kernel is decided once,
-on the `CompileTarget` (targets.py; cpu_features.py for the host).
+`register_kernel` files both; adding a kernel is one call here. Which target gets which kernel is decided
+once, on the `CompileTarget` (targets.py; cpu_features.py for the host).
 
-LLVM 22 changed the VNNI intrinsic to take byte vectors (<64 x i8>); TVM's own VNNI intrinsic passes int32 vectors
-and fails to compile, so this module registers its own (and the ARM ones beside it, for symmetry).
+LLVM 22 changed the VNNI intrinsic to take byte vectors (<64 x i8>); TVM's own VNNI intrinsic passes int32
+vectors and fails to compile, so this module registers its own (and the ARM ones beside it, for symmetry).
 AVX2 has `vpmaddubsw` for u8 x s8, but it sums pairs into saturating int16 (255 * -128 * 2 overflows), so the
 AVX2 kernel widens to int16 and uses `vpmaddwd` (exact int32 sums).
 """
@@ -72,8 +72,8 @@ def get_kernel(name: str) -> DotKernel:
 
 
 def _dot_desc(lanes: int, k: int, act: str, weight: str) -> tirx.PrimFunc:
-    """The description every one-pixel dot instruction matches: `lanes` int32 lanes, each += `k` `act` values .
-    `k` `weight` values; lane i of B holds output channel i's k weights."""
+    """The description every one-pixel dot instruction matches: `lanes` int32 lanes, each += the dot product
+    of `k` `act` values and `k` `weight` values; lane i of B holds output channel i's k weights."""
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -93,8 +93,8 @@ def _dot_desc(lanes: int, k: int, act: str, weight: str) -> tirx.PrimFunc:
 
 
 def _dot_pair(lanes: int, act: str, llvm_intrinsic: str) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
-    """(description, implementation) of `lanes` int32 lanes, each += 4 `act` bytes . 4 int8 weight bytes: the 4
-    activation bytes are broadcast to every lane, lane i of B holds output channel i's 4 weights."""
+    """(description, implementation) of `lanes` int32 lanes, each += 4 `act` bytes . 4 int8 weight bytes: the
+    4 activation bytes are broadcast to every lane, lane i of B holds output channel i's 4 weights."""
     a_bytes, b_bytes, acc = f"{act}x{4 * lanes}", f"int8x{4 * lanes}", f"int32x{lanes}"
     desc = _dot_desc(lanes, 4, act, "int8")
 
@@ -176,7 +176,8 @@ SDOT = register_kernel(DotKernel("sdot", "plateau_sdot_4x4_s8s8s32", 4, "int8", 
                        *_dot_pair(4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8"))
 SMMLA = register_kernel(DotKernel("smmla", "plateau_smmla_2x2x8_s8s8s32", 2, "int8", 24, pixels=2, k=8),
                         _smmla_desc, _smmla_impl)
-# AVX2 without VNNI: vpmaddwd, int16 x int16 pairs summed into int32 (exact; vpmaddubsw's int16 sums saturate).
-# The input stage widens the activations to int16 (int8 and uint8 alike, no shift); weights are stored as int16.
+# AVX2 without VNNI: vpmaddwd, int16 x int16 pairs summed into int32 (exact; vpmaddubsw's int16 sums
+# saturate). The input stage widens the activations to int16 (int8 and uint8 alike, no shift); weights are
+# stored as int16.
 AVX2 = register_kernel(DotKernel("avx2", "plateau_avx2_8x2_s16s16s32", 8, "int16", 12, k=2, w_dtype="int16"),
                        _dot_desc(8, 2, "int16", "int16"), _pmaddwd_impl)

@@ -1,17 +1,17 @@
 """The Relax rewrite that hands integer convs and matmuls to the dot-product kernels of dot_compute.py.
 
 Runs first in the scheduled CPU pipeline (cpu_pipeline.py), with the target's kernel (`CompileTarget.kernel`).
-Each integer NHWC conv2d whose input channels pad to a multiple of K and whose output channels are a multiple of
-L becomes `fused_conv_te` with a packed constant weight; a matmul with a constant weight becomes `matmul_te`; a
-depthwise conv becomes `dw_te`:
+Each integer NHWC conv2d whose input channels pad to a multiple of K and whose output channels are a multiple
+of L becomes `fused_conv_te` with a packed constant weight; a matmul with a constant weight becomes
+`matmul_te`; a depthwise conv becomes `dw_te`:
 
     conv2d(pad(x, zp), W) -> int32      =>      conv_dot(input_stage(x), Wp) [+ shift * sum W]
 
-The input stage takes in the zero-point Pad before the conv (and the transposes ConvertLayout leaves around it).
-`vpdpbusd` multiplies unsigned by signed bytes, so int8 activations are shifted by +128; `sdot` is signed, so
-uint8 activations are shifted by -128; AVX2's input stage widens both to int16 (no shift). The shift is exact:
-the shift times the weight sum is subtracted again, a per-channel constant. 4-bit weights (pack_int4.py) are read
-back from their packed constant and re-packed two per byte in the kernel's order.
+The input stage takes in the zero-point Pad before the conv (and the transposes ConvertLayout leaves around
+it). `vpdpbusd` multiplies unsigned by signed bytes, so int8 activations are shifted by +128; `sdot` is
+signed, so uint8 activations are shifted by -128; AVX2's input stage widens both to int16 (no shift). The
+shift is exact: the shift times the weight sum is subtracted again, a per-channel constant. 4-bit weights
+(pack_int4.py) are read back from their packed constant and re-packed two per byte in the kernel's order.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ __all__ = ["rewrite_convs_dot"]
 
 
 def _matmul(call: relax.Call, kernel: DotKernel, lookup=None) -> tuple[np.ndarray, bool] | None:
-    """(the weight as OHWI [N, 1, 1, K], whether it is packed int4) of an integer matmul x [B, (T,) K] @ W [K, N]
-    with a constant W the dot kernel takes (N a multiple of L; T and K static), else None."""
+    """(the weight as OHWI [N, 1, 1, K], whether it is packed int4) of an integer matmul x [B, (T,) K] @ W [K,
+    N] with a constant W the dot kernel takes (N a multiple of L; T and K static), else None."""
     if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul" or str(call.ty.dtype) != "int32":
         return None
     x = call.args[0]
@@ -57,7 +57,8 @@ def _depthwise(call: relax.Call, lookup=None) -> np.ndarray | None:
     if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
         return None
     a = call.attrs
-    if (a.data_layout, a.kernel_layout, a.out_layout) != ("NHWC", "OHWI", "NHWC") or str(a.out_dtype) != "int32":
+    layouts = (a.data_layout, a.kernel_layout, a.out_layout)
+    if layouts != ("NHWC", "OHWI", "NHWC") or str(a.out_dtype) != "int32":
         return None
     c = call.args[0].ty.shape[3]
     w = const_np(call.args[1])
@@ -118,9 +119,9 @@ class _DotConvRewriter(relax.PyExprMutator):
         return bound if ok else None
 
     def _zero_point_pad(self, data: relax.Expr) -> tuple[relax.Expr, str, tuple[int, ...], int] | None:
-        """(source, its layout, (top, bottom, left, right), value) when the conv's NHWC input is a constant pad of
-        H and W only: pad(x) in NHWC, or permute(pad(y), NCHW->NHWC), the form ConvertLayout leaves, with y an
-        NCHW tensor or permute(x, NHWC->NCHW). None otherwise."""
+        """(source, its layout, (top, bottom, left, right), value) when the conv's NHWC input is a constant
+        pad of H and W only: pad(x) in NHWC, or permute(pad(y), NCHW->NHWC), the form ConvertLayout leaves,
+        with y an NCHW tensor or permute(x, NHWC->NCHW). None otherwise."""
         layout = "NHWC"
         outer = self._binding(data, "relax.permute_dims")
         if outer is not None:
@@ -149,14 +150,15 @@ class _DotConvRewriter(relax.PyExprMutator):
     def _conv_source(self, call: relax.Call) -> tuple[relax.Expr, str, tuple[int, ...], int]:
         """(source, its layout, (top, bottom, left, right) pads, pad value) the conv's input stage reads: the
         conv's own zero padding, or, when it has none, the zero-point Pad before it (_zero_point_pad)."""
-        t, left, b, r = (int(p) for p in call.attrs.padding)  # relax conv2d padding is (top, left, bottom, right)
+        # relax conv2d padding is (top, left, bottom, right)
+        t, left, b, r = (int(p) for p in call.attrs.padding)
         pads = (t, b, left, r)
         peeled = None if any(pads) else self._zero_point_pad(call.args[0])
         return peeled if peeled is not None else (call.args[0], "NHWC", pads, 0)
 
     def _depthwise_call(self, call: relax.Call, w: np.ndarray) -> relax.Expr:
-        """The depthwise kernel: its input stage takes in the zero-point pad like the dot kernel's (no shift: the
-        bytes are multiplied as they are, widened to int32)."""
+        """The depthwise kernel: its input stage takes in the zero-point pad like the dot kernel's (no shift:
+        the bytes are multiplied as they are, widened to int32)."""
         sh, sw = (int(s) for s in call.attrs.strides)
         src, layout, pads, value = self._conv_source(call)
         how = ConvInput(layout, pads, value, int(w.shape[0]), 0, str(src.ty.dtype), 0)
@@ -167,10 +169,11 @@ class _DotConvRewriter(relax.PyExprMutator):
 
     def _dot_call(self, te_fn, src: relax.Expr, act_dtype: str, w: np.ndarray, int4: bool, k: DotKernel,
                   name: str, **how: object) -> relax.Expr:
-        """Emit the dot kernel `te_fn(src, packed weight, how=ConvInput, int4_shape=...)` for the OHWI int8 weight
-        `w`, and the per-channel constant that undoes the activation shift (a conv and a matmul alike)."""
-        # +128 takes int8 to uint8 (VNNI), -128 takes uint8 to int8 (sdot); 0 when the types already agree or the
-        # kernel's type holds both (int16: AVX2)
+        """Emit the dot kernel `te_fn(src, packed weight, how=ConvInput, int4_shape=...)` for the OHWI int8
+        weight `w`, and the per-channel constant that undoes the activation shift (a conv and a matmul
+        alike)."""
+        # +128 takes int8 to uint8 (VNNI), -128 takes uint8 to int8 (sdot); 0 when the types already agree or
+        # the kernel's type holds both (int16: AVX2)
         if act_dtype == k.act_dtype or k.act_dtype == "int16":
             shift = 0
         else:
@@ -208,8 +211,8 @@ class _DotConvRewriter(relax.PyExprMutator):
         w, int4 = found
         data = call.args[0]
         sh, sw = (int(v) for v in call.attrs.strides)
-        # conv padding is zeros (the rewrites pad with the zero point themselves, as a Pad before the conv: taken
-        # into the kernel's input stage when the conv adds none of its own)
+        # conv padding is zeros (the rewrites pad with the zero point themselves, as a Pad before the conv:
+        # taken into the kernel's input stage when the conv adds none of its own)
         src, layout, pads, value = self._conv_source(call)
         pairs = 0
         if k.pixels > 1:  # the re-laid input needs a width that is a multiple of the stride

@@ -1,10 +1,10 @@
 """TIR schedule of the dot-product conv (and matmul) kernels and of the depthwise conv, after FuseTIR.
 
 The dot conv keeps an (ow_block x L*oc_block) int32 tile in registers, reduces over (kh, kw, c/K) with one
-instruction per (pixels, L channels, K inputs) (tensorized with the kernel's intrinsic, dot_instructions.py), runs
-the fused epilogue (bias, requantize, clip, cast) on the tile, and parallelizes (n, bands of oh). The input stage
-(dot_compute.py) is computed per band of output rows, for the input rows the band reads (a few KB, hot in cache);
-4-bit weights are unpacked once per call, before the rows.
+instruction per (pixels, L channels, K inputs) (tensorized with the kernel's intrinsic, dot_instructions.py),
+runs the fused epilogue (bias, requantize, clip, cast) on the tile, and parallelizes (n, bands of oh). The
+input stage (dot_compute.py) is computed per band of output rows, for the input rows the band reads (a few KB,
+hot in cache); 4-bit weights are unpacked once per call, before the rows.
 
     >>> sch = schedule_dot_conv(sch, find_conv_block(sch), ConvTile(8, 2), kernel)
 """
@@ -57,8 +57,8 @@ TileChooser = Callable[[str, Schedule], "ConvTile | None"]
 
 def default_tile(ow_extent: int, oc_blocks: int, kernel: DotKernel) -> ConvTile:
     """A tile that divides the output row. VNNI: up to 16 pixels x 2 blocks of 16 channels, at most 16 zmm
-    accumulators. sdot: up to 8 pixels x 4 blocks of 4 channels; smmla: up to 8 pixels x 8 blocks of 2 channels;
-    at most 16 of the 32 NEON registers."""
+    accumulators. sdot: up to 8 pixels x 4 blocks of 4 channels; smmla: up to 8 pixels x 8 blocks of 2
+    channels; at most 16 of the 32 NEON registers."""
     if kernel.lanes >= 16:
         ow = next(t for t in (16, 8, 7, 4, 2, 1) if ow_extent % t == 0)
         oc = 2 if oc_blocks % 2 == 0 and ow <= 8 else 1
@@ -73,9 +73,9 @@ def default_tile(ow_extent: int, oc_blocks: int, kernel: DotKernel) -> ConvTile:
 
 
 def kernel_of(sch: Schedule, block: SBlockRV, kernel: DotKernel) -> DotKernel:
-    """The kernel a dot conv block was built for: the target's `kernel`, or its narrow form (dot_rewrite took it
-    for channels that are a multiple of the narrow lanes only) where the packed weight [O/L, KH, KW, Ck/K, L, K]
-    the block reads has the narrow kernel's L."""
+    """The kernel a dot conv block was built for: the target's `kernel`, or its narrow form (dot_rewrite took
+    it for channels that are a multiple of the narrow lanes only) where the packed weight [O/L, KH, KW, Ck/K,
+    L, K] the block reads has the narrow kernel's L."""
     if kernel.narrow is None:
         return kernel
     lanes = {int(r.source.shape[4]) for r in sch.get(block).reads if len(r.source.shape) == 6}
@@ -92,7 +92,8 @@ def find_conv_block(sch: Schedule, prefix: str = DOT_BLOCK) -> SBlockRV | None:
     """The one block of `sch` named `prefix`... (the dot conv by default, DW_BLOCK for depthwise)."""
     if not has_root(sch):
         return None
-    found = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint.startswith(prefix)]
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    found = [b for b in blocks if sch.get(b).name_hint.startswith(prefix)]
     return found[0] if len(found) == 1 else None
 
 
@@ -102,8 +103,8 @@ def schedule_dot_conv(sch: Schedule, block: SBlockRV, tile: ConvTile | None, ker
 
     First choice: anchor on the function's single output block (same NHWC shape as the conv), tile it, and
     compute every producer (conv included) inside its tile; this keeps float blocks that must stay separate
-    (see tir_helpers.inline_safe) inside the tile too. Otherwise the conv is the anchor and what follows is moved
-    after it where TVM allows (_fuse_epilogue).
+    (see tir_helpers.inline_safe) inside the tile too. Otherwise the conv is the anchor and what follows is
+    moved after it where TVM allows (_fuse_epilogue).
     """
     ow_ext, ocb = conv_extents(sch, block, kernel)
     tile = tile or default_tile(ow_ext, ocb, kernel)
@@ -142,7 +143,8 @@ def schedule_dot_conv(sch: Schedule, block: SBlockRV, tile: ConvTile | None, ker
 def schedule_dw_conv(sch: Schedule, block: SBlockRV) -> Schedule:
     """The depthwise conv, anchored on the output like the dot kernel: bands of rows in parallel, the input
     stage per band, a tile of up to 8 pixels x DW_LANES channels whose taps are unrolled, channels vectorized,
-    epilogue fused. Returns the scheduled copy (raises where the shape does not fit; the caller falls back)."""
+    epilogue fused. Returns the scheduled copy (raises where the shape does not fit; the caller falls
+    back)."""
     extents = [sch.get(lp).extent for lp in sch.get_loops(block)]
     ow_ext, c_ext = int(extents[2]), int(extents[3])
     ow = next(t for t in (8, 7, 4, 2, 1) if ow_ext % t == 0)
@@ -163,9 +165,9 @@ def schedule_dw_conv(sch: Schedule, block: SBlockRV) -> Schedule:
 
 
 def _tensorize_tile(sch: Schedule, block, x, o, kh, kw, c, kernel: DotKernel, kw_inner: bool = False) -> None:
-    """The conv's loops over one register tile (x pixels, o channels; reductions kh, kw, c) -> the instruction,
-    reducing over (kh, kw, c/K) outside and the tile's accumulators unrolled inside (and the kw taps too with
-    kw_inner, see ConvTile)."""
+    """The conv's loops over one register tile (x pixels, o channels; reductions kh, kw, c) -> the
+    instruction, reducing over (kh, kw, c/K) outside and the tile's accumulators unrolled inside (and the kw
+    taps too with kw_inner, see ConvTile)."""
     oo, oi = sch.split(o, [None, kernel.lanes])
     co, ci = sch.split(c, [None, kernel.k])
     if kernel.pixels == 1 and kw_inner:
@@ -271,7 +273,8 @@ def _input_at(sch: Schedule, blk: SBlockRV, row: LoopRV) -> None:
 
 
 def _fuse_epilogue(sch: Schedule, conv: SBlockRV, at: LoopRV) -> None:
-    """Compute the conv's elementwise consumers (bias, requantize, a residual add...) per register tile at `at`.
+    """Compute the conv's elementwise consumers (bias, requantize, a residual add...) per register tile (at
+    the loop `at`).
 
     Blocks that can be inlined without changing a float result are inlined; the others become separate loops
     inside the tile (their intermediates shrink to the tile). What cannot be moved stays a parallel loop nest.

@@ -7,11 +7,11 @@ elementwise ops that restores it:
     packed[i] = (w[2i] & 0xF) | (w[2i+1] << 4)                       (at compile time, numpy)
     w = ((stack([packed & 0xF, packed >> 4], -1) as int8) ^ 8) - 8    (at run time: sign-extends the nibbles)
 
-The unpack runs once per inference as one fused elementwise kernel over the weights; the conv itself still reads
-int8 (so +dotprod still gives sdot). TVM's native int4 buffers are not used: they are miscompiled (shared notes).
-The nibbles are plateau.quant's (pack_int4 / unpack_int4, ONNX's INT4 order). The default pipeline's FoldConstant
-would fold the unpack straight back into an int8 constant, so the CPU pipelines (cpu_pipeline.py) leave it out;
-constants are folded before packing instead.
+The unpack runs once per inference as one fused elementwise kernel over the weights; the conv itself still
+reads int8 (so +dotprod still gives sdot). TVM's native int4 buffers are not used: they are miscompiled
+(shared notes). The nibbles are plateau.quant's (pack_int4 / unpack_int4, ONNX's INT4 order). The default
+pipeline's FoldConstant would fold the unpack straight back into an int8 constant, so the CPU pipelines
+(cpu_pipeline.py) leave it out; constants are folded before packing instead.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ _CHAIN = ("relax.reshape", "relax.subtract", "relax.bitwise_xor", "relax.astype"
 
 
 def unpacked_value(expr: relax.Expr, lookup) -> np.ndarray | None:
-    """The int8 weight an unpack expression of pack_int4_weights restores, read at compile time from its packed
-    constant, or None when `expr` is not one. `lookup(var)` gives the value bound to a var (a mutator's
+    """The int8 weight an unpack expression of pack_int4_weights restores, read at compile time from its
+    packed constant, or None when `expr` is not one. `lookup(var)` gives the value bound to a var (a mutator's
     lookup_binding)."""
     def follow(e: relax.Expr) -> relax.Expr:
         while isinstance(e, relax.Var):
@@ -77,7 +77,8 @@ def unpacked_value(expr: relax.Expr, lookup) -> np.ndarray | None:
         e = follow(e.args[0])
     if name(e) != "relax.reshape" or name(follow(e.args[0])) != "relax.stack":
         return None
-    lo = follow(follow(e.args[0]).args[0].fields[0]) if isinstance(follow(e.args[0]).args[0], relax.Tuple) else None
+    stacked = follow(e.args[0]).args[0]
+    lo = follow(stacked.fields[0]) if isinstance(stacked, relax.Tuple) else None
     if lo is None or name(lo) != "relax.bitwise_and":
         return None
     packed = const_np(lo.args[0])
@@ -89,7 +90,8 @@ def unpacked_value(expr: relax.Expr, lookup) -> np.ndarray | None:
 
 
 def pack_int4_weights(mod: tvm.IRModule) -> tvm.IRModule:
-    """Replace each packable int8 conv2d / matmul weight constant by packed bytes + an unpack (see module doc)."""
+    """Replace each packable int8 conv2d / matmul weight constant by packed bytes + an unpack (see module
+    doc)."""
     data, weight = wildcard(), is_const()
     pattern = is_op("relax.nn.conv2d")(data, weight) | is_op("relax.matmul")(data, weight)
 

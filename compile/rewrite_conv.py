@@ -1,9 +1,11 @@
-"""Rewrite dequantize -> conv2d [-> + bias] [-> relu] -> quantize into an integer conv2d with a requantize tail.
+"""Rewrite dequantize -> conv2d [-> + bias] [-> relu] -> quantize: an integer conv2d with a requantize tail.
 
     x_q --dequantize(s_x, zp_x)--\
-    W_q --dequantize(s_w, 0, axis 0)-- conv2d -- add(reshape(dequantize(B_q, s_x*s_w))) -- [relu] -- quantize(s_y, zp_y)
+    W_q --dequantize(s_w, 0, axis 0)-- conv2d -- add(reshape(dequantize(B_q, s_x*s_w)))
+        -- [relu] -- quantize(s_y, zp_y)
 =>
-    pad(x_q, value=zp_x) -- conv2d(int8 W_q, out int32) -- + (B_q - zp_x * sum(W_q)) -- requantize(s_x*s_w/s_y)
+    pad(x_q, value=zp_x) -- conv2d(int8 W_q, out int32) -- + (B_q - zp_x * sum(W_q))
+        -- requantize(s_x*s_w/s_y)
 
 Padding with the input zero point makes padded taps contribute (zp_x - zp_x) * w = 0, as zeros do in float, so
 the zero point folds exactly into the bias. A ReLU folds into the lower clip bound (quantize is monotone and
@@ -59,7 +61,9 @@ class ConvRewrite:
         if np.any(zp_w != 0) or (const_np(m[self.s_w]).size > 1 and w_axis != 0):
             return expr  # asymmetric or non-output-channel weights: not lowered (reported as a float island)
 
-        bias_q = (const_np(m[self.b_q]), const_np(m[self.s_b]), const_np(m[self.zp_b])) if self.b_q in m else None
+        bias_q = None
+        if self.b_q in m:
+            bias_q = (const_np(m[self.b_q]), const_np(m[self.s_b]), const_np(m[self.zp_b]))
         folded = folded_bias(w, 0, in_t, int(zp_x), s_x, s_w, bias_q)
         if folded is None:
             return expr

@@ -1,5 +1,5 @@
-"""Quantized matmul of two activations (attention's Q.K^T and P.V): lowered to an integer batched matmul, equal to
-onnxruntime's integer QLinearMatMul."""
+"""Quantized matmul of two activations (attention's Q.K^T and P.V): lowered to an integer batched matmul,
+equal to onnxruntime's integer QLinearMatMul."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from plateau.export.validate import ort_session
 
 
 def _attention_scores_qdq(path, a_dtype=np.int8, shape=(2, 8, 16)) -> None:
-    """input [N, heads, tokens, dims] -> Q -> DQ -> (A) ; A @ transpose(A) -> Q -> DQ: attention scores (2 heads,
-    8 tokens, 16 dims by default)."""
+    """input [N, heads, tokens, dims] -> Q -> DQ -> (A) ; A @ transpose(A) -> Q -> DQ: attention scores (2
+    heads, 8 tokens, 16 dims by default)."""
     zp = a_dtype(3 if a_dtype == np.int8 else 120)
     inits = [numpy_helper.from_array(v, n) for n, v in (
         ("s", np.float32(0.04)), ("z", zp), ("ys", np.float32(0.1)), ("yz", np.int8(-2)))]
@@ -37,7 +37,8 @@ def _attention_scores_qdq(path, a_dtype=np.int8, shape=(2, 8, 16)) -> None:
 def test_activation_matmul_is_integer_and_matches_onnxruntime(tmp_path, a_dtype):
     _attention_scores_qdq(tmp_path / "m.onnx", a_dtype)
     m = compile_onnx(tmp_path / "m.onnx", "host", tmp_path / "out")
-    assert m["ops"]["int_matmul"] == 1 and m["ops"]["float_matmul"] == 0 and m["float_islands"] == [], m["ops"]
+    ops = m["ops"]
+    assert ops["int_matmul"] == 1 and ops["float_matmul"] == 0 and m["float_islands"] == [], ops
     x = (np.random.default_rng(0).standard_normal((3, 2, 8, 16)) * 1.5).astype(np.float32)
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "out" / "model.so")), tvm.cpu())
     ours = vm["main"](tvm.runtime.tensor(x)).numpy()
@@ -47,9 +48,9 @@ def test_activation_matmul_is_integer_and_matches_onnxruntime(tmp_path, a_dtype)
 
 
 def test_large_activation_matmul_gets_the_row_schedule(tmp_path):
-    """ViT-Tiny's attention shape (3 heads, 65 tokens, 64 dims): schedule_int_matmul takes the integer matmul (k
-    outside the columns, 5 rows per k step, heads in parallel); the library equals TVM's unscheduled build on every
-    value and onnxruntime within one step."""
+    """ViT-Tiny's attention shape (3 heads, 65 tokens, 64 dims): schedule_int_matmul takes the integer matmul
+    (k outside the columns, 5 rows per k step, heads in parallel); the library equals TVM's unscheduled build
+    on every value and onnxruntime within one step."""
     from plateau.compile.compiler import import_onnx, lower_for_target
     from plateau.compile.cpu_pipeline import legalize_passes
     from plateau.compile.cpu_schedule import schedule_int_matmul

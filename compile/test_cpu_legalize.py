@@ -1,6 +1,6 @@
-"""The CPU pipeline's own lowerings (cpu_pipeline.CPU_LEGALIZE) of float-island ops: erf as topi.fast_erf and a
-float island's QuantizeLinear with llvm.nearbyint, both vectorizable. The unscheduled build lowers them the same
-way, so the two builds still agree on every value."""
+"""The CPU pipeline's own lowerings (cpu_pipeline.CPU_LEGALIZE) of float-island ops: erf as topi.fast_erf and
+a float island's QuantizeLinear with llvm.nearbyint, both vectorizable. The unscheduled build lowers them the
+same way, so the two builds still agree on every value."""
 
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ def _erf_island_qdq(path) -> None:
 
 
 def test_erf_island_is_vectorized_and_accurate(tmp_path):
-    """No libm erff call is left (one scalar call per element made the whole loop scalar); the scheduled and the
-    unscheduled build agree; against erf in float64, every output is within one step and almost all exact."""
+    """No libm erff call is left (one scalar call per element made the whole loop scalar); the scheduled and
+    the unscheduled build agree; against erf in float64, every output is within one step and almost all
+    exact."""
     path = tmp_path / "erf.onnx"
     _erf_island_qdq(path)
     mod, _ = import_onnx(path)

@@ -1,5 +1,5 @@
-"""The dot kernels (dot_rewrite.py, dot_schedule.py), the hand schedules (cpu_schedule.py) and tile tuning (tune.py):
-exact, and used where they apply; the kernel each target gets (CompileTarget.kernel)."""
+"""The dot kernels (dot_rewrite.py, dot_schedule.py), the hand schedules (cpu_schedule.py) and tile tuning
+(tune.py): exact, and used where they apply; the kernel each target gets (CompileTarget.kernel)."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ needs_vnni = pytest.mark.skipif(get_target("host").kernel is not VNNI, reason="h
 
 
 def _resnet_block_onnx(path: Path) -> Path:
-    """conv(3->16) -> [conv(16->16) relu conv(16->16)] + skip -> stride-2 conv(16->32) -> pool -> fc: 16-channel
-    multiples, so the VNNI kernel applies (the shared tiny fixtures have 8 channels)."""
+    """conv(3->16) -> [conv(16->16) relu conv(16->16)] + skip -> stride-2 conv(16->32) -> pool -> fc:
+    16-channel multiples, so the VNNI kernel applies (the shared tiny fixtures have 8 channels)."""
     import torch
     import torch.nn as nn
 
@@ -51,7 +51,8 @@ def _resnet_block_onnx(path: Path) -> Path:
 
     torch.manual_seed(0)
     torch.onnx.export(Net().eval(), torch.randn(1, 3, fx.HW, fx.HW), str(path), input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "N"}}, opset_version=17, dynamo=False)
+                      output_names=["logits"], dynamic_axes={"input": {0: "N"}}, opset_version=17,
+                      dynamo=False)
     return path
 
 
@@ -87,8 +88,8 @@ def test_scheduled_build_is_bit_exact(block_models, tmp_path, name):
 
 @pytest.mark.parametrize("target", ["host", "arm64-dotprod", "arm64-i8mm"])
 def test_zero_point_pads_run_inside_the_conv_kernels(block_models, target):
-    """The Pad before each conv (and ConvertLayout's transposes around it) becomes the dot kernel's input stage:
-    no pad op is left in the graph, and every fused conv kernel holds its input stage."""
+    """The Pad before each conv (and ConvertLayout's transposes around it) becomes the dot kernel's input
+    stage: no pad op is left in the graph, and every fused conv kernel holds its input stage."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     tgt = tvm.target.Target(get_target(target).tvm_target)
@@ -102,7 +103,8 @@ def test_zero_point_pads_run_inside_the_conv_kernels(block_models, target):
         mod, n = rewrite_convs_dot(mod, kernel)
         assert n == 4 and "R.nn.pad" not in mod["main"].script()
         mod = tvm.transform.Sequential(cpu.library_dispatch_passes(tgt) + legalize_passes(tgt))(mod)
-    convs = [f for gv, f in mod.functions_items() if gv.name_hint.startswith(f"fused_plateau_conv2d_{kernel.name}")]
+    prefix = f"fused_plateau_conv2d_{kernel.name}"
+    convs = [f for gv, f in mod.functions_items() if gv.name_hint.startswith(prefix)]
     assert len(convs) == 4 and all(DOT_INPUT in f.script() for f in convs)
     assert not [gv for gv in mod.get_global_vars() if "pad" in gv.name_hint]
 
@@ -123,7 +125,8 @@ def test_every_conv_gets_the_vnni_kernel(block_models, name):
 
 @needs_vnni
 @pytest.mark.parametrize("stride,tile", [(1, ConvTile(4, 1)), (2, ConvTile(2, 2)), (1, None),
-                                         (1, ConvTile(8, 1, kw_inner=True)), (2, ConvTile(4, 2, kw_inner=True))])
+                                         (1, ConvTile(8, 1, kw_inner=True)),
+                                         (2, ConvTile(4, 2, kw_inner=True))])
 def test_vnni_conv_kernel_exact(stride, tile):
     """The tensorized kernel alone against numpy: u8 x s8 -> s32, packed weights."""
     n, h, w, c, o, k = 2, 10, 10, 16, 32, 3
@@ -159,7 +162,8 @@ needs_avx2 = pytest.mark.skipif(not _host_has_avx2(), reason="this CPU has no AV
 
 
 def test_x86_targets_pick_their_kernel():
-    """x86-avx2 (Haswell) takes the vpmaddwd kernel, x86-vnni (Cascade Lake) vpdpbusd; not for aarch64 / GPU."""
+    """x86-avx2 (Haswell) takes the vpmaddwd kernel, x86-vnni (Cascade Lake) vpdpbusd; not for aarch64 /
+    GPU."""
     kernel = {t: get_target(t).kernel for t in ("x86-avx2", "x86-vnni", "cuda", "opencl")}
     assert kernel == {"x86-avx2": AVX2, "x86-vnni": VNNI, "cuda": None, "opencl": None}
     assert has_avx2(tvm.target.Target({"kind": "llvm", "mattr": ["+avx2"]}))
@@ -170,9 +174,9 @@ def test_x86_targets_pick_their_kernel():
 @needs_avx2
 @pytest.mark.parametrize("name", ["s8s8", "u8s8", "w4"])
 def test_avx2_kernel_is_exact(block_models, tmp_path, name, caplog):
-    """x86-avx2: every conv is the tensorized vpmaddwd kernel (int16 pairs, exact: vpmaddubsw's int16 sums would
-    saturate), int8 and uint8 activations and 4-bit weights alike; run on this CPU, the library equals TVM's
-    unscheduled host build on every logit."""
+    """x86-avx2: every conv is the tensorized vpmaddwd kernel (int16 pairs, exact: vpmaddubsw's int16 sums
+    would saturate), int8 and uint8 activations and 4-bit weights alike; run on this CPU, the library equals
+    TVM's unscheduled host build on every logit."""
     from plateau.compile.asm import instructions_per_function
 
     tgt = get_target("x86-avx2")
@@ -187,12 +191,14 @@ def test_avx2_kernel_is_exact(block_models, tmp_path, name, caplog):
 
 
 def test_arm_targets_pick_the_sdot_kernel():
-    kernel = {t: get_target(t).kernel for t in ("arm64", "arm64-dotprod", "arm64-i8mm", "rpi5", "arm64-neon", "rpi4")}
+    kernel = {t: get_target(t).kernel for t in ("arm64", "arm64-dotprod", "arm64-i8mm", "rpi5",
+                                                "arm64-neon", "rpi4")}
     assert kernel == {"arm64": SDOT, "arm64-dotprod": SDOT, "arm64-i8mm": SMMLA, "rpi5": SDOT,
                       "arm64-neon": None, "rpi4": None}
 
 
-@pytest.mark.parametrize("target", ["x86-avx2", "x86-vnni", "arm64", "arm64-neon", "arm64-dotprod", "arm64-i8mm",
+@pytest.mark.parametrize("target",
+                         ["x86-avx2", "x86-vnni", "arm64", "arm64-neon", "arm64-dotprod", "arm64-i8mm",
                                     "rpi4", "rpi5", "cuda", "opencl", "host"])
 def test_target_kernels_agree_with_cpu_features(target):
     """Each named target's fixed kernel is the one its CPU name and features imply (the host's is probed)."""
@@ -201,11 +207,12 @@ def test_target_kernels_agree_with_cpu_features(target):
 
 
 @pytest.mark.parametrize("target,name", [("arm64-dotprod", "s8s8"), ("arm64-dotprod", "u8s8"),
-                                         ("arm64-dotprod", "w4"), ("arm64-i8mm", "s8s8"), ("arm64-i8mm", "u8s8"),
+                                         ("arm64-dotprod", "w4"), ("arm64-i8mm", "s8s8"),
+                                         ("arm64-i8mm", "u8s8"),
                                          ("arm64-i8mm", "w4")])
 def test_arm_kernels_bit_exact_under_qemu(block_models, tmp_path, target, name):
-    """arm64-dotprod / arm64-i8mm: every conv (stride 1 and 2) becomes the tensorized sdot / smmla kernel (uint8
-    activations shifted to int8), the instruction is in every conv kernel, and the library run under
+    """arm64-dotprod / arm64-i8mm: every conv (stride 1 and 2) becomes the tensorized sdot / smmla kernel
+    (uint8 activations shifted to int8), the instruction is in every conv kernel, and the library run under
     qemu-aarch64 equals TVM's unscheduled host build on every logit."""
     from plateau import runtime
     from plateau.compile.asm import instructions_per_function
@@ -230,8 +237,8 @@ def test_arm_kernels_bit_exact_under_qemu(block_models, tmp_path, target, name):
 
 
 def _assert_scheduled_build_exact(onnx_path: Path, target: str, tmp_path: Path, caplog, seed: int) -> None:
-    """Build `onnx_path` for `target` with no kernel left unscheduled, run it (arm64: under qemu) and compare it
-    with TVM's unscheduled host build on every logit."""
+    """Build `onnx_path` for `target` with no kernel left unscheduled, run it (arm64: under qemu) and compare
+    it with TVM's unscheduled host build on every logit."""
     from plateau import runtime
 
     with caplog.at_level("WARNING", logger="plateau.compile.cpu_schedule"):
@@ -266,12 +273,14 @@ def test_depthwise_conv_kernel_is_exact(tmp_path, target, weights, caplog):
     """MobileNet-style block (stem, depthwise 3x3 + ReLU6, pointwise): the depthwise conv becomes its own
     kernel (input stage, unrolled taps, channels vectorized), scheduled, and the library equals TVM's
     unscheduled host build on every logit (arm64: under qemu)."""
-    onnx_path = fx.ort_qdq(fx.tiny_mobile_onnx(tmp_path / "fp32.onnx"), tmp_path / "mobile.onnx", "s8", weights)
+    onnx_path = fx.ort_qdq(fx.tiny_mobile_onnx(tmp_path / "fp32.onnx"), tmp_path / "mobile.onnx",
+                           "s8", weights)
     kernel = get_target(target).kernel
     if kernel is None:
         pytest.skip(f"no dot kernel for {target} here")
     mod, n = _rewritten_and_legalized(onnx_path, target)
-    assert n == 3  # the depthwise conv, the stem, and the 16 -> 24 pointwise (with VNNI the 8-lane kernel: 3 x 8)
+    # the depthwise conv, the stem, and the 16 -> 24 pointwise (with VNNI the 8-lane kernel: 3 x 8)
+    assert n == 3
     if target == "host":  # a VNNI host takes the 256-bit kernel for 24 channels; an AVX2 host its one kernel
         assert f"plateau_conv2d_{'vnniy' if kernel is VNNI else kernel.name}" in str(mod.get_global_vars())
     (dw,) = [f for gv, f in mod.functions_items() if "plateau_dwconv2d" in gv.name_hint]
@@ -305,8 +314,8 @@ def test_depthwise_fallback_runs_outer_loops_in_parallel(tmp_path, monkeypatch, 
 
 
 def _token_mlp_onnx(path: Path) -> Path:
-    """Patchify conv -> tokens [N, 16, 32] -> Linear(32, 64) + ReLU -> Linear(64, 32) -> token mean -> Linear(32,
-    10): matmuls on 3-D token tensors and on a 2-D one."""
+    """Patchify conv -> tokens [N, 16, 32] -> Linear(32, 64) + ReLU -> Linear(64, 32) -> token mean ->
+    Linear(32, 10): matmuls on 3-D token tensors and on a 2-D one."""
     import torch
     import torch.nn as nn
 
@@ -325,7 +334,8 @@ def _token_mlp_onnx(path: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(Net().eval(), torch.randn(1, 3, fx.HW, fx.HW), str(path), input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "N"}}, opset_version=17, dynamo=False)
+                          output_names=["logits"], dynamic_axes={"input": {0: "N"}}, opset_version=17,
+                          dynamo=False)
     return path
 
 
@@ -380,14 +390,15 @@ def test_tuning_an_arm_target_needs_the_board(block_models, tmp_path):
     mod = lower_for_target(lower_qdq(mod), get_target("arm64-dotprod"))
     with pytest.raises(PlateauError, match="needs the board: pass --rpc"):
         tuned_tiles(mod, get_target("arm64-dotprod"), tmp_path, minutes=0.05)
-    assert tuned_tiles(mod, get_target("arm64-dotprod"), tmp_path) == (None, None)  # no database: default tiles
+    assert tuned_tiles(mod, get_target("arm64-dotprod"), tmp_path) == (None,
+                                                                       None)  # no database: default tiles
 
 
 @pytest.mark.slow
 def test_tuning_over_rpc_on_an_emulated_board(block_models, tmp_path):
-    """Candidates cross-compiled, uploaded to `plateau device serve --emulate` (qemu-aarch64) and timed there; the
-    database is written for the arm64 target and a later build reads it. (Emulated timings tune nothing real: the
-    test checks the path a real board takes.)"""
+    """Candidates cross-compiled, uploaded to `plateau device serve --emulate` (qemu-aarch64) and timed there;
+    the database is written for the arm64 target and a later build reads it. (Emulated timings tune nothing
+    real: the test checks the path a real board takes.)"""
     from plateau import runtime
 
     if runtime.sysroot_status() is None or shutil.which("qemu-aarch64") is None:
@@ -396,7 +407,8 @@ def test_tuning_over_rpc_on_an_emulated_board(block_models, tmp_path):
     tgt = get_target("arm64-dotprod")
     mod = lower_for_target(lower_qdq(mod), tgt)
     with runtime.serve(port=0, key="tune-test", emulate=True, block=False, silent=True) as s:
-        choose, info = tuned_tiles(mod, tgt, tmp_path, minutes=0.1, rpc=f"127.0.0.1:{s.port}", rpc_key="tune-test")
+        choose, info = tuned_tiles(mod, tgt, tmp_path, minutes=0.1, rpc=f"127.0.0.1:{s.port}",
+                                   rpc_key="tune-test")
     assert choose is not None and info["entries"] >= 1 and "emulated" in info["timed_on"], info
     (entries,) = load_db(tmp_path / DB_FILE)["targets"].values()
     assert all(e["ms"] > 0 and e["ow"] >= 1 and e["oc"] >= 1 for e in entries.values())

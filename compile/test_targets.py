@@ -1,4 +1,5 @@
-"""The target registry, arm64 cross-compilation (ELF machine, dot-product instructions) and a build per target."""
+"""The target registry, arm64 cross-compilation (ELF machine, dot-product instructions) and a build per
+target."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def elf_machine(path) -> int:
 
 
 def test_registry_names():
-    assert set(list_targets()) >= {"host", "arm64", "arm64-neon", "arm64-dotprod", "arm64-i8mm", "rpi4", "rpi5"}
+    assert set(list_targets()) >= {"host", "arm64", "arm64-neon", "arm64-dotprod", "arm64-i8mm",
+                                   "rpi4", "rpi5"}
     arm = get_target("arm64").tvm_target
     assert arm["mtriple"] == "aarch64-linux-gnu" and arm["mattr"] == ["+neon", "+dotprod"]
     assert "+dotprod" not in get_target("arm64-neon").tvm_target["mattr"]
@@ -65,8 +67,8 @@ def _asm(qdq_path, target: str) -> str:
 
 
 def test_arm64_dotprod_emits_sdot(qdq_models):
-    """With +dotprod every conv kernel is the tensorized sdot kernel (and its parallel loop bodies hold the sdot);
-    without it, no sdot anywhere."""
+    """With +dotprod every conv kernel is the tensorized sdot kernel (and its parallel loop bodies hold the
+    sdot); without it, no sdot anywhere."""
     from plateau.compile.asm import instructions_per_function
 
     sdot = instructions_per_function(_asm(qdq_models["ort_s8s8"], "arm64-dotprod"), "sdot")
@@ -96,7 +98,8 @@ def test_nhwc_layout_is_exact_on_host(qdq_models, tmp_path, name):
     assert arm.conv_layout == "NHWC"
     nhwc = lower_for_target(lower_qdq(mod), arm)
     convs = [b.value for blk in nhwc["main"].body.blocks for b in blk.bindings
-             if getattr(b.value, "op", None) is not None and getattr(b.value.op, "name", "") == "relax.nn.conv2d"]
+             if getattr(b.value, "op", None) is not None and getattr(b.value.op, "name",
+                                                                     "") == "relax.nn.conv2d"]
     assert convs and all(c.attrs.data_layout == "NHWC" and c.attrs.kernel_layout == "OHWI" for c in convs)
     ex, _ = build(nhwc, get_target("host"))
     ex.export_library(str(tmp_path / "model.so"))

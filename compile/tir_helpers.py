@@ -1,7 +1,7 @@
 """General TIR schedule helpers: copy a PrimFunc into a schedule, inline safely, parallelize and vectorize.
 
-Bit-exactness: no helper here changes the arithmetic of a block. TVM compiles with LLVM's fp-contract=fast, so a
-float multiply inlined into an add could become an FMA and round differently than the unscheduled build;
+Bit-exactness: no helper here changes the arithmetic of a block. TVM compiles with LLVM's fp-contract=fast, so
+a float multiply inlined into an add could become an FMA and round differently than the unscheduled build;
 `inline_safe` refuses exactly that case. Integer arithmetic is exact in any order.
 """
 
@@ -12,8 +12,8 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import SBlockRV
 
-__all__ = ["fresh_schedule", "has_root", "spatial_only", "inline_safe", "inline_spatial", "parallel_vectorize",
-           "static_work"]
+__all__ = ["fresh_schedule", "has_root", "spatial_only", "inline_safe", "inline_spatial",
+           "parallel_vectorize", "static_work"]
 
 
 def fresh_schedule(func: tirx.PrimFunc, global_symbol: str | None = None) -> Schedule:

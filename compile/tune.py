@@ -1,10 +1,10 @@
-"""Tuning: a search over the conv tiles of the dot kernels (dot_schedule.py), measured on the device, kept in a
-database.
+"""Tuning: a search over the conv tiles of the dot kernels (dot_schedule.py), measured on the device, kept in
+a database.
 
 The hand schedules are parameterized by one small choice per conv shape, the register tile (pixels x channel
 blocks). `tune_tiles` builds every candidate of every conv kernel of the model, times it on random inputs at a
-tuning batch, and keeps the fastest; the answers go to `<dir>/tiles.json`, keyed by the target and the conv shape,
-so a model is tuned once per target and later builds read the file (no measuring, seconds).
+tuning batch, and keeps the fastest; the answers go to `<dir>/tiles.json`, keyed by the target and the conv
+shape, so a model is tuned once per target and later builds read the file (no measuring, seconds).
 
 Timings come from where the kernel will run: this machine for the host target, or a board over TVM RPC
 (`rpc="HOST:PORT"` of `plateau device serve`): each candidate is cross-compiled, uploaded and timed there.
@@ -70,8 +70,8 @@ def conv_key(sch: Schedule) -> str | None:
 
 
 def candidate_tiles(ow_extent: int, oc_blocks: int, kernel: DotKernel) -> list[ConvTile]:
-    """Tiles that divide the output (pixels dividing the width, a multiple of the kernel's pixels; channel blocks
-    dividing the channels) whose accumulators fit the kernel's registers."""
+    """Tiles that divide the output (pixels dividing the width, a multiple of the kernel's pixels; channel
+    blocks dividing the channels) whose accumulators fit the kernel's registers."""
     out = []
     for ow in (1, 2, 4, 7, 8, 14, 16, 28, 32):
         for oc in (1, 2, 4, 8):
@@ -85,8 +85,8 @@ def candidate_tiles(ow_extent: int, oc_blocks: int, kernel: DotKernel) -> list[C
 
 
 def _target_key(target: tvm.target.Target) -> str:
-    return json.dumps({k: str(v) for k, v in sorted(target.export().items()) if k in ("kind", "mcpu", "mtriple",
-                                                                                      "mattr")}, sort_keys=True)
+    keys = ("kind", "mcpu", "mtriple", "mattr")
+    return json.dumps({k: str(v) for k, v in sorted(target.export().items()) if k in keys}, sort_keys=True)
 
 
 def load_db(path: Path) -> dict:
@@ -101,7 +101,8 @@ def load_db(path: Path) -> dict:
     return db
 
 
-def _fused_convs(mod: tvm.IRModule, target: tvm.target.Target, kernel: DotKernel) -> dict[str, tvm.tirx.PrimFunc]:
+def _fused_convs(mod: tvm.IRModule, target: tvm.target.Target,
+                 kernel: DotKernel) -> dict[str, tvm.tirx.PrimFunc]:
     """key -> one fused conv PrimFunc of each shape, as the build pipeline produces them."""
     legalize = legalize_passes(target)
     with target:
@@ -132,7 +133,8 @@ def _random_args(func: tvm.tirx.PrimFunc, batch: int, dev: tvm.runtime.Device) -
 
 
 class Device:
-    """Where candidates are timed: this machine (remote None) or a board over TVM RPC (cross-compiled uploads)."""
+    """Where candidates are timed: this machine (remote None) or a board over TVM RPC (cross-compiled
+    uploads)."""
 
     def __init__(self, remote=None, target: CompileTarget | None = None, label: str = "local") -> None:
         self.remote, self.target, self.label = remote, target, label
@@ -161,10 +163,11 @@ def _tile_timer(func: tvm.tirx.PrimFunc, tile: ConvTile, target: tvm.target.Targ
 
 
 def tune_tiles(mod: tvm.IRModule, target: tvm.target.Target, kernel: DotKernel, minutes: float,
-               batch: int = TUNE_BATCH, known: dict | None = None, device: Device | None = None) -> dict[str, dict]:
-    """Search the conv tiles of `mod` (a lowered Relax module) on `kernel` (the target's: CompileTarget.kernel)
-    within `minutes`; key -> {ow, oc, ms, default_ms}. Keys already in `known` are skipped. Timed on `device`
-    (default: this machine)."""
+               batch: int = TUNE_BATCH, known: dict | None = None,
+               device: Device | None = None) -> dict[str, dict]:
+    """Search the conv tiles of `mod` (a lowered Relax module) on `kernel` (the target's:
+    CompileTarget.kernel) within `minutes`; key -> {ow, oc, ms, default_ms}. Keys already in `known` are
+    skipped. Timed on `device` (default: this machine)."""
     deadline = time.monotonic() + minutes * 60
     found: dict[str, dict] = {}
     for key, func in _fused_convs(mod, target, kernel).items():
@@ -197,11 +200,13 @@ def tune_tiles(mod: tvm.IRModule, target: tvm.target.Target, kernel: DotKernel, 
 
 
 def _tuning_device(target: CompileTarget, rpc: str | None, rpc_key: str) -> Device:
-    """This machine for the host target; a board over RPC otherwise (the timings must come from the device)."""
+    """This machine for the host target; a board over RPC otherwise (the timings must come from the
+    device)."""
     if rpc is None:
         if target.arch != "host":
             raise PlateauError(f"tuning for target {target.name!r} needs the board: pass --rpc HOST:PORT of "
-                               "`plateau device serve` running there (timings on this machine would tune for it)")
+                               "`plateau device serve` running there (timings on this machine would tune for "
+                               "it)")
         return Device()
     remote, info = rpc_connect(rpc, rpc_key)
     want = "aarch64" if target.arch == "aarch64" else None
