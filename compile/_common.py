@@ -14,6 +14,8 @@ saturated. Three ways to take the product:
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -283,7 +285,7 @@ def requantize_elementwise(q: relax.Expr, src: tuple[np.float32, int], dst: tupl
     return quantize_f32(dequantize_f32(q, *src), *dst, out, domain=domain)
 
 
-def backend_pipeline(backend, target: tvm.target.Target, legalize: list) -> tvm.transform.Pass:
+def backend_pipeline(backend: ModuleType, target: tvm.target.Target, legalize: list) -> tvm.transform.Pass:
     """TVM's pipeline for `backend` (tvm.relax.backend.cpu_generic / gpu_generic's `pipeline` module) with the
     legalize passes replaced by `legalize`: library dispatch, legalize, dataflow lowering, finalize."""
 

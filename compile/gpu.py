@@ -26,6 +26,7 @@ import contextlib
 import os
 import re
 import shutil
+from collections.abc import Iterator
 
 import tvm
 from tvm import relax
@@ -53,7 +54,7 @@ def gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
 
 @contextlib.contextmanager
-def device_compiler(kind: str):
+def device_compiler(kind: str) -> Iterator[None]:
     """Within: TVM compiles CUDA kernels with nvcc when it is on PATH (see the module docstring), else
     NVRTC."""
     if kind != "cuda" or shutil.which("nvcc") is None or "TVM_CUDA_COMPILE_MODE" in os.environ:

@@ -16,6 +16,8 @@ pipeline's FoldConstant would fold the unpack straight back into an int8 constan
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -52,7 +54,7 @@ def packed_int4(w: np.ndarray) -> relax.Expr:
 _CHAIN = ("relax.reshape", "relax.subtract", "relax.bitwise_xor", "relax.astype")
 
 
-def unpacked_value(expr: relax.Expr, lookup) -> np.ndarray | None:
+def unpacked_value(expr: relax.Expr, lookup: Callable[[relax.Var], relax.Expr | None]) -> np.ndarray | None:
     """The int8 weight an unpack expression of pack_int4_weights restores, read at compile time from its
     packed constant, or None when `expr` is not one. `lookup(var)` gives the value bound to a var (a mutator's
     lookup_binding)."""

@@ -61,7 +61,7 @@ class CompileTarget:
             return self.device
         return "aarch64" if self.tvm_target.get("mtriple", "").startswith("aarch64") else "host"
 
-    def export_library(self, lib, path: str | Path) -> None:
+    def export_library(self, lib: tvm.runtime.Executable, path: str | Path) -> None:
         """Link a built module into the shared library at `path`, with the cross compiler if there is one."""
         if self.cross_cc:
             lib.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(self.cross_cc))

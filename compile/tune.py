@@ -140,7 +140,7 @@ class Device:
         self.remote, self.target, self.label = remote, target, label
         self._dir = tempfile.TemporaryDirectory(prefix="plateau-tune-") if remote is not None else None
 
-    def load(self, lib) -> tuple[tvm.runtime.Module, tvm.runtime.Device]:
+    def load(self, lib: tvm.runtime.Executable) -> tuple[tvm.runtime.Module, tvm.runtime.Device]:
         if self.remote is None:
             return lib.mod, tvm.cpu()
         name = f"tile-{uuid.uuid4().hex[:12]}.so"
