@@ -29,6 +29,7 @@ import torch
 
 from plateau.compile import compile_onnx, get_target, lower_qdq
 from plateau.compile.compiler import build, import_onnx, lower_for_target
+from plateau.compile.onnx_prep import output_step
 from plateau.data import batches, load_split
 from plateau.export.stage import load_reference
 from plateau.export.validate import ORT_INT8_QDQ, ort_session
@@ -52,12 +53,6 @@ def ort_version() -> str:
     import onnxruntime
 
     return onnxruntime.__version__
-
-
-def output_step(path: Path) -> float:
-    from plateau.compile._fixtures import output_step as step
-
-    return step(path)
 
 
 def compare(ours: np.ndarray, ref: np.ndarray, step: float) -> dict:

@@ -10,4 +10,5 @@ from .compiler import compile_onnx
 from .lower import lower_qdq, op_counts
 from .targets import CompileTarget, get_target, list_targets, register_target
 
-__all__ = ["compile_onnx", "list_targets", "lower_qdq", "get_target", "register_target", "CompileTarget", "op_counts"]
+__all__ = ["compile_onnx", "list_targets", "lower_qdq", "get_target", "register_target", "CompileTarget",
+           "op_counts"]

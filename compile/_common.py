@@ -3,15 +3,18 @@
 Requantize maps the exact int32 accumulator to the output type: round_half_even(acc * s_x * s_w / s_y) + zp_y,
 saturated. Three ways to take the product:
 
-- "float" (default): float32(acc) * float32 multiplier, computed in onnxruntime's order ((s_x * s_w) / s_y), as
-  its fused MLAS kernels (QLinearConv, QGemm, QLinearGlobalAveragePool) do. Bit-exact against onnxruntime wherever
-  it fuses the layer: 100% of logits on ResNet-20 U8S8 over 400 CIFAR images.
-- "float64": the real product rounded once, the meaning of the QDQ graph. Closer where onnxruntime runs a float
-  conv on dequantized values instead (4-bit weights; S8S8 on x86 unless int8 QDQ is allowed), but misses onnxruntime's fused kernels on ties.
+- "float" (default): float32(acc) * float32 multiplier, computed in onnxruntime's order ((s_x * s_w) / s_y),
+  as its fused MLAS kernels (QLinearConv, QGemm, QLinearGlobalAveragePool) do. Bit-exact against onnxruntime
+  wherever it fuses the layer: 100% of logits on ResNet-20 U8S8 over 400 CIFAR images.
+- "float64": the real product rounded once, the meaning of the QDQ graph. Closer where onnxruntime runs a
+  float conv on dequantized values instead (4-bit weights; S8S8 on x86 unless int8 QDQ is allowed), but misses
+  onnxruntime's fused kernels on ties.
 - "fixed": int32 multiplier and right shift in int64 for integer-only devices (ties round up).
 """
 
 from __future__ import annotations
+
+from types import ModuleType
 
 import numpy as np
 import tvm
@@ -21,9 +24,10 @@ from plateau.quant import QType, conv_multiplier, mean_multiplier, requant_multi
 
 __all__ = [
     "backend_pipeline",
-    "const_np", "scalar", "qtype_of", "Multiplier", "requantize", "REQUANT_MODES", "REQUANT_DOC", "per_tensor", "f32",
+    "const_np", "scalar", "qtype_of", "Multiplier", "requantize", "REQUANT_MODES", "REQUANT_DOC",
+    "per_tensor", "f32",
     "dequantize_f32", "quantize_f32", "requantize_elementwise", "exact_reciprocal", "dequantized_values",
-    "dot_bound", "fits_int32", "round_to_int_tail",
+    "dot_bound", "folded_bias", "fits_int32", "round_to_int_tail",
 ]
 
 REQUANT_MODES = ("float", "float64", "fixed")  # see the module docstring
@@ -45,8 +49,9 @@ REQUANT_DOC = {
         "matches": "the real-valued QDQ graph, up to float64 rounding",
     },
     "fixed": {
-        "conv_matmul": "((int64(acc) * M + 2^(30 + n)) >> (31 + n)) + zp_y, saturated; M int32 (Q31) and n from "
-                       "plateau.quant.requant_multiplier(s_x * s_w / s_y), per output channel",
+        "conv_matmul": "((int64(acc) * M + 2^(30 + n)) >> (31 + n)) + zp_y, saturated; "
+                       "M int32 (Q31) and n from plateau.quant.requant_multiplier(s_x * s_w / s_y), "
+                       "per output channel",
         "mean": "as conv_matmul with the multiplier s_x / (s_y * K)",
         "add_mul": "add: ((int64(a - zp_a) * M_a + int64(b - zp_b) * M_b + 2^(k-1)) >> k) + zp_y, "
                    "M = round(s / s_y * 2^k) < 2^31; mul: int32 (a - zp_a) * (b - zp_b), then as conv_matmul",
@@ -79,7 +84,8 @@ def qtype_of(dtype: str) -> QType | None:
 
 class Multiplier:
     """A per-channel requantize multiplier held two ways: float64 (exact up to 2^-53) and the float32 value
-    onnxruntime computes, in its order of float32 operations: (s_x * s_w) / s_y, or s_x / (s_y * K) for pools."""
+    onnxruntime computes, in its order of float32 operations: (s_x * s_w) / s_y, or s_x / (s_y * K) for
+    pools."""
 
     def __init__(self, m64: np.ndarray, m32: np.ndarray) -> None:
         self.m64 = np.asarray(m64, np.float64).reshape(-1)
@@ -94,7 +100,8 @@ class Multiplier:
 
     @classmethod
     def for_mean(cls, s_x: np.floating, s_y: np.floating, k: int | np.ndarray) -> Multiplier:
-        return cls(np.float64(s_x) / (np.float64(s_y) * np.asarray(k, np.float64)), mean_multiplier(s_x, s_y, k))
+        return cls(np.float64(s_x) / (np.float64(s_y) * np.asarray(k, np.float64)),
+                   mean_multiplier(s_x, s_y, k))
 
 
 def requantize(
@@ -113,8 +120,8 @@ def requantize(
     (C,) for matmul, () per-tensor). `lo` is out.qmin, or max(out.qmin, zp_y) when a ReLU was folded in.
     Rounding is half to even (TVM's round lowers to llvm.nearbyint); clamping after rounding gives the same
     integers as clamping before. maximum/minimum with scalar constants (not clip) let ConvertLayout carry
-    NHWC through the tail. `acc_bound` (a bound on |acc|, from the constant weights) lets the tail add the zero
-    point and saturate in int32 (round_to_int_tail).
+    NHWC through the tail. `acc_bound` (a bound on |acc|, from the constant weights) lets the tail add the
+    zero point and saturate in int32 (round_to_int_tail).
     """
     op = relax.op
     n = int(np.prod(chan_shape))
@@ -139,18 +146,47 @@ def dot_bound(w: np.ndarray, x_t: QType, zp_x: int, bias: np.ndarray | None = No
     return float(np.max(w * dx + b))
 
 
+def folded_bias(w: np.ndarray, out_axis: int, x_t: QType, zp_x: int, s_x: np.floating, s_w: np.ndarray,
+                bias_q: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                ) -> tuple[np.ndarray, float] | None:
+    """(the int32 bias of an integer conv / matmul on the raw input integers, the bound on its accumulator),
+    or None where the bias cannot be folded (a bias zero point, a bias of another size, an int32 overflow).
+
+    sum_k W[k] * (x_k - zp_x) + B = sum_k W[k] * x_k + (B - zp_x * sum_k W[k]): the input zero point folds
+    into the bias exactly. `w` holds one output channel per index of `out_axis`; `bias_q` is the (B_q, s_b,
+    zp_b) constants of the graph's bias (None: no bias). Exporters make s_b == s_x * s_w; otherwise B is
+    rescaled (rounding, so not bit-exact)."""
+    cout = w.shape[out_axis]
+    bias = np.zeros(cout, np.int64)
+    if bias_q is not None:
+        b_q, s_b, zp_b = bias_q
+        b = b_q.astype(np.int64).reshape(-1)
+        s_b = np.broadcast_to(s_b.astype(np.float32).reshape(-1), (cout,))
+        if np.any(zp_b != 0) or b.size != cout:
+            return None
+        s_xw = (np.float32(s_x) * s_w).astype(np.float32)
+        bias = b if np.allclose(s_b, s_xw, rtol=1e-6, atol=0) else np.rint(b * (s_b / s_xw)).astype(np.int64)
+    bound = dot_bound(w, x_t, int(zp_x), bias, axis=out_axis)
+    w_sum = np.moveaxis(w.astype(np.int64), out_axis, 0).reshape(cout, -1).sum(axis=1)
+    bias = bias - int(zp_x) * w_sum
+    if np.any(np.abs(bias) >= 2**31):
+        return None
+    return bias, bound
+
+
 def fits_int32(y_bound: float) -> bool:
     """Whether every round(y) + zp with |y| <= y_bound fits int32, with room for the float rounding of y."""
     return np.isfinite(y_bound) and y_bound * (1 + 1e-5) + 1024 < 2**31
 
 
 def round_to_int_tail(y: relax.Expr, zp: int, lo: int, out: QType) -> relax.Expr:
-    """saturate(round_half_even(y) + zp) to [lo, out.qmax] with the zero point added and the clamp done in int32,
-    for a float y whose rounding is known to fit int32 (fits_int32).
+    """saturate(round_half_even(y) + zp) to [lo, out.qmax] with the zero point added and the clamp done in
+    int32, for a float y whose rounding is known to fit int32 (fits_int32).
 
     The same integers as the float tail (round, + zp, clamp in float): round(y) + zp is exact in float32 below
-    2^24, and above it both saturate. The form lets a CPU round and convert in one instruction (`astype(round(y),
-    int32)` becomes llvm.lrint: schedule.round_to_int32) and saturate while narrowing (vpmovsdb / sqxtn).
+    2^24, and above it both saturate. The form lets a CPU round and convert in one instruction
+    (`astype(round(y), int32)` becomes llvm.lrint: cpu_pipeline.round_to_int32) and saturate while narrowing
+    (vpmovsdb / sqxtn).
     """
     op = relax.op
     i32 = lambda v: relax.const(np.asarray(v, np.int32), "int32")  # noqa: E731
@@ -203,9 +239,10 @@ def _saturated(y: np.ndarray, zp: int, lo: int, hi: int) -> np.ndarray:
 
 
 def exact_reciprocal(domain: np.ndarray, s: np.float32, zp: int, lo: int, hi: int) -> np.float32 | None:
-    """A float32 r with saturate(round(y * r) + zp) == saturate(round(y / s) + zp) for every y in `domain` (the
-    float32 values the tensor can hold), or None. A division costs several multiplies in a vector unit; over a
-    finite domain, checked value by value, the multiply is the same function, so the numerics are unchanged."""
+    """A float32 r with saturate(round(y * r) + zp) == saturate(round(y / s) + zp) for every y in `domain`
+    (the float32 values the tensor can hold), or None. A division costs several multiplies in a vector unit;
+    over a finite domain, checked value by value, the multiply is the same function, so the numerics are
+    unchanged."""
     y = np.asarray(domain, np.float32).reshape(-1)
     want = _saturated(y / np.float32(s), zp, lo, hi)
     r0 = np.float32(1.0) / np.float32(s)
@@ -224,8 +261,9 @@ def dequantized_values(qtype: QType, s: np.float32, zp: int) -> np.ndarray:
 def quantize_f32(y: relax.Expr, s: np.float32, zp: int, out: QType, lo: int | None = None,
                  domain: np.ndarray | None = None) -> relax.Expr:
     """ONNX QuantizeLinear of a float32 tensor: saturate(round_half_even(y / s) + zp), clamped below at `lo`
-    (out.qmin, or zp when a ReLU is folded in: round is monotone and round(0) = 0). With `domain`, every float32
-    value y can take, the division becomes a multiply where exact_reciprocal proves it the same function."""
+    (out.qmin, or zp when a ReLU is folded in: round is monotone and round(0) = 0). With `domain`, every
+    float32 value y can take, the division becomes a multiply where exact_reciprocal proves it the same
+    function."""
     op = relax.op
     lo = out.qmin if lo is None else lo
     r = None if domain is None else exact_reciprocal(domain, s, zp, lo, out.qmax)
@@ -247,7 +285,7 @@ def requantize_elementwise(q: relax.Expr, src: tuple[np.float32, int], dst: tupl
     return quantize_f32(dequantize_f32(q, *src), *dst, out, domain=domain)
 
 
-def backend_pipeline(backend, target: tvm.target.Target, legalize: list) -> tvm.transform.Pass:
+def backend_pipeline(backend: ModuleType, target: tvm.target.Target, legalize: list) -> tvm.transform.Pass:
     """TVM's pipeline for `backend` (tvm.relax.backend.cpu_generic / gpu_generic's `pipeline` module) with the
     legalize passes replaced by `legalize`: library dispatch, legalize, dataflow lowering, finalize."""
 
@@ -255,7 +293,8 @@ def backend_pipeline(backend, target: tvm.target.Target, legalize: list) -> tvm.
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(backend.library_dispatch_passes(target) + legalize
-                                           + backend.dataflow_lower_passes(target) + backend.finalize_passes(target))
+                                           + backend.dataflow_lower_passes(target)
+                                           + backend.finalize_passes(target))
             return seq(mod)
 
     return _pipeline

@@ -1,8 +1,8 @@
-"""Count an instruction per kernel in a library's assembly (`inspect_source("asm")`), for checks like "sdot in every
-conv kernel".
+"""Count an instruction per kernel in a library's assembly (`inspect_source("asm")`), for checks like "sdot in
+every conv kernel".
 
-TVM emits a parallel loop body as a local function (`.L__tvm_parallel_lambda.N`) that its kernel launches through
-the thread pool; its instructions are counted for the kernel that references it.
+TVM emits a parallel loop body as a local function (`.L__tvm_parallel_lambda.N`) that its kernel launches
+through the thread pool; its instructions are counted for the kernel that references it.
 """
 
 from __future__ import annotations

@@ -27,15 +27,18 @@ from plateau.artifacts import atomic_path, sha256_file, write_manifest
 from plateau.errors import PlateauError
 
 from ._common import REQUANT_DOC, REQUANT_MODES, const_np
+from .cpu_pipeline import SCHEDULES, build_pipeline, scheduled_pipeline
+from .dot_instructions import DotKernel
+from .dot_schedule import TileChooser
 from .gpu import SOURCE_SUFFIX, device_compiler, device_source, dp4a_count, gpu_pipeline, runtime_available
 from .lower import float_compute_calls, float_ops, lower_qdq, op_counts
 from .onnx_prep import PreparedModel, array_key, prepare_onnx
-from .pack_int4 import build_pipeline, pack_int4_weights, packed_weight_bytes
+from .pack_int4 import pack_int4_weights, packed_weight_bytes
 from .rewrite_pad import onnx_constant_pads, restore_pads
-from .schedule import SCHEDULES, TileChooser, graph_layout, scheduled_pipeline
 from .targets import CompileTarget, get_target
+from .tune import tuned_tiles
 
-__all__ = ["compile_onnx", "build", "import_onnx", "lower_for_target"]
+__all__ = ["compile_onnx", "build", "import_onnx", "lower_for_target", "graph_layout"]
 
 
 def import_onnx(onnx_path: str | Path) -> tuple[tvm.IRModule, PreparedModel]:
@@ -45,8 +48,9 @@ def import_onnx(onnx_path: str | Path) -> tuple[tvm.IRModule, PreparedModel]:
         warnings.simplefilter("ignore")  # dynamic batch and onnx.checker chatter, not user errors
         try:
             mod = relax_onnx.from_onnx(prep.model, keep_params_in_input=False)
-        except Exception as e:  # the importer raises bare TVMError / ValueError / KeyError on malformed graphs
-            raise PlateauError(f"{onnx_path}: the TVM ONNX importer failed: {type(e).__name__}: {e}") from None
+        except Exception as e:  # the importer raises bare TVMError / ValueError / KeyError on bad graphs
+            raise PlateauError(f"{onnx_path}: the TVM ONNX importer failed: {type(e).__name__}: {e}"
+                               ) from None
     return restore_pads(mod, onnx_constant_pads(prep.model)), prep
 
 
@@ -64,12 +68,15 @@ def _weight_of(call: relax.Call, bindings: dict) -> np.ndarray | None:
     return None
 
 
-# Relax op -> the ONNX op types it comes from, to name the node behind a float island (by order of appearance).
+# Relax op -> the ONNX op types it comes from, to name the node behind a float island (by order of
+# appearance).
 _ONNX_TYPES = {
     "nn.softmax": ("Softmax",), "nn.log_softmax": ("LogSoftmax",), "nn.layer_norm": ("LayerNormalization",),
     "nn.gelu": ("Gelu",), "nn.gelu_tanh": ("Gelu",), "sigmoid": ("Sigmoid", "HardSigmoid"), "tanh": ("Tanh",),
-    "mean": ("GlobalAveragePool", "ReduceMean"), "nn.avg_pool2d": ("AveragePool",), "nn.max_pool2d": ("MaxPool",),
-    "add": ("Add", "Sum"), "multiply": ("Mul",), "subtract": ("Sub",), "divide": ("Div",), "concat": ("Concat",),
+    "mean": ("GlobalAveragePool", "ReduceMean"), "nn.avg_pool2d": ("AveragePool",),
+    "nn.max_pool2d": ("MaxPool",),
+    "add": ("Add", "Sum"), "multiply": ("Mul",), "subtract": ("Sub",), "divide": ("Div",),
+    "concat": ("Concat",),
     "reshape": ("Reshape", "Flatten"), "permute_dims": ("Transpose",), "strided_slice": ("Slice",),
     "nn.pad": ("Pad",), "nn.relu": ("Relu",), "clip": ("Clip",), "erf": ("Erf",),
 }
@@ -117,6 +124,14 @@ def _op_names(mod: tvm.IRModule):
                         yield b.value.op.name
 
 
+def graph_layout(target: CompileTarget, schedule: str = "default") -> str:
+    """The conv layout of the graph: NHWC where the target's dot kernel runs (its reduction over contiguous
+    channels), else the target's own."""
+    if schedule == "default" and target.kernel is not None:
+        return "NHWC"
+    return target.conv_layout
+
+
 def _to_layout(mod: tvm.IRModule, layout: str) -> tvm.IRModule:
     """Switch integer conv2d to `layout`; the weight transposes are folded into the constants."""
     if layout == "NCHW" or not any(name == "relax.nn.conv2d" for name in _op_names(mod)):
@@ -134,11 +149,13 @@ def lower_for_target(mod: tvm.IRModule, target: CompileTarget, schedule: str = "
 
 def build(mod: tvm.IRModule, target: CompileTarget, schedule: str = "default",
           tiles: TileChooser | None = None) -> tuple[relax.VMExecutable, dict]:
-    """Build `mod` for `target`, trying its fallback target dicts if the main one fails; returns the dict used.
+    """Build `mod` for `target`, trying its fallback target dicts if the main one fails; returns (executable,
+    the target dict used).
 
     The pipeline is TVM's default CPU pipeline without FoldConstant (see pack_int4): fold before calling this.
-    On CPUs, schedule "default" adds the hand schedules of schedule.py (`tiles`: tuned conv tiles, tune.py);
-    "none" builds the kernels unscheduled.
+    On CPUs, schedule "default" adds the target's dot kernel and the hand schedules (cpu_pipeline.py; `tiles`:
+    tuned conv tiles, tune.py); "none" builds the kernels unscheduled. The fallback dicts build without a dot
+    kernel (_kernel_in_use).
     """
     if schedule not in SCHEDULES:
         raise PlateauError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
@@ -148,24 +165,32 @@ def build(mod: tvm.IRModule, target: CompileTarget, schedule: str = "default",
             t = tvm.target.Target(tdict)
             if target.device != "cpu":
                 pipeline = gpu_pipeline(t)
+            elif schedule == "default":
+                pipeline = scheduled_pipeline(t, _kernel_in_use(target, tdict, schedule), tiles)
             else:
-                pipeline = scheduled_pipeline(t, tiles) if schedule == "default" else build_pipeline(t)
+                pipeline = build_pipeline(t)
             with device_compiler(t.kind.name):
                 return tvm.compile(mod, t, relax_pipeline=pipeline), tdict
-        except Exception as e:  # LLVM rejects a CPU name or a schedule: try the next, report all if none builds
+        except Exception as e:  # LLVM rejects a CPU name or a schedule: the next; all reported if none builds
             errors.append(f"{tdict}: {type(e).__name__}: {_first_error_line(str(e))}")
     raise PlateauError(f"target {target.name!r} failed to build: " + " | ".join(errors))
 
 
+def _kernel_in_use(target: CompileTarget, tdict: dict, schedule: str) -> DotKernel | None:
+    """The dot kernel a build of `target` with the target dict `tdict` runs: the target's own for its main
+    dict and the default schedule; none for a fallback dict (a generic CPU) or unscheduled builds."""
+    return target.kernel if schedule == "default" and tdict == target.tvm_target else None
+
+
 def _first_error_line(msg: str) -> str:
-    """The line of a build failure that says what went wrong: a device compiler's log (NVRTC, nvcc) starts with a
-    bare "compilation failed:" and names the error further down."""
+    """The line of a build failure that says what went wrong: a device compiler's log (NVRTC, nvcc) starts
+    with a bare "compilation failed:" and names the error further down."""
     lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
     if not lines:
         return ""
     if lines[0].endswith(":"):
-        return " ".join([lines[0], next((ln for ln in lines[1:] if "error" in ln.lower()), lines[1] if len(lines) > 1
-                                        else "")]).strip()
+        detail = next((ln for ln in lines[1:] if "error" in ln.lower()), lines[1] if len(lines) > 1 else "")
+        return " ".join([lines[0], detail]).strip()
     return lines[0]
 
 
@@ -197,10 +222,11 @@ def compile_onnx(
     lowered is a PlateauError naming its ONNX node, unless `allow_float`, which keeps it in float and lists it
     in manifest["float_islands"]. `requant` is "float" (float32 multiplier, as onnxruntime's
     fused kernels), "float64" (the exact product) or "fixed" (integer-only); see plateau.compile._common.
-    `schedule` "default" uses the hand-written CPU schedules (schedule.py), "none" TVM's unscheduled kernels.
-    `tune_minutes` > 0 searches conv tiles within that budget (tune.py), timed on this machine, or on the board
-    at `tune_rpc` (HOST:PORT of `plateau device serve`; needed for arm64 targets), kept in out_dir/tuning/ so
-    later builds reuse them. Returns the manifest dict.
+    `schedule` "default" uses the target's dot kernel and the hand-written CPU schedules (cpu_pipeline.py),
+    "none" TVM's unscheduled kernels; manifest["kernel"] names the dot kernel in use (None: none).
+    `tune_minutes` > 0 searches conv tiles within that budget (tune.py), timed on this machine, or on the
+    board at `tune_rpc` (HOST:PORT of `plateau device serve`; needed for arm64 targets), kept in
+    out_dir/tuning/ so later builds reuse them. Returns the manifest dict.
     """
     tgt = get_target(target)
     if requant not in REQUANT_MODES:
@@ -226,9 +252,7 @@ def compile_onnx(
     mod = lower_for_target(mod, tgt, schedule)
     lib_weight_bytes, n_packed = packed_weight_bytes(mod)
     tiles, tuning = None, None
-    if schedule == "default":
-        from .tune import tuned_tiles  # the database in out_dir/tuning/, searched when tune_minutes > 0
-
+    if schedule == "default":  # the database in out_dir/tuning/, searched when tune_minutes > 0
         tiles, tuning = tuned_tiles(mod, tgt, out_dir / "tuning", tune_minutes, tune_rpc, tune_rpc_key)
     ex, tdict = build(mod, tgt, schedule, tiles)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,22 +275,25 @@ def compile_onnx(
         if tgt.device == "cuda":
             extra["device_source"]["dp4a"] = dp4a_count(src.read_text())
         extra["runs_here"] = runtime_available(tgt.device)
-        extra["run_note"] = ("run where a GPU exists: " + ("a CUDA driver and GPU" if tgt.device == "cuda" else
-                             "an OpenCL device and a TVM runtime built with USE_OPENCL=ON (the apache-tvm wheel "
-                             "has no OpenCL runtime)"))
+        needs = ("a CUDA driver and GPU" if tgt.device == "cuda" else
+                 "an OpenCL device and a TVM runtime built with USE_OPENCL=ON (the apache-tvm wheel "
+                 "has no OpenCL runtime)")
+        extra["run_note"] = "run where a GPU exists: " + needs
 
     inp, out = _io_info(mod)
     out["name"] = next((o.name for o in prep.model.graph.output), "output")
-    inp["name"] = next(i.name for i in prep.model.graph.input if i.name not in {x.name for x in
-                                                                                 prep.model.graph.initializer})
+    weights = {x.name for x in prep.model.graph.initializer}
+    inp["name"] = next(i.name for i in prep.model.graph.input if i.name not in weights)
     config = {"target": target, "allow_float": allow_float, "requant": requant, "schedule": schedule}
+    kernel = _kernel_in_use(tgt, tdict, schedule)
     return write_manifest(
         out_dir, "compile", config=config,
         outputs={"library": {"path": so.name, "sha256": sha256_file(so), "bytes": so.stat().st_size}},
         inputs={"onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)}},
         target=target, tvm_target=tdict, arch=tgt.arch, tvm_version=tvm.__version__,
         input=inp, output=out, batch="dynamic" if isinstance(inp["shape"][0], str) else inp["shape"][0],
-        conv_layout=graph_layout(tgt, schedule), ops=op_counts(mod), float_islands=islands, tuning=tuning,
+        conv_layout=graph_layout(tgt, schedule), kernel=kernel.name if kernel else None, ops=op_counts(mod),
+        float_islands=islands, tuning=tuning,
         requantize={"mode": requant, **REQUANT_DOC[requant]},
         weight_bytes=prep.weight_bytes, weight_bits=sorted(prep.compute_weight_bits),
         # weights whose values fit in 4 bits are stored two per byte and unpacked at run time (pack_int4.py)

@@ -1,12 +1,12 @@
 """A dlight schedule rule for int8 x int8 -> int32 GEMM-like reductions on CUDA with `__dp4a`.
 
-dlight's own Matmul rule schedules the integer conv2d / matmul as an implicit GEMM but multiplies one byte at a
-time; its int8 tensor-core path needs every GEMM extent > 64 (ResNet-20's layers have 16-64 output channels).
-This rule normalizes the reduction the same way (C[S, I, J] += A[S, I, K] * B[S, J, K], dlight's index maps),
-pads K to a multiple of 4, stages A and B tiles in shared memory and tensorizes the innermost 4-wide reduction
-with TVM's registered dp4a intrinsic (`__dp4a(int8x4, int8x4, int32)`, sm_61+). The epilogue (bias, requantize,
-residual add) is inlined into the store of the local accumulator. Anything else returns None, so the next rule
-(dlight's Matmul, then Fallback) takes the function.
+dlight's own Matmul rule schedules the integer conv2d / matmul as an implicit GEMM but multiplies one byte at
+a time; its int8 tensor-core path needs every GEMM extent > 64 (ResNet-20's layers have 16-64 output
+channels). This rule normalizes the reduction the same way (C[S, I, J] += A[S, I, K] * B[S, J, K], dlight's
+index maps), pads K to a multiple of 4, stages A and B tiles in shared memory and tensorizes the innermost
+4-wide reduction with TVM's registered dp4a intrinsic (`__dp4a(int8x4, int8x4, int32)`, sm_61+). The epilogue
+(bias, requantize, residual add) is inlined into the store of the local accumulator. Anything else returns
+None, so the next rule (dlight's Matmul, then Fallback) takes the function.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class Dp4aMatmul(GPUScheduleRule):
             return None
         try:
             return self._schedule(sch, main, _INTRIN[reads[0]])
-        except (tvm.TVMError, ValueError, AssertionError):  # a shape this rule does not handle: leave it to dlight
+        except (tvm.TVMError, ValueError, AssertionError):  # a shape this rule does not handle: dlight's
             return None
 
     def _schedule(self, sch: s_tir.Schedule, main, intrin: str) -> s_tir.Schedule:

@@ -31,8 +31,8 @@ __all__ = ["lower_qdq", "op_counts", "float_compute_calls", "float_ops", "REWRIT
 PRE_REWRITES = {"passthrough": PassThroughRewrite, "requant": RequantRewrite}
 _MAX_PRE_ROUNDS = 16
 # Then the compute patterns; each matches a disjoint root (the quantize after its own op).
-REWRITES = {"conv2d": ConvRewrite, "matmul": MatmulRewrite, "act_matmul": ActMatmulRewrite, "mean": MeanRewrite,
-            "avg_pool": AvgPoolRewrite,
+REWRITES = {"conv2d": ConvRewrite, "matmul": MatmulRewrite, "act_matmul": ActMatmulRewrite,
+            "mean": MeanRewrite, "avg_pool": AvgPoolRewrite,
             "binary": BinaryRewrite, "concat": ConcatRewrite}
 _COMPUTE = {"relax.nn.conv2d": "conv2d", "relax.matmul": "matmul"}
 
@@ -42,7 +42,8 @@ def lower_qdq(mod: tvm.IRModule, requant: str = "float") -> tvm.IRModule:
     matmul, mean (GlobalAveragePool), add / multiply, concat, and the pass-through ops between them.
 
     `requant` chooses the requantize step: "float" (float32 multiplier, as onnxruntime's fused kernels),
-    "float64" (the exact product) or "fixed" (int32 multiplier and shift, integer-only). Patterns whose preconditions fail are left as they are.
+    "float64" (the exact product) or "fixed" (int32 multiplier and shift, integer-only). Patterns whose
+    preconditions fail are left as they are.
     """
     if requant not in REQUANT_MODES:
         raise ValueError(f"requant must be one of {REQUANT_MODES}, got {requant!r}")

@@ -1,19 +1,23 @@
 """Load a QDQ ONNX file and put it in the form the Relax importer handles, before any TVM code runs.
 
 - A file that is not ONNX, or an op the importer has no converter for, is a PlateauError naming the node.
-- com.microsoft QuantizeLinear / DequantizeLinear (what onnxruntime writes for 4-bit types below opset 21) move
-  to the default domain: same semantics, and the importer only knows the default one.
+- com.microsoft QuantizeLinear / DequantizeLinear (what onnxruntime writes for 4-bit types below opset 21)
+  move to the default domain: same semantics, and the importer only knows the default one.
 - Subgraphs computed from constants only (torch exports F.pad's pads as Constant -> Concat -> Reshape -> Cast,
   which the importer calls "dynamic pads") are folded into initializers with onnx's reference evaluator.
   QuantizeLinear / DequantizeLinear are never folded: the rewrites need to see them.
 - Cast(INT4 initializer -> INT8) (and UINT4 -> UINT8), Plateau's widened layout for onnxruntime, is the same
-  integers: its consumers read the 4-bit initializer itself, so the weight is still known (and packed) as 4-bit.
+  integers: its consumers read the 4-bit initializer itself, so the weight is still known (and packed) as
+  4-bit.
 - INT4 / UINT4 initializers are unpacked to INT8 / UINT8 (exact: same values). The importer cannot read packed
   4-bit tensors, and TVM miscompiles native int4 buffers (shared notes). A QuantizeLinear whose zero point was
   4-bit gets a Clip to the 4-bit range after it, so activations still saturate at -8..7 (or 0..15).
 - Clip(y, lo, hi) -> QuantizeLinear (ReLU6 and friends) becomes QuantizeLinear(y) -> a Clip on the integers to
-  [Q(lo), Q(hi)]: quantize is monotone, so the two are equal exactly, and the conv / matmul / add rewrites then
-  see their QuantizeLinear directly. A clamp that covers the whole integer range is dropped.
+  [Q(lo), Q(hi)]: quantize is monotone, so the two are equal exactly, and the conv / matmul / add rewrites
+  then see their QuantizeLinear directly. A clamp that covers the whole integer range is dropped.
+
+`output_step` reads the quantization step of a QDQ file's output (what "one step" means when outputs are
+compared).
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from onnx import TensorProto, helper, numpy_helper
 from plateau.errors import PlateauError
 from plateau.quant import QType, quantize_np
 
-__all__ = ["PreparedModel", "prepare_onnx", "array_key"]
+__all__ = ["PreparedModel", "prepare_onnx", "array_key", "output_step"]
 
-_FOUR_BIT = {TensorProto.INT4: (TensorProto.INT8, QType(4, True)), TensorProto.UINT4: (TensorProto.UINT8, QType(4, False))}
+_FOUR_BIT = {TensorProto.INT4: (TensorProto.INT8, QType(4, True)),
+             TensorProto.UINT4: (TensorProto.UINT8, QType(4, False))}
 _COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -44,8 +49,10 @@ def array_key(a: np.ndarray) -> str:
 @dataclass
 class PreparedModel:
     model: onnx.ModelProto
-    weight_bits: dict[str, int] = field(default_factory=dict)  # initializer name -> bits as stored in the file
-    weight_owner: dict[str, tuple[str, str]] = field(default_factory=dict)  # array_key -> (node name, op type)
+    # initializer name -> bits as stored in the file
+    weight_bits: dict[str, int] = field(default_factory=dict)
+    # array_key -> (node name, op type)
+    weight_owner: dict[str, tuple[str, str]] = field(default_factory=dict)
     weight_bytes: int = 0  # bytes of quantized weights as stored in ONNX (4-bit counted as half a byte)
     compute_weight_bits: set[int] = field(default_factory=set)  # bit widths of conv / matmul weights
 
@@ -80,7 +87,8 @@ _WIDENED = {TensorProto.INT4: TensorProto.INT8, TensorProto.UINT4: TensorProto.U
 
 
 def _drop_widening_casts(graph: onnx.GraphProto) -> None:
-    """Cast(4-bit initializer -> the 8-bit type of the same signedness) => the initializer (see the docstring)."""
+    """Cast(4-bit initializer -> the 8-bit type of the same signedness) => the initializer (see the
+    docstring)."""
     inits = {i.name: i.data_type for i in graph.initializer}
     outputs = {o.name for o in graph.output}
     alias: dict[str, str] = {}
@@ -110,10 +118,12 @@ def _fold_constants(model: onnx.ModelProto) -> None:
     kept = []
     for node in graph.node:
         ins = [i for i in node.input if i]
-        if node.op_type in _NEVER_FOLD or node.domain not in ("", "ai.onnx") or not all(i in const for i in ins):
+        if (node.op_type in _NEVER_FOLD or node.domain not in ("", "ai.onnx")
+                or not all(i in const for i in ins)):
             kept.append(node)
             continue
-        vi = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(const[i].dtype), None) for i in ins]
+        vi = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(const[i].dtype), None)
+              for i in ins]
         outs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in node.output]
         one = helper.make_model(helper.make_graph([node], "fold", vi, outs), opset_imports=opsets)
         try:
@@ -133,7 +143,7 @@ _ZP_TYPES = {TensorProto.INT8: QType(8, True), TensorProto.UINT8: QType(8, False
 
 
 def _fold_clip_into_quantize(graph: onnx.GraphProto) -> None:
-    """Clip(y, lo, hi) -> QuantizeLinear(s, zp)  =>  QuantizeLinear(y) -> Clip(q, Q(lo), Q(hi)) (see the docstring).
+    """Clip(y, lo, hi) -> QuantizeLinear(s, zp)  =>  QuantizeLinear(y) -> Clip(q, Q(lo), Q(hi)) (module doc).
 
     Only a Clip whose one consumer is the QuantizeLinear, with constant bounds and a per-tensor scale."""
     inits = {i.name: i for i in graph.initializer}
@@ -156,15 +166,17 @@ def _fold_clip_into_quantize(graph: onnx.GraphProto) -> None:
         if uses.get(clip.output[0], 0) != 1 or clip.output[0] in outputs:
             continue
         bounds = [clip.input[i] if len(clip.input) > i and clip.input[i] else None for i in (1, 2)]
-        if any(b is not None and b not in inits for b in bounds) or q.input[1] not in inits or q.input[2] not in inits:
+        if (any(b is not None and b not in inits for b in bounds) or q.input[1] not in inits
+                or q.input[2] not in inits):
             continue
         s, zp_init = const(q.input[1]), inits[q.input[2]]
         qt = _ZP_TYPES.get(zp_init.data_type)
         if qt is None or s.size != 1:
             continue
         zp = int(numpy_helper.to_array(zp_init).astype(np.int64).reshape(-1)[0])
-        lo = qt.qmin if bounds[0] is None else int(quantize_np(const(bounds[0]).reshape(()), s.reshape(()), zp, qt))
-        hi = qt.qmax if bounds[1] is None else int(quantize_np(const(bounds[1]).reshape(()), s.reshape(()), zp, qt))
+        s0 = s.reshape(())
+        lo = qt.qmin if bounds[0] is None else int(quantize_np(const(bounds[0]).reshape(()), s0, zp, qt))
+        hi = qt.qmax if bounds[1] is None else int(quantize_np(const(bounds[1]).reshape(()), s0, zp, qt))
         q.input[0] = clip.input[0]
         dropped.add(index[clip.output[0]])
         if lo > qt.qmin or hi < qt.qmax:
@@ -249,3 +261,18 @@ def prepare_onnx(path: str | Path) -> PreparedModel:
                 prep.weight_bytes += (arr.size * bits + 7) // 8
                 prep.compute_weight_bits.add(bits)
     return prep
+
+
+def output_step(path: str | Path) -> float:
+    """The quantization step of the graph output: the scale of the DequantizeLinear that produces it (through
+    Identity nodes)."""
+    model = onnx.load(str(path))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    node = producer[model.graph.output[0].name]
+    while node.op_type == "Identity":
+        node = producer[node.input[0]]
+    if node.op_type != "DequantizeLinear":
+        raise PlateauError(f"{path}: the output comes from {node.op_type}, not a DequantizeLinear: "
+                           "no output step")
+    return float(inits[node.input[1]])

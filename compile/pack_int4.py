@@ -7,34 +7,29 @@ elementwise ops that restores it:
     packed[i] = (w[2i] & 0xF) | (w[2i+1] << 4)                       (at compile time, numpy)
     w = ((stack([packed & 0xF, packed >> 4], -1) as int8) ^ 8) - 8    (at run time: sign-extends the nibbles)
 
-The unpack runs once per inference as one fused elementwise kernel over the weights; the conv itself still reads
-int8 (so +dotprod still gives sdot). TVM's native int4 buffers are not used: they are miscompiled (shared notes).
-The default pipeline's FoldConstant would fold the unpack straight back into an int8 constant, so `build_pipeline`
-is the default CPU pipeline without it; constants are folded before packing instead.
+The unpack runs once per inference as one fused elementwise kernel over the weights; the conv itself still
+reads int8 (so +dotprod still gives sdot). TVM's native int4 buffers are not used: they are miscompiled
+(shared notes). The nibbles are plateau.quant's (pack_int4 / unpack_int4, ONNX's INT4 order). The default
+pipeline's FoldConstant would fold the unpack straight back into an int8 constant, so the CPU pipelines
+(cpu_pipeline.py) leave it out; constants are folded before packing instead.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
+from plateau.quant import pack_int4, unpack_int4
+
 from ._common import const_np
 
-__all__ = ["pack_int4_weights", "packed_weight_bytes", "build_pipeline", "MIN_PACK_VALUES", "unpacked_value",
-           "packed_int4", "pack_nibbles"]
+__all__ = ["pack_int4_weights", "packed_weight_bytes", "MIN_PACK_VALUES", "unpacked_value", "packed_int4"]
 
 MIN_PACK_VALUES = 32  # smaller weights are not worth an extra kernel launch
-
-
-def pack_nibbles(w: np.ndarray) -> np.ndarray:
-    """int8 values in -8..7, flattened, two per byte: value 2i in the low nibble of byte i, 2i + 1 in the high."""
-    flat = w.reshape(-1).astype(np.int16)
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.int16)])
-    nib = (flat & 0xF).astype(np.uint8)
-    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8)
 
 
 def _unpack(packed: relax.Expr, shape: tuple[int, ...], n: int) -> relax.Expr:
@@ -51,7 +46,7 @@ def _unpack(packed: relax.Expr, shape: tuple[int, ...], n: int) -> relax.Expr:
 
 def packed_int4(w: np.ndarray) -> relax.Expr:
     """The run-time unpack expression of int8 values `w` (all in -8..7), stored two per byte."""
-    packed = relax.const(pack_nibbles(w), "uint8")
+    packed = relax.const(pack_int4(w), "uint8")
     return _unpack(packed, tuple(w.shape), w.size)
 
 
@@ -59,9 +54,9 @@ def packed_int4(w: np.ndarray) -> relax.Expr:
 _CHAIN = ("relax.reshape", "relax.subtract", "relax.bitwise_xor", "relax.astype")
 
 
-def unpacked_value(expr: relax.Expr, lookup) -> np.ndarray | None:
-    """The int8 weight an unpack expression of pack_int4_weights restores, read at compile time from its packed
-    constant, or None when `expr` is not one. `lookup(var)` gives the value bound to a var (a mutator's
+def unpacked_value(expr: relax.Expr, lookup: Callable[[relax.Var], relax.Expr | None]) -> np.ndarray | None:
+    """The int8 weight an unpack expression of pack_int4_weights restores, read at compile time from its
+    packed constant, or None when `expr` is not one. `lookup(var)` gives the value bound to a var (a mutator's
     lookup_binding)."""
     def follow(e: relax.Expr) -> relax.Expr:
         while isinstance(e, relax.Var):
@@ -84,7 +79,8 @@ def unpacked_value(expr: relax.Expr, lookup) -> np.ndarray | None:
         e = follow(e.args[0])
     if name(e) != "relax.reshape" or name(follow(e.args[0])) != "relax.stack":
         return None
-    lo = follow(follow(e.args[0]).args[0].fields[0]) if isinstance(follow(e.args[0]).args[0], relax.Tuple) else None
+    stacked = follow(e.args[0]).args[0]
+    lo = follow(stacked.fields[0]) if isinstance(stacked, relax.Tuple) else None
     if lo is None or name(lo) != "relax.bitwise_and":
         return None
     packed = const_np(lo.args[0])
@@ -92,12 +88,12 @@ def unpacked_value(expr: relax.Expr, lookup) -> np.ndarray | None:
     n = int(np.prod(shape))
     if packed is None or packed.dtype != np.uint8 or 2 * packed.size < n:
         return None
-    nib = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(-1)[:n].astype(np.int8)
-    return ((nib ^ 8) - 8).reshape(shape)
+    return unpack_int4(packed, n).reshape(shape)
 
 
 def pack_int4_weights(mod: tvm.IRModule) -> tvm.IRModule:
-    """Replace each packable int8 conv2d / matmul weight constant by packed bytes + an unpack (see module doc)."""
+    """Replace each packable int8 conv2d / matmul weight constant by packed bytes + an unpack (see module
+    doc)."""
     data, weight = wildcard(), is_const()
     pattern = is_op("relax.nn.conv2d")(data, weight) | is_op("relax.matmul")(data, weight)
 
@@ -131,15 +127,3 @@ def packed_weight_bytes(mod: tvm.IRModule) -> tuple[int, int]:
                     total += w.nbytes
                     packed += name == "relax.bitwise_and"
     return total, packed
-
-
-def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's default CPU pipeline, unscheduled, minus FoldConstant (which would undo the packing); legalized as
-    the scheduled pipeline is (schedule.legalize_passes), so both compute the same numbers."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-    # late imports: schedule imports schedule_dot, which imports this module
-    from ._common import backend_pipeline
-    from .schedule import legalize_passes
-
-    return backend_pipeline(cpu, target, legalize_passes(target))

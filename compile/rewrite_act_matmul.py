@@ -1,12 +1,12 @@
-"""Rewrite dequantize(A) @ dequantize(B) -> quantize, both operands activations (attention's Q.K^T and P.V), into an
-integer batched matmul with a requantize tail.
+"""Rewrite dequantize(A) @ dequantize(B) -> quantize, both operands activations (attention's Q.K^T and P.V),
+into an integer batched matmul with a requantize tail.
 
     quantize(matmul(dequantize(a_q, s_a, zp_a), dequantize(b_q, s_b, zp_b)), s_y, zp_y)
 =>
     requantize(matmul(int32(a_q) - zp_a, int32(b_q) - zp_b, out int32), s_a * s_b / s_y)
 
-Per-tensor parameters on both sides (the QDQ form of onnxruntime's QLinearMatMul); the int32 accumulation is exact,
-the requantize is the conv's. Leading (batch, head) axes broadcast as in ONNX MatMul.
+Per-tensor parameters on both sides (the QDQ form of onnxruntime's QLinearMatMul); the int32 accumulation is
+exact, the requantize is the conv's. Leading (batch, head) axes broadcast as in ONNX MatMul.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class ActMatmulRewrite:
             return expr  # a constant weight is MatmulRewrite's (per-channel scales, folded zero point)
         out_t = qtype_of(m[self.quant].attrs.out_dtype)
         params = [scalar(m[p]) for p in (self.s_a, self.zp_a, self.s_b, self.zp_b, self.s_y, self.zp_y)]
-        if out_t is None or None in params or qtype_of(a_q.ty.dtype) is None or qtype_of(b_q.ty.dtype) is None:
+        if out_t is None or None in params or None in (qtype_of(a_q.ty.dtype), qtype_of(b_q.ty.dtype)):
             return expr
         s_a, zp_a, s_b, zp_b, s_y, zp_y = params
         op = relax.op

@@ -4,9 +4,9 @@
 =>
     concat([requant(q_1), ..., requant(q_n)], axis)      requant(q_i) = q_i when (s_i, zp_i) == (s_y, zp_y)
 
-Concat moves values without changing them, so quantizing the concatenation is quantizing each part: the per-input
-requantize (rewrite_requant's float32 formula) is exact, and free when the exporter shares one scale (as
-onnxruntime's quantizer does for Concat). Per-tensor parameters, 2 to MAX_INPUTS inputs.
+Concat moves values without changing them, so quantizing the concatenation is quantizing each part: the
+per-input requantize (rewrite_requant's float32 formula) is exact, and free when the exporter shares one scale
+(as onnxruntime's quantizer does for Concat). Per-tensor parameters, 2 to MAX_INPUTS inputs.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""Rewrite dequantize -> conv2d [-> + bias] [-> relu] -> quantize into an integer conv2d with a requantize tail.
+"""Rewrite dequantize -> conv2d [-> + bias] [-> relu] -> quantize: an integer conv2d with a requantize tail.
 
     x_q --dequantize(s_x, zp_x)--\
-    W_q --dequantize(s_w, 0, axis 0)-- conv2d -- add(reshape(dequantize(B_q, s_x*s_w))) -- [relu] -- quantize(s_y, zp_y)
+    W_q --dequantize(s_w, 0, axis 0)-- conv2d -- add(reshape(dequantize(B_q, s_x*s_w)))
+        -- [relu] -- quantize(s_y, zp_y)
 =>
-    pad(x_q, value=zp_x) -- conv2d(int8 W_q, out int32) -- + (B_q - zp_x * sum(W_q)) -- requantize(s_x*s_w/s_y)
+    pad(x_q, value=zp_x) -- conv2d(int8 W_q, out int32) -- + (B_q - zp_x * sum(W_q))
+        -- requantize(s_x*s_w/s_y)
 
 Padding with the input zero point makes padded taps contribute (zp_x - zp_x) * w = 0, as zeros do in float, so
 the zero point folds exactly into the bias. A ReLU folds into the lower clip bound (quantize is monotone and
@@ -17,7 +19,7 @@ import numpy as np
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from ._common import Multiplier, const_np, dot_bound, qtype_of, requantize, scalar
+from ._common import Multiplier, const_np, folded_bias, qtype_of, requantize, scalar
 
 __all__ = ["ConvRewrite"]
 
@@ -59,20 +61,13 @@ class ConvRewrite:
         if np.any(zp_w != 0) or (const_np(m[self.s_w]).size > 1 and w_axis != 0):
             return expr  # asymmetric or non-output-channel weights: not lowered (reported as a float island)
 
-        w64 = w.astype(np.int64)
-        bias = np.zeros(cout, np.int64)
+        bias_q = None
         if self.b_q in m:
-            b = const_np(m[self.b_q]).astype(np.int64).reshape(-1)
-            s_b = np.broadcast_to(const_np(m[self.s_b]).astype(np.float32).reshape(-1), (cout,))
-            if np.any(const_np(m[self.zp_b]) != 0) or b.size != cout:
-                return expr
-            s_xw = (np.float32(s_x) * s_w).astype(np.float32)
-            # Exporters make s_b == s_x * s_w; otherwise rescale (rounding, so not bit-exact).
-            bias = b if np.allclose(s_b, s_xw, rtol=1e-6, atol=0) else np.rint(b * (s_b / s_xw)).astype(np.int64)
-        bound = dot_bound(w, in_t, int(zp_x), bias)
-        bias = bias - int(zp_x) * w64.reshape(cout, -1).sum(axis=1)
-        if np.any(np.abs(bias) >= 2**31):
+            bias_q = (const_np(m[self.b_q]), const_np(m[self.s_b]), const_np(m[self.zp_b]))
+        folded = folded_bias(w, 0, in_t, int(zp_x), s_x, s_w, bias_q)
+        if folded is None:
             return expr
+        bias, bound = folded
 
         data, padding = x_q, [int(p) for p in conv_attrs.padding]
         if int(zp_x) != 0 and any(padding):

@@ -1,4 +1,4 @@
-"""Rewrite dequantize -> matmul [-> + bias] [-> relu] -> quantize into an integer matmul with a requantize tail.
+"""Rewrite dequantize -> matmul [-> + bias] [-> relu] -> quantize: an integer matmul with a requantize tail.
 
 Covers what the ONNX importer makes of a quantized Gemm (transB=1: permute_dims of the dequantized [out, in]
 weight, per-channel axis 0) and of Gemm transB=0 / MatMul (weight [in, out], per-channel axis 1), with the
@@ -17,7 +17,7 @@ import numpy as np
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from ._common import Multiplier, const_np, dot_bound, qtype_of, requantize, scalar
+from ._common import Multiplier, const_np, folded_bias, qtype_of, requantize, scalar
 
 __all__ = ["MatmulRewrite"]
 
@@ -47,12 +47,14 @@ class MatmulRewrite:
         out_t = qtype_of(m[self.quant].attrs.out_dtype)
         w = const_np(m[self.w_q])
         s_x, zp_x, s_y, zp_y = (scalar(m[p]) for p in (self.s_x, self.zp_x, self.s_y, self.zp_y))
-        if in_t is None or out_t is None or None in (s_x, zp_x, s_y, zp_y) or w.dtype != np.int8 or w.ndim != 2:
+        if in_t is None or out_t is None or None in (s_x, zp_x, s_y, zp_y):
+            return expr
+        if w.dtype != np.int8 or w.ndim != 2:
             return expr
         s_w_raw = const_np(m[self.s_w]).astype(np.float32).reshape(-1)
         if np.any(const_np(m[self.zp_w]) != 0):
             return expr
-        # The per-channel axis must be the output axis: 0 of [out, in] when transposed, 1 of [in, out] otherwise.
+        # The per-channel axis must be the output axis: 0 of [out, in] transposed, else 1 of [in, out].
         transposed = self.w_t in m
         if transposed:
             perm = m[self.w_t].attrs.axes
@@ -65,19 +67,13 @@ class MatmulRewrite:
         cout = w.shape[1]
         s_w = np.broadcast_to(s_w_raw, (cout,))
 
-        w64 = w.astype(np.int64)
-        bias = np.zeros(cout, np.int64)
+        bias_q = None
         if self.b_q in m:
-            b = const_np(m[self.b_q]).astype(np.int64).reshape(-1)
-            s_b = np.broadcast_to(const_np(m[self.s_b]).astype(np.float32).reshape(-1), (cout,))
-            if np.any(const_np(m[self.zp_b]) != 0) or b.size != cout:
-                return expr
-            s_xw = (np.float32(s_x) * s_w).astype(np.float32)
-            bias = b if np.allclose(s_b, s_xw, rtol=1e-6, atol=0) else np.rint(b * (s_b / s_xw)).astype(np.int64)
-        bound = dot_bound(w, in_t, int(zp_x), bias, axis=1)
-        bias = bias - int(zp_x) * w64.sum(axis=0)
-        if np.any(np.abs(bias) >= 2**31):
+            bias_q = (const_np(m[self.b_q]), const_np(m[self.s_b]), const_np(m[self.zp_b]))
+        folded = folded_bias(w, 1, in_t, int(zp_x), s_x, s_w, bias_q)
+        if folded is None:
             return expr
+        bias, bound = folded
 
         acc = relax.op.matmul(x_q, relax.const(np.ascontiguousarray(w)), out_dtype="int32")
         acc = relax.op.add(acc, relax.const(bias.astype(np.int32)))

@@ -1,13 +1,15 @@
-"""Turn the importer's constant Pad (a call_tir of topi.nn.pad) back into relax.nn.pad, so the pad can run on integers.
+"""Turn the importer's constant Pad (a call_tir of topi.nn.pad) back into relax.nn.pad, so the pad can run on
+integers.
 
 TVM's ONNX importer emits every constant-mode Pad as `call_tir(pad, (x,))` of a TIR function built by
 topi.nn.pad: the pattern rewrites cannot see through it, and it would stay a float op on dequantized values
 (ResNet-20's option-A shortcut: Slice then a channel Pad). The pads are read from the ONNX graph instead
 (`onnx_constant_pads`, one entry per Pad node in graph order, which is the order the importer emits them) and
-each call becomes `relax.nn.pad(x, pad_width, pad_value)`; rewrite_passthrough then moves the dequantize below it.
+each call becomes `relax.nn.pad(x, pad_width, pad_value)`; rewrite_passthrough then moves the dequantize below
+it.
 
-Nothing changes unless the number of such calls equals the number of constant Pads with constant pads, and each
-replacement has exactly the call's output shape.
+Nothing changes unless the number of such calls equals the number of constant Pads with constant pads, and
+each replacement has exactly the call's output shape.
 """
 
 from __future__ import annotations
@@ -26,14 +28,16 @@ __all__ = ["PadSpec", "onnx_constant_pads", "restore_pads"]
 
 @dataclass(frozen=True)
 class PadSpec:
-    """relax pad_width ([before_0, after_0, before_1, after_1, ...]) and the constant value; None = unknown."""
+    """relax pad_width ([before_0, after_0, before_1, after_1, ...]) and the constant value; None =
+    unknown."""
 
     pad_width: tuple[int, ...] | None
     value: float = 0.0
 
 
 def onnx_constant_pads(model: onnx.ModelProto) -> list[PadSpec]:
-    """One PadSpec per constant-mode Pad node, in graph order (pad_width None when the pads are not constants)."""
+    """One PadSpec per constant-mode Pad node, in graph order (pad_width None when the pads are not
+    constants)."""
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     specs = []
     for node in model.graph.node:
@@ -64,7 +68,8 @@ def _is_topi_pad(mod: tvm.IRModule, call: relax.Call) -> bool:
 
 
 def restore_pads(mod: tvm.IRModule, specs: list[PadSpec]) -> tvm.IRModule:
-    """Replace the k-th topi pad call_tir of `main` with relax.nn.pad from specs[k] (see the module docstring)."""
+    """Replace the k-th topi pad call_tir of `main` with relax.nn.pad from specs[k] (see the module
+    docstring)."""
     main = mod["main"]
     calls = [b.value for blk in main.body.blocks for b in blk.bindings
              if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.call_tir"

@@ -1,4 +1,5 @@
-"""Move a per-tensor dequantize below the data-movement ops and max pooling that follow it, so they run on integers.
+"""Move a per-tensor dequantize below the data-movement ops and max pooling that follow it, so they run on
+integers.
 
     op(dequantize(x_q, s, zp), ...)   =>   dequantize(op'(x_q, ...), s, zp)
 
@@ -7,9 +8,9 @@ pad (constant 0 becomes constant zp) and relu (becomes maximum(x_q, zp)). Each i
 select or compare values, and dequantize is monotone increasing, so max and ReLU commute with it; MaxPool's
 padding (the dtype minimum on integers, -inf in float) never wins a window that holds a real element.
 
-Once the dequantize sits below them, a following quantize with the same parameters cancels it (rewrite_requant)
-and the next conv / matmul pattern sees dequantize(x_q) directly. Per-axis dequantize is left alone: moving it
-through a reshape or transpose would change which axis its scales belong to.
+Once the dequantize sits below them, a following quantize with the same parameters cancels it
+(rewrite_requant) and the next conv / matmul pattern sees dequantize(x_q) directly. Per-axis dequantize is
+left alone: moving it through a reshape or transpose would change which axis its scales belong to.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class PassThroughRewrite:
             a = expr.attrs
             if str(a.pad_mode) != "constant" or float(a.pad_value) != 0.0:
                 return expr  # a non-zero pad value is not on the integer grid in general
-            moved = relax.op.nn.pad(x_q, [int(p) for p in a.pad_width], pad_value=float(zp), pad_mode="constant")
+            moved = relax.op.nn.pad(x_q, [int(p) for p in a.pad_width], pad_value=float(zp),
+                                    pad_mode="constant")
         else:
             moved = relax.Call(expr.op, [x_q, *expr.args[1:]], expr.attrs, expr.ty_args)
-        return relax.op.dequantize(moved, deq.args[1], deq.args[2], axis=int(deq.attrs.axis), out_dtype="float32")
+        return relax.op.dequantize(moved, deq.args[1], deq.args[2], axis=int(deq.attrs.axis),
+                                   out_dtype="float32")

@@ -1,12 +1,13 @@
-"""Rewrite dequantize -> mean over spatial axes -> quantize (GlobalAveragePool, ReduceMean) into an integer sum.
+"""Rewrite dequantize -> mean over spatial axes -> quantize (GlobalAveragePool, ReduceMean) into an integer
+sum.
 
     quantize(mean(dequantize(x_q, s_x, zp_x), axes), s_y, zp_y)
 =>
     requantize(sum(int32(x_q), axes) - zp_x * K, s_x / (s_y * K))         K = number of averaged elements
 
-This is onnxruntime's QLinearGlobalAveragePool on x86 (which its QDQ optimizer fuses for these nodes): an exact
-int32 sum, then the float32 multiplier s_x / (s_y * float(K)). Where onnxruntime keeps the float mean instead,
-the two agree except on exact ties.
+This is onnxruntime's QLinearGlobalAveragePool on x86 (which its QDQ optimizer fuses for these nodes): an
+exact int32 sum, then the float32 multiplier s_x / (s_y * float(K)). Where onnxruntime keeps the float mean
+instead, the two agree except on exact ties.
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ class MeanRewrite:
 
 
 class AvgPoolRewrite:
-    """quantize(avg_pool2d(dequantize(x_q))) -> exact int32 window sums (a depthwise conv with a ones kernel on the
-    zero-point-centred integers) -> requantize with float32(s_x) / (float32(s_y) * K) per output position, K the
-    window size (count_include_pad) or each window's in-bounds count. The reference's avgpool (export
-    run_graph_int). ceil_mode and dilation stay float (DQ -> AveragePool -> Q)."""
+    """quantize(avg_pool2d(dequantize(x_q))) -> exact int32 window sums (a depthwise conv with a ones kernel
+    on the zero-point-centred integers) -> requantize with float32(s_x) / (float32(s_y) * K) per output
+    position, K the window size (count_include_pad) or each window's in-bounds count. The reference's avgpool
+    (export run_graph_int). ceil_mode and dilation stay float (DQ -> AveragePool -> Q)."""
 
     def __init__(self, requant: str = "float") -> None:
         self.requant = requant

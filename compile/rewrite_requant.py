@@ -1,13 +1,14 @@
-"""Rewrite quantize(dequantize(x_q)) into integers: nothing when the parameters agree, else an elementwise requant.
+"""Rewrite quantize(dequantize(x_q)) into integers: nothing when the parameters agree, else an elementwise
+requant.
 
     quantize(dequantize(x_q, s1, zp1), s2, zp2)
 =>
     x_q                                                        when (s1, zp1, dtype) == (s2, zp2, dtype)
     saturate(round_half_even(float32(x_q - zp1) * s1 / s2) + zp2)   otherwise (float32, the QDQ pair's order)
 
-The first case is exact because |x_q - zp1| <= 255: float32((n * s) / s) rounds back to n. These pairs are what
-exporters write around pass-through ops (Flatten, MaxPool, Reshape re-quantized with their input's parameters);
-after rewrite_passthrough has moved the dequantize below such an op they meet and cancel.
+The first case is exact because |x_q - zp1| <= 255: float32((n * s) / s) rounds back to n. These pairs are
+what exporters write around pass-through ops (Flatten, MaxPool, Reshape re-quantized with their input's
+parameters); after rewrite_passthrough has moved the dequantize below such an op they meet and cancel.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class RequantRewrite:
 
     def __init__(self, requant: str = "float") -> None:
         del requant  # same integers in every mode: the identity, or the pair's own float32 formula
-        self.x_q, self.s1, self.zp1, self.s2, self.zp2 = wildcard(), is_const(), is_const(), is_const(), is_const()
+        self.x_q = wildcard()
+        self.s1, self.zp1, self.s2, self.zp2 = is_const(), is_const(), is_const(), is_const()
         self.deq = is_op("relax.dequantize")(self.x_q, self.s1, self.zp1)
         self.quant = is_op("relax.quantize")(self.deq, self.s2, self.zp2)
         self.pattern = self.quant

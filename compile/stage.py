@@ -1,4 +1,5 @@
-"""`plateau compile`: <run>/export/model_qdq.onnx (or --onnx FILE from any tool) -> <run>/compile/<target>/."""
+"""`plateau compile`: <run>/export/model_qdq.onnx (or --onnx FILE from any tool) -> <run>/compile/<target>/.
+"""
 
 from __future__ import annotations
 
@@ -17,19 +18,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="host", help=f"one of: {', '.join(list_targets())} (default host)")
     p.add_argument("--onnx", help="compile this QDQ ONNX file (e.g. onnxruntime's quantize_static output) "
                                   "instead of the run's export")
-    p.add_argument("--allow-float", action="store_true", help="leave ops that cannot be lowered in float, listed "
-                                                              "in the manifest, instead of failing")
-    p.add_argument("--requant", default="float", help="requantization: float (float32 multiplier, as onnxruntime's "
-                                                      "fused kernels), float64 (the exact product) or fixed "
-                                                      "(integer multiplier and shift)")
+    p.add_argument("--allow-float", action="store_true",
+                   help="leave ops that cannot be lowered in float, listed in the manifest, instead of "
+                        "failing")
+    p.add_argument("--requant", default="float",
+                   help="requantization: float (float32 multiplier, as onnxruntime's fused kernels), float64 "
+                        "(the exact product) or fixed (integer multiplier and shift)")
     p.add_argument("--schedule", default="default", choices=["default", "none"],
-                   help="default: hand-written CPU schedules (x86 VNNI int8 conv, parallel kernels); none: TVM's "
-                        "unscheduled kernels")
+                   help="default: the target's dot-product kernel and the hand-written CPU schedules; "
+                        "none: TVM's unscheduled kernels")
     p.add_argument("--tune-minutes", type=float, default=0.0,
-                   help="search conv tiles for up to this long, timed on this machine (host) or on the board at "
-                        "--rpc (arm64 targets); the answers are kept in <run>/compile/<target>/tuning/tiles.json "
-                        "and reused by later builds")
-    p.add_argument("--rpc", help="HOST:PORT of a board running `plateau device serve`, where --tune-minutes times")
+                   help="search conv tiles for up to this long, timed on this machine (host) or on the "
+                        "board at --rpc (arm64 targets); the answers are kept in "
+                        "<run>/compile/<target>/tuning/tiles.json and reused by later builds")
+    p.add_argument("--rpc",
+                   help="HOST:PORT of a board running `plateau device serve`, where --tune-minutes times")
     p.add_argument("--rpc-key", default="", help="key the board's server was started with")
 
 

@@ -1,5 +1,6 @@
 """AveragePool on integers: exact window sums and a per-position requantize, bit-exact with the reference
-(export's run_graph_int) and within one step of onnxruntime, on the host (NHWC, VNNI) and under qemu (arm64)."""
+(export's run_graph_int) and within one step of onnxruntime, on the host (NHWC, VNNI) and under qemu
+(arm64)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ def test_avgpool_is_integer_and_exact(pooled, tmp_path, target):
         ours = runtime.run_artifact(tmp_path, x.numpy(), device="qemu").outputs
     c = compare_logits(ours, ref(x).numpy(), ref.output_step)
     assert c["bit_exact"] == 1.0, c
-    ort = compare_logits(ort_session(path).run(None, {"input": x.numpy()})[0], ref(x).numpy(), ref.output_step)
+    ort = compare_logits(ort_session(path).run(None, {"input": x.numpy()})[0], ref(x).numpy(),
+                         ref.output_step)
     assert ort["max_steps"] <= 1 and ort["top1_agreement"] >= 0.99, ort
     assert np.isfinite(ours).all()

@@ -7,15 +7,17 @@ import json
 import numpy as np
 import pytest
 import tvm
+from support import compile_models as fx
 from tvm import relax
 
 from plateau.artifacts import read_manifest, sha256_file
-from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx
+from plateau.compile.onnx_prep import output_step
 
-# onnxruntime runs these convs in float on dequantized values (no QLinearConv fusion on x86 for int8 activations
-# with int4 weights), so its rounding flips rare near-ties that the exact integer conv does not; one flipped
-# activation moves a few logits by one step. test_reference_disagrees_only_on_ties shows that is all it is.
+# onnxruntime runs these convs in float on dequantized values (no QLinearConv fusion on x86 for int8
+# activations with int4 weights), so its rounding flips rare near-ties that the exact integer conv does not;
+# one flipped activation moves a few logits by one step. test_reference_disagrees_only_on_ties shows that is
+# all it is.
 FLOAT_CONV_IN_ORT = {"exporter_w4"}
 MODELS = ["ort_s8s8", "ort_u8s8", "ort_w4", "ort_w4a4", "ort_mobile", "exporter_w4", "exporter_w8"]
 N_BATCHES = 16  # x 8 images x 10 logits = 1280 logits per model
@@ -36,8 +38,8 @@ def test_matches_onnxruntime(compiled, name):
     from plateau.export.validate import ort_u8s8_saturates
 
     onnx_path, out_dir, _ = compiled[name]
-    # Where onnxruntime's own U8S8 kernels saturate (x86 without VNNI) they are no oracle: the library is held to
-    # onnxruntime's unfused graph instead (float convs on dequantized values, which only near-ties move).
+    # Where onnxruntime's own U8S8 kernels saturate (x86 without VNNI) they are no oracle: the library is held
+    # to onnxruntime's unfused graph instead (float convs on dequantized values, which only near-ties move).
     fused = not (name == "ort_u8s8" and ort_u8s8_saturates())
     stats = fx.compare_to_ort(onnx_path, out_dir / "model.so", n_batches=N_BATCHES, optimize=fused)
     print(f"{name}: {json.dumps(stats)}")  # shown with pytest -s / -rA: the measured parity
@@ -106,7 +108,8 @@ def test_other_requant_modes(qdq_models, tmp_path, requant):
     ((1, 0, 0, 1), (1, 2), (1, 1)),
 ])
 def test_conv_geometry_with_input_zero_point(tmp_path, pads, strides, dilations):
-    """Input zero point 3 with padding: the zero-point pad must follow ONNX's (top, left, bottom, right) order."""
+    """Input zero point 3 with padding: the zero-point pad must follow ONNX's (top, left, bottom, right)
+    order."""
     from plateau.export.validate import ort_session
 
     path = fx.single_conv_qdq(tmp_path / "conv.onnx", pads=pads, strides=strides, dilations=dilations)
@@ -117,5 +120,5 @@ def test_conv_geometry_with_input_zero_point(tmp_path, pads, strides, dilations)
     ours = vm["main"](tvm.runtime.tensor(x)).numpy()
     ref = ort_session(str(path)).run(None, {"input": x})[0]
     assert ours.shape == ref.shape
-    steps = np.rint(np.abs(ours - ref) / fx.output_step(path))
+    steps = np.rint(np.abs(ours - ref) / output_step(path))
     assert steps.max() <= 1 and (steps == 0).mean() >= 0.999, steps

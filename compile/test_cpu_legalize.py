@@ -1,6 +1,6 @@
-"""The CPU pipeline's own lowerings (schedule.CPU_LEGALIZE) of float-island ops: erf as topi.fast_erf and a
-float island's QuantizeLinear with llvm.nearbyint, both vectorizable. The unscheduled build lowers them the same
-way, so the two builds still agree on every value."""
+"""The CPU pipeline's own lowerings (cpu_pipeline.CPU_LEGALIZE) of float-island ops: erf as topi.fast_erf and
+a float island's QuantizeLinear with llvm.nearbyint, both vectorizable. The unscheduled build lowers them the
+same way, so the two builds still agree on every value."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import math
 import numpy as np
 import tvm
 from onnx import helper, numpy_helper
+from support import compile_models as fx
 from tvm import relax
 
-from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx
 from plateau.compile.compiler import build, import_onnx, lower_for_target
 from plateau.compile.lower import lower_qdq
@@ -33,8 +33,9 @@ def _erf_island_qdq(path) -> None:
 
 
 def test_erf_island_is_vectorized_and_accurate(tmp_path):
-    """No libm erff call is left (one scalar call per element made the whole loop scalar); the scheduled and the
-    unscheduled build agree; against erf in float64, every output is within one step and almost all exact."""
+    """No libm erff call is left (one scalar call per element made the whole loop scalar); the scheduled and
+    the unscheduled build agree; against erf in float64, every output is within one step and almost all
+    exact."""
     path = tmp_path / "erf.onnx"
     _erf_island_qdq(path)
     mod, _ = import_onnx(path)

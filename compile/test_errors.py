@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from support import compile_models as fx
 from tvm import relax
 
-from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx
 from plateau.errors import PlateauError
 
@@ -47,7 +47,8 @@ def test_unlowerable_conv_names_the_node(tmp_path):
 def test_allow_float_keeps_and_reports_the_island(tmp_path):
     path = fx.single_conv_qdq(tmp_path / "asym.onnx", w_zp=128, name="asym_conv")
     m = compile_onnx(path, "host", tmp_path / "out", allow_float=True)
-    assert m["float_islands"] == [{"node": "asym_conv", "op_type": "Conv", "relax_op": "conv2d", "kind": "compute"}]
+    assert m["float_islands"] == [{"node": "asym_conv", "op_type": "Conv", "relax_op": "conv2d",
+                                   "kind": "compute"}]
     assert m["ops"]["float_conv2d"] == 1 and m["ops"]["int_conv2d"] == 0
     assert m["batch"] == "dynamic"
     from plateau.export.validate import ort_session

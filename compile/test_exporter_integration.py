@@ -10,10 +10,11 @@ import onnx
 import pytest
 import torch
 import tvm
+from support import compile_models as fx
 from tvm import relax
 
-from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx
+from plateau.compile.onnx_prep import output_step
 
 export = pytest.importorskip("plateau.export")
 
@@ -37,7 +38,7 @@ def test_compiled_matches_exporter_reference(tmp_path, bits):
     assert m["ops"]["float_conv2d"] == 0 and m["ops"]["float_matmul"] == 0 and m["ops"]["int_conv2d"] == 5
     assert m["weight_bits"] == [int(bits[1])]
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "host" / "model.so")), tvm.cpu())
-    step = fx.output_step(path)
+    step = output_step(path)
     diffs = []
     for x in fx.calibration_batches(8, 8, seed=99, hw=32):
         ours = vm["main"](tvm.runtime.tensor(x)).numpy()

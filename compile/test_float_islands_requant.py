@@ -12,16 +12,18 @@ import pytest
 import torch
 import tvm
 from onnx import helper, numpy_helper
+from support import compile_models as fx
 from tvm import relax
 
-from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx
+from plateau.compile.onnx_prep import output_step
 
 export = pytest.importorskip("plateau.export")
 
 
 def _softmax_qdq(path) -> None:
-    """input -> Q -> DQ -> MaxPool -> Q -> DQ -> Softmax -> Q -> DQ -> output: MaxPool lowers, Softmax stays."""
+    """input -> Q -> DQ -> MaxPool -> Q -> DQ -> Softmax -> Q -> DQ -> output: MaxPool lowers, Softmax
+    stays."""
     inits = [numpy_helper.from_array(a, n) for n, a in (
         ("s", np.float32(0.05)), ("z", np.int8(-3)), ("so", np.float32(1 / 256)), ("zo", np.int8(-128)))]
     nodes = [helper.make_node("QuantizeLinear", ["input", "s", "z"], ["q0"]),
@@ -39,7 +41,7 @@ def test_manifest_lists_softmax_float_island(tmp_path):
     from plateau.export.validate import ort_session
 
     _softmax_qdq(tmp_path / "m.onnx")
-    m = compile_onnx(tmp_path / "m.onnx", "host", tmp_path / "out")  # no allow_float needed: not a conv/matmul
+    m = compile_onnx(tmp_path / "m.onnx", "host", tmp_path / "out")  # no allow_float: not a conv/matmul
     assert m["float_islands"] == [{"node": "the_softmax", "op_type": "Softmax", "relax_op": "nn.softmax",
                                    "kind": "float_op"}]
     assert "float_op:nn.max_pool2d" not in m["ops"]  # max pooling runs on the integers
@@ -68,14 +70,14 @@ def small_cnn_w8a8(tmp_path_factory):
 
 
 def test_fixed_point_requant_matches_reference(small_cnn_w8a8, tmp_path):
-    """Integer-only requantize against the reference's float32 multiplier: every layer may differ by one step on
-    near-ties only, so the logits stay within one step, almost all bit-exact, with the same top-1."""
+    """Integer-only requantize against the reference's float32 multiplier: every layer may differ by one step
+    on near-ties only, so the logits stay within one step, almost all bit-exact, with the same top-1."""
     ref, path = small_cnn_w8a8
     m = compile_onnx(path, "host", tmp_path, requant="fixed")
     assert m["requantize"]["mode"] == "fixed" and "requant_multiplier" in m["requantize"]["conv_matmul"]
     assert m["config"]["requant"] == "fixed" and m["float_islands"] == []
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "model.so")), tvm.cpu())
-    step = fx.output_step(path)
+    step = output_step(path)
     diffs, agree = [], []
     for x in fx.calibration_batches(8, 8, seed=99, hw=32):
         ours = vm["main"](tvm.runtime.tensor(x)).numpy()
@@ -91,8 +93,8 @@ def test_fixed_point_requant_matches_reference(small_cnn_w8a8, tmp_path):
 
 
 def test_fixed_requantize_matches_integer_oracle():
-    """The fixed-point tail against Python-integer arithmetic with plateau.quant.requant_multiplier, per channel;
-    and against the float32 reference multiplier: different only within 1e-6 of a .5 tie."""
+    """The fixed-point tail against Python-integer arithmetic with plateau.quant.requant_multiplier, per
+    channel; and against the float32 reference multiplier: different only within 1e-6 of a .5 tie."""
     from plateau.compile._common import Multiplier, requantize
     from plateau.quant import INT8, conv_multiplier, requant_multiplier
 
@@ -105,7 +107,8 @@ def test_fixed_requantize_matches_integer_oracle():
     a = relax.Var("acc", relax.TensorType((16, 4), "int32"))
     with bb.function("main", [a]):
         with bb.dataflow():
-            out = bb.emit_output(requantize(a, Multiplier.for_product(s_x, s_w, s_y), 5, INT8, INT8.qmin, (4,),
+            out = bb.emit_output(requantize(a, Multiplier.for_product(s_x, s_w, s_y), 5, INT8,
+                                            INT8.qmin, (4,),
                                             "fixed"))
         bb.emit_func_output(out)
     vm = relax.VirtualMachine(tvm.compile(bb.get(), tvm.target.Target({"kind": "llvm"})), tvm.cpu())
@@ -118,4 +121,5 @@ def test_fixed_requantize_matches_integer_oracle():
     ref = np.clip(np.rint(y32) + 5, -128, 127)
     differ = ours != ref
     assert np.abs(ours - ref).max() <= 1
-    assert np.all(np.abs(np.abs(y32[differ] - np.trunc(y32[differ])) - 0.5) < 1e-6 * np.abs(y32[differ]) + 1e-3)
+    y = y32[differ]
+    assert np.all(np.abs(np.abs(y - np.trunc(y)) - 0.5) < 1e-6 * np.abs(y) + 1e-3)

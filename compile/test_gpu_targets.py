@@ -10,8 +10,10 @@ import pytest
 
 from plateau.compile import compile_onnx, get_target, list_targets
 from plateau.compile.gpu import runtime_available
+from plateau.compile.onnx_prep import output_step
 
-needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH (the CUDA build embeds "
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None,
+                                reason="nvcc not on PATH (the CUDA build embeds "
                                                                       "kernels compiled by nvcc)")
 
 
@@ -64,9 +66,9 @@ def test_opencl_source_has_integer_kernels(gpu_builds):
 @pytest.mark.parametrize("target", ["cuda", "opencl"])
 def test_gpu_library_matches_onnxruntime(gpu_builds, qdq_models, target):
     import tvm
+    from support import compile_models as fx
     from tvm import relax
 
-    from plateau.compile import _fixtures as fx
     from plateau.export.validate import ort_session
 
     if target not in gpu_builds or not runtime_available(target):
@@ -78,13 +80,14 @@ def test_gpu_library_matches_onnxruntime(gpu_builds, qdq_models, target):
     ours = vm["main"](tvm.runtime.tensor(x, dev)).numpy()
     ref = ort_session(str(qdq_models["ort_s8s8"])).run(
         None, {"input": x})[0]
-    steps = np.rint(np.abs(ours - ref) / fx.output_step(qdq_models["ort_s8s8"]))
+    steps = np.rint(np.abs(ours - ref) / output_step(qdq_models["ort_s8s8"]))
     assert steps.max() <= 1 and (steps == 0).mean() >= 0.99, steps
 
 
 @needs_nvcc
 def test_run_artifact_names_the_missing_gpu(gpu_builds):
-    """plateau run / validate on a CUDA library where TVM sees no GPU: one line naming the library and the API."""
+    """plateau run / validate on a CUDA library where TVM sees no GPU: one line naming the library and the
+    API."""
     from plateau.errors import PlateauError
     from plateau.runtime import run_artifact
     from plateau.runtime.run import artifact_device_api
@@ -94,18 +97,20 @@ def test_run_artifact_names_the_missing_gpu(gpu_builds):
     if runtime_available("cuda"):
         pytest.skip("a CUDA GPU is present: test_run_artifact_on_the_gpu runs instead")
     x = np.zeros((2, 3, 16, 16), np.float32)
-    with pytest.raises(PlateauError, match=r"model\.so runs its kernels on a cuda GPU, and TVM finds none here"):
+    with pytest.raises(PlateauError,
+                       match=r"model\.so runs its kernels on a cuda GPU, and TVM finds none here"):
         run_artifact(d, x)
 
 
 @pytest.mark.gpu
 @needs_nvcc
 def test_run_artifact_on_the_gpu(gpu_builds, qdq_models):
-    """run_artifact picks the GPU from the compile manifest: same logits as the VM called directly, and timings."""
+    """run_artifact picks the GPU from the compile manifest: same logits as the VM called directly, and
+    timings."""
     import tvm
+    from support import compile_models as fx
     from tvm import relax
 
-    from plateau.compile import _fixtures as fx
     from plateau.runtime import run_artifact
 
     if not runtime_available("cuda"):

@@ -9,7 +9,7 @@ import tvm
 from tvm import relax
 
 from plateau.compile import lower_qdq, op_counts
-from plateau.compile._common import Multiplier, requantize
+from plateau.compile._common import Multiplier, dot_bound, folded_bias, requantize
 from plateau.compile.lower import float_compute_calls
 from plateau.quant import INT8, dequantize_np
 
@@ -26,7 +26,8 @@ def _c(a, dtype=None):
 
 
 def qdq_conv_module(w_zp: int = 0, relu: bool = True) -> tvm.IRModule:
-    """dequantize -> conv2d(pad 1) -> + reshape(dequantize(bias)) -> [relu] -> quantize, as from_onnx emits it."""
+    """dequantize -> conv2d(pad 1) -> + reshape(dequantize(bias)) -> [relu] -> quantize, as from_onnx emits
+    it."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((2, 3, 6, 6), "int8"))
     op = relax.op
@@ -54,7 +55,8 @@ def _run(mod: tvm.IRModule, *args: np.ndarray) -> np.ndarray:
 
 
 def _requant_ref(acc: np.ndarray, s_w: np.ndarray, mode: str, chan: tuple) -> np.ndarray:
-    """float: float32(acc) * ((s_x * s_w) / s_y) in float32 (onnxruntime's order); float64: the exact product."""
+    """float: float32(acc) * ((s_x * s_w) / s_y) in float32 (onnxruntime's order); float64: the exact
+    product."""
     if mode == "float64":
         return acc * (np.float64(S_X) * s_w.astype(np.float64) / np.float64(S_Y)).reshape(chan)
     m32 = ((S_X * s_w).astype(np.float32) / S_Y).astype(np.float32).reshape(chan)
@@ -75,7 +77,8 @@ def test_conv_is_integer_after_lowering():
     assert op_counts(before)["float_conv2d"] == 1
     after = lower_qdq(before)
     ops = _ops(after)
-    # the accumulator's bound (from W) proves round(y) fits int32: zero point and clamp in int32 (round_to_int_tail)
+    # the accumulator's bound (from W) proves round(y) fits int32: zero point and clamp in int32
+    # (round_to_int_tail)
     assert ops == ["nn.pad", "nn.conv2d", "add", "astype", "multiply", "round", "astype", "add", "maximum",
                    "minimum", "astype"], ops
     assert float_compute_calls(after) == []
@@ -97,7 +100,8 @@ def test_conv_is_integer_after_lowering():
 def test_conv_matches_integer_oracle_and_float_graph(mode):
     x_q = RNG.integers(-128, 128, (2, 3, 6, 6)).astype(np.int8)
     # the oracle's float64 path agrees with plateau.quant's dequantize on the input
-    np.testing.assert_allclose(dequantize_np(x_q, S_X, ZP_X), (x_q.astype(np.float64) - ZP_X) * S_X, rtol=1e-6)
+    np.testing.assert_allclose(dequantize_np(x_q, S_X, ZP_X),
+                               (x_q.astype(np.float64) - ZP_X) * S_X, rtol=1e-6)
     for relu in (True, False):
         before = qdq_conv_module(relu=relu)
         ours = _run(lower_qdq(before, requant=mode), x_q)
@@ -125,7 +129,8 @@ def qdq_gemm_module(transposed: bool, bias_first: bool) -> tuple[tvm.IRModule, t
         with bb.dataflow():
             xf = bb.emit(op.dequantize(x, _c(S_X), _c(130, "uint8"), axis=1))
             if transposed:
-                wf = bb.emit(op.permute_dims(bb.emit(op.dequantize(_c(w), _c(s_w), _c(np.zeros(5, np.int8)), axis=0))))
+                wf = bb.emit(op.permute_dims(bb.emit(op.dequantize(_c(w), _c(s_w),
+                                                                   _c(np.zeros(5, np.int8)), axis=0))))
             else:
                 wf = bb.emit(op.dequantize(_c(w.T.copy()), _c(s_w), _c(np.zeros(5, np.int8)), axis=1))
             y = bb.emit(op.matmul(xf, wf))
@@ -173,3 +178,21 @@ ACC = np.array([1, 3, 5, -1, -3, 1000, -1000, 0], np.int32)  # x 0.5: ties at +-
 def test_requantize_golden(mode, lo, expected):
     out = _run(_requant_module(0.5, -1, lo, mode), ACC)
     np.testing.assert_array_equal(out, np.array(expected, np.int8))
+
+
+def test_folded_bias_conv_and_matmul_alike():
+    """B - zp_x * sum W per output channel, whichever axis holds the channels; None when it leaves int32."""
+    rng = np.random.default_rng(5)
+    w = rng.integers(-128, 128, (4, 3, 3, 3)).astype(np.int8)  # conv OIHW: channels on axis 0
+    b = rng.integers(-1000, 1000, 4).astype(np.int32)
+    s_x, s_w = np.float32(0.02), np.full(4, 0.01, np.float32)
+    s_b = (s_x * s_w).astype(np.float32)
+    bias, bound = folded_bias(w, 0, INT8, 3, s_x, s_w, (b, s_b, np.zeros(4, np.int32)))
+    np.testing.assert_array_equal(bias, b - 3 * w.astype(np.int64).reshape(4, -1).sum(axis=1))
+    assert bound == dot_bound(w, INT8, 3, b.astype(np.int64))
+    wm = np.ascontiguousarray(w.reshape(4, -1).T)  # matmul [in, out]: channels on axis 1
+    assert np.array_equal(folded_bias(wm, 1, INT8, 3, s_x, s_w, (b, s_b, np.zeros(4, np.int32)))[0], bias)
+    assert folded_bias(w, 0, INT8, 3, s_x, s_w, (b, s_b, np.ones(4, np.int32))) is None  # bias zero point
+    assert folded_bias(w, 0, INT8, 3, s_x, s_w) is not None  # no bias
+    w_pos, big = np.abs(w.astype(np.int16)).clip(1, 127).astype(np.int8), np.full(4, 2**31 - 1, np.int64)
+    assert folded_bias(w_pos, 0, INT8, -128, s_x, s_w, (big, s_b, np.zeros(4, np.int32))) is None  # overflow

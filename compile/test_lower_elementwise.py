@@ -1,6 +1,7 @@
 """The rewrites around the conv / matmul layers: pass-through ops, quantize(dequantize) pairs, Add / Mul and
-Concat. Each has a structural test (Before -> Expected, assert_structural_equal) and a numeric test against the
-reference formula (plateau.quant's numpy oracle: DQ in float32, the float32 op, Q with round half to even)."""
+Concat. Each has a structural test (Before -> Expected, assert_structural_equal) and a numeric test against
+the reference formula (plateau.quant's numpy oracle: DQ in float32, the float32 op, Q with round half to
+even)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _int8(shape, lo=-128, hi=128, dtype=np.int8):
     return RNG.integers(lo, hi, shape).astype(dtype)
 
 
-# --- pass-through ops and quantize(dequantize) pairs ------------------------------------------------------------------
+# --- pass-through ops and quantize(dequantize) pairs --------------------------------------------------------
 S, ZP = 0.03, -7
 
 
@@ -73,7 +74,8 @@ def test_passthrough_structure():
 
 
 def test_passthrough_numeric_ops():
-    """pad (zero -> zero point), slice, transpose, relu and maxpool with padding, each against the float graph."""
+    """pad (zero -> zero point), slice, transpose, relu and maxpool with padding, each against the float
+    graph."""
     def body(bb, x):
         y = _deq(bb, x, S, ZP)
         y = bb.emit(op.nn.pad(y, [0, 0, 0, 0, 1, 0, 0, 2]))                 # zeros become zp
@@ -98,7 +100,8 @@ def test_passthrough_numeric_ops():
 
 def test_per_axis_dequantize_is_not_moved():
     def body(bb, x):
-        y = bb.emit(op.dequantize(x, _c(np.array([0.1, 0.2, 0.3], np.float32)), _c(np.zeros(3, np.int8)), axis=1))
+        y = bb.emit(op.dequantize(x, _c(np.array([0.1, 0.2, 0.3], np.float32)),
+                                  _c(np.zeros(3, np.int8)), axis=1))
         return _q(bb.emit(op.reshape(y, (2, 48))), S, ZP)
 
     before = _build([("x", (2, 3, 4, 4), "int8")], body)
@@ -109,12 +112,13 @@ def test_requant_pair_with_different_parameters():
     """quantize(dequantize()) with other parameters and type: an elementwise integer requantize, exact."""
     before = _build([("x", (2, 128), "int8")], lambda bb, x: _q(_deq(bb, x, 0.02, 5), 0.03, 128, "uint8"))
     after = lower_qdq(before)
-    assert [bd.value.op.name for blk in after["main"].body.blocks for bd in blk.bindings][-1] == "relax.astype"
+    ops = [bd.value.op.name for blk in after["main"].body.blocks for bd in blk.bindings]
+    assert ops[-1] == "relax.astype"
     x = np.arange(-128, 128).astype(np.int8).reshape(2, 128)
     np.testing.assert_array_equal(_run(after, x), quantize_np(dequantize_np(x, 0.02, 5), 0.03, 128, UINT8))
 
 
-# --- Add / Mul -------------------------------------------------------------------------------------------------------
+# --- Add / Mul ----------------------------------------------------------------------------------------------
 SA, ZA, SB, ZB, SY, ZY = 0.5, 3, 0.25, -2, 1.0, -1  # sums land on .5 ties: round half to even is exercised
 
 
@@ -134,15 +138,18 @@ def _binary_oracle(kind: str, relu: bool, a, b) -> np.ndarray:
 
 
 def test_add_structure():
-    """Add + ReLU -> one integer-in, integer-out expression: DQ both, add, scale by 1/s_y (the divide where the
-    reciprocal is not proven exact), round, clamp at zp_y."""
-    sums = dequantized_values(INT8, np.float32(SA), ZA)[:, None] + dequantized_values(INT8, np.float32(SB), ZB)
+    """Add + ReLU -> one integer-in, integer-out expression: DQ both, add, scale by 1/s_y (the divide where
+    the reciprocal is not proven exact), round, clamp at zp_y."""
+    sums = (dequantized_values(INT8, np.float32(SA), ZA)[:, None]
+            + dequantized_values(INT8, np.float32(SB), ZB))
 
     def expected_body(bb, a, b):
-        return quantize_f32(op.add(dequantize_f32(a, np.float32(SA), ZA), dequantize_f32(b, np.float32(SB), ZB)),
+        return quantize_f32(op.add(dequantize_f32(a, np.float32(SA), ZA),
+                                   dequantize_f32(b, np.float32(SB), ZB)),
                             np.float32(SY), ZY, INT8, lo=ZY, domain=sums)
 
-    expected = relax.transform.Normalize()(_build([("a", (4, 8), "int8"), ("b", (4, 8), "int8")], expected_body))
+    expected = relax.transform.Normalize()(_build([("a", (4, 8), "int8"), ("b", (4, 8), "int8")],
+                                                  expected_body))
     tvm.ir.assert_structural_equal(lower_qdq(_binary("add", relu=True)), expected)
 
 
@@ -155,7 +162,8 @@ def test_binary_matches_reference_formula(kind, relu):
     np.testing.assert_array_equal(_run(after, a, b), _binary_oracle(kind, relu, a, b))
 
 
-@pytest.mark.parametrize("s_a,s_b,s_y", [(0.5, 0.25, 1.0), (0.031, 0.047, 0.06732655), (0.0191, 0.0233, 0.0437)])
+@pytest.mark.parametrize("s_a,s_b,s_y",
+                         [(0.5, 0.25, 1.0), (0.031, 0.047, 0.06732655), (0.0191, 0.0233, 0.0437)])
 def test_add_over_every_input_pair_matches_the_reference(s_a, s_b, s_y):
     """All 256 x 256 int8 pairs: the lowered add (multiply by 1/s_y where exact_reciprocal proves it, else
     divide) equals the reference's float32 formula on every one."""
@@ -189,7 +197,8 @@ def test_add_golden_ties():
 
 @pytest.mark.parametrize("kind", ["add", "multiply"])
 def test_binary_fixed_point(kind):
-    """requant="fixed": integer-only arithmetic, within one step of the reference, different only near ties."""
+    """requant="fixed": integer-only arithmetic, within one step of the reference, different only near
+    ties."""
     a, b = _int8((4, 8)), _int8((4, 8))
     after = lower_qdq(_binary(kind, relu=False), requant="fixed")
     ours = _run(after, a, b).astype(int)
@@ -210,7 +219,7 @@ def test_fixed_add_multipliers():
         fixed_add_multipliers(2.0**40, 1.0)
 
 
-# --- Concat ----------------------------------------------------------------------------------------------------------
+# --- Concat -------------------------------------------------------------------------------------------------
 def _concat(s_b: float):
     def body(bb, a, b):
         y = bb.emit(op.concat([_deq(bb, a, S, ZP), _deq(bb, b, s_b, 4)], axis=1))
@@ -242,5 +251,6 @@ def test_concat_shared_parameters_structure():
 def test_concat_matches_reference_formula():
     a, b = _int8((2, 3, 4)), _int8((2, 5, 4))
     out = _run(lower_qdq(_concat(0.041)), a, b)
-    ref = quantize_np(np.concatenate([dequantize_np(a, S, ZP), dequantize_np(b, 0.041, 4)], axis=1), S, ZP, INT8)
+    ref = quantize_np(np.concatenate([dequantize_np(a, S, ZP), dequantize_np(b, 0.041, 4)], axis=1),
+                      S, ZP, INT8)
     np.testing.assert_array_equal(out, ref)

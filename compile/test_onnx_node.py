@@ -1,11 +1,11 @@
 """ONNX's own backend node tests, through this stage's import + lower + build path on the host.
 
-The onnx wheel ships the node-test generators (onnx.backend.test.case.node.<op>), not the data folders; importing
-a generator module builds its cases (model + inputs + expected outputs) in memory. Each selected case is saved
-with its parameter inputs made initializers (QuantizeLinear / DequantizeLinear scales and zero points, int64
-shapes / pads / slice bounds, Pad's constant value: in our graphs these are constants), then goes through
-import_onnx -> lower_qdq -> lower_for_target -> build for `host`, runs in the Relax VM and is compared with the
-expected outputs (integers exactly, floats within the case's rtol / atol).
+The onnx wheel ships the node-test generators (onnx.backend.test.case.node.<op>), not the data folders;
+importing a generator module builds its cases (model + inputs + expected outputs) in memory. Each selected
+case is saved with its parameter inputs made initializers (QuantizeLinear / DequantizeLinear scales and zero
+points, int64 shapes / pads / slice bounds, Pad's constant value: in our graphs these are constants), then
+goes through import_onnx -> lower_qdq -> lower_for_target -> build for `host`, runs in the Relax VM and is
+compared with the expected outputs (integers exactly, floats within the case's rtol / atol).
 
 FAST runs by default (~20 cases); the other supported cases are marked slow (about 1-2 s each on two cores).
 SKIPPED lists every case of the selected ops that is not run, with the reason.
@@ -24,39 +24,46 @@ from onnx import numpy_helper
 OPS = ["quantizelinear", "dequantizelinear", "conv", "gemm", "matmul", "add", "mul", "relu", "maxpool",
        "globalaveragepool", "flatten", "reshape", "concat", "transpose", "slice", "pad"]
 
-_LOW_BIT = "2/4-bit and float8/float4 tensors: the TVM importer and runtime have no such dtypes (4-bit weights " \
-           "are handled as initializers by onnx_prep; these cases feed them as graph inputs)"
+_LOW_BIT = ("2/4-bit and float8/float4 tensors: the TVM importer and runtime have no such dtypes "
+            "(4-bit weights are handled as initializers by onnx_prep; these cases feed them as graph inputs)")
+_BLOCKED = "blocked quantization: the TVM importer raises 'not supported yet'"
 SKIPPED = {
     **{f"test_quantizelinear_{t}": _LOW_BIT for t in ("e4m3fn", "e5m2", "uint4", "int4", "uint2", "int2",
                                                       "float4e2m1")},
-    **{f"test_dequantizelinear_{t}": _LOW_BIT for t in ("e4m3fn", "e4m3fn_float16", "e4m3fn_zero_point", "e5m2",
+    **{f"test_dequantizelinear_{t}": _LOW_BIT for t in ("e4m3fn", "e4m3fn_float16",
+                                                        "e4m3fn_zero_point", "e5m2",
                                                         "uint4", "int4", "uint2", "int2", "float4e2m1")},
-    "test_quantizelinear_blocked_asymmetric": "blocked quantization: the TVM importer raises 'not supported yet'",
-    "test_quantizelinear_blocked_symmetric": "blocked quantization: the TVM importer raises 'not supported yet'",
-    "test_dequantizelinear_blocked": "blocked quantization: the TVM importer raises 'not supported yet'",
-    "test_maxpool_with_argmax_2d_precomputed_pads": "MaxPool's Indices output: not converted by the TVM importer",
-    "test_maxpool_with_argmax_2d_precomputed_strides": "MaxPool's Indices output: not converted by the importer",
+    "test_quantizelinear_blocked_asymmetric": _BLOCKED,
+    "test_quantizelinear_blocked_symmetric": _BLOCKED,
+    "test_dequantizelinear_blocked": _BLOCKED,
+    "test_maxpool_with_argmax_2d_precomputed_pads":
+        "MaxPool's Indices output: not converted by the TVM importer",
+    "test_maxpool_with_argmax_2d_precomputed_strides":
+        "MaxPool's Indices output: not converted by the importer",
 }
 FAST = [
-    "test_quantizelinear", "test_quantizelinear_axis", "test_quantizelinear_int16", "test_quantizelinear_uint16",
-    "test_dequantizelinear", "test_dequantizelinear_axis", "test_dequantizelinear_int16",
-    "test_dequantizelinear_uint16", "test_conv_with_strides_and_asymmetric_padding", "test_gemm_transposeB",
-    "test_matmul_2d", "test_add_int8", "test_mul_uint8", "test_relu", "test_maxpool_2d_pads",
-    "test_globalaveragepool", "test_flatten_axis1", "test_reshape_negative_dim", "test_concat_2d_axis_1",
-    "test_transpose_default", "test_slice", "test_constant_pad",
+    "test_quantizelinear", "test_quantizelinear_axis", "test_quantizelinear_int16",
+    "test_quantizelinear_uint16", "test_dequantizelinear", "test_dequantizelinear_axis",
+    "test_dequantizelinear_int16", "test_dequantizelinear_uint16",
+    "test_conv_with_strides_and_asymmetric_padding", "test_gemm_transposeB", "test_matmul_2d",
+    "test_add_int8", "test_mul_uint8", "test_relu", "test_maxpool_2d_pads", "test_globalaveragepool",
+    "test_flatten_axis1", "test_reshape_negative_dim", "test_concat_2d_axis_1", "test_transpose_default",
+    "test_slice", "test_constant_pad",
 ]
-# Cases of OPS generated by onnx 1.23 and passing here; an onnx upgrade that adds cases only adds them to `all_cases`.
+# Cases of OPS generated by onnx 1.23 and passing here; an onnx upgrade that adds cases only adds them to
+# `all_cases`.
 SLOW = [
     "test_add", "test_add_bcast", "test_add_uint8", "test_add_int16", "test_mul", "test_mul_bcast",
     "test_mul_example", "test_mul_int8", "test_concat_1d_axis_0", "test_concat_2d_axis_0",
     "test_concat_3d_axis_negative_2", "test_conv_with_strides_padding", "test_conv_with_strides_no_padding",
     "test_conv_with_autopad_same", "test_gemm_default_vector_bias", "test_gemm_all_attributes",
-    "test_gemm_transposeA", "test_matmul_3d", "test_matmul_4d", "test_matmul_bcast", "test_maxpool_2d_default",
-    "test_maxpool_2d_strides", "test_maxpool_2d_ceil", "test_maxpool_2d_same_upper", "test_maxpool_2d_dilations",
-    "test_maxpool_2d_uint8", "test_globalaveragepool_precomputed", "test_flatten_default_axis",
-    "test_flatten_negative_axis1", "test_reshape_reordered_all_dims", "test_reshape_zero_dim",
-    "test_transpose_all_permutations_3", "test_slice_neg_steps", "test_slice_negative_axes",
-    "test_constant_pad_axes", "test_reflect_pad", "test_edge_pad", "test_relu_expanded_ver18",
+    "test_gemm_transposeA", "test_matmul_3d", "test_matmul_4d", "test_matmul_bcast",
+    "test_maxpool_2d_default", "test_maxpool_2d_strides", "test_maxpool_2d_ceil",
+    "test_maxpool_2d_same_upper", "test_maxpool_2d_dilations", "test_maxpool_2d_uint8",
+    "test_globalaveragepool_precomputed", "test_flatten_default_axis", "test_flatten_negative_axis1",
+    "test_reshape_reordered_all_dims", "test_reshape_zero_dim", "test_transpose_all_permutations_3",
+    "test_slice_neg_steps", "test_slice_negative_axes", "test_constant_pad_axes", "test_reflect_pad",
+    "test_edge_pad", "test_relu_expanded_ver18",
 ]
 
 
@@ -108,7 +115,8 @@ def _run_case(case, tmp_path) -> None:
     assert len(outs) == len(expected)
     for got, want in zip(outs, expected, strict=True):
         got = got.numpy()
-        assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
+        assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype,
+                                                                     want.shape, want.dtype)
         if np.issubdtype(want.dtype, np.integer):
             np.testing.assert_array_equal(got, want)
         else:

@@ -7,7 +7,8 @@ import pytest
 import tvm
 from tvm import relax
 
-from plateau.compile.pack_int4 import build_pipeline, pack_int4_weights, packed_weight_bytes, unpacked_value
+from plateau.compile.cpu_pipeline import build_pipeline
+from plateau.compile.pack_int4 import pack_int4_weights, packed_weight_bytes, unpacked_value
 
 
 def _matmul_module(w: np.ndarray) -> tvm.IRModule:
@@ -20,7 +21,8 @@ def _matmul_module(w: np.ndarray) -> tvm.IRModule:
     return bb.get()
 
 
-@pytest.mark.parametrize("shape", [(9, 7), (16, 4)])  # odd count (63 values: a half-filled last byte) and even
+# an odd count (63 values: a half-filled last byte) and an even one
+@pytest.mark.parametrize("shape", [(9, 7), (16, 4)])
 def test_pack_round_trip_is_exact(shape):
     rng = np.random.default_rng(1)
     w = rng.integers(-8, 8, shape).astype(np.int8)

@@ -1,8 +1,9 @@
-"""The int32 requantize tail (_common.round_to_int_tail) and its CPU lowering (schedule.round_to_int32: llvm.lrint).
+"""The int32 requantize tail (_common.round_to_int_tail) and its CPU lowering (cpu_pipeline.round_to_int32:
+llvm.lrint).
 
-Where the accumulator's bound proves round(y) fits int32, requantize adds the zero point and clamps in int32; the
-CPU pipeline then rounds and converts in one instruction. Both must give the integers of the float tail, which is
-the reference's formula: saturate(round_half_even(float32(acc) * m) + zp)."""
+Where the accumulator's bound proves round(y) fits int32, requantize adds the zero point and clamps in int32;
+the CPU pipeline then rounds and converts in one instruction. Both must give the integers of the float tail,
+which is the reference's formula: saturate(round_half_even(float32(acc) * m) + zp)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from tvm import relax
 
 from plateau.compile._common import Multiplier, dot_bound, fits_int32, requantize
 from plateau.compile.compiler import build
-from plateau.compile.schedule import round_to_int32
+from plateau.compile.cpu_pipeline import round_to_int32
 from plateau.compile.targets import get_target
 from plateau.quant import INT8, UINT8
 
@@ -53,8 +54,8 @@ def _run(mod: tvm.IRModule, schedule: str, acc: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("out, zp, relu", [(INT8, -3, False), (INT8, -128, True), (UINT8, 0, True),
                                            (UINT8, 131, False)])
 def test_int_tail_equals_float_tail(out, zp, relu):
-    """The same integers from the float tail, the int32 tail unscheduled (round, then convert) and the int32 tail
-    on the CPU pipeline (llvm.lrint), over dense accumulators, near-ties and saturating values."""
+    """The same integers from the float tail, the int32 tail unscheduled (round, then convert) and the int32
+    tail on the CPU pipeline (llvm.lrint), over dense accumulators, near-ties and saturating values."""
     acc = _accumulators()
     lo = max(out.qmin, zp) if relu else out.qmin
     want = _reference(acc, zp, lo, out.qmax)
@@ -78,7 +79,8 @@ def test_int_tail_only_where_proven():
             e, relax.Call) and isinstance(e.op, tvm.ir.Op) else None)
         return names
 
-    assert "relax.round" in ops(proven) and ops(proven).count("relax.astype") == 3  # to float, to int32, to int8
+    # astype to float, to int32, to int8
+    assert "relax.round" in ops(proven) and ops(proven).count("relax.astype") == 3
     assert ops(unproven).count("relax.astype") == 2  # to float, to int8: the float tail
     lowered = round_to_int32(proven)
     assert "relax.round" not in ops(lowered)  # rounded and converted by the round_to_int32 kernel

@@ -1,4 +1,5 @@
-"""Hand schedules (schedule.py, schedule_dot.py) and tile tuning (tune.py): exact, and used where they apply."""
+"""The dot kernels (dot_rewrite.py, dot_schedule.py), the hand schedules (cpu_schedule.py) and tile tuning
+(tune.py): exact, and used where they apply; the kernel each target gets (CompileTarget.kernel)."""
 
 from __future__ import annotations
 
@@ -9,25 +10,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm
+from support import compile_models as fx
 from tvm import relax, te, tirx
 from tvm.s_tir import Schedule
 
-from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx, get_target
 from plateau.compile.compiler import build, import_onnx, lower_for_target
+from plateau.compile.cpu_features import has_avx2, kernel_for_target
+from plateau.compile.cpu_pipeline import legalize_passes
+from plateau.compile.dot_compute import DOT_INPUT, DW_BLOCK, conv_te, pack_weight
+from plateau.compile.dot_instructions import AVX2, SDOT, SMMLA, VNNI
+from plateau.compile.dot_rewrite import rewrite_convs_dot
+from plateau.compile.dot_schedule import ConvTile, find_conv_block, schedule_dot_conv, schedule_dw_conv
 from plateau.compile.lower import lower_qdq
-from plateau.compile.schedule import inline_safe
-from plateau.compile.schedule_dot import ConvTile, has_vnni, rewrite_convs_dot, schedule_dot_conv
+from plateau.compile.tir_helpers import fresh_schedule, inline_safe
 from plateau.compile.tune import DB_FILE, load_db, tuned_tiles
 from plateau.errors import PlateauError
 
 HOST = tvm.target.Target(get_target("host").tvm_target)
-needs_vnni = pytest.mark.skipif(not has_vnni(HOST), reason="host CPU has no AVX-512 VNNI")
+needs_vnni = pytest.mark.skipif(get_target("host").kernel is not VNNI, reason="host CPU has no AVX-512 VNNI")
 
 
 def _resnet_block_onnx(path: Path) -> Path:
-    """conv(3->16) -> [conv(16->16) relu conv(16->16)] + skip -> stride-2 conv(16->32) -> pool -> fc: 16-channel
-    multiples, so the VNNI kernel applies (the shared tiny fixtures have 8 channels)."""
+    """conv(3->16) -> [conv(16->16) relu conv(16->16)] + skip -> stride-2 conv(16->32) -> pool -> fc:
+    16-channel multiples, so the VNNI kernel applies (the shared tiny fixtures have 8 channels)."""
     import torch
     import torch.nn as nn
 
@@ -45,7 +51,8 @@ def _resnet_block_onnx(path: Path) -> Path:
 
     torch.manual_seed(0)
     torch.onnx.export(Net().eval(), torch.randn(1, 3, fx.HW, fx.HW), str(path), input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "N"}}, opset_version=17, dynamo=False)
+                      output_names=["logits"], dynamic_axes={"input": {0: "N"}}, opset_version=17,
+                      dynamo=False)
     return path
 
 
@@ -81,15 +88,12 @@ def test_scheduled_build_is_bit_exact(block_models, tmp_path, name):
 
 @pytest.mark.parametrize("target", ["host", "arm64-dotprod", "arm64-i8mm"])
 def test_zero_point_pads_run_inside_the_conv_kernels(block_models, target):
-    """The Pad before each conv (and ConvertLayout's transposes around it) becomes the dot kernel's input stage:
-    no pad op is left in the graph, and every fused conv kernel holds its input stage."""
+    """The Pad before each conv (and ConvertLayout's transposes around it) becomes the dot kernel's input
+    stage: no pad op is left in the graph, and every fused conv kernel holds its input stage."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    from plateau.compile.schedule import legalize_passes
-    from plateau.compile.schedule_dot import DOT_INPUT, dot_kernel
-
     tgt = tvm.target.Target(get_target(target).tvm_target)
-    kernel = dot_kernel(tgt)
+    kernel = get_target(target).kernel
     if kernel is None:
         pytest.skip(f"no dot kernel for {target} here")
     mod, _ = import_onnx(block_models["s8s8"])
@@ -99,7 +103,8 @@ def test_zero_point_pads_run_inside_the_conv_kernels(block_models, target):
         mod, n = rewrite_convs_dot(mod, kernel)
         assert n == 4 and "R.nn.pad" not in mod["main"].script()
         mod = tvm.transform.Sequential(cpu.library_dispatch_passes(tgt) + legalize_passes(tgt))(mod)
-    convs = [f for gv, f in mod.functions_items() if gv.name_hint.startswith(f"fused_plateau_conv2d_{kernel.name}")]
+    prefix = f"fused_plateau_conv2d_{kernel.name}"
+    convs = [f for gv, f in mod.functions_items() if gv.name_hint.startswith(prefix)]
     assert len(convs) == 4 and all(DOT_INPUT in f.script() for f in convs)
     assert not [gv for gv in mod.get_global_vars() if "pad" in gv.name_hint]
 
@@ -111,7 +116,7 @@ def test_every_conv_gets_the_vnni_kernel(block_models, name):
     order, no unpack kernel of their own left."""
     mod, _ = import_onnx(block_models[name])
     mod = lower_for_target(lower_qdq(mod), get_target("host"))
-    out, n = rewrite_convs_dot(mod)
+    out, n = rewrite_convs_dot(mod, VNNI)
     assert n == 4
     if name == "w4":
         assert mod["main"].script().count("R.bitwise_and") >= 4  # packed by pack_int4
@@ -120,20 +125,19 @@ def test_every_conv_gets_the_vnni_kernel(block_models, name):
 
 @needs_vnni
 @pytest.mark.parametrize("stride,tile", [(1, ConvTile(4, 1)), (2, ConvTile(2, 2)), (1, None),
-                                         (1, ConvTile(8, 1, kw_inner=True)), (2, ConvTile(4, 2, kw_inner=True))])
+                                         (1, ConvTile(8, 1, kw_inner=True)),
+                                         (2, ConvTile(4, 2, kw_inner=True))])
 def test_vnni_conv_kernel_exact(stride, tile):
     """The tensorized kernel alone against numpy: u8 x s8 -> s32, packed weights."""
-    from plateau.compile.schedule_dot import _conv_te, _pack_weight
-
     n, h, w, c, o, k = 2, 10, 10, 16, 32, 3
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (n, h, w, c)).astype(np.uint8)
     wt = rng.integers(-128, 128, (o, k, k, c)).astype(np.int8)
-    wp, _ = _pack_weight(wt, 16)
+    wp, _ = pack_weight(wt, 16)
     data, wpt = te.placeholder(x.shape, "uint8"), te.placeholder(wp.shape, "int8")
-    out = _conv_te(data, wpt, stride, stride)
+    out = conv_te(data, wpt, stride, stride)
     sch = Schedule(te.create_prim_func([data, wpt, out]).with_attr("global_symbol", "main"))
-    sch = schedule_dot_conv(sch, sch.get_sblock(out.op.name), tile)
+    sch = schedule_dot_conv(sch, sch.get_sblock(out.op.name), tile, VNNI)
     lib = tvm.compile(sch.mod, HOST)
     oh = (h - k) // stride + 1
     res = tvm.runtime.tensor(np.zeros((n, oh, oh, o), np.int32))
@@ -158,11 +162,10 @@ needs_avx2 = pytest.mark.skipif(not _host_has_avx2(), reason="this CPU has no AV
 
 
 def test_x86_targets_pick_their_kernel():
-    """x86-avx2 (Haswell) takes the vpmaddwd kernel, x86-vnni (Cascade Lake) vpdpbusd; not for aarch64 / GPU."""
-    from plateau.compile.schedule_dot import AVX2, VNNI, dot_kernel, has_avx2
-
-    kernel = {t: dot_kernel(tvm.target.Target(get_target(t).tvm_target)) for t in ("x86-avx2", "x86-vnni")}
-    assert kernel == {"x86-avx2": AVX2, "x86-vnni": VNNI}
+    """x86-avx2 (Haswell) takes the vpmaddwd kernel, x86-vnni (Cascade Lake) vpdpbusd; not for aarch64 /
+    GPU."""
+    kernel = {t: get_target(t).kernel for t in ("x86-avx2", "x86-vnni", "cuda", "opencl")}
+    assert kernel == {"x86-avx2": AVX2, "x86-vnni": VNNI, "cuda": None, "opencl": None}
     assert has_avx2(tvm.target.Target({"kind": "llvm", "mattr": ["+avx2"]}))
     assert not has_avx2(tvm.target.Target(get_target("arm64").tvm_target))
     assert not has_avx2(tvm.target.Target({"kind": "llvm", "mcpu": "core2"}))
@@ -171,11 +174,10 @@ def test_x86_targets_pick_their_kernel():
 @needs_avx2
 @pytest.mark.parametrize("name", ["s8s8", "u8s8", "w4"])
 def test_avx2_kernel_is_exact(block_models, tmp_path, name, caplog):
-    """x86-avx2: every conv is the tensorized vpmaddwd kernel (int16 pairs, exact: vpmaddubsw's int16 sums would
-    saturate), int8 and uint8 activations and 4-bit weights alike; run on this CPU, the library equals TVM's
-    unscheduled host build on every logit."""
+    """x86-avx2: every conv is the tensorized vpmaddwd kernel (int16 pairs, exact: vpmaddubsw's int16 sums
+    would saturate), int8 and uint8 activations and 4-bit weights alike; run on this CPU, the library equals
+    TVM's unscheduled host build on every logit."""
     from plateau.compile.asm import instructions_per_function
-    from plateau.compile.schedule_dot import AVX2
 
     tgt = get_target("x86-avx2")
     mod, _ = import_onnx(block_models[name])
@@ -189,27 +191,34 @@ def test_avx2_kernel_is_exact(block_models, tmp_path, name, caplog):
 
 
 def test_arm_targets_pick_the_sdot_kernel():
-    from plateau.compile.schedule_dot import SDOT, SMMLA, dot_kernel
-
-    kernel = {t: dot_kernel(tvm.target.Target(get_target(t).tvm_target))
-              for t in ("arm64", "arm64-dotprod", "arm64-i8mm", "rpi5", "arm64-neon", "rpi4")}
+    kernel = {t: get_target(t).kernel for t in ("arm64", "arm64-dotprod", "arm64-i8mm", "rpi5",
+                                                "arm64-neon", "rpi4")}
     assert kernel == {"arm64": SDOT, "arm64-dotprod": SDOT, "arm64-i8mm": SMMLA, "rpi5": SDOT,
                       "arm64-neon": None, "rpi4": None}
 
 
+@pytest.mark.parametrize("target",
+                         ["x86-avx2", "x86-vnni", "arm64", "arm64-neon", "arm64-dotprod", "arm64-i8mm",
+                                    "rpi4", "rpi5", "cuda", "opencl", "host"])
+def test_target_kernels_agree_with_cpu_features(target):
+    """Each named target's fixed kernel is the one its CPU name and features imply (the host's is probed)."""
+    tgt = get_target(target)
+    assert tgt.kernel == kernel_for_target(tgt.tvm_target)
+
+
 @pytest.mark.parametrize("target,name", [("arm64-dotprod", "s8s8"), ("arm64-dotprod", "u8s8"),
-                                         ("arm64-dotprod", "w4"), ("arm64-i8mm", "s8s8"), ("arm64-i8mm", "u8s8"),
+                                         ("arm64-dotprod", "w4"), ("arm64-i8mm", "s8s8"),
+                                         ("arm64-i8mm", "u8s8"),
                                          ("arm64-i8mm", "w4")])
 def test_arm_kernels_bit_exact_under_qemu(block_models, tmp_path, target, name):
-    """arm64-dotprod / arm64-i8mm: every conv (stride 1 and 2) becomes the tensorized sdot / smmla kernel (uint8
-    activations shifted to int8), the instruction is in every conv kernel, and the library run under
+    """arm64-dotprod / arm64-i8mm: every conv (stride 1 and 2) becomes the tensorized sdot / smmla kernel
+    (uint8 activations shifted to int8), the instruction is in every conv kernel, and the library run under
     qemu-aarch64 equals TVM's unscheduled host build on every logit."""
     from plateau import runtime
     from plateau.compile.asm import instructions_per_function
-    from plateau.compile.schedule_dot import dot_kernel
 
     tgt = get_target(target)
-    kernel = dot_kernel(tvm.target.Target(tgt.tvm_target))
+    kernel = tgt.kernel
     mod, _ = import_onnx(block_models[name])
     _, n = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), kernel)
     assert n == 4
@@ -228,11 +237,11 @@ def test_arm_kernels_bit_exact_under_qemu(block_models, tmp_path, target, name):
 
 
 def _assert_scheduled_build_exact(onnx_path: Path, target: str, tmp_path: Path, caplog, seed: int) -> None:
-    """Build `onnx_path` for `target` with no kernel left unscheduled, run it (arm64: under qemu) and compare it
-    with TVM's unscheduled host build on every logit."""
+    """Build `onnx_path` for `target` with no kernel left unscheduled, run it (arm64: under qemu) and compare
+    it with TVM's unscheduled host build on every logit."""
     from plateau import runtime
 
-    with caplog.at_level("WARNING", logger="plateau.compile.schedule"):
+    with caplog.at_level("WARNING", logger="plateau.compile.cpu_schedule"):
         compile_onnx(onnx_path, target, tmp_path / "sched")
     assert "left unscheduled" not in caplog.text
     compile_onnx(onnx_path, "host", tmp_path / "plain", schedule="none")
@@ -251,14 +260,11 @@ def _rewritten_and_legalized(onnx_path: Path, target: str) -> tuple[tvm.IRModule
     legalized by the CPU pipeline: the PrimFuncs schedule_primfuncs receives."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    from plateau.compile.schedule import legalize_passes
-    from plateau.compile.schedule_dot import dot_kernel
-
     tgt = get_target(target)
     t = tvm.target.Target(tgt.tvm_target)
     mod, _ = import_onnx(onnx_path)
     with t:
-        mod, n = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), dot_kernel(t))
+        mod, n = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), tgt.kernel)
         return tvm.transform.Sequential(cpu.library_dispatch_passes(t) + legalize_passes(t))(mod), n
 
 
@@ -267,15 +273,14 @@ def test_depthwise_conv_kernel_is_exact(tmp_path, target, weights, caplog):
     """MobileNet-style block (stem, depthwise 3x3 + ReLU6, pointwise): the depthwise conv becomes its own
     kernel (input stage, unrolled taps, channels vectorized), scheduled, and the library equals TVM's
     unscheduled host build on every logit (arm64: under qemu)."""
-    from plateau.compile.schedule import find_conv_block, fresh_schedule
-    from plateau.compile.schedule_dot import DW_BLOCK, VNNI, dot_kernel, schedule_dw_conv
-
-    onnx_path = fx.ort_qdq(fx.tiny_mobile_onnx(tmp_path / "fp32.onnx"), tmp_path / "mobile.onnx", "s8", weights)
-    kernel = dot_kernel(tvm.target.Target(get_target(target).tvm_target))
+    onnx_path = fx.ort_qdq(fx.tiny_mobile_onnx(tmp_path / "fp32.onnx"), tmp_path / "mobile.onnx",
+                           "s8", weights)
+    kernel = get_target(target).kernel
     if kernel is None:
         pytest.skip(f"no dot kernel for {target} here")
     mod, n = _rewritten_and_legalized(onnx_path, target)
-    assert n == 3  # the depthwise conv, the stem, and the 16 -> 24 pointwise (with VNNI the 8-lane kernel: 3 x 8)
+    # the depthwise conv, the stem, and the 16 -> 24 pointwise (with VNNI the 8-lane kernel: 3 x 8)
+    assert n == 3
     if target == "host":  # a VNNI host takes the 256-bit kernel for 24 channels; an AVX2 host its one kernel
         assert f"plateau_conv2d_{'vnniy' if kernel is VNNI else kernel.name}" in str(mod.get_global_vars())
     (dw,) = [f for gv, f in mod.functions_items() if "plateau_dwconv2d" in gv.name_hint]
@@ -287,9 +292,7 @@ def test_depthwise_conv_kernel_is_exact(tmp_path, target, weights, caplog):
 def test_depthwise_fallback_runs_outer_loops_in_parallel(tmp_path, monkeypatch, caplog):
     """A depthwise conv whose shape the tiled schedule refuses is not left unscheduled: its outer loops run in
     parallel, and the library still equals TVM's unscheduled build on every logit."""
-    import plateau.compile.schedule as S
-    from plateau.compile.schedule import schedule_primfuncs
-    from plateau.compile.schedule_dot import dot_kernel
+    import plateau.compile.cpu_schedule as S
 
     refused = []
 
@@ -303,7 +306,7 @@ def test_depthwise_fallback_runs_outer_loops_in_parallel(tmp_path, monkeypatch, 
     mod, _ = _rewritten_and_legalized(onnx_path, "host")
     t = tvm.target.Target(get_target("host").tvm_target)
     with t:
-        scheduled = schedule_primfuncs(mod, None, dot_kernel(t))
+        scheduled = S.schedule_primfuncs(mod, None, get_target("host").kernel)
     (name,) = [gv.name_hint for gv in mod.get_global_vars() if "plateau_dwconv2d" in gv.name_hint]
     assert refused and "T.parallel" in scheduled[name].script()
     assert scheduled[name].script() != mod[name].script()
@@ -311,8 +314,8 @@ def test_depthwise_fallback_runs_outer_loops_in_parallel(tmp_path, monkeypatch, 
 
 
 def _token_mlp_onnx(path: Path) -> Path:
-    """Patchify conv -> tokens [N, 16, 32] -> Linear(32, 64) + ReLU -> Linear(64, 32) -> token mean -> Linear(32,
-    10): matmuls on 3-D token tensors and on a 2-D one."""
+    """Patchify conv -> tokens [N, 16, 32] -> Linear(32, 64) + ReLU -> Linear(64, 32) -> token mean ->
+    Linear(32, 10): matmuls on 3-D token tensors and on a 2-D one."""
     import torch
     import torch.nn as nn
 
@@ -331,7 +334,8 @@ def _token_mlp_onnx(path: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(Net().eval(), torch.randn(1, 3, fx.HW, fx.HW), str(path), input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "N"}}, opset_version=17, dynamo=False)
+                          output_names=["logits"], dynamic_axes={"input": {0: "N"}}, opset_version=17,
+                          dynamo=False)
     return path
 
 
@@ -339,16 +343,14 @@ def _token_mlp_onnx(path: Path) -> Path:
 def test_linear_layers_get_the_dot_kernel(tmp_path, target, caplog):
     """Matmuls with a constant weight (Linear on tokens [N, T, K] and on [N, K]) run the dot kernel over token
     rows, scheduled, bit-exact against TVM's unscheduled host build (arm64: under qemu)."""
-    from plateau.compile.schedule_dot import dot_kernel
-
     onnx_path = fx.ort_qdq(_token_mlp_onnx(tmp_path / "fp32.onnx"), tmp_path / "mlp.onnx")
     tgt = get_target(target)
     t = tvm.target.Target(tgt.tvm_target)
-    if dot_kernel(t) is None:
+    if tgt.kernel is None:
         pytest.skip(f"no dot kernel for {target} here")
     mod, _ = import_onnx(onnx_path)
     with t:
-        out, _ = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), dot_kernel(t))
+        out, _ = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), tgt.kernel)
     assert out["main"].script().count("plateau_matmul_") == 3  # fc1, fc2 and the 16-wide head
     _assert_scheduled_build_exact(onnx_path, target, tmp_path, caplog, seed=5)
 
@@ -388,14 +390,15 @@ def test_tuning_an_arm_target_needs_the_board(block_models, tmp_path):
     mod = lower_for_target(lower_qdq(mod), get_target("arm64-dotprod"))
     with pytest.raises(PlateauError, match="needs the board: pass --rpc"):
         tuned_tiles(mod, get_target("arm64-dotprod"), tmp_path, minutes=0.05)
-    assert tuned_tiles(mod, get_target("arm64-dotprod"), tmp_path) == (None, None)  # no database: default tiles
+    assert tuned_tiles(mod, get_target("arm64-dotprod"), tmp_path) == (None,
+                                                                       None)  # no database: default tiles
 
 
 @pytest.mark.slow
 def test_tuning_over_rpc_on_an_emulated_board(block_models, tmp_path):
-    """Candidates cross-compiled, uploaded to `plateau device serve --emulate` (qemu-aarch64) and timed there; the
-    database is written for the arm64 target and a later build reads it. (Emulated timings tune nothing real: the
-    test checks the path a real board takes.)"""
+    """Candidates cross-compiled, uploaded to `plateau device serve --emulate` (qemu-aarch64) and timed there;
+    the database is written for the arm64 target and a later build reads it. (Emulated timings tune nothing
+    real: the test checks the path a real board takes.)"""
     from plateau import runtime
 
     if runtime.sysroot_status() is None or shutil.which("qemu-aarch64") is None:
@@ -404,7 +407,8 @@ def test_tuning_over_rpc_on_an_emulated_board(block_models, tmp_path):
     tgt = get_target("arm64-dotprod")
     mod = lower_for_target(lower_qdq(mod), tgt)
     with runtime.serve(port=0, key="tune-test", emulate=True, block=False, silent=True) as s:
-        choose, info = tuned_tiles(mod, tgt, tmp_path, minutes=0.1, rpc=f"127.0.0.1:{s.port}", rpc_key="tune-test")
+        choose, info = tuned_tiles(mod, tgt, tmp_path, minutes=0.1, rpc=f"127.0.0.1:{s.port}",
+                                   rpc_key="tune-test")
     assert choose is not None and info["entries"] >= 1 and "emulated" in info["timed_on"], info
     (entries,) = load_db(tmp_path / DB_FILE)["targets"].values()
     assert all(e["ms"] > 0 and e["ow"] >= 1 and e["oc"] >= 1 for e in entries.values())

@@ -1,4 +1,5 @@
-"""The target registry, arm64 cross-compilation (ELF machine, dot-product instructions) and a build per target."""
+"""The target registry, arm64 cross-compilation (ELF machine, dot-product instructions) and a build per
+target."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from plateau.compile import compile_onnx, get_target, list_targets, lower_qdq
 from plateau.compile.compiler import build, import_onnx, lower_for_target
+from plateau.compile.onnx_prep import output_step
 from plateau.errors import PlateauError
 
 EM_AARCH64, EM_X86_64 = 183, 62
@@ -27,7 +29,8 @@ def elf_machine(path) -> int:
 
 
 def test_registry_names():
-    assert set(list_targets()) >= {"host", "arm64", "arm64-neon", "arm64-dotprod", "arm64-i8mm", "rpi4", "rpi5"}
+    assert set(list_targets()) >= {"host", "arm64", "arm64-neon", "arm64-dotprod", "arm64-i8mm",
+                                   "rpi4", "rpi5"}
     arm = get_target("arm64").tvm_target
     assert arm["mtriple"] == "aarch64-linux-gnu" and arm["mattr"] == ["+neon", "+dotprod"]
     assert "+dotprod" not in get_target("arm64-neon").tvm_target["mattr"]
@@ -64,8 +67,8 @@ def _asm(qdq_path, target: str) -> str:
 
 
 def test_arm64_dotprod_emits_sdot(qdq_models):
-    """With +dotprod every conv kernel is the tensorized sdot kernel (and its parallel loop bodies hold the sdot);
-    without it, no sdot anywhere."""
+    """With +dotprod every conv kernel is the tensorized sdot kernel (and its parallel loop bodies hold the
+    sdot); without it, no sdot anywhere."""
     from plateau.compile.asm import instructions_per_function
 
     sdot = instructions_per_function(_asm(qdq_models["ort_s8s8"], "arm64-dotprod"), "sdot")
@@ -89,13 +92,14 @@ def test_every_target_builds(qdq_models, tmp_path, target):
 @pytest.mark.parametrize("name", ["ort_s8s8", "ort_mobile", "exporter_w4"])
 def test_nhwc_layout_is_exact_on_host(qdq_models, tmp_path, name):
     """arm64 targets build the integer conv in NHWC; run that same Relax on the host to check its numerics."""
-    from plateau.compile import _fixtures as fx
+    from support import compile_models as fx
     mod, _ = import_onnx(qdq_models[name])
     arm = get_target("arm64")
     assert arm.conv_layout == "NHWC"
     nhwc = lower_for_target(lower_qdq(mod), arm)
     convs = [b.value for blk in nhwc["main"].body.blocks for b in blk.bindings
-             if getattr(b.value, "op", None) is not None and getattr(b.value.op, "name", "") == "relax.nn.conv2d"]
+             if getattr(b.value, "op", None) is not None and getattr(b.value.op, "name",
+                                                                     "") == "relax.nn.conv2d"]
     assert convs and all(c.attrs.data_layout == "NHWC" and c.attrs.kernel_layout == "OHWI" for c in convs)
     ex, _ = build(nhwc, get_target("host"))
     ex.export_library(str(tmp_path / "model.so"))
@@ -121,8 +125,7 @@ def test_arm64_library_runs_under_qemu(qdq_models, tmp_path, name):
     import subprocess
 
     import numpy as np
-
-    from plateau.compile import _fixtures as fx
+    from support import compile_models as fx
 
     runtime = pytest.importorskip("plateau.runtime")
     if runtime.sysroot_status() is None or shutil.which("qemu-aarch64") is None:
@@ -137,5 +140,5 @@ def test_arm64_library_runs_under_qemu(qdq_models, tmp_path, name):
     from plateau.export.validate import ort_session
 
     ref = ort_session(str(qdq_models[name])).run(None, {"input": x})[0]
-    steps = np.rint(np.abs(np.load(tmp_path / "y.npy") - ref) / fx.output_step(qdq_models[name]))
+    steps = np.rint(np.abs(np.load(tmp_path / "y.npy") - ref) / output_step(qdq_models[name]))
     assert steps.max() <= 1 and (steps == 0).mean() >= 0.99, steps

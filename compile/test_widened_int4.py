@@ -1,5 +1,6 @@
-"""The exporter's widened 4-bit layout (INT4 weight -> Cast(INT8) -> DequantizeLinear; activations clamped in INT8)
-compiles to the same 4-bit kernels as the native one: onnx_prep reads through the Cast, the weights stay packed."""
+"""The exporter's widened 4-bit layout (INT4 weight -> Cast(INT8) -> DequantizeLinear; activations clamped in
+INT8) compiles to the same 4-bit kernels as the native one: onnx_prep reads through the Cast, the weights stay
+packed."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import pytest
 import torch
 import tvm
 from onnx import TensorProto, helper, numpy_helper
+from support import compile_models as fx
 from tvm import relax
 
-from plateau.compile import _fixtures as fx
 from plateau.compile import compile_onnx
 from plateau.compile.onnx_prep import prepare_onnx
 from plateau.quant import pack_int4
@@ -36,8 +37,8 @@ def _cast_conv(path, to: int) -> None:
 
 @pytest.mark.parametrize("to, kept", [(TensorProto.INT8, False), (TensorProto.UINT8, True)])
 def test_widening_cast_is_read_through(tmp_path, to, kept):
-    """Cast(INT4 -> INT8) is the same integers: dropped, the weight stays 4-bit. Cast(INT4 -> UINT8) changes the
-    negative values: left alone (folded as a constant into an 8-bit weight)."""
+    """Cast(INT4 -> INT8) is the same integers: dropped, the weight stays 4-bit. Cast(INT4 -> UINT8) changes
+    the negative values: left alone (folded as a constant into an 8-bit weight)."""
     _cast_conv(tmp_path / "m.onnx", to)
     prep = prepare_onnx(tmp_path / "m.onnx")
     assert not any(n.op_type == "Cast" for n in prep.model.graph.node)  # dropped, or folded into a constant

@@ -1,9 +1,10 @@
-"""Tuning: a search over the conv tiles of schedule_dot.py's kernels, measured on the device, kept in a database.
+"""Tuning: a search over the conv tiles of the dot kernels (dot_schedule.py), measured on the device, kept in
+a database.
 
 The hand schedules are parameterized by one small choice per conv shape, the register tile (pixels x channel
 blocks). `tune_tiles` builds every candidate of every conv kernel of the model, times it on random inputs at a
-tuning batch, and keeps the fastest; the answers go to `<dir>/tiles.json`, keyed by the target and the conv shape,
-so a model is tuned once per target and later builds read the file (no measuring, seconds).
+tuning batch, and keeps the fastest; the answers go to `<dir>/tiles.json`, keyed by the target and the conv
+shape, so a model is tuned once per target and later builds read the file (no measuring, seconds).
 
 Timings come from where the kernel will run: this machine for the host target, or a board over TVM RPC
 (`rpc="HOST:PORT"` of `plateau device serve`): each candidate is cross-compiled, uploaded and timed there.
@@ -31,20 +32,22 @@ from tvm.s_tir import Schedule
 
 from plateau.artifacts import atomic_path
 from plateau.errors import PlateauError
+from plateau.rpc import rpc_connect
 
-from .schedule import TileChooser, find_conv_block, fresh_schedule, legalize_passes
-from .schedule_dot import (
-    VNNI,
+from .cpu_pipeline import legalize_passes
+from .dot_instructions import DotKernel
+from .dot_rewrite import rewrite_convs_dot
+from .dot_schedule import (
     ConvTile,
-    DotKernel,
+    TileChooser,
     conv_extents,
     default_tile,
-    dot_kernel,
+    find_conv_block,
     kernel_of,
-    rewrite_convs_dot,
     schedule_dot_conv,
 )
 from .targets import CompileTarget
+from .tir_helpers import fresh_schedule
 
 __all__ = ["DB_FORMAT", "DB_VERSION", "conv_key", "candidate_tiles", "tune_tiles", "tuned_tiles", "load_db"]
 
@@ -57,7 +60,7 @@ ROUNDS = 3  # timing rounds over all candidates of a shape
 
 
 def conv_key(sch: Schedule) -> str | None:
-    """The shape key of the VNNI conv in `sch` (output HxWxC, kernel, input channels), None without one."""
+    """The shape key of the dot conv in `sch` (output HxWxC, kernel, input channels), None without one."""
     block = find_conv_block(sch)
     if block is None:
         return None
@@ -66,10 +69,9 @@ def conv_key(sch: Schedule) -> str | None:
     return f"out{oh}x{ow}x{oc}-k{kh}x{kw}x{c}"
 
 
-def candidate_tiles(ow_extent: int, oc_blocks: int, kernel: DotKernel | None = None) -> list[ConvTile]:
-    """Tiles that divide the output (pixels dividing the width, a multiple of the kernel's pixels; channel blocks
-    dividing the channels) whose accumulators fit the kernel's registers."""
-    kernel = kernel or VNNI
+def candidate_tiles(ow_extent: int, oc_blocks: int, kernel: DotKernel) -> list[ConvTile]:
+    """Tiles that divide the output (pixels dividing the width, a multiple of the kernel's pixels; channel
+    blocks dividing the channels) whose accumulators fit the kernel's registers."""
     out = []
     for ow in (1, 2, 4, 7, 8, 14, 16, 28, 32):
         for oc in (1, 2, 4, 8):
@@ -83,8 +85,8 @@ def candidate_tiles(ow_extent: int, oc_blocks: int, kernel: DotKernel | None = N
 
 
 def _target_key(target: tvm.target.Target) -> str:
-    return json.dumps({k: str(v) for k, v in sorted(target.export().items()) if k in ("kind", "mcpu", "mtriple",
-                                                                                      "mattr")}, sort_keys=True)
+    keys = ("kind", "mcpu", "mtriple", "mattr")
+    return json.dumps({k: str(v) for k, v in sorted(target.export().items()) if k in keys}, sort_keys=True)
 
 
 def load_db(path: Path) -> dict:
@@ -99,7 +101,8 @@ def load_db(path: Path) -> dict:
     return db
 
 
-def _fused_convs(mod: tvm.IRModule, target: tvm.target.Target, kernel: DotKernel) -> dict[str, tvm.tirx.PrimFunc]:
+def _fused_convs(mod: tvm.IRModule, target: tvm.target.Target,
+                 kernel: DotKernel) -> dict[str, tvm.tirx.PrimFunc]:
     """key -> one fused conv PrimFunc of each shape, as the build pipeline produces them."""
     legalize = legalize_passes(target)
     with target:
@@ -130,13 +133,14 @@ def _random_args(func: tvm.tirx.PrimFunc, batch: int, dev: tvm.runtime.Device) -
 
 
 class Device:
-    """Where candidates are timed: this machine (remote None) or a board over TVM RPC (cross-compiled uploads)."""
+    """Where candidates are timed: this machine (remote None) or a board over TVM RPC (cross-compiled
+    uploads)."""
 
     def __init__(self, remote=None, target: CompileTarget | None = None, label: str = "local") -> None:
         self.remote, self.target, self.label = remote, target, label
         self._dir = tempfile.TemporaryDirectory(prefix="plateau-tune-") if remote is not None else None
 
-    def load(self, lib) -> tuple[tvm.runtime.Module, tvm.runtime.Device]:
+    def load(self, lib: tvm.runtime.Executable) -> tuple[tvm.runtime.Module, tvm.runtime.Device]:
         if self.remote is None:
             return lib.mod, tvm.cpu()
         name = f"tile-{uuid.uuid4().hex[:12]}.so"
@@ -158,13 +162,12 @@ def _tile_timer(func: tvm.tirx.PrimFunc, tile: ConvTile, target: tvm.target.Targ
     return lambda: float(min(timer(*args).results))
 
 
-def tune_tiles(mod: tvm.IRModule, target: tvm.target.Target, minutes: float, batch: int = TUNE_BATCH,
-               known: dict | None = None, device: Device | None = None) -> dict[str, dict]:
-    """Search the conv tiles of `mod` (a lowered Relax module) within `minutes`; key -> {ow, oc, ms, default_ms}.
-    Keys already in `known` are skipped. Timed on `device` (default: this machine)."""
-    kernel = dot_kernel(target)
-    if kernel is None:
-        return {}
+def tune_tiles(mod: tvm.IRModule, target: tvm.target.Target, kernel: DotKernel, minutes: float,
+               batch: int = TUNE_BATCH, known: dict | None = None,
+               device: Device | None = None) -> dict[str, dict]:
+    """Search the conv tiles of `mod` (a lowered Relax module) on `kernel` (the target's:
+    CompileTarget.kernel) within `minutes`; key -> {ow, oc, ms, default_ms}. Keys already in `known` are
+    skipped. Timed on `device` (default: this machine)."""
     deadline = time.monotonic() + minutes * 60
     found: dict[str, dict] = {}
     for key, func in _fused_convs(mod, target, kernel).items():
@@ -197,14 +200,14 @@ def tune_tiles(mod: tvm.IRModule, target: tvm.target.Target, minutes: float, bat
 
 
 def _tuning_device(target: CompileTarget, rpc: str | None, rpc_key: str) -> Device:
-    """This machine for the host target; a board over RPC otherwise (the timings must come from the device)."""
+    """This machine for the host target; a board over RPC otherwise (the timings must come from the
+    device)."""
     if rpc is None:
         if target.arch != "host":
             raise PlateauError(f"tuning for target {target.name!r} needs the board: pass --rpc HOST:PORT of "
-                               "`plateau device serve` running there (timings on this machine would tune for it)")
+                               "`plateau device serve` running there (timings on this machine would tune for "
+                               "it)")
         return Device()
-    from plateau.rpc import rpc_connect
-
     remote, info = rpc_connect(rpc, rpc_key)
     want = "aarch64" if target.arch == "aarch64" else None
     if want and info.get("machine") and info["machine"] != want:
@@ -218,10 +221,9 @@ def tuned_tiles(mod: tvm.IRModule, target: CompileTarget, db_dir: Path, minutes:
     """(tile chooser for build(), manifest summary) from the database in `db_dir`, tuning first when
     `minutes` > 0 (on this machine, or on the board at `rpc`). Without a database or tuning: (None, None),
     the default tiles."""
-    tdict = target.tvm_target
-    t = tvm.target.Target(tdict)
-    if dot_kernel(t) is None:
+    if target.kernel is None:
         return None, None
+    t = tvm.target.Target(target.tvm_target)
     path = Path(db_dir) / DB_FILE
     db = load_db(path)
     tkey = _target_key(t)
@@ -232,7 +234,7 @@ def tuned_tiles(mod: tvm.IRModule, target: CompileTarget, db_dir: Path, minutes:
         device = _tuning_device(target, rpc, rpc_key)
         where = device.label
         start = time.monotonic()
-        new = tune_tiles(mod, t, minutes, known=entries, device=device)
+        new = tune_tiles(mod, t, target.kernel, minutes, known=entries, device=device)
         searched = time.monotonic() - start
         if new:
             entries.update(new)

@@ -1,5 +1,7 @@
 """Tiny QDQ ONNX models for the compile tests (16x16 inputs, a few hundred weights: seconds on two cores).
 
+Test support, outside the installed package: tests import it as `from support import compile_models as fx`.
+
 - `tiny_cnn_onnx`: a torch conv-bn-relu x2 + residual add + global average pool + linear, exported to ONNX
   (opset 17, dynamic batch), to be quantized with onnxruntime's quantize_static (`ort_qdq`).
 - `exporter_style_qdq`: an opset-21 graph built by hand the way our exporter writes it: explicit Relu between
@@ -17,10 +19,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from plateau.compile.onnx_prep import output_step
 from plateau.quant import INT8, QType, choose_qparams, quantize_bias_np, quantize_np
 
 __all__ = [
-    "tiny_cnn_onnx", "tiny_mobile_onnx", "ort_qdq", "exporter_style_qdq", "single_conv_qdq", "calibration_batches", "output_step",
+    "tiny_cnn_onnx", "tiny_mobile_onnx", "ort_qdq", "exporter_style_qdq", "single_conv_qdq",
+    "calibration_batches",
     "compare_to_ort", "conv_tie_report", "HW", "save_graph",
 ]
 
@@ -54,9 +58,11 @@ def tiny_cnn_onnx(path: Path, seed: int = 0) -> Path:
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated, still fine
-        torch.onnx.export(net, torch.randn(1, 3, HW, HW), str(path), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17, dynamo=False)
+        # the TorchScript exporter is deprecated, still fine
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(net, torch.randn(1, 3, HW, HW), str(path), input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+                          opset_version=17, dynamo=False)
     return path
 
 
@@ -74,13 +80,15 @@ def tiny_mobile_onnx(path: Path, seed: int = 0) -> Path:
                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(24 * (HW // 4) ** 2, 10)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(net, torch.randn(1, 3, HW, HW), str(path), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17, dynamo=False)
+        torch.onnx.export(net, torch.randn(1, 3, HW, HW), str(path), input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+                          opset_version=17, dynamo=False)
     return path
 
 
 def ort_qdq(fp32: Path, path: Path, activation: str = "s8", weight: str = "s8") -> Path:
-    """onnxruntime's quantize_static QDQ of `fp32` on the fixed calibration batches (plateau.ort_quantizer)."""
+    """onnxruntime's quantize_static QDQ of `fp32` on the fixed calibration batches
+    (plateau.ort_quantizer)."""
     from plateau.ort_quantizer import ort_quantize
 
     batches = calibration_batches()
@@ -88,7 +96,8 @@ def ort_qdq(fp32: Path, path: Path, activation: str = "s8", weight: str = "s8") 
 
 
 def _graph(w_bits: int, params: dict, act: dict | None) -> onnx.ModelProto:
-    """The exporter-style graph; act=None gives the float twin (dequantized weights, every tensor an output)."""
+    """The exporter-style graph; act=None gives the float twin (dequantized weights, every tensor an
+    output)."""
     nodes, inits, outs = [], [], []
 
     def init(name, arr, dtype=None):
@@ -105,17 +114,20 @@ def _graph(w_bits: int, params: dict, act: dict | None) -> onnx.ModelProto:
         s, z = act[key or name]
         init(f"{name}_s", np.float32(s)), init(f"{name}_z", np.int8(z))
         nodes.append(helper.make_node("QuantizeLinear", [x, f"{name}_s", f"{name}_z"], [f"{name}_q"]))
-        nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [f"{name}_dq"]))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"],
+                                      [f"{name}_dq"]))
         return f"{name}_dq"
 
     def layer(op, x, x_name, name, relu, **attrs):
         wq, sw, b = params[name]
         if act is None:
-            w_in = init(f"{name}_w", (wq.astype(np.float32) * sw.reshape(-1, *[1] * (wq.ndim - 1))).astype(np.float32))
+            w_in = init(f"{name}_w",
+                        (wq.astype(np.float32) * sw.reshape(-1, *[1] * (wq.ndim - 1))).astype(np.float32))
             b_in = init(f"{name}_b", b)
         else:
             wdt = TensorProto.INT4 if w_bits == 4 else None
-            init(f"{name}_wq", wq, wdt), init(f"{name}_ws", sw), init(f"{name}_wz", np.zeros(len(sw), np.int8), wdt)
+            init(f"{name}_wq", wq, wdt), init(f"{name}_ws", sw)
+            init(f"{name}_wz", np.zeros(len(sw), np.int8), wdt)
             nodes.append(helper.make_node("DequantizeLinear", [f"{name}_wq", f"{name}_ws", f"{name}_wz"],
                                           [f"{name}_w"], axis=0))
             bq, sb = quantize_bias_np(b, act[x_name][0], sw)
@@ -163,7 +175,8 @@ def exporter_style_qdq(path: Path, w_bits: int = 4, seed: int = 0) -> Path:
         w = (rng.standard_normal(shape) * 0.4).astype(np.float32)
         amax = np.abs(w.reshape(shape[0], -1)).max(axis=1)
         sw, _ = choose_qparams(-amax, amax, wq_t, symmetric=True)
-        params[name] = (quantize_np(w, sw, 0, wq_t, axis=0), sw, (rng.standard_normal(shape[0]) * 0.1).astype(np.float32))
+        params[name] = (quantize_np(w, sw, 0, wq_t, axis=0), sw,
+                        (rng.standard_normal(shape[0]) * 0.1).astype(np.float32))
 
     # Calibrate activations on the float twin: min/max per tensor -> asymmetric int8 parameters.
     fm = _graph(w_bits, params, None)
@@ -198,7 +211,8 @@ def single_conv_qdq(path: Path, w_zp: int = 0, op: str = "Conv", name: str = "od
     else:
         nodes += [helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["x"]),
                   helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wf"]),
-                  helper.make_node("Conv", ["x", "wf"], ["y"], name=name, pads=list(pads), strides=list(strides),
+                  helper.make_node("Conv", ["x", "wf"], ["y"], name=name, pads=list(pads),
+                                   strides=list(strides),
                                    dilations=list(dilations)),
                   helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"])]
     nodes.append(helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["output"]))
@@ -215,22 +229,11 @@ def save_graph(path: Path, nodes: list, inits: list, input_shape: list, name: st
     return Path(path)
 
 
-def output_step(path: Path) -> float:
-    """The quantization step of the graph output: the scale of the DequantizeLinear that produces it."""
-    model = onnx.load(str(path))
-    producer = {o: n for n in model.graph.node for o in n.output}
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    node = producer[model.graph.output[0].name]
-    while node.op_type == "Identity":
-        node = producer[node.input[0]]
-    assert node.op_type == "DequantizeLinear", node.op_type
-    return float(inits[node.input[1]])
-
-
 def compare_to_ort(onnx_path: Path, so_path: Path, n_batches: int = 8, batch: int = 8, seed: int = 123,
                    hw: int = HW, optimize: bool = True) -> dict:
     """Run the compiled library (plain TVM) and onnxruntime on the same random inputs; count output steps.
-    optimize=False: onnxruntime without graph optimizations (no QDQ fusion, float ops on dequantized values)."""
+    optimize=False: onnxruntime without graph optimizations (no QDQ fusion, float ops on dequantized
+    values)."""
     import tvm
     from tvm import relax
 
@@ -255,8 +258,9 @@ def conv_tie_report(path: Path, n_batches: int = 4, batch: int = 8) -> list[dict
     """Per Conv layer: recompute onnxruntime's QuantizeLinear output from its own quantized input with exact
     integer arithmetic, and report where the two differ and how far those exact products are from a .5 tie.
 
-    Where onnxruntime runs the conv in float (4-bit weights; S8S8 on x86 without `session.qdqisint8allowed`), its rounding can only disagree with
-    the exact result on (near-)ties; a formula error would show up far from ties.
+    Where onnxruntime runs the conv in float (4-bit weights; S8S8 on x86 without `session.qdqisint8allowed`),
+    its rounding can only disagree with the exact result on (near-)ties; a formula error would show up far
+    from ties.
     """
     import torch
 
