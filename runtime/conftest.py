@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from plateau.runtime.sysroot import sysroot_status
-from plateau.runtime.testmodels import build_tiny
+from support.runtime_models import build_tiny
 
 
 @pytest.fixture(scope="session")
