@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.runtime_models import build_tiny
 
 from plateau.runtime.sysroot import sysroot_status
-from support.runtime_models import build_tiny
 
 
 @pytest.fixture(scope="session")
