@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from plateau.quant import parse_bits, rounding_noise_std
+from plateau.quant import QType, parse_bits, rounding_noise_std
 
 __all__ = [
     "NOISE_TARGETS",
@@ -67,16 +67,17 @@ def quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def weight_step(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel symmetric narrow-range step, shaped to broadcast against w: max|W_c| / (2^(b-1) - 1)."""
+    """Per-output-channel symmetric narrow-range step, shaped to broadcast against w: max|W_c| / qmax,
+    qmax = 2^(b-1) - 1."""
     amax = w.detach().abs().flatten(1).amax(1).clamp_min(1e-12)
-    return (amax / (2 ** (bits - 1) - 1)).view(-1, *([1] * (w.ndim - 1)))
+    return (amax / QType(bits, signed=True, narrow=True).qmax).view(-1, *([1] * (w.ndim - 1)))
 
 
 def activation_step(lo: torch.Tensor | float, hi: torch.Tensor | float, bits: int) -> torch.Tensor:
     """Per-tensor asymmetric step over 2^b - 1 levels, the range widened to include 0 (as choose_qparams does)."""
     lo_t = torch.as_tensor(lo, dtype=torch.float32).clamp_max(0.0)
     hi_t = torch.as_tensor(hi, dtype=torch.float32).clamp_min(0.0)
-    return ((hi_t - lo_t) / (2**bits - 1)).clamp_min(1e-12)
+    return ((hi_t - lo_t) / QType(bits, signed=False).levels).clamp_min(1e-12)
 
 
 class NoiseInjector:
