@@ -47,7 +47,7 @@ class NoiseConfig:
     bits: str = "W8A8"
     alpha: float = 1.0
     target: str = "both"
-    first_last_8bit: bool = False
+    keep_first_last_8bit: bool = False
     p: float = 1.0  # fraction of elements that get noise each step (quantnoise); 1.0 = all
     ema_momentum: float = 0.1  # activation range tracker, as in PyTorch's MovingAverageMinMaxObserver
 
@@ -101,7 +101,7 @@ class NoiseInjector:
         # First/last layers may stay at 8 bits: they then get the (smaller) 8-bit noise.
         self.bits: dict[str, tuple[int, int]] = {}
         for i, (name, _) in enumerate(self.layers):
-            edge = cfg.first_last_8bit and i in (0, n - 1)
+            edge = cfg.keep_first_last_8bit and i in (0, n - 1)
             self.bits[name] = (8, 8) if edge else (cfg.w_bits, cfg.a_bits)
         # name -> tensor([min, max]) EMA of the layer input; empty until the first training forward.
         self.act_ranges: dict[str, torch.Tensor] = {}

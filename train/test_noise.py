@@ -112,9 +112,9 @@ def test_quantnoise_fraction_and_ramp_zero():
         assert torch.equal(lin.weight.detach(), clean)
 
 
-def test_first_last_8bit():
+def test_keep_first_last_8bit():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 2))
-    inj = NoiseInjector(model, NoiseConfig(bits="W4A4", first_last_8bit=True))
+    inj = NoiseInjector(model, NoiseConfig(bits="W4A4", keep_first_last_8bit=True))
     assert inj.bits == {"0": (8, 8), "1": (4, 4), "3": (8, 8)}
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from plateau.data import ImageSet
 from plateau.errors import PlateauError
-from plateau.train import METHODS, TrainConfig, add_arguments, main, train
+from plateau.train import TrainConfig, add_arguments, list_methods, main, train
 
 torch.set_num_threads(1)
 SHARED = Path("/work/shared")
@@ -60,7 +60,7 @@ TRAIN, TEST = _images(192, 0), _images(64, 1)
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(epochs=2, batch_size=32, lr=0.05, bits="W4A4", noise="gaussian", flatness="off", progress=False,
+    base = dict(epochs=2, batch_size=32, lr=0.05, bits="W4A4", method="gaussian", flatness="off", progress=False,
                 flatness_images=64, trace_samples=2, eig_iters=3, mc_samples=2, calib_images=64)
     return TrainConfig(**{**base, **kw})
 
@@ -92,16 +92,16 @@ def test_outputs_and_checkpoint_contract(tmp_path):
     assert report["fp_top1"] > 60  # learnable toy data
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list_methods())
 def test_every_method_trains(tmp_path, method):
     torch.manual_seed(0)
-    r = train(Tiny(), _cfg(noise=method, epochs=1), tmp_path, TRAIN, TEST)
+    r = train(Tiny(), _cfg(method=method, epochs=1), tmp_path, TRAIN, TEST)
     assert np.isfinite(r["final"]["train_loss"])
 
 
 @pytest.mark.parametrize("method", ["gaussian", "ramp", "sam-gaussian"])
 def test_resume_after_kill_reproduces_uninterrupted_run(tmp_path, method):
-    cfg = _cfg(noise=method, epochs=3)
+    cfg = _cfg(method=method, epochs=3)
     torch.manual_seed(0)
     ref = Tiny()
     train(ref, cfg, tmp_path / "a", TRAIN, TEST)
@@ -115,7 +115,7 @@ def test_resume_after_kill_reproduces_uninterrupted_run(tmp_path, method):
 
     torch.manual_seed(123)  # a new process: different init, overwritten by the checkpoint
     resumed = Tiny()
-    rep = train(resumed, _cfg(noise=method, epochs=3, resume=True), tmp_path / "b", TRAIN, TEST)
+    rep = train(resumed, _cfg(method=method, epochs=3, resume=True), tmp_path / "b", TRAIN, TEST)
     assert rep["epochs_run"] == 3
     a, b = ref.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
@@ -156,8 +156,8 @@ def test_checkpoint_that_does_not_fit(tmp_path):
 
 
 def test_bad_options():
-    with pytest.raises(ValueError, match="noise method must be one of"):
-        TrainConfig(noise="dropout")
+    with pytest.raises(ValueError, match="method must be one of none, gaussian"):
+        TrainConfig(method="dropout")
     with pytest.raises(ValueError, match="W<bits>A<bits>"):
         TrainConfig(bits="int4")
 
@@ -207,8 +207,8 @@ def test_bad_option_value_is_plateau_error(tmp_path):
 def test_bn_recalibration_uses_clean_forwards():
     """After noisy training, BN statistics are re-estimated without noise: equal to the clean batch statistics,
     whatever the noise, and the injector is left as it was."""
+    from plateau.train import recalibrate_bn
     from plateau.train.noise import NoiseConfig, NoiseInjector
-    from plateau.train.trainer import recalibrate_bn
 
     torch.manual_seed(0)
     model = Tiny()
@@ -244,3 +244,24 @@ def test_timm_models_train_with_noise(tmp_path, name):
     assert np.isfinite(rep["final"]["train_loss"])
     blob = torch.load(tmp_path / "train" / "last.pt", weights_only=True)
     create_model(name, num_classes=4, img_size=32).load_state_dict(blob["model"])
+
+
+def test_resume_from_checkpoint_with_old_config_keys(tmp_path):
+    """Checkpoints written before the renames (config keys `noise`, `first_last_8bit`) still resume exactly."""
+    cfg = _cfg(method="ramp", keep_first_last_8bit=True)
+    torch.manual_seed(0)
+    ref = Tiny()
+    train(ref, cfg, tmp_path / "a", TRAIN, TEST)
+    torch.manual_seed(0)
+    train(Tiny(), cfg, tmp_path / "b", TRAIN, TEST)
+    out = tmp_path / "b/train"
+    blob = torch.load(out / "checkpoint-epoch001.pt", weights_only=True)
+    c = blob["config"]
+    c["noise"], c["first_last_8bit"] = c.pop("method"), c.pop("keep_first_last_8bit")
+    torch.save(blob, out / "last.pt")  # as if killed after epoch 1 by the old code
+    (out / "checkpoint-epoch002.pt").unlink()
+    resumed = Tiny()
+    rep = train(resumed, _cfg(resume=True), tmp_path / "b", TRAIN, TEST)
+    assert rep["config"]["method"] == "ramp" and rep["config"]["keep_first_last_8bit"] is True
+    a, b = ref.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
