@@ -1,4 +1,4 @@
-"""Fixtures for the runtime tests: tiny compiled artifacts (built once per session) and the arm64 sysroot check."""
+"""Fixtures for the runtime tests: tiny compiled artifacts (built once a session), the arm64 sysroot check."""
 
 from __future__ import annotations
 

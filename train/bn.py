@@ -14,10 +14,10 @@ __all__ = ["recalibrate_bn"]
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, inj: NoiseInjector | None, data: Iterable) -> int:
-    """Re-estimate every BatchNorm's running mean and variance from clean forwards (no noise) over `data` batches.
+    """Re-estimate every BatchNorm's running mean and variance from clean forwards (no noise) over `data`.
 
-    Training with activation noise leaves the running statistics of noisy activations (the variance inflated by
-    the noise); evaluation and PTQ (which folds BN into the conv) see clean ones. Returns the images used.
+    Training with activation noise leaves the running statistics of noisy activations (the variance inflated
+    by the noise); evaluation and PTQ (which folds BN into the conv) see clean ones. Returns the images used.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:

@@ -1,8 +1,9 @@
 """Checkpoints: written atomically every epoch, read back to resume a run exactly where it stopped.
 
-A checkpoint holds plain types only (loadable with `torch.load(..., weights_only=True)`): the model's state dict
-(unwrapped), what export needs to rebuild the model, the config, and the optimizer, schedule, noise and RNG
-states. The config it holds wins on resume, so a resumed run continues the schedule and noise it started with.
+A checkpoint holds plain types only (loadable with `torch.load(..., weights_only=True)`): the model's state
+dict (unwrapped), what export needs to rebuild the model, the config, and the optimizer, schedule, noise and
+RNG states. The config it holds wins on resume, so a resumed run continues the schedule and noise it started
+with.
 """
 
 from __future__ import annotations
@@ -21,19 +22,27 @@ from plateau.errors import PlateauError
 from .config import TrainConfig
 from .noise import NoiseInjector
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "load_checkpoint", "resume_config", "restore_checkpoint",
-           "prepare_run_dir", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "load_checkpoint",
+    "resume_config",
+    "restore_checkpoint",
+    "prepare_run_dir",
+    "save_checkpoint",
+]
 
 CHECKPOINT_FORMAT = "plateau.train.checkpoint"
 CHECKPOINT_VERSION = 1
 
 
 def load_checkpoint(path: Path) -> dict:
-    """The checkpoint at `path`; a PlateauError when it is not a readable Plateau checkpoint of this version."""
+    """The checkpoint at `path`; a PlateauError unless it is a readable Plateau checkpoint of this version."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise PlateauError(f"cannot resume: {path} is not a readable checkpoint ({type(e).__name__})") from None
+        reason = f"{path} is not a readable checkpoint ({type(e).__name__})"
+        raise PlateauError(f"cannot resume: {reason}") from None
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise PlateauError(f"cannot resume: {path} is not a plateau training checkpoint")
     if blob.get("version") != CHECKPOINT_VERSION:
@@ -42,9 +51,11 @@ def load_checkpoint(path: Path) -> dict:
     return blob
 
 
-def resume_config(cfg: TrainConfig, out_dir: Path, model_name: str, is_main: bool) -> tuple[TrainConfig, dict | None]:
-    """(the config to run with, the checkpoint to continue from or None). Only with `cfg.resume` and a last.pt:
-    then the saved config wins, except for the settings that do not change the numbers."""
+def resume_config(
+    cfg: TrainConfig, out_dir: Path, model_name: str, is_main: bool
+) -> tuple[TrainConfig, dict | None]:
+    """(the config to run with, the checkpoint to continue from or None). Only with `cfg.resume` and a
+    last.pt: then the saved config wins, except for the settings that do not change the numbers."""
     last = out_dir / "last.pt"
     if not cfg.resume:
         return cfg, None
@@ -57,7 +68,8 @@ def resume_config(cfg: TrainConfig, out_dir: Path, model_name: str, is_main: boo
         raise PlateauError(f"cannot resume: {last} holds model {blob['model_name']!r}, not {model_name!r}")
     saved = TrainConfig.from_dict(blob["config"])
     keep = {"resume": True, "threads": cfg.threads, "progress": cfg.progress}
-    changed = [f.name for f in fields(cfg) if f.name not in keep and getattr(cfg, f.name) != getattr(saved, f.name)]
+    changed = [f.name for f in fields(cfg)
+               if f.name not in keep and getattr(cfg, f.name) != getattr(saved, f.name)]
     if changed and is_main:
         print(f"resume: using the checkpoint's settings for {', '.join(changed)}")
     return TrainConfig(**{**saved.to_dict(), **keep}), blob

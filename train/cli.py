@@ -2,7 +2,8 @@
 
     plateau train --run runs/default                                  # small_cnn on synthetic data
     plateau train --run runs/r20 --model cifar_resnet20 --data ../shared/data/cifar10 \
-        --checkpoint ../shared/models/cifar-resnet/resnet20-12fca82f.th --bits W4A4 --method gaussian --epochs 3
+        --checkpoint ../shared/models/cifar-resnet/resnet20-12fca82f.th --bits W4A4 --method gaussian \
+        --epochs 3
     torchrun --nproc_per_node 2 -m plateau.train -- --run runs/ddp    # DistributedDataParallel, gloo on CPU
     (the `--` keeps torchrun from reading --run as its own --run-path)
 
@@ -74,8 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     if "--run" not in have:
         parser.add_argument("--run", default="runs/default", help="run folder; this stage writes RUN/train/")
     g = parser.add_argument_group("train")
-    g.add_argument("--model", default="small_cnn", help="Plateau model (small_cnn, cifar_resnet20, ...) or timm name")
-    g.add_argument("--checkpoint", default=None, help="weights to fine-tune from (any format the model loader reads)")
+    g.add_argument("--model", default="small_cnn",
+                   help="Plateau model (small_cnn, cifar_resnet20, ...) or timm name")
+    g.add_argument("--checkpoint", default=None,
+                   help="weights to fine-tune from (any format the model loader reads)")
     config_options(g, TrainConfig)
 
 
@@ -114,8 +117,8 @@ def _entry(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="plateau train", description="flat full-precision training")
     add_arguments(parser)
     argv = sys.argv[1:] if argv is None else argv
-    # torchrun's own parser takes `--run` for an abbreviation of its `--run-path`, so under torchrun the options
-    # go after a `--`, which torchrun passes through: drop it here.
+    # torchrun's own parser takes `--run` for an abbreviation of its `--run-path`, so under torchrun the
+    # options go after a `--`, which torchrun passes through: drop it here.
     if argv[:1] == ["--"]:
         argv = argv[1:]
     args = parser.parse_args(argv)

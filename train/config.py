@@ -1,8 +1,9 @@
 """The settings of a training run: one dataclass, the single source of defaults, validation and CLI options.
 
-Each field's metadata (see `setting`) holds its help text, and where it has them its choices, option names and
-CLI-only default; `cli.py` derives the `plateau train` options from these fields. A new setting is one field here.
-The config is saved in every checkpoint and in the manifest; `from_dict` reads the older key names too.
+Each field's metadata (see `setting`) holds its help text, and where it has them its choices, option names
+and CLI-only default; `cli.py` derives the `plateau train` options from these fields. A new setting is one
+field here. The config is saved in every checkpoint and in the manifest; `from_dict` reads the older key
+names too.
 """
 
 from __future__ import annotations
@@ -55,16 +56,17 @@ class TrainConfig:
     data: str = setting("synthetic", "ImageFolder tree with train/ and test/, or 'synthetic'")
     epochs: int = setting(10, "training epochs")
     batch_size: int = setting(128, "global batch size: with W processes each takes batch_size // W")
-    lr: float = setting(0.1, "peak learning rate (default 0.1 from scratch, 0.01 fine-tuning; AdamW: 1e-3 / 1e-4)",
-                        cli_default=None)
+    lr: float = setting(0.1, "peak learning rate (default 0.1 from scratch, 0.01 fine-tuning; "
+                        "AdamW: 1e-3 / 1e-4)", cli_default=None)
     optimizer: str = setting("sgd", "SGD with momentum (nesterov) or AdamW", choices=OPTIMIZERS)
     momentum: float = setting(0.9, "SGD momentum, nesterov when > 0")
     weight_decay: float = setting(5e-4, "weight decay of Conv/Linear weights; none on BN and biases")
-    warmup_epochs: float = setting(1.0, "linear LR warm-up (default 1 from scratch, 0 fine-tuning)", cli_default=None)
+    warmup_epochs: float = setting(1.0, "linear LR warm-up (default 1 from scratch, 0 fine-tuning)",
+                                   cli_default=None)
     label_smoothing: float = setting(0.0, "cross-entropy label smoothing")
     bits: str = setting("W8A8", "target precision, e.g. W8A8, W4A8, W4A4")
-    method: str = setting("gaussian", "flat-training method, a plateau.train.methods entry", choices=list_methods,
-                          flags=("--method", "--noise"))
+    method: str = setting("gaussian", "flat-training method, a plateau.train.methods entry",
+                          choices=list_methods, flags=("--method", "--noise"))
     alpha: float = setting(1.0, "noise std as a multiple of step/sqrt(12)")
     noise_target: str = setting("both", "what gets the noise", choices=NOISE_TARGETS)
     noise_p: float = setting(0.5, "fraction of elements perturbed per step, for quantnoise")
@@ -84,8 +86,8 @@ class TrainConfig:
     quant_gap: bool = setting(True, "do not measure FP vs PTQ top-1 at the end, through plateau.export")
     img_size: int | None = setting(None, "resize ImageFolder images to this size")
     augment: bool = setting(True, "no training augmentation: random crop and flip")
-    bn_recalibrate: int = setting(2048, "train images re-estimating BatchNorm statistics without noise after the "
-                                  "last epoch, 0 turns it off")
+    bn_recalibrate: int = setting(2048, "train images re-estimating BatchNorm statistics without noise "
+                                  "after the last epoch, 0 turns it off")
     threads: int | None = setting(None, "torch threads per process")
     progress: bool = setting(True, "no progress bars")
 
@@ -96,8 +98,8 @@ class TrainConfig:
                 label = f.name.replace("_", " ")
                 raise ValueError(f"{label} must be one of {', '.join(valid)}, got {value!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(f"epochs, batch size and lr must be positive (got {self.epochs}, {self.batch_size}, "
-                             f"{self.lr})")
+            got = f"{self.epochs}, {self.batch_size}, {self.lr}"
+            raise ValueError(f"epochs, batch size and lr must be positive (got {got})")
         if self.rho < 0:
             raise ValueError(f"rho must be >= 0, got {self.rho}")
         self.noise_config()  # validates bits, alpha, p
@@ -119,8 +121,10 @@ class TrainConfig:
         )
 
     def measure_noise_config(self) -> NoiseConfig:
-        """The noise PTQ at the target bits would add (alpha 1, weights and activations): flatness is judged by it."""
-        return NoiseConfig(bits=self.bits, alpha=1.0, target="both", keep_first_last_8bit=self.keep_first_last_8bit)
+        """The noise PTQ at the target bits would add (alpha 1, weights and activations): flatness is judged
+        by it."""
+        return NoiseConfig(bits=self.bits, alpha=1.0, target="both",
+                           keep_first_last_8bit=self.keep_first_last_8bit)
 
     def to_dict(self) -> dict:
         return asdict(self)

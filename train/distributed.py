@@ -31,7 +31,7 @@ def all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def sync_ranges(inj: NoiseInjector, world: int) -> None:
-    """Average the activation-range EMAs over ranks, so every rank (and the checkpoint) holds the same ones."""
+    """Average the activation-range EMAs over ranks: every rank (and the checkpoint) holds the same ones."""
     if world <= 1 or not inj.act_ranges:
         return
     keys = sorted(inj.act_ranges)

@@ -17,9 +17,10 @@ FLATNESS_SEED = 0  # the flatness and evaluation subsets are the same for every 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageSet, mean: list[float], std: list[float], bs: int, rank: int, world: int,
-             limit: int | None) -> dict:
-    """{'loss', 'top1', 'n'} of `model` in eval mode on `data` (its fixed random `limit` images), over all ranks."""
+def evaluate(model: nn.Module, data: ImageSet, mean: list[float], std: list[float], bs: int, rank: int,
+             world: int, limit: int | None) -> dict:
+    """{'loss', 'top1', 'n'} of `model` in eval mode on `data` (a fixed random `limit` of its images), over
+    all ranks."""
     was = model.training
     model.eval()
     if limit is not None and limit < len(data):  # a fixed random subset: ImageFolder order is sorted by class
@@ -35,6 +36,7 @@ def evaluate(model: nn.Module, data: ImageSet, mean: list[float], std: list[floa
 
 
 def fixed_batches(data: ImageSet, n: int, mean: list[float], std: list[float], bs: int = 256) -> list:
-    """A fixed, seed-independent subset of the train split (no augmentation): flatness and calibration data."""
+    """A fixed, seed-independent subset of the train split (no augmentation): flatness and calibration
+    data."""
     idx = np.random.default_rng(FLATNESS_SEED).permutation(len(data))[: min(n, len(data))]
     return list(batches(data.subset(np.sort(idx)), bs, mean, std))

@@ -7,9 +7,9 @@
         def noise_scale(self, step, total):  # ... with its own alpha schedule
             return min(1.0, 2 * step / total)
 
-Registering is all a new method takes: the CLI offers it (`--method my-method`), the config accepts it, and the
-loop, the checkpoints and the report use it through this interface. A method that needs its own loss (LSQ,
-distillation, consistency terms) overrides `step`; a setting of its own is one field in config.py.
+Registering is all a new method takes: the CLI offers it (`--method my-method`), the config accepts it, and
+the loop, the checkpoints and the report use it through this interface. A method that needs its own loss
+(LSQ, distillation, consistency terms) overrides `step`; a setting of its own is one field in config.py.
 
     none          plain training
     gaussian      Gaussian WQE/AQE every step (alpha * d / sqrt(12))
@@ -43,7 +43,8 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     noise: ClassVar[bool] = False  # Gaussian WQE/AQE on TrainConfig.noise_target, std alpha * d / sqrt(12)
-    noise_fraction: ClassVar[bool] = False  # the noise reaches a random fraction TrainConfig.noise_p of elements
+    # the noise reaches a random fraction TrainConfig.noise_p of elements
+    noise_fraction: ClassVar[bool] = False
     sam: ClassVar[bool] = False  # SAM: the gradient is taken again at the worst point within radius rho
     report_fields: ClassVar[dict[str, str]] = {}
 
@@ -83,7 +84,7 @@ def list_methods() -> list[str]:
     return list(_REGISTRY)
 
 
-# --- the methods -------------------------------------------------------------------------------------------------
+# --- the methods --------------------------------------------------------------------------------------------
 @register_method
 class Plain(Method):
     name = "none"

@@ -25,7 +25,7 @@ class WarmupCosine:
 
 
 def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
-    """SGD (momentum, nesterov) or AdamW over `model`'s trainable parameters, as `cfg` (a TrainConfig) says."""
+    """SGD (momentum, nesterov) or AdamW over `model`'s trainable parameters, as the TrainConfig says."""
     # No weight decay on BN/bias (1-d) parameters: decaying them only hurts.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
@@ -35,6 +35,8 @@ def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    opt: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """The per-step schedule of `opt` over `total_steps`, the first `warmup_steps` warming up."""
     return torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(total_steps, warmup_steps))

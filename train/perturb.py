@@ -59,7 +59,8 @@ def freeze_bn_stats(model: nn.Module, freeze: bool, saved: dict | None = None) -
 
 
 def noisy_backward(ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero the gradients, then forward/backward under the injector's weight noise; (loss, logits), detached."""
+    """Zero the gradients, then forward/backward under the injector's weight noise; returns the detached
+    (loss, logits)."""
     ctx.optimizer.zero_grad(set_to_none=True)
     with ctx.injector.weight_noise():
         out = ctx.net(x)

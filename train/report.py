@@ -41,7 +41,8 @@ def write_report(out_dir: Path, cfg: TrainConfig, *, model_name: str, plateau_cf
         out_dir,
         "train",
         config=cfg.to_dict(),
-        outputs={"checkpoint": "last.pt", "metrics": "metrics.jsonl", "report": "report.json", "report_md": "report.md"},
+        outputs={"checkpoint": "last.pt", "metrics": "metrics.jsonl", "report": "report.json",
+                 "report_md": "report.md"},
         inputs=inputs,
         model_name=model_name,
         num_classes=len(classes),
@@ -81,15 +82,18 @@ def report_markdown(r: dict) -> str:
     else:
         lines.append(f"- PTQ top-1 at {g['bits']}: **{g['ptq_top1']:.2f}%** (gap {g['gap']:+.2f} points, "
                      f"{g['calib_images']} calibration images from the train split)")
-    lines += ["", "| epoch | train loss | train acc | test top-1 | noise | Hessian trace | top eig | noise dL |",
+    lines += ["",
+              "| epoch | train loss | train acc | test top-1 | noise | Hessian trace | top eig | noise dL |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for h in r["history"]:
         f = h.get("flatness") or {}
         lines.append(
             f"| {h['epoch']} | {_fmt(h.get('train_loss'))} | {_fmt(h.get('train_acc'), '.2f')} | "
-            f"{_fmt(h.get('test_top1'), '.2f')} | {_fmt(h.get('noise_scale'))} | {_fmt(f.get('hessian_trace'))} | "
-            f"{_fmt(f.get('top_eigenvalue'))} | {_fmt(f.get('noise_loss_increase'))} |"
+            f"{_fmt(h.get('test_top1'), '.2f')} | {_fmt(h.get('noise_scale'))} | "
+            f"{_fmt(f.get('hessian_trace'))} | {_fmt(f.get('top_eigenvalue'))} | "
+            f"{_fmt(f.get('noise_loss_increase'))} |"
         )
-    lines += ["", "Flatness is measured on a fixed subset of the train split (eval mode, Conv/Linear weights); "
-              "'noise dL' is the Monte Carlo loss increase under Gaussian WQE+AQE at the target bits (alpha 1).", ""]
+    lines += ["", "Flatness is measured on a fixed subset of the train split (eval mode, Conv/Linear "
+              "weights); 'noise dL' is the Monte Carlo loss increase under Gaussian WQE+AQE at the target "
+              "bits (alpha 1).", ""]
     return "\n".join(lines)

@@ -17,7 +17,8 @@ def test_builtin_methods_and_what_they_perturb():
                      "sam-gaussian": (True, False, True), "ramp": (True, False, False)}
     assert get_method("ramp").noise_scale(0, 10) == 0.0 and get_method("ramp").noise_scale(9, 10) == 1.0
     assert get_method("gaussian").noise_scale(3, 10) == 1.0
-    assert get_method("sam").report_fields == {"rho": "rho"} and get_method("quantnoise").report_fields == {"p": "noise_p"}
+    assert get_method("sam").report_fields == {"rho": "rho"}
+    assert get_method("quantnoise").report_fields == {"p": "noise_p"}
     with pytest.raises(ValueError, match="method must be one of none, gaussian, .*got 'dropout'"):
         get_method("dropout")
 

@@ -4,7 +4,8 @@ Recipe (read top to bottom in `_train`):
     config (+ resume: the checkpoint's config wins) -> data -> noise/optimizer/schedule -> for each epoch:
         seed this epoch (so a resumed run replays the same noise and data order)
         for each batch: the method's alpha schedule and step (methods.py) -> NaN check -> optimizer.step
-        (last epoch) BN recalibration -> evaluate -> flatness -> checkpoint-epochNNN.pt + last.pt -> metrics.jsonl
+        (last epoch) BN recalibration -> evaluate -> flatness
+        -> checkpoint-epochNNN.pt + last.pt -> metrics.jsonl
     quantization gap (quant_gap.py) -> report.json / report.md / manifest.json (report.py)
 
 What a method perturbs and how its step runs is its registry entry (methods.py); nothing here names a method.
@@ -48,10 +49,11 @@ def train(
     test_set: ImageSet | None = None,
     inputs: dict | None = None,
 ) -> dict:
-    """Train `model` (any nn.Module taking NCHW images, returning logits) with `cfg`; write `<run_dir>/train/`.
+    """Train `model` (any nn.Module taking NCHW images, returning logits) with `cfg`; write
+    `<run_dir>/train/`.
 
-    Returns the report (also saved as report.json). Raises PlateauError when the loss turns NaN/inf (the last good
-    checkpoint is kept) or when resuming from an incompatible checkpoint.
+    Returns the report (also saved as report.json). Raises PlateauError when the loss turns NaN/inf (the last
+    good checkpoint is kept) or when resuming from an incompatible checkpoint.
 
         >>> model = create_model("small_cnn")
         >>> report = train(model, TrainConfig(epochs=2, method="gaussian", bits="W4A4"), "runs/demo")
@@ -83,7 +85,7 @@ def _train(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSe
     cfg, blob = resume_config(cfg, out_dir, model_name, is_main)
     method = cfg.training_method
 
-    # --- data -------------------------------------------------------------------------------------------------
+    # --- data -----------------------------------------------------------------------------------------------
     if train_set is None:
         train_set = load_split(cfg.data, "train", cfg.img_size)
     if test_set is None:
@@ -93,9 +95,10 @@ def _train(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSe
     local_bs = max(1, cfg.batch_size // world)
     steps_per_epoch = math.ceil((n_train // world) / local_bs)
     total_steps = steps_per_epoch * cfg.epochs
-    fixed = fixed_batches(train_set, cfg.flatness_images, mean, std) if cfg.flatness != "off" and is_main else []
+    measure = cfg.flatness != "off" and is_main
+    fixed = fixed_batches(train_set, cfg.flatness_images, mean, std) if measure else []
 
-    # --- noise, optimizer, schedule (restored on resume) ----------------------------------------------------------
+    # --- noise, optimizer, schedule (restored on resume) ----------------------------------------------------
     inj = NoiseInjector(model, cfg.noise_config(), torch.Generator())
     inj.enabled = method.noise
     opt = make_optimizer(model, cfg)
@@ -113,7 +116,8 @@ def _train(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSe
 
     if is_main:
         print(f"train: {model_name} on {cfg.data} ({n_train} images/epoch, {world} process(es)), method "
-              f"{cfg.method}, {cfg.bits} alpha {cfg.alpha}, epochs {start_epoch + 1}..{cfg.epochs} -> {out_dir}")
+              f"{cfg.method}, {cfg.bits} alpha {cfg.alpha}, epochs {start_epoch + 1}..{cfg.epochs} "
+              f"-> {out_dir}")
     if cfg.flatness == "epoch" and start_epoch == 0 and blob is None and is_main:
         f0 = flatness()
         history.append({"epoch": 0, "flatness": f0})
@@ -122,14 +126,15 @@ def _train(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSe
     last_good = str(last) if blob is not None else None
     t_start = time.time()
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        # Every epoch reseeds its own streams: a resumed run replays exactly what the killed one would have done.
+        # Every epoch reseeds its own streams: a resumed run replays exactly what the killed one would have
+        # done.
         torch.manual_seed(_epoch_seed(cfg.seed, epoch, rank, 0))
         inj.gen.manual_seed(_epoch_seed(cfg.seed, epoch, rank, 1))
         model.train()
         t0 = time.time()
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count (this rank)
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not (is_main and cfg.progress),
-                   leave=False, mininterval=0.5, dynamic_ncols=True)
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
+                   disable=not (is_main and cfg.progress), leave=False, mininterval=0.5, dynamic_ncols=True)
         data_iter = batches(train_set, local_bs, mean, std, shuffle=True, augment=cfg.augment,
                             seed=cfg.seed * 100_003 + epoch, rank=rank, world_size=world, limit=n_train)
         for step_in_epoch, (x, y) in enumerate(data_iter):
@@ -140,10 +145,11 @@ def _train(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSe
             if bad.item() > 0:
                 bar.close()
                 where = f"epoch {epoch}, step {step_in_epoch + 1}"
-                kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+                kept = (f"the last good checkpoint is {last_good}" if last_good
+                        else "no checkpoint was written")
                 raise PlateauError(
-                    f"training loss became NaN/inf at {where} (method {cfg.method}, {cfg.bits}, alpha {cfg.alpha}, "
-                    f"lr {cfg.lr}): noise or learning rate too large; stopped, {kept}"
+                    f"training loss became NaN/inf at {where} (method {cfg.method}, {cfg.bits}, "
+                    f"alpha {cfg.alpha}, lr {cfg.lr}): noise or learning rate too large; stopped, {kept}"
                 )
             opt.step()
             sched.step()
@@ -158,9 +164,10 @@ def _train(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSe
 
         bn_images = 0
         if epoch == cfg.epochs and cfg.bn_recalibrate > 0:
-            bn_images = recalibrate_bn(model, inj, batches(
-                train_set, local_bs, mean, std, shuffle=True, augment=cfg.augment, seed=cfg.seed * 100_003 + 99_991,
-                rank=rank, world_size=world, limit=cfg.bn_recalibrate))
+            bn_data = batches(train_set, local_bs, mean, std, shuffle=True, augment=cfg.augment,
+                              seed=cfg.seed * 100_003 + 99_991, rank=rank, world_size=world,
+                              limit=cfg.bn_recalibrate)
+            bn_images = recalibrate_bn(model, inj, bn_data)
         ev = evaluate(model, test_set, mean, std, 256, rank, world, cfg.eval_limit)
         rec = {
             "epoch": epoch,
@@ -181,11 +188,12 @@ def _train(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSe
             save_checkpoint(out_dir, epoch, model=model, model_name=model_name, classes=train_set.classes,
                             plateau_cfg=pcfg, cfg=cfg, opt=opt, sched=sched, inj=inj, history=history)
             last_good = str(last)
-            with open(out_dir / "metrics.jsonl", "a") as f:  # after the checkpoint: a line always has its checkpoint
+            with open(out_dir / "metrics.jsonl", "a") as f:  # after the checkpoint: no line without one
                 f.write(json.dumps(rec) + "\n")
             ftxt = "," + flatness_text(rec["flatness"]) if rec.get("flatness") else ""
-            print(f"epoch {epoch}/{cfg.epochs}: train loss {rec['train_loss']:.4f} acc {rec['train_acc']:.2f}% | "
-                  f"test top-1 {ev['top1']:.2f}% | {rec['epoch_time_s']:.1f}s{ftxt}", flush=True)
+            print(f"epoch {epoch}/{cfg.epochs}: train loss {rec['train_loss']:.4f} "
+                  f"acc {rec['train_acc']:.2f}% | test top-1 {ev['top1']:.2f}% | "
+                  f"{rec['epoch_time_s']:.1f}s{ftxt}", flush=True)
         if world > 1:
             dist.barrier()
 
@@ -193,9 +201,9 @@ def _train(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSe
     if is_main:
         fp = evaluate(model, test_set, mean, std, 256, 0, 1, cfg.eval_limit)
         gap = measure_quant_gap(model, cfg, train_set, test_set, mean, std, fp["top1"])
-        report = write_report(out_dir, cfg, model_name=model_name, plateau_cfg=pcfg, classes=train_set.classes,
-                              history=history, fp=fp, gap=gap, inputs=inputs, seconds=time.time() - t_start,
-                              world=world)
+        report = write_report(out_dir, cfg, model_name=model_name, plateau_cfg=pcfg,
+                              classes=train_set.classes, history=history, fp=fp, gap=gap, inputs=inputs,
+                              seconds=time.time() - t_start, world=world)
     if world > 1:
         dist.barrier()
     return report
