@@ -19,7 +19,7 @@ RUN_DIR  := runs/$(RUN)
 # Options given on the command line (or in the environment) override what the run folder remembers.
 user_set = $(filter command line environment,$(origin $(1)))
 TRAIN_OPTS  := --model $(MODEL) --data $(DATA) --bits $(BITS) $(if $(CKPT),--checkpoint $(CKPT)) \
-               $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(NOISE),--noise $(NOISE))
+               $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(NOISE),--method $(NOISE))
 EXPORT_OPTS := --bits $(BITS) $(if $(CKPT),--checkpoint $(CKPT)) $(if $(call user_set,MODEL),--model $(MODEL)) \
                $(if $(call user_set,DATA),--data $(DATA)) $(if $(LIMIT),--eval-limit $(LIMIT)) $(EXPORT_ARGS)
 VALIDATE_OPTS := --target $(TARGET) $(if $(DEVICE),--device $(DEVICE)) $(if $(RPC),--rpc $(RPC)) \

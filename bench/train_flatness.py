@@ -174,7 +174,7 @@ def main() -> None:
             torch.manual_seed(seed)
             model = create_model("cifar_resnet20", checkpoint=CKPT)
             cfg = TrainConfig(data=str(DATA), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=0,
-                              bits=args.bits, noise=method, alpha=float(alpha or args.alpha), rho=args.rho, seed=seed,
+                              bits=args.bits, method=method, alpha=float(alpha or args.alpha), rho=args.rho, seed=seed,
                               flatness="off", train_limit=args.train_limit, eval_limit=args.eval_limit, quant_gap=False,
                               progress=False, threads=args.threads, bn_recalibrate=args.bn_recalibrate)
             t = time.time()

@@ -1,4 +1,5 @@
-"""Plateau runtime stage: run compiled artifacts locally, on an emulated arm64 CPU (qemu), or on a board (TVM RPC)."""
+"""Plateau runtime stage: run compiled artifacts locally, on an emulated arm64 CPU (qemu), or on a board
+(TVM RPC)."""
 
 from __future__ import annotations
 

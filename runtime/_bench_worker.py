@@ -1,12 +1,13 @@
-"""One engine in its own process: load it, time it until stable, report peak memory, optionally run an eval set.
+"""One engine in its own process: load it, time it until stable, report peak memory, maybe run an eval set.
 
 A script as well as a module: the arm64 Python under qemu runs it too, so it imports only numpy, tvm and
 onnxruntime (no plateau). The spec and the result are JSON files:
 
     python _bench_worker.py spec.json result.json
 
-spec: {"kind": "tvm"|"ort", "path": model.so|model.onnx, "device_api": "cpu"|"cuda"|"opencl" (tvm; default cpu),
-       "threads": 2, "inputs": in.npy, "batches": [1, 64],
+spec: {"kind": "tvm"|"ort", "path": model.so|model.onnx,
+       "device_api": "cpu"|"cuda"|"opencl" (tvm; default cpu), "threads": 2, "inputs": in.npy,
+       "batches": [1, 64],
        "warmup": 5, "min_repeats": 10, "max_repeats": 200, "max_seconds": 8.0, "rel_tol": 0.02,
        "eval_inputs": eval.npy | null, "eval_outputs": out.npy | null, "eval_batch": 100}
 result: {"latency": {"batch_1": {median_ms, p90_ms, min_ms, repeat, stable, seconds}, ...},
@@ -45,8 +46,9 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
-    # VmHWM: this process image's high-water RSS. ru_maxrss is not used first: Linux carries the forking parent's
-    # peak across exec, so every worker started from a torch-loaded parent would report the parent's ~1 GB.
+    # VmHWM: this process image's high-water RSS. ru_maxrss is not used first: Linux carries the forking
+    # parent's peak across exec, so every worker started from a torch-loaded parent would report the parent's
+    # ~1 GB.
     mb = _status_mb("VmHWM")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if mb is None else mb  # KiB on Linux
 
@@ -83,8 +85,8 @@ def _tvm_engine(path: str, threads: int, api: str = "cpu"):
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    # A GPU build: the input is uploaded once, outside the timed call; each call ends by copying the logits back,
-    # which also waits for the kernels to finish.
+    # A GPU build: the input is uploaded once, outside the timed call; each call ends by copying the logits
+    # back, which also waits for the kernels to finish.
     dev = {"cpu": tvm.cpu, "cuda": tvm.cuda, "opencl": tvm.opencl}[api](0)
     vm = VirtualMachine(tvm.runtime.load_module(path), dev)
     main = vm["main"]

@@ -1,8 +1,8 @@
 """Run a compiled model batch by batch; also the RPC-server entry. Imports only numpy and tvm.
 
 This file is both a module (the host imports it for device "local") and a script that the arm64 Python runs
-under qemu-aarch64, where the plateau package is not importable. So: no plateau imports, no third-party imports
-beyond numpy + tvm, and errors go out as one `ERROR <message>` line on stderr with exit status 3.
+under qemu-aarch64, where the plateau package is not importable. So: no plateau imports, no third-party
+imports beyond numpy + tvm, and errors go out as one `ERROR <message>` line on stderr with exit status 3.
 
     python _worker.py run  --lib model.so --inputs in.npy --outputs out.npy --batch 100 [--fixed-batch]
                            [--timing timing.json --time-batches 1,100 --repeat 5]
@@ -44,7 +44,8 @@ def _first_output(out) -> np.ndarray:
 
 
 def run_batches(vm, dev, x: np.ndarray, batch: int, fixed_batch: bool = False,
-                progress: Callable[[int, int], None] | None = None, upload: Callable | None = None) -> np.ndarray:
+                progress: Callable[[int, int], None] | None = None,
+                upload: Callable | None = None) -> np.ndarray:
     """Run vm["main"] on x in chunks of `batch` rows and concatenate the outputs.
 
     fixed_batch: the model only takes exactly `batch` rows, so the last chunk is zero-padded and trimmed.
@@ -78,8 +79,10 @@ def summarize_ms(seconds: list[float]) -> dict:
     }
 
 
-def time_batches(vm, dev, x: np.ndarray, sizes: list[int], repeat: int, upload: Callable | None = None) -> dict:
-    """Per-call latency of vm["main"] at each batch size, with TVM's time_evaluator (C++ timer, one warm-up call).
+def time_batches(vm, dev, x: np.ndarray, sizes: list[int], repeat: int,
+                 upload: Callable | None = None) -> dict:
+    """Per-call latency of vm["main"] at each batch size, with TVM's time_evaluator (C++ timer, one warm-up
+    call).
 
     number=1 so every repeat is one call and the spread (p90) is real, not averaged away.
     """
@@ -89,7 +92,7 @@ def time_batches(vm, dev, x: np.ndarray, sizes: list[int], repeat: int, upload: 
     result = {}
     for b in sizes:
         reps = -(-b // x.shape[0])  # tile the inputs when the batch is larger than what was given
-        chunk = np.ascontiguousarray(np.concatenate([x] * reps)[:b]) if reps > 1 else np.ascontiguousarray(x[:b])
+        chunk = np.ascontiguousarray(np.concatenate([x] * reps)[:b] if reps > 1 else x[:b])
         try:
             timer = vm.time_evaluator("main", dev, number=1, repeat=repeat)
             res = timer(upload(chunk))
@@ -105,7 +108,8 @@ def register_device_info(emulated: bool) -> None:
     """Expose `plateau.device.info` on an RPC server so clients can tell an emulated board from a real one."""
     import tvm_ffi
 
-    info = json.dumps({"machine": platform.machine(), "emulated": bool(emulated), "python": platform.python_version()})
+    info = json.dumps({"machine": platform.machine(), "emulated": bool(emulated),
+                       "python": platform.python_version()})
 
     @tvm_ffi.register_global_func("plateau.device.info", override=True)
     def _info() -> str:
@@ -164,11 +168,13 @@ class _Fail(Exception):
 
 
 def run_error(lib: str, e: BaseException) -> str:
-    """One-line message for a failed run; a shape mismatch usually means a static batch the caller did not know."""
+    """One-line message for a failed run; a shape mismatch usually means a static batch the caller did not
+    know."""
     msg = _oneline(e)
     hint = ""
     if "mismatch" in msg or "shape" in msg:
-        hint = "; the model may take a fixed batch or input shape: keep its compile manifest.json beside model.so"
+        hint = ("; the model may take a fixed batch or input shape: keep its compile manifest.json beside "
+                "model.so")
     return f"running {lib} failed ({msg}){hint}"
 
 

@@ -1,8 +1,10 @@
-"""`plateau bench`: latency, size, peak memory and top-1 of every engine, side by side in one run on one device.
+"""`plateau bench`: latency, size, peak memory and top-1 of every engine, side by side in one run on one
+device.
 
 Engines (each in its own process, so its peak RSS is its own):
     tvm-<bits>       the run's artifact, <run>/compile/<target>/model.so
-    tvm-W4A8 / W8A8  the other bit width: re-quantized from reference.pt with the export's settings, then compiled
+    tvm-W4A8 / W8A8  the other bit width: re-quantized from reference.pt with the export's settings, then
+                     compiled
     tvm-fp32         model_fp32.onnx compiled for the target (float conv/matmul kept, allow_float)
     ort-fp32         onnxruntime on model_fp32.onnx                                   (local device only)
     ort-qdq, ort-qop onnxruntime.quantization.quantize_static of model_fp32.onnx, QDQ and QOperator formats,
@@ -42,8 +44,10 @@ ENGINES = ["tvm-int8", "tvm-int4", "tvm-fp32", "ort-fp32", "ort-qdq", "ort-qop"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="host", help="compiled target folder under <run>/compile (default host)")
-    p.add_argument("--device", choices=DEVICES, help="local (default for host builds), qemu (arm64 builds), rpc")
+    p.add_argument("--target", default="host",
+                   help="compiled target folder under <run>/compile (default host)")
+    p.add_argument("--device", choices=DEVICES,
+                   help="local (default for host builds), qemu (arm64 builds), rpc")
     p.add_argument("--rpc", help="HOST:PORT of a board running `plateau device serve` (implies --device rpc)")
     p.add_argument("--rpc-key", help="key the board's server was started with")
     p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4),
@@ -54,8 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed calls first")
     p.add_argument("--max-seconds", type=float, default=6.0, help="time budget per engine and batch size")
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma list from {','.join(ENGINES)}")
-    p.add_argument("--eval-limit", type=int, help="test images for each engine's top-1 (default 1000 locally, "
-                                                  "100 under qemu; 0: no accuracy)")
+    p.add_argument("--eval-limit", type=int, help="test images for each engine's top-1 (default 1000 "
+                                                  "locally, 100 under qemu; 0: no accuracy)")
     p.add_argument("--calib-images", type=int, default=256, help="train images calibrating onnxruntime's "
                                                                  "quantize_static (default 256)")
 
@@ -68,7 +72,7 @@ def _engines(arg: str) -> list[str]:
     return names
 
 
-# --- derived models ---------------------------------------------------------------------------------------------------
+# --- derived models -----------------------------------------------------------------------------------------
 def _cached(folder: Path, key: dict) -> bool:
     try:
         return json.loads((folder / "built.json").read_text()) == key
@@ -81,7 +85,8 @@ def _mark(folder: Path, key: dict) -> None:
 
 
 def requantize_variant(run: Path, exp: dict, bits: str, out_dir: Path) -> Path:
-    """The run's FP model re-quantized at `bits` with the export's settings (nearest rounding): model_qdq.onnx."""
+    """The run's FP model re-quantized at `bits` with the export's settings (nearest rounding):
+    model_qdq.onnx."""
     import torch
 
     from plateau.export import QuantConfig, export_model
@@ -103,7 +108,8 @@ def requantize_variant(run: Path, exp: dict, bits: str, out_dir: Path) -> Path:
                                 layer_bits={})
     train = load_split(c["data"], "train", c.get("img_size"))
     mean, std = st["plateau_cfg"]["mean"], st["plateau_cfg"]["std"]
-    calib = [x for x, _ in batches(train, 128, mean, std, shuffle=True, seed=cfg.seed, limit=cfg.calib_images)]
+    calib = [x for x, _ in batches(train, 128, mean, std, shuffle=True, seed=cfg.seed,
+                                   limit=cfg.calib_images)]
     export_model(model, calib, cfg, out_dir, {"plateau.variant_of": str(run)})
     _mark(out_dir, key)
     return out_dir / "model_qdq.onnx"
@@ -119,7 +125,7 @@ def _compiled(onnx_path: Path, target: str, out_dir: Path, allow_float: bool = F
     return out_dir / "model.so"
 
 
-# --- measuring ---------------------------------------------------------------------------------------------------------
+# --- measuring ----------------------------------------------------------------------------------------------
 def _worker_cmd(device: str) -> list[str]:
     if device == "qemu":
         from .sysroot import arm64_python
@@ -137,7 +143,8 @@ def _measure(kind: str, path: Path, device: str, args, x_lat: np.ndarray, x_eval
     spec = {"kind": kind, "path": str(path.resolve()), "device_api": api, "threads": args.threads,
             "inputs": str(tmp / "lat.npy"),
             "batches": sorted({1, args.batch}), "warmup": 1 if emulated else args.warmup,
-            "min_repeats": 3 if emulated else args.min_repeats, "max_repeats": 5 if emulated else args.repeats,
+            "min_repeats": 3 if emulated else args.min_repeats,
+            "max_repeats": 5 if emulated else args.repeats,
             "max_seconds": args.max_seconds, "rel_tol": 0.02, "eval_inputs": None, "eval_outputs": None}
     if x_eval is not None and len(x_eval):
         np.save(tmp / "eval.npy", x_eval)
@@ -149,7 +156,8 @@ def _measure(kind: str, path: Path, device: str, args, x_lat: np.ndarray, x_eval
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         msg = next((ln[6:] for ln in lines if ln.startswith("ERROR ")), lines[-1] if lines else "")
-        sig = " (illegal instruction: the CPU lacks a feature the build uses)" if proc.returncode == -4 else ""
+        illegal = proc.returncode == -4
+        sig = " (illegal instruction: the CPU lacks a feature the build uses)" if illegal else ""
         raise PlateauError(f"bench worker for {path} failed (exit {proc.returncode}){sig}: {msg}"[:400])
     res = json.loads((tmp / "res.json").read_text())
     out = np.load(tmp / f"{tag}.out.npy") if spec["eval_outputs"] else None
@@ -195,7 +203,8 @@ def main(args: argparse.Namespace) -> dict:
     n_test = max(eval_n, args.batch)
     x_all, y_all = _test_set(exp, n_test)
     x_lat, x_eval, y_eval = x_all[: args.batch], x_all[:eval_n], y_all[:eval_n]
-    # Probe the device with the run's artifact first: a board that cannot run it fails here, before any building.
+    # Probe the device with the run's artifact first: a board that cannot run it fails here, before any
+    # building.
     run_on_device(lib, x_lat[:1], device, comp, args.target, batch_size=1, rpc=args.rpc, rpc_key=args.rpc_key)
 
     out_dir = run / "bench" / args.target
@@ -204,7 +213,8 @@ def main(args: argparse.Namespace) -> dict:
     if "tvm-int8" in engines:
         plan.append({"engine": f"TVM {bits}", "kind": "tvm", "path": lib, "bits": bits, "runtime": "TVM"})
     if "tvm-int4" in engines:
-        print(f"bench: building the {other_bits} variant (re-quantize, compile for {args.target})", flush=True)
+        print(f"bench: building the {other_bits} variant (re-quantize, compile for {args.target})",
+              flush=True)
         q = requantize_variant(run, exp, other_bits, eng_dir / other_bits)
         plan.append({"engine": f"TVM {other_bits}", "kind": "tvm", "bits": other_bits, "runtime": "TVM",
                      "path": _compiled(q, args.target, eng_dir / other_bits / "compile")})
@@ -216,11 +226,12 @@ def main(args: argparse.Namespace) -> dict:
     skipped = []
     ort_engines = [e for e in engines if e.startswith("ort-")]
     if ort_engines and device != "local":
-        skipped.append(f"onnxruntime engines ({', '.join(ort_engines)}): onnxruntime runs only on this machine, "
-                       f"not on the {device} device")
+        skipped.append(f"onnxruntime engines ({', '.join(ort_engines)}): onnxruntime runs only on this "
+                       f"machine, not on the {device} device")
         ort_engines = []
     if "ort-fp32" in ort_engines:
-        plan.append({"engine": "ORT fp32", "kind": "ort", "path": fp32, "bits": "fp32", "runtime": "onnxruntime"})
+        plan.append({"engine": "ORT fp32", "kind": "ort", "path": fp32, "bits": "fp32",
+                     "runtime": "onnxruntime"})
     if {"ort-qdq", "ort-qop"} & set(ort_engines):
         key = {"fp32_sha256": sha256_file(fp32), "calib_images": args.calib_images}
         c = exp["config"]
@@ -230,8 +241,9 @@ def main(args: argparse.Namespace) -> dict:
             print(f"bench: onnxruntime quantize_static on {args.calib_images} train images", flush=True)
             train = load_split(c["data"], "train", c.get("img_size"))
             cfg = exp["plateau_cfg"]
-            calib = np.concatenate([xb.numpy() for xb, _ in batches(train, 256, cfg["mean"], cfg["std"], shuffle=True,
-                                                                    seed=0, limit=args.calib_images)])
+            calib = np.concatenate([xb.numpy() for xb, _ in batches(train, 256, cfg["mean"], cfg["std"],
+                                                                    shuffle=True, seed=0,
+                                                                    limit=args.calib_images)])
             for f, a in todo:
                 ort_quantize(fp32, calib, eng_dir / "ort" / f"{f}_{a}.onnx", f, a)
             _mark(eng_dir / "ort", key)
@@ -246,10 +258,11 @@ def main(args: argparse.Namespace) -> dict:
             print(f"bench: {e['engine']} ({device}{', emulated' if emulated else ''})", flush=True)
             try:
                 if device == "rpc":
-                    r, out = _measure_rpc(Path(e["path"]), comp if e["path"] == lib else {}, args.target, args,
-                                          x_lat, x_eval)
+                    own = comp if e["path"] == lib else {}
+                    r, out = _measure_rpc(Path(e["path"]), own, args.target, args, x_lat, x_eval)
                 else:
-                    r, out = _measure(e["kind"], Path(e["path"]), device, args, x_lat, x_eval, Path(tmp), f"e{i}")
+                    r, out = _measure(e["kind"], Path(e["path"]), device, args, x_lat, x_eval, Path(tmp),
+                                      f"e{i}")
             except PlateauError as err:
                 if e["path"] == lib:
                     raise  # the run's own artifact must work; a derived engine may fail and is reported
@@ -263,14 +276,16 @@ def main(args: argparse.Namespace) -> dict:
     rows = _best_of_u8_s8(rows)
     report = {
         "run": str(run), "target": args.target, "device": device, "emulated": emulated,
-        "machine": _machine(device, artifact_device_api(lib)), "model": exp.get("model"), "bits": bits, "threads": args.threads,
+        "machine": _machine(device, artifact_device_api(lib)), "model": exp.get("model"), "bits": bits,
+        "threads": args.threads,
         "batches": sorted({1, args.batch}), "eval_images": int(len(y_eval)),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "settings": {"warmup": args.warmup, "min_repeats": args.min_repeats, "max_repeats": args.repeats,
                      "max_seconds": args.max_seconds, "stability": "running median within 2% between checks"},
         "engines": rows, "failed": failed, "skipped": skipped, "seconds": round(time.time() - t_start, 1),
         "note": ("EMULATED with qemu-aarch64: times and memory are the emulator's, not a board's" if emulated
-                 else "one run, engines one after another on the same machine; shared machines make times noisy"),
+                 else "one run, engines one after another on the same machine; shared machines make times "
+                 "noisy"),
     }
     doc = render_document(report)
     doc.write(out_dir, data=report)
@@ -297,7 +312,8 @@ def _machine(device: str, api: str = "cpu") -> str:
         return "aarch64 under qemu-aarch64 on " + platform.machine()
     cpu = ""
     try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                    if ln.startswith("model name")), "")
     except OSError:
         pass
     gpu = ""
@@ -314,14 +330,15 @@ def render_document(r: dict):
     emu = " (EMULATED: qemu-aarch64)" if r["emulated"] else ""
     doc = Document(f"Benchmark: {r['model']} on {r['target']}, device {r['device']}{emu}")
     if r["emulated"]:
-        doc.warning("Emulated with qemu-aarch64: these times and memory figures are the emulator's and say nothing "
-                    "about speed on a board.")
+        doc.warning("Emulated with qemu-aarch64: these times and memory figures are the emulator's and say "
+                    "nothing about speed on a board.")
     doc.text(f"{r['machine']}; {r['threads']} threads per engine; {r['date']}. {r['note']}.")
-    doc.text(f"Latency per call: {r['settings']['warmup']} warm-up calls, then repeats until the running median "
-             f"is stable within 2% (at least {r['settings']['min_repeats']}, at most {r['settings']['max_repeats']} "
-             f"calls or {r['settings']['max_seconds']} s). Peak memory: the engine's process high-water RSS "
-             "(VmHWM); model = peak minus RSS before the engine library was imported and loaded. top-1 on the first "
-             f"{r['eval_images']} test images.")
+    st = r["settings"]
+    doc.text(f"Latency per call: {st['warmup']} warm-up calls, then repeats until the running median "
+             f"is stable within 2% (at least {st['min_repeats']}, at most {st['max_repeats']} "
+             f"calls or {st['max_seconds']} s). Peak memory: the engine's process high-water RSS "
+             "(VmHWM); model = peak minus RSS before the engine library was imported and loaded. top-1 on "
+             f"the first {r['eval_images']} test images.")
     shown = [e for e in r["engines"] if e.get("shown", True)]
     bs = r["batches"]
     header = ["engine", "bits"] + [f"b{b} {s} ms" for b in bs for s in ("median", "p90", "min")] + \
@@ -333,7 +350,8 @@ def render_document(r: dict):
         stable = "/".join("yes" if s.get("stable") else ("n/a" if "stable" not in s else "no") for s in lat)
         rows.append([e["engine"], e["bits"], *cells, stable, f"{e['bytes'] / 1e6:.2f}",
                      "n/a" if e.get("peak_rss_mb") is None else f"{e['peak_rss_mb']:.0f}",
-                     "n/a" if e.get("model_rss_mb") is None else f"{e['model_rss_mb']:.0f}", pct(e.get("top1"))])
+                     "n/a" if e.get("model_rss_mb") is None else f"{e['model_rss_mb']:.0f}",
+                     pct(e.get("top1"))])
     doc.heading("Latency, size, memory, accuracy")
     doc.table(header, rows)
     hidden = [e for e in r["engines"] if e.get("shown") is False]
@@ -352,7 +370,8 @@ def render_document(r: dict):
         if e.get("top1") is not None and e.get("shown", True):
             groups.setdefault(e["bits"], {})[e["runtime"]] = e["top1"]
     if groups:
-        order = sorted(groups, key=lambda b: (b != "fp32", -int(b[1]) if b[:1] == "W" and b[1:2].isdigit() else 0))
+        order = sorted(groups, key=lambda b: (b != "fp32",
+                                              -int(b[1]) if b[:1] == "W" and b[1:2].isdigit() else 0))
         doc.figure("accuracy", accuracy_plot({k: groups[k] for k in order},
                                              f"top-1 per bit width ({r['eval_images']} test images)"),
                    "accuracy per bit width")

@@ -1,4 +1,4 @@
-"""Fixtures for the runtime tests: tiny compiled artifacts (built once per session) and the arm64 sysroot check."""
+"""Fixtures for the runtime tests: tiny compiled artifacts (built once a session), the arm64 sysroot check."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.runtime_models import build_tiny
 
 from plateau.runtime.sysroot import sysroot_status
-from plateau.runtime.testmodels import build_tiny
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,11 @@
 """Per-layer localisation: which layer of a compiled artifact is the first to leave the fake-quant reference.
 
 How: a debug copy of the artifact's QDQ ONNX whose single output is every quantization point's integer output
-(the `<node>.q` tensor of QuantizeLinear), cast to float32 (exact for 8-bit and smaller integers), flattened and
-concatenated along axis 1. One output keeps the compiled-artifact contract (float32 rows in, float32 rows out), so
-the debug build runs through `run_artifact` on every device (local, qemu, rpc) unchanged. It is compiled with the
-artifact's own compile settings for the artifact's own target, run on the device, split back into layers and
-compared, layer by layer in graph order, with `FakeQuantModel.intermediates(x)`.
+(the `<node>.q` tensor of QuantizeLinear), cast to float32 (exact for 8-bit and smaller integers), flattened
+and concatenated along axis 1. One output keeps the compiled-artifact contract (float32 rows in, float32 rows
+out), so the debug build runs through `run_artifact` on every device (local, qemu, rpc) unchanged. It is
+compiled with the artifact's own compile settings for the artifact's own target, run on the device, split back
+into layers and compared, layer by layer in graph order, with `FakeQuantModel.intermediates(x)`.
 
     >>> res = locate(ref, "runs/r1/export/model_qdq.onnx", "host", x[:8], "runs/r1/validate/host/debug")
     >>> res["first_divergent"], res["layers"][0]["max_steps"]
@@ -33,7 +33,8 @@ def quant_points(reference) -> list[str]:
 
 
 def debug_onnx(src: str | Path, keys: list[str], dst: str | Path) -> None:
-    """Write a copy of the QDQ ONNX at `src` whose one output concatenates the `<key>.q` tensors (float32, flat)."""
+    """Write a copy of the QDQ ONNX at `src` whose one output concatenates the `<key>.q` tensors (float32,
+    flat)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -46,8 +47,8 @@ def debug_onnx(src: str | Path, keys: list[str], dst: str | Path) -> None:
     produced = {o for n in g.node for o in n.output}
     missing = [k for k in keys if f"{k}.q" not in produced]
     if missing:
-        raise PlateauError(f"{src}: no tensor {missing[0]}.q (and {len(missing) - 1} more): per-layer comparison "
-                           "needs the QDQ ONNX written by `plateau export`")
+        raise PlateauError(f"{src}: no tensor {missing[0]}.q (and {len(missing) - 1} more): per-layer "
+                           "comparison needs the QDQ ONNX written by `plateau export`")
     flat = []
     for k in keys:
         g.node.append(helper.make_node("Cast", [f"{k}.q"], [f"{k}.dbg_f32"], name=f"{k}.dbg_cast",
@@ -88,8 +89,8 @@ def build_debug_artifact(src: str | Path, keys: list[str], target: str, out_dir:
     return out_dir
 
 
-def compare_layers(reference_int: dict, device_flat: np.ndarray, keys: list[str], ops: dict[str, str] | None = None,
-                   tolerance: int = 1) -> list[dict]:
+def compare_layers(reference_int: dict, device_flat: np.ndarray, keys: list[str],
+                   ops: dict[str, str] | None = None, tolerance: int = 1) -> list[dict]:
     """Split the device's concatenated debug output by layer and count differences in integer steps.
 
     reference_int: key -> integer tensor (N, ...) as `FakeQuantModel.intermediates` returns.
@@ -100,8 +101,8 @@ def compare_layers(reference_int: dict, device_flat: np.ndarray, keys: list[str]
         ref = np.asarray(reference_int[k], dtype=np.float64).reshape(n, -1)
         dev = np.asarray(device_flat[:, off:off + ref.shape[1]], dtype=np.float64)
         if dev.shape != ref.shape:
-            raise PlateauError(f"debug output is {device_flat.shape[1]} values per image, the reference's layers "
-                               f"need more (at {k}): the debug build does not match the reference")
+            raise PlateauError(f"debug output is {device_flat.shape[1]} values per image, the reference's "
+                               f"layers need more (at {k}): the debug build does not match the reference")
         off += ref.shape[1]
         d = np.abs(np.rint(dev) - ref)
         rows.append({
@@ -111,21 +112,22 @@ def compare_layers(reference_int: dict, device_flat: np.ndarray, keys: list[str]
             "mean_abs_steps": float(d.mean()) if d.size else 0.0,
         })
     if off != device_flat.shape[1]:
-        raise PlateauError(f"debug output has {device_flat.shape[1]} values per image, the reference's layers "
-                           f"{off}: the debug build does not match the reference")
+        raise PlateauError(f"debug output has {device_flat.shape[1]} values per image, the reference's "
+                           f"layers {off}: the debug build does not match the reference")
     return rows
 
 
 def first_divergent(rows: list[dict], tolerance: int = 1) -> str | None:
-    """The first layer (graph order) whose outputs differ by more than `tolerance` steps anywhere, else None."""
+    """The first layer (graph order) whose outputs differ by more than `tolerance` steps anywhere, else
+    None."""
     return next((r["layer"] for r in rows if r["max_steps"] > tolerance), None)
 
 
 def locate(reference, onnx_path: str | Path, target: str, x: np.ndarray, out_dir: str | Path, *,
            device: str = "local", rpc: str | None = None, rpc_key: str | None = None, tolerance: int = 1,
            requant: str = "float", allow_float: bool = False, images: list[int] | None = None) -> dict:
-    """Run the debug build of `onnx_path` on `device` and the reference on `x`; the per-layer table and the first
-    layer off by more than `tolerance` steps. `images` only labels which test images `x` holds."""
+    """Run the debug build of `onnx_path` on `device` and the reference on `x`; the per-layer table and the
+    first layer off by more than `tolerance` steps. `images` only labels which test images `x` holds."""
     import torch
 
     from .run import run_artifact
@@ -133,7 +135,8 @@ def locate(reference, onnx_path: str | Path, target: str, x: np.ndarray, out_dir
     keys = quant_points(reference)
     folder = build_debug_artifact(onnx_path, keys, target, out_dir, requant=requant, allow_float=allow_float)
     res = run_artifact(folder, x, device, batch_size=max(1, min(len(x), 16)), rpc=rpc, rpc_key=rpc_key)
-    ref_int = {k: v.numpy() for k, v in reference.intermediates(torch.from_numpy(np.ascontiguousarray(x))).items()}
+    inter = reference.intermediates(torch.from_numpy(np.ascontiguousarray(x)))
+    ref_int = {k: v.numpy() for k, v in inter.items()}
     ops = {n.name: n.op for n in reference.graph.nodes}
     rows = compare_layers(ref_int, res.outputs, keys, ops, tolerance)
     return {

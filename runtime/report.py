@@ -21,7 +21,8 @@ from plateau.artifacts import atomic_path, write_json, write_text
 __all__ = ["Document", "accuracy_plot", "latency_plot", "layer_plot", "steps_plot", "pct", "ms"]
 
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
         "th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
         ".warn{background:#fff3cd;border:1px solid #e0c060;padding:.5em 1em}code{background:#f5f5f5}")
 
@@ -101,7 +102,8 @@ class Document:
         return "\n".join(out)
 
     def write(self, folder: str | Path, data: dict | None = None, stem: str = "report") -> dict[str, str]:
-        """Write <stem>.md, <stem>.html, the PNGs and (given `data`) <stem>.json into folder, each atomically."""
+        """Write <stem>.md, <stem>.html, the PNGs and (given `data`) <stem>.json into folder, each
+        atomically."""
         folder = Path(folder)
         files = {}
         for b in self.blocks:
@@ -127,7 +129,7 @@ def _inline(text: str) -> str:
     return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
 
 
-# --- plots ---------------------------------------------------------------------------------------------------------
+# --- plots --------------------------------------------------------------------------------------------------
 def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
@@ -172,11 +174,13 @@ def accuracy_plot(groups: dict[str, dict[str, float]], title: str = "top-1 per b
 
 
 def latency_plot(rows: list[dict], batches: list[int], title: str) -> bytes:
-    """One panel per batch size: median bars with min..p90 whiskers; rows = [{"engine", "batch_<b>": {...}}]."""
+    """One panel per batch size: median bars with min..p90 whiskers; rows = [{"engine", "batch_<b>":
+    {...}}]."""
     plt = _plt()
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 0.45 * len(rows) + 1.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 0.45 * len(rows) + 1.6),
+                             squeeze=False)
     names = [r["engine"] for r in rows]
     for ax, b in zip(axes[0], batches, strict=True):
         stats = [r.get("latency", {}).get(f"batch_{b}") or {} for r in rows]
@@ -198,7 +202,8 @@ def latency_plot(rows: list[dict], batches: list[int], title: str) -> bytes:
 
 
 def layer_plot(rows: list[dict], first: str | None, tolerance: int) -> bytes:
-    """Max and mean |difference| in integer steps per layer (graph order); the first divergent layer in red."""
+    """Max and mean |difference| in integer steps per layer (graph order); the first divergent layer in
+    red."""
     plt = _plt()
     import numpy as np
 
@@ -215,7 +220,8 @@ def layer_plot(rows: list[dict], first: str | None, tolerance: int) -> bytes:
     ax.set_ylabel("difference (integer steps)")
     ax.set_yscale("symlog", linthresh=1)
     ax.set_ylim(0, max(2.0, float(mx.max(initial=0)) * 1.5))
-    ax.set_title("per-layer difference, device vs fake-quant reference" + (f" (first: {first})" if first else ""))
+    where = f" (first: {first})" if first else ""
+    ax.set_title("per-layer difference, device vs fake-quant reference" + where)
     ax.legend(fontsize=8)
     return _png(fig)
 

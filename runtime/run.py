@@ -66,8 +66,8 @@ def host_machine() -> str:
 
 
 def _resolve_artifact(lib_path: str | Path) -> tuple[Path, dict | None, str]:
-    """model.so path (a compile folder is accepted too), the compile manifest's input spec if there is one, and
-    where its kernels run: "cpu", or the GPU API ("cuda", "opencl") of a GPU target's build."""
+    """model.so path (a compile folder is accepted too), the compile manifest's input spec if there is one,
+    and where its kernels run: "cpu", or the GPU API ("cuda", "opencl") of a GPU target's build."""
     p = Path(lib_path)
     if p.is_dir():
         p = p / "model.so"
@@ -110,8 +110,8 @@ def _check_gpu_here(lib: Path, api: str) -> str:
     if not runtime_available(api):
         need = ("a CUDA driver and an NVIDIA GPU" if api == "cuda" else
                 "an OpenCL device and a TVM runtime built with USE_OPENCL=ON")
-        raise PlateauError(f"{lib} runs its kernels on a {api} GPU, and TVM finds none here (it needs {need}): run "
-                           "it on a machine with one, locally or with device 'rpc'")
+        raise PlateauError(f"{lib} runs its kernels on a {api} GPU, and TVM finds none here (it needs "
+                           f"{need}): run it on a machine with one, locally or with device 'rpc'")
     return str(_tvm_device(api).device_name)
 
 
@@ -124,14 +124,15 @@ def _check_recorded(lib: Path, manifest: dict) -> None:
             continue
         size = lib.stat().st_size
         if "bytes" in entry and entry["bytes"] != size:
-            raise PlateauError(f"{lib}: {size} bytes, its manifest says {entry['bytes']} (corrupt or replaced: "
-                               "recompile)")
+            raise PlateauError(f"{lib}: {size} bytes, its manifest says {entry['bytes']} (corrupt or "
+                               "replaced: recompile)")
         if "sha256" in entry and entry["sha256"] != sha256_file(lib):
             raise PlateauError(f"{lib}: sha256 differs from its manifest (corrupt or replaced: recompile)")
 
 
 def _check_elf_extent(lib: Path) -> None:
-    """Refuse a truncated ELF: dlopen of one maps pages past the end of the file and the process dies of SIGBUS."""
+    """Refuse a truncated ELF: dlopen of one maps pages past the end of the file and the process dies of
+    SIGBUS."""
     import struct
 
     data_len = lib.stat().st_size
@@ -147,7 +148,8 @@ def _check_elf_extent(lib: Path) -> None:
             f.seek(phoff)
             table = f.read(phentsize * phnum)
             for i in range(phnum if len(table) == phentsize * phnum else 0):
-                p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from(end + "QQQQ", table, i * phentsize + 8)
+                p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from(end + "QQQQ", table,
+                                                                        i * phentsize + 8)
                 need = max(need, p_offset + p_filesz)
     if need > data_len:
         raise PlateauError(f"{lib}: truncated ({data_len} bytes, its ELF headers need {need}): recompile")
@@ -169,7 +171,8 @@ def _check_inputs(inputs: np.ndarray, spec: dict | None, batch_size: int) -> tup
     if spec and isinstance(spec.get("shape"), list):
         shape = spec["shape"]
         want = ", ".join(str(d) for d in shape)
-        if x.ndim != len(shape) or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(shape[1:], x.shape[1:], strict=True)):
+        if x.ndim != len(shape) or any(isinstance(d, int) and d > 0 and d != s
+                                       for d, s in zip(shape[1:], x.shape[1:], strict=True)):
             raise PlateauError(f"inputs have shape {tuple(x.shape)}, the model takes ({want})")
         if isinstance(shape[0], int) and shape[0] > 0:
             fixed, batch_size = True, shape[0]  # static batch: run exactly that many rows per call
@@ -194,7 +197,8 @@ def run_artifact(
     """Run a compiled model on `inputs` (float32 NCHW, any number of rows) in batches; return all outputs.
 
     device "local": in-process TVM (artifact built for this CPU). "qemu": arm64 Python under qemu-aarch64
-    (needs `make arm64-sysroot`). "rpc": a TVM RPC server at `rpc` = "host:port" (e.g. `plateau device serve`).
+    (needs `make arm64-sysroot`). "rpc": a TVM RPC server at `rpc` = "host:port" (e.g.
+    `plateau device serve`).
     timing=True adds per-call latency (median/p90/min ms) at batch 1 and at batch_size.
     """
     if device not in DEVICES:
@@ -217,15 +221,16 @@ def run_artifact(
         if machine != "aarch64":
             raise PlateauError(f"{lib} is built for {machine}, not aarch64: run it with device 'local'")
         if api != "cpu":
-            raise PlateauError(f"{lib} runs its kernels on a {api} GPU, which qemu does not emulate: run it with "
-                               "device 'local' or 'rpc' on a machine with that GPU")
+            raise PlateauError(f"{lib} runs its kernels on a {api} GPU, which qemu does not emulate: run it "
+                               "with device 'local' or 'rpc' on a machine with that GPU")
         return _run_qemu(lib, x, batch, fixed, sizes, timing)
     if not rpc:
-        raise PlateauError("device 'rpc' needs rpc='host:port' (a TVM RPC server, e.g. `plateau device serve`)")
+        raise PlateauError("device 'rpc' needs rpc='host:port' (a TVM RPC server, e.g. "
+                           "`plateau device serve`)")
     return _run_rpc(lib, x, batch, fixed, sizes, timing, rpc, rpc_key or "", machine, api)
 
 
-# --- local -------------------------------------------------------------------------------------------------------
+# --- local --------------------------------------------------------------------------------------------------
 def _progress_bar(total: int, desc: str):
     from tqdm import tqdm
 
@@ -263,7 +268,7 @@ def _label(latency: dict | None, emulated: bool) -> dict | None:
     return latency
 
 
-# --- qemu --------------------------------------------------------------------------------------------------------
+# --- qemu ---------------------------------------------------------------------------------------------------
 def _run_qemu(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int], timing: bool) -> RunResult:
     from .sysroot import arm64_python
 
@@ -277,12 +282,14 @@ def _run_qemu(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int
             cmd.append("--fixed-batch")
         if timing:
             # Few repeats: under emulation each call is slow and the numbers only show it runs.
-            cmd += ["--timing", str(t / "timing.json"), "--time-batches", ",".join(map(str, sizes)), "--repeat", "3"]
+            cmd += ["--timing", str(t / "timing.json"), "--time-batches", ",".join(map(str, sizes)),
+                    "--repeat", "3"]
         with open(t / "stderr.txt", "w+") as err, _progress_bar(len(x), "run qemu-aarch64") as bar:
             try:
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
             except OSError as e:
-                raise PlateauError(f"cannot start the arm64 Python ({e.strerror}): run `make arm64-sysroot`") from None
+                raise PlateauError(f"cannot start the arm64 Python ({e.strerror}): "
+                                   "run `make arm64-sysroot`") from None
             seconds = None
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -296,14 +303,16 @@ def _run_qemu(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int
                 err.seek(0)
                 lines = [ln.strip() for ln in err.read().splitlines() if ln.strip()]
                 msg = next((ln[6:] for ln in lines if ln.startswith("ERROR ")), None)
-                raise PlateauError(msg or f"arm64 worker under qemu failed (exit {rc}): {lines[-1] if lines else ''}"[:400])
+                last_line = lines[-1] if lines else ""
+                raise PlateauError(msg or f"arm64 worker under qemu failed (exit {rc}): {last_line}"[:400])
         y = np.load(t / "out.npy")
         latency = json.loads((t / "timing.json").read_text()) if timing else None
     return RunResult(y, "qemu", True, _label(latency, True),
-                     {"machine": "aarch64 (qemu)", "artifact": str(lib), "batch": batch, "run_seconds": seconds})
+                     {"machine": "aarch64 (qemu)", "artifact": str(lib), "batch": batch,
+                      "run_seconds": seconds})
 
 
-# --- rpc ---------------------------------------------------------------------------------------------------------
+# --- rpc ----------------------------------------------------------------------------------------------------
 def _run_rpc(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int], timing: bool, addr: str,
              key: str, machine: str, api: str = "cpu") -> RunResult:
     import tvm
@@ -313,22 +322,26 @@ def _run_rpc(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int]
     if info.get("machine") and info["machine"] != machine:
         raise PlateauError(f"{lib} is built for {machine}, the RPC server {host}:{port} is {info['machine']}")
     emulated = bool(info.get("emulated", False))
-    name = f"plateau-{os.getpid()}-{lib.stat().st_mtime_ns}.so"  # unique per upload: sessions may share a folder
+    # Unique per upload: sessions may share a folder.
+    name = f"plateau-{os.getpid()}-{lib.stat().st_mtime_ns}.so"
     try:
         remote.upload(str(lib), target=name)
         rlib = remote.load_module(name)
         dev = _tvm_device(api, remote)
         vm = tvm.runtime.vm.VirtualMachine(rlib, dev)
     except Exception as e:  # noqa: BLE001
-        raise PlateauError(f"{lib}: the RPC server {host}:{port} cannot load it ({_worker._oneline(e)})") from None
+        why = _worker._oneline(e)
+        raise PlateauError(f"{lib}: the RPC server {host}:{port} cannot load it ({why})") from None
 
     def upload(a: np.ndarray):
         return tvm.runtime.tensor(a, dev)
 
     with _progress_bar(len(x), f"run rpc {host}:{port}") as bar:
         try:
-            y = _worker.run_batches(vm, dev, x, batch, fixed, lambda done, n: bar.update(done - bar.n), upload)
-            latency = _worker.time_batches(vm, dev, x, sizes, 3 if emulated else 20, upload) if timing else None
+            y = _worker.run_batches(vm, dev, x, batch, fixed, lambda done, n: bar.update(done - bar.n),
+                                    upload)
+            repeat = 3 if emulated else 20
+            latency = _worker.time_batches(vm, dev, x, sizes, repeat, upload) if timing else None
         except Exception as e:  # noqa: BLE001
             raise PlateauError(f"running {lib} on {host}:{port} failed ({_worker._oneline(e)})") from None
     with contextlib.suppress(Exception):

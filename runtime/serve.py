@@ -1,4 +1,5 @@
-"""`plateau device serve`: a TVM RPC server for run_artifact(device="rpc"), natively or as an emulated arm64 board.
+"""`plateau device serve`: a TVM RPC server for run_artifact(device="rpc"), natively or as an emulated arm64
+board.
 
     plateau device serve                          # this machine, 127.0.0.1:9090
     plateau device serve --emulate --port 9091    # an arm64 "board": TVM's RPC server under qemu-aarch64
@@ -32,8 +33,10 @@ _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 class DeviceServer:
     """A running RPC server subprocess (its own process group). Use as a context manager or call stop()."""
 
-    def __init__(self, proc: subprocess.Popen, host: str, port: int, key: str, emulated: bool, log: Path | None):
-        self.proc, self.host, self.port, self.key, self.emulated, self.log = proc, host, port, key, emulated, log
+    def __init__(self, proc: subprocess.Popen, host: str, port: int, key: str, emulated: bool,
+                 log: Path | None) -> None:
+        self.proc, self.host, self.port, self.key = proc, host, port, key
+        self.emulated, self.log = emulated, log
 
     @property
     def address(self) -> str:
@@ -98,9 +101,11 @@ def serve(
     silent: bool = False,
     startup_timeout: float = 180.0,
 ) -> DeviceServer:
-    """Start TVM's RPC server bound to host:port (port 0: any free port); emulate=True runs it under qemu-aarch64.
+    """Start TVM's RPC server bound to host:port (port 0: any free port); emulate=True runs it under
+    qemu-aarch64.
 
-    block=True (the CLI) serves until interrupted, then stops it; block=False returns the running DeviceServer.
+    block=True (the CLI) serves until interrupted, then stops it; block=False returns the running
+    DeviceServer.
     """
     if not 0 <= int(port) < 65536:
         raise PlateauError(f"port must be 0..65535, got {port}")
@@ -171,7 +176,8 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _wait_listening(server: DeviceServer, lines: queue.Queue, startup_timeout: float, log: Path | None) -> None:
+def _wait_listening(server: DeviceServer, lines: queue.Queue, startup_timeout: float,
+                    log: Path | None) -> None:
     """Wait for the worker's PLATEAU-RPC-LISTENING line; PlateauError if it dies or takes too long."""
     where = server.address
     deadline = time.monotonic() + startup_timeout
@@ -179,7 +185,8 @@ def _wait_listening(server: DeviceServer, lines: queue.Queue, startup_timeout: f
         try:
             line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
         except queue.Empty:
-            raise PlateauError(f"RPC server on {where} did not start within {startup_timeout:.0f} s") from None
+            waited = f"{startup_timeout:.0f} s"
+            raise PlateauError(f"RPC server on {where} did not start within {waited}") from None
         if line is None:
             why = _last_line(log) if log else "see the log above"
             raise PlateauError(f"RPC server on {where} failed to start: {why}")
@@ -198,10 +205,12 @@ def _last_line(log: Path) -> str:
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
-    """Fill the `plateau device` parser: `plateau device serve --host --port --key [--emulate]`, `plateau device list`."""
+    """Fill the `plateau device` parser: `plateau device serve --host --port --key [--emulate]`,
+    `plateau device list`."""
     sub = parser.add_subparsers(dest="device_cmd", required=True)
     s = sub.add_parser("serve", help="start a TVM RPC server for run_artifact(device='rpc')")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback: RPC runs any code)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default loopback: RPC runs any code)")
     s.add_argument("--port", type=int, default=9090, help="port to bind (0: any free port)")
     s.add_argument("--key", default=None, help="session key clients must give (rpc_key)")
     s.add_argument("--emulate", action="store_true", help="serve as an arm64 board under qemu-aarch64")

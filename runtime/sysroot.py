@@ -87,7 +87,8 @@ def _run(step: str, cmd: list[str], *, cwd: Path | None = None, quiet: bool = Fa
     if p.returncode != 0:
         lines = [ln.strip() for ln in (p.stderr + "\n" + p.stdout).splitlines() if ln.strip()]
         # apt prints notices and warnings after the real error: prefer an "E:" / "ERROR" line.
-        err = [ln for ln in lines if ln.startswith(("E:", "ERROR", "error"))] or lines or [f"exit {p.returncode}"]
+        err = ([ln for ln in lines if ln.startswith(("E:", "ERROR", "error"))] or lines
+               or [f"exit {p.returncode}"])
         raise PlateauError(f"arm64 sysroot: step '{step}' failed: {err[0][:300]}")
     return p.stdout
 
@@ -102,7 +103,8 @@ def sysroot_status(root: Path | None = None) -> dict | None:
         return None
     if info.get("recipe") != _RECIPE:
         return None
-    if not (root / "rootfs" / "usr" / "bin" / f"python{PY_VERSION}").is_file() or not (root / "site" / "tvm").is_dir():
+    python = root / "rootfs" / "usr" / "bin" / f"python{PY_VERSION}"
+    if not python.is_file() or not (root / "site" / "tvm").is_dir():
         return None
     return info
 
@@ -129,7 +131,8 @@ def _lock(root: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-# Host tools: qemu-aarch64 runs the arm64 Python; the cross gcc links arm64 model.so files (compile stage, tests).
+# Host tools: qemu-aarch64 runs the arm64 Python; the cross gcc links arm64 model.so files (compile stage,
+# tests).
 _HOST_TOOLS = {"qemu-aarch64": "qemu-user", "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu"}
 
 
@@ -150,7 +153,8 @@ def _ensure_host_tools(quiet: bool) -> None:
 
 
 def _ensure_arm64_apt(quiet: bool) -> None:
-    """Make `apt-get download pkg:arm64` possible: add the foreign architecture and refresh the index if needed."""
+    """Make `apt-get download pkg:arm64` possible: add the foreign architecture and refresh the index if
+    needed."""
     archs = _run("dpkg --print-foreign-architectures", ["dpkg", "--print-foreign-architectures"]).split()
     has_index = False
     if "arm64" in archs:
@@ -168,7 +172,8 @@ def _ensure_arm64_apt(quiet: bool) -> None:
         _log(quiet, "dpkg --add-architecture arm64")
         _run("dpkg --add-architecture arm64", ["dpkg", "--add-architecture", "arm64"])
     _log(quiet, "apt-get update (arm64 index)")
-    _run("apt-get update", ["apt-get", "update", "-q"], env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    _run("apt-get update", ["apt-get", "update", "-q"],
+         env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
 def _download_debs(debs: Path, quiet: bool) -> list[Path]:
@@ -180,9 +185,10 @@ def _download_debs(debs: Path, quiet: bool) -> list[Path]:
     missing = [p for p in ARM64_DEBS if not have(p)]
     if missing:
         _log(quiet, f"apt-get download {len(missing)} arm64 packages")
-        # Downloads land in cwd; a partial file is named *.deb only once complete (apt renames from partial/).
-        _run("apt-get download (arm64 python)", ["apt-get", "download", "-q", *[f"{p}:arm64" for p in missing]],
-             cwd=debs)
+        # Downloads land in cwd; a partial file is named *.deb only once complete (apt renames from
+        # partial/).
+        _run("apt-get download (arm64 python)",
+             ["apt-get", "download", "-q", *[f"{p}:arm64" for p in missing]], cwd=debs)
     files = []
     for p in ARM64_DEBS:
         found = sorted(debs.glob(f"{p}_*_arm64.deb"))
@@ -229,10 +235,12 @@ def _write_wrapper(root: Path, build: Path) -> None:
 
 
 def ensure_arm64_sysroot(root: Path | None = None, *, quiet: bool = False) -> Path:
-    """Build (once) the arm64 Python + aarch64 TVM runtime under `root` (default cache_dir()/arm64); return root.
+    """Build (once) the arm64 Python + aarch64 TVM runtime under `root` (default cache_dir()/arm64); return
+    root.
 
-    Idempotent: a complete set-up (stamp file present, same recipe) returns at once. Anything else is rebuilt in a
-    fresh folder and swapped in, reusing downloaded .debs and wheels. Raises PlateauError naming the failing step.
+    Idempotent: a complete set-up (stamp file present, same recipe) returns at once. Anything else is rebuilt
+    in a fresh folder and swapped in, reusing downloaded .debs and wheels. Raises PlateauError naming the
+    failing step.
     """
     root = Path(root) if root is not None else _default_root()
     root = root.resolve()
@@ -279,7 +287,8 @@ def ensure_arm64_sysroot(root: Path | None = None, *, quiet: bool = False) -> Pa
             "import platform, numpy, tvm; print(platform.machine(), tvm.__version__, numpy.__version__)",
         ]).split()
         if not out or out[0] != "aarch64":
-            raise PlateauError(f"arm64 sysroot: step 'smoke test' failed: unexpected output {' '.join(out)!r}")
+            raise PlateauError("arm64 sysroot: step 'smoke test' failed: "
+                               f"unexpected output {' '.join(out)!r}")
         info = {
             "recipe": _RECIPE, "machine": out[0], "tvm": out[1], "numpy": out[2],
             "debs": [f.name for f in deb_files], "wheels": ARM64_WHEELS,
@@ -293,7 +302,8 @@ def ensure_arm64_sysroot(root: Path | None = None, *, quiet: bool = False) -> Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m plateau.runtime.sysroot", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m plateau.runtime.sysroot",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=None, help="folder to build in (default: cache_dir()/arm64)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--force", action="store_true", help="rebuild even if complete (downloads are reused)")

@@ -1,4 +1,4 @@
-"""plateau bench's pieces: the stability loop and one engine measured in its own process (no timing asserts)."""
+"""plateau bench's pieces: the stability loop, one engine measured in its own process (no timing asserts)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ def test_time_until_stable_counts():
 
 def test_measure_tvm_engine_in_subprocess(artifacts, inputs, tmp_path):
     args = argparse.Namespace(threads=1, batch=4, warmup=1, min_repeats=5, repeats=10, max_seconds=1.0)
-    res, out = bench._measure("tvm", artifacts("host", "int8") / "model.so", "local", args, inputs[:4], inputs,
-                              tmp_path, "t")
-    assert set(res["latency"]) == {"batch_1", "batch_4"} and res["latency"]["batch_4"]["repeat"] >= 3
+    lib = artifacts("host", "int8") / "model.so"
+    res, out = bench._measure("tvm", lib, "local", args, inputs[:4], inputs, tmp_path, "t")
+    assert set(res["latency"]) == {"batch_1", "batch_4"}
+    assert res["latency"]["batch_4"]["repeat"] >= 3
     assert res["peak_rss_mb"] > 0 and out.shape == (len(inputs), 10)
     from plateau.runtime import run_artifact
 

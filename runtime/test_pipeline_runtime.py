@@ -1,4 +1,5 @@
-"""The runtime stage end to end on a small exported model: validate, a planted error located, bench, bad inputs.
+"""The runtime stage end to end on a small exported model: validate, a planted error located, bench, bad
+inputs.
 
 One export + compile (synthetic data, small_cnn, ~200 images) shared by the tests in this module.
 """
@@ -38,7 +39,8 @@ def test_validate_agrees_and_writes_reports(run):
     assert cli(["validate", "--run", str(run), "--target", "host"]) == 0
     out = run / "validate" / "host"
     rep = json.loads((out / "report.json").read_text())
-    assert rep["device_vs_reference"]["top1_agreement"] == 1.0 and rep["device_vs_reference"]["max_steps"] <= 1
+    vs_ref = rep["device_vs_reference"]
+    assert vs_ref["top1_agreement"] == 1.0 and vs_ref["max_steps"] <= 1
     assert "skipped" in rep["per_layer"] and rep["emulated"] is False
     assert "data:image/png;base64," in (out / "report.html").read_text()
     assert "| fake-quant reference |" in (out / "report.md").read_text()

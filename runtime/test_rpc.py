@@ -28,7 +28,8 @@ def test_host_rpc_equals_local(host_server, artifacts, inputs):
 
 def test_rpc_wrong_key(host_server, artifacts, inputs):
     with pytest.raises(PlateauError, match=host_server.address):
-        run_artifact(artifacts("host", "int8"), inputs, device="rpc", rpc=host_server.address, rpc_key="wrong")
+        run_artifact(artifacts("host", "int8"), inputs, device="rpc", rpc=host_server.address,
+                     rpc_key="wrong")
 
 
 def test_rpc_refuses_foreign_artifact(host_server, artifacts, inputs):
@@ -42,7 +43,8 @@ def test_rpc_refuses_foreign_artifact(host_server, artifacts, inputs):
 def test_emulated_arm64_rpc_equals_host(sysroot, artifacts, inputs):
     local = run_artifact(artifacts("host", "int8"), inputs)
     with serve(port=0, emulate=True, block=False, silent=True) as s:
-        res = run_artifact(artifacts("arm64-dotprod", "int8"), inputs, device="rpc", rpc=s.address, timing=True)
+        res = run_artifact(artifacts("arm64-dotprod", "int8"), inputs, device="rpc", rpc=s.address,
+                           timing=True)
         # A second session on the same server works too (the server forks one process per session).
         again = run_artifact(artifacts("arm64", "float"), inputs, device="rpc", rpc=s.address)
     assert res.emulated is True and res.info["machine"] == "aarch64"

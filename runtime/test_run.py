@@ -1,4 +1,4 @@
-"""run_artifact on this machine: equals plain TVM, batches correctly, and turns every bad input into PlateauError."""
+"""run_artifact on this machine: equals plain TVM, batches correctly, turns bad inputs into PlateauError."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def test_elf_machine(artifacts, tmp_path):
         elf_machine(tmp_path / "junk.so")
 
 
-# --- errors --------------------------------------------------------------------------------------------------
+# --- errors -------------------------------------------------------------------------------------------------
 def _one_line(e: pytest.ExceptionInfo) -> str:
     msg = str(e.value)
     assert "\n" not in msg, msg

@@ -1,4 +1,4 @@
-"""validate / layers / report: artifact checks, device-failure messages, per-layer comparison, report files."""
+"""validate / layers / report: artifact checks, device-failure messages, per-layer comparison, reports."""
 
 from __future__ import annotations
 
@@ -107,20 +107,22 @@ def test_divergent_images_order():
 def test_document_md_and_self_contained_html(tmp_path):
     doc = report.Document("T").text("a `b` **c**").table(["x", "y"], [["1", "2"]])
     doc.figure("acc", report.accuracy_plot({"fp32": {"e": 0.9}, "W8A8": {"e": 0.89, "f": 0.88}}))
-    doc.figure("lat", report.latency_plot([{"engine": "e", "latency": {"batch_1": {"median_ms": 1.0, "min_ms": 0.9,
-                                                                                   "p90_ms": 1.2}}}], [1], "t"))
+    lat = {"batch_1": {"median_ms": 1.0, "min_ms": 0.9, "p90_ms": 1.2}}
+    doc.figure("lat", report.latency_plot([{"engine": "e", "latency": lat}], [1], "t"))
     files = doc.write(tmp_path, data={"k": 1})
     md = (tmp_path / "report.md").read_text()
     html = (tmp_path / "report.html").read_text()
-    assert "| x | y |" in md and "![acc](acc.png)" in md and (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"
-    assert html.count("data:image/png;base64,") == 2 and "src='acc.png'" not in html and "<code>b</code>" in html
+    assert "| x | y |" in md and "![acc](acc.png)" in md
+    assert (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"
+    assert html.count("data:image/png;base64,") == 2
+    assert "src='acc.png'" not in html and "<code>b</code>" in html
     assert json.loads((tmp_path / "report.json").read_text()) == {"k": 1} and files["html"] == "report.html"
     assert not list(tmp_path.glob(".*tmp"))
 
 
 def test_planted_scale_error_below_8_bits(tmp_path):
-    """With 4-bit activations `<layer>.q` is the clamp after the QuantizeLinear: the planted scale still lands on
-    that layer's QuantizeLinear, and the debug copy reads the clamped integers."""
+    """With 4-bit activations `<layer>.q` is the clamp after the QuantizeLinear: the planted scale still lands
+    on that layer's QuantizeLinear, and the debug copy reads the clamped integers."""
     import onnx
     import torch
 

@@ -1,13 +1,15 @@
 """`plateau validate`: run the compiled artifact on a device over the test split and hold it to the reference.
 
-Reads <run>/export (reference logits, onnxruntime logits, labels, data, reference.pt) and <run>/compile/<target>
-(model.so), writes <run>/validate/<target>/: report.json, report.md, report.html (plots embedded) and the PNGs.
+Reads <run>/export (reference logits, onnxruntime logits, labels, data, reference.pt) and
+<run>/compile/<target> (model.so), writes <run>/validate/<target>/: report.json, report.md, report.html (plots
+embedded) and the PNGs.
 
-    top-1 of the device, the fake-quant reference, onnxruntime and FP32; top-1 agreement of the device with the
-    reference and with onnxruntime; logit differences in output steps.
-    When the device leaves the reference by more than one step (or with --per-layer): a debug build of the same
-    ONNX with every quantization point exposed runs on the same device, and the report names the FIRST layer whose
-    integer outputs differ by more than one step, with the size of the difference per layer (plateau.runtime.layers).
+    top-1 of the device, the fake-quant reference, onnxruntime and FP32; top-1 agreement of the device with
+    the reference and with onnxruntime; logit differences in output steps.
+    When the device leaves the reference by more than one step (or with --per-layer): a debug build of the
+    same ONNX with every quantization point exposed runs on the same device, and the report names the FIRST
+    layer whose integer outputs differ by more than one step, with the size of the difference per layer
+    (plateau.runtime.layers).
 
 Emulated runs say so in the title and in every line that reports time. Nothing is written unless the whole
 validation succeeded; every file is written atomically.
@@ -36,13 +38,14 @@ __all__ = ["add_arguments", "main", "compare_logits", "render_report", "check_ar
 QEMU_CPU_FEATURES: dict[str, set[str]] = {
     "cortex-a53": set(), "cortex-a57": set(), "cortex-a72": set(), "a64fx": set(),
     "cortex-a55": {"dotprod"}, "cortex-a76": {"dotprod"}, "neoverse-n1": {"dotprod"},
-    "cortex-a710": {"dotprod", "i8mm"}, "neoverse-v1": {"dotprod", "i8mm"}, "neoverse-n2": {"dotprod", "i8mm"},
-    "max": {"dotprod", "i8mm"},
+    "cortex-a710": {"dotprod", "i8mm"}, "neoverse-v1": {"dotprod", "i8mm"},
+    "neoverse-n2": {"dotprod", "i8mm"}, "max": {"dotprod", "i8mm"},
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="host", help="compiled target folder under <run>/compile (default host)")
+    p.add_argument("--target", default="host",
+                   help="compiled target folder under <run>/compile (default host)")
     p.add_argument("--device", choices=DEVICES, help="where to run: local (default for host builds), qemu "
                                                      "(default for arm64 builds without --rpc), rpc")
     p.add_argument("--rpc", help="HOST:PORT of a board running `plateau device serve` (implies --device rpc)")
@@ -54,8 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                       "<run>/compile/<target>, even if it was compiled from another ONNX "
                                       "(e.g. a modified copy): the report says so")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--per-layer", action="store_true", help="always run the per-layer comparison (default: only "
-                                                            "when the device leaves the reference)")
+    g.add_argument("--per-layer", action="store_true", help="always run the per-layer comparison (default: "
+                                                            "only when the device leaves the reference)")
     g.add_argument("--no-per-layer", action="store_true", help="never run the per-layer comparison")
     p.add_argument("--per-layer-images", type=int, default=8, help="images for the per-layer comparison (the "
                                                                    "most divergent ones; default 8)")
@@ -63,15 +66,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def compare_logits(device: np.ndarray, reference: np.ndarray, step: float) -> dict:
-    """Differences counted in output quantization steps, and top-1 agreement (same rule as export's report)."""
+    """Differences counted in output quantization steps, and top-1 agreement (same rule as export's
+    report)."""
     from plateau.export.validate import compare_logits as _cmp
 
     return _cmp(device, reference, step)
 
 
-# --- checks shared with `plateau bench` ------------------------------------------------------------------------------
-def check_artifact(comp_dir: Path, target: str, export_manifest: dict | None, *, strict_onnx: bool = True) -> dict:
-    """The compile manifest of comp_dir, checked: built for `target`, for that target's CPU, from the run's export.
+# --- checks shared with `plateau bench` ---------------------------------------------------------------------
+def check_artifact(comp_dir: Path, target: str, export_manifest: dict | None, *,
+                   strict_onnx: bool = True) -> dict:
+    """The compile manifest of comp_dir, checked: built for `target`, for that target's CPU, from the run's
+    export.
 
     A mismatch is a one-line PlateauError saying what to do. strict_onnx=False accepts a library compiled from
     another ONNX (returns the manifest; the caller reports it).
@@ -87,14 +93,14 @@ def check_artifact(comp_dir: Path, target: str, export_manifest: dict | None, *,
     want = _target_machine(target)
     got = elf_machine(lib)
     if want and got != want:
-        raise PlateauError(f"{lib} is {got} code but target {target!r} is {want}: the artifact was replaced; run "
-                           f"`plateau compile --target {target}`")
+        raise PlateauError(f"{lib} is {got} code but target {target!r} is {want}: the artifact was replaced; "
+                           f"run `plateau compile --target {target}`")
     onnx_rec = comp.get("inputs", {}).get("onnx", {})
     if strict_onnx and export_manifest is not None:
         if onnx_rec.get("sha256") and export_manifest.get("qdq_sha256") and \
                 onnx_rec["sha256"] != export_manifest["qdq_sha256"]:
-            raise PlateauError(f"{lib} is stale: it was compiled from another export of {onnx_rec.get('path')}; run "
-                               f"`plateau compile --target {target}` again")
+            raise PlateauError(f"{lib} is stale: it was compiled from another export of "
+                               f"{onnx_rec.get('path')}; run `plateau compile --target {target}` again")
     return comp
 
 
@@ -129,12 +135,14 @@ def _check_emulated_cpu(comp: dict, device: str, target: str) -> None:
     have = QEMU_CPU_FEATURES.get(cpu)
     missing = sorted(needed_features(comp) - have) if have is not None else []
     if missing:
-        raise PlateauError(f"the emulated CPU QEMU_CPU={cpu} lacks {', '.join(missing)}, which target {target!r} "
-                           f"uses: compile for a target without it (e.g. arm64-neon or rpi4) or unset QEMU_CPU")
+        raise PlateauError(f"the emulated CPU QEMU_CPU={cpu} lacks {', '.join(missing)}, which target "
+                           f"{target!r} uses: compile for a target without it (e.g. arm64-neon or rpi4) or "
+                           "unset QEMU_CPU")
 
 
 def run_on_device(lib: Path, x: np.ndarray, device: str, comp: dict, target: str, **kw):
-    """run_artifact with device-side failures explained: a CPU without the features the build uses dies of SIGILL."""
+    """run_artifact with device-side failures explained: a CPU without the features the build uses dies of
+    SIGILL."""
     _check_emulated_cpu(comp, device, target)
     try:
         return run_artifact(lib, x, device, **kw)
@@ -151,7 +159,7 @@ def run_on_device(lib: Path, x: np.ndarray, device: str, comp: dict, target: str
         raise
 
 
-# --- the stage --------------------------------------------------------------------------------------------------------
+# --- the stage ----------------------------------------------------------------------------------------------
 def _test_inputs(exp: dict, n: int, run: Path | None = None) -> np.ndarray:
     """The first n of the test images export validated (export's fixed subset when it used --eval-limit)."""
     cfg = exp["plateau_cfg"]
@@ -163,7 +171,8 @@ def _test_inputs(exp: dict, n: int, run: Path | None = None) -> np.ndarray:
 
 
 def _divergent_images(out: np.ndarray, ref: np.ndarray, step: float, tolerance: int, k: int) -> list[int]:
-    """Up to k images where the device leaves the reference: top-1 differs first, then the largest logit gap."""
+    """Up to k images where the device leaves the reference: top-1 differs first, then the largest logit
+    gap."""
     steps = np.rint(np.abs(out.astype(np.float64) - ref.astype(np.float64)) / step).max(1)
     flip = out.argmax(1) != ref.argmax(1)
     bad = np.flatnonzero(flip | (steps > tolerance))
@@ -208,8 +217,8 @@ def main(args: argparse.Namespace) -> dict:
         "device_vs_reference": compare_logits(out, ref[:n], step),
         "output_step": step,
         "seconds": round(seconds, 1),
-        "note": ("emulated with qemu-aarch64: correctness only, timings are not representative" if res.emulated
-                 else f"run on {res.info.get('machine') or 'this machine'}"),
+        "note": ("emulated with qemu-aarch64: correctness only, timings are not representative"
+                 if res.emulated else f"run on {res.info.get('machine') or 'this machine'}"),
     }
     export_report = run / "export" / "report.json"
     if export_report.is_file():
@@ -218,7 +227,8 @@ def main(args: argparse.Namespace) -> dict:
         if fp is not None and er.get("test_images") == n:  # FP32 logits are not kept: only comparable on all
             report["top1"]["fp32"] = fp
         elif fp is not None:
-            report["fp32_note"] = f"FP32 top-1 {100 * fp:.2f}% was measured by export on {er.get('test_images')} images"
+            report["fp32_note"] = (f"FP32 top-1 {100 * fp:.2f}% was measured by export on "
+                                   f"{er.get('test_images')} images")
     if ort is not None:
         report["top1"]["onnxruntime"] = float((ort[:n].argmax(1) == labels[:n]).mean())
         report["device_vs_onnxruntime"] = compare_logits(out, ort[:n], step)
@@ -227,8 +237,8 @@ def main(args: argparse.Namespace) -> dict:
     agrees = c["max_steps"] <= args.tolerance and c["top1_agreement"] == 1.0
     if args.no_per_layer or (agrees and not args.per_layer):
         report["per_layer"] = {"skipped": ("--no-per-layer" if args.no_per_layer else
-                                           f"the device agrees with the reference within {args.tolerance} step(s) "
-                                           "on every logit")}
+                                           f"the device agrees with the reference within {args.tolerance} "
+                                           "step(s) on every logit")}
     else:
         report["per_layer"] = _per_layer(args, run, comp, comp_dir, x, out, ref[:n], step, device)
     out_dir = run / "validate" / args.target
@@ -251,8 +261,8 @@ def _per_layer(args, run: Path, comp: dict, comp_dir: Path, x: np.ndarray, out: 
     onnx_path = Path(comp.get("inputs", {}).get("onnx", {}).get("path") or run / "export" / "model_qdq.onnx")
     rec = comp.get("inputs", {}).get("onnx", {})
     if not onnx_path.is_file() or (rec.get("sha256") and sha256_file(onnx_path) != rec["sha256"]):
-        raise PlateauError(f"{onnx_path}: the ONNX {comp_dir}/model.so was compiled from is gone or changed: the "
-                           "per-layer debug build needs it (recompile, or pass --no-per-layer)")
+        raise PlateauError(f"{onnx_path}: the ONNX {comp_dir}/model.so was compiled from is gone or changed: "
+                           "the per-layer debug build needs it (recompile, or pass --no-per-layer)")
     reference = load_reference(run / "export" / "reference.pt")
     cfg = comp.get("config", {})
     t0 = time.time()
@@ -264,7 +274,7 @@ def _per_layer(args, run: Path, comp: dict, comp_dir: Path, x: np.ndarray, out: 
     return res
 
 
-# --- rendering ---------------------------------------------------------------------------------------------------------
+# --- rendering ----------------------------------------------------------------------------------------------
 def _title(r: dict) -> str:
     emu = " (EMULATED: qemu-aarch64, correctness only)" if r["emulated"] else ""
     return f"Validation: {r['model']} {r['bits']} on {r['target']}, device {r['device']}{emu}"
@@ -276,19 +286,21 @@ def render_document(r: dict, run: Path | None = None, plots: bool = True):
 
     doc = Document(_title(r))
     if r["emulated"]:
-        doc.warning("Emulated with qemu-aarch64: the outputs are the arm64 code's real outputs, the times are not.")
+        doc.warning("Emulated with qemu-aarch64: the outputs are the arm64 code's real outputs, the times "
+                    "are not.")
     a = r["artifact"]
     doc.text(f"{r['test_images']} test images of `{r['data']}`; artifact `{a['path']}` ({a['machine']}, "
              f"{a.get('bytes', 0) / 1e6:.2f} MB), device {r['device']} on {r.get('machine') or '?'}.")
     if a.get("from_run_export") is False:
-        doc.warning(f"This artifact was compiled from {a.get('onnx')}, not from the run's export: it is validated "
-                    "against the run's reference anyway.")
+        doc.warning(f"This artifact was compiled from {a.get('onnx')}, not from the run's export: it is "
+                    "validated against the run's reference anyway.")
     doc.heading("Accuracy")
     doc.table(["model", "top-1"], [[k, pct(v)] for k, v in r["top1"].items()])
     if r.get("fp32_note"):
         doc.text(r["fp32_note"] + ".")
     rows = []
-    for key, name in (("device_vs_reference", "fake-quant reference"), ("device_vs_onnxruntime", "onnxruntime")):
+    for key, name in (("device_vs_reference", "fake-quant reference"),
+                      ("device_vs_onnxruntime", "onnxruntime")):
         c = r.get(key)
         if c:
             rows.append([name, pct(c["top1_agreement"]), pct(c["bit_exact"], 3), pct(c["within_one_step"], 3),
@@ -298,8 +310,8 @@ def render_document(r: dict, run: Path | None = None, plots: bool = True):
     groups[r["bits"] or "quantized"] = {k: v for k, v in r["top1"].items() if k != "fp32"}
     groups.update(_bench_accuracy(run, r["target"]) if run is not None else {})
     doc.figure("accuracy", accuracy_plot(groups) if plots else None, "top-1 per bit width")
-    hist = {name: r[key]["step_histogram"] for key, name in (("device_vs_reference", "vs reference"),
-                                                              ("device_vs_onnxruntime", "vs onnxruntime")) if key in r}
+    pairs = (("device_vs_reference", "vs reference"), ("device_vs_onnxruntime", "vs onnxruntime"))
+    hist = {name: r[key]["step_histogram"] for key, name in pairs if key in r}
     doc.figure("logit_steps", steps_plot(hist) if plots else None, "logit differences in output steps")
     doc.heading("Per-layer comparison")
     pl = r.get("per_layer") or {}

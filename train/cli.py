@@ -2,16 +2,23 @@
 
     plateau train --run runs/default                                  # small_cnn on synthetic data
     plateau train --run runs/r20 --model cifar_resnet20 --data ../shared/data/cifar10 \
-        --checkpoint ../shared/models/cifar-resnet/resnet20-12fca82f.th --bits W4A4 --noise gaussian --epochs 3
+        --checkpoint ../shared/models/cifar-resnet/resnet20-12fca82f.th --bits W4A4 --method gaussian \
+        --epochs 3
     torchrun --nproc_per_node 2 -m plateau.train -- --run runs/ddp    # DistributedDataParallel, gloo on CPU
     (the `--` keeps torchrun from reading --run as its own --run-path)
+
+The options are derived from TrainConfig's fields (config.py): a new setting there is a new option here.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import types
+import typing
+from dataclasses import Field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,12 +27,46 @@ from plateau.data import load_split
 from plateau.errors import PlateauError
 from plateau.models import create_model
 
-from .noise import NOISE_TARGETS
-from .trainer import FLATNESS_MODES, METHODS, TrainConfig, train
+from .config import TrainConfig, field_choices
+from .trainer import train
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["add_arguments", "config_options", "main"]
 
-_D = TrainConfig()  # defaults live in one place: the dataclass
+
+def config_options(group: argparse._ActionsContainer, cls: type) -> None:
+    """One option per field of the dataclass `cls`, from its metadata (help, choices, flags, cli_default).
+
+    `--field-name` with the field's type; a bool is a switch: `--field-name` when it defaults to False,
+    `--no-field-name` when it defaults to True. The destination is always the field's name."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        meta = f.metadata
+        kind = _value_type(hints[f.name])
+        if kind is bool:
+            on = f.default is False
+            flags = meta.get("flags") or (f"--{'' if on else 'no-'}{f.name.replace('_', '-')}",)
+            group.add_argument(*flags, dest=f.name, action="store_true" if on else "store_false",
+                               help=meta.get("help"))
+            continue
+        flags = meta.get("flags") or (f"--{f.name.replace('_', '-')}",)
+        choices = field_choices(f)
+        group.add_argument(*flags, dest=f.name, type=kind, default=meta.get("cli_default", f.default),
+                           choices=choices, metavar=f.name.upper() if choices else None, help=_help(f))
+
+
+def _value_type(hint: Any) -> type:
+    """int for `int` and `int | None`: the type an option's text converts to."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    return hint
+
+
+def _help(f: Field) -> str:
+    default = f.metadata.get("cli_default", f.default)
+    notes = [f"one of {', '.join(c)}"] if (c := field_choices(f)) else []
+    if default is not None and "default" not in f.metadata.get("help", ""):
+        notes.append(f"default {default}")
+    return f.metadata.get("help", "") + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,59 +75,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     if "--run" not in have:
         parser.add_argument("--run", default="runs/default", help="run folder; this stage writes RUN/train/")
     g = parser.add_argument_group("train")
-    g.add_argument("--model", default="small_cnn", help="Plateau model (small_cnn, cifar_resnet20, ...) or timm name")
-    g.add_argument("--data", default=_D.data, help="ImageFolder tree with train/ and test/, or 'synthetic'")
-    g.add_argument("--checkpoint", default=None, help="weights to fine-tune from (any format the model loader reads)")
-    g.add_argument("--epochs", type=int, default=_D.epochs)
-    g.add_argument("--batch-size", type=int, default=_D.batch_size, help="global batch size")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1 from scratch, 0.01 fine-tuning; "
-                   "AdamW: 1e-3 / 1e-4)")
-    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=_D.optimizer)
-    g.add_argument("--weight-decay", type=float, default=_D.weight_decay)
-    g.add_argument("--warmup-epochs", type=float, default=None, help="default 1 from scratch, 0 fine-tuning")
-    g.add_argument("--bits", default=_D.bits, help="target precision, e.g. W8A8, W4A8, W4A4")
-    g.add_argument("--noise", choices=METHODS, default=_D.noise, help="flat-training method")
-    g.add_argument("--alpha", type=float, default=_D.alpha, help="noise std as a multiple of step/sqrt(12)")
-    g.add_argument("--noise-target", choices=NOISE_TARGETS, default=_D.noise_target)
-    g.add_argument("--noise-p", type=float, default=_D.noise_p, help="quantnoise: fraction of elements perturbed")
-    g.add_argument("--rho", type=float, default=_D.rho, help="SAM radius")
-    g.add_argument("--first-last-8bit", action="store_true", help="keep the first and last layer at 8 bits")
-    g.add_argument("--seed", type=int, default=_D.seed)
-    g.add_argument("--resume", action="store_true", help="continue from RUN/train/last.pt")
-    g.add_argument("--flatness", choices=FLATNESS_MODES, default=_D.flatness, help="when to measure flatness")
-    g.add_argument("--flatness-images", type=int, default=_D.flatness_images)
-    g.add_argument("--trace-samples", type=int, default=_D.trace_samples, help="Hutchinson vectors")
-    g.add_argument("--eig-iters", type=int, default=_D.eig_iters, help="power iterations (0: skip)")
-    g.add_argument("--mc-samples", type=int, default=_D.mc_samples, help="Monte Carlo noise draws (0: skip)")
-    g.add_argument("--train-limit", type=int, default=None, help="training images per epoch (quick runs)")
-    g.add_argument("--eval-limit", type=int, default=None, help="test images per evaluation")
-    g.add_argument("--calib-images", type=int, default=_D.calib_images, help="PTQ calibration images (train split)")
-    g.add_argument("--bn-recalibrate", type=int, default=_D.bn_recalibrate, help="train images re-estimating "
-                   "BatchNorm statistics without noise after the last epoch (0: off)")
-    g.add_argument("--img-size", type=int, default=None)
-    g.add_argument("--threads", type=int, default=None, help="torch threads per process")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--model", default="small_cnn",
+                   help="Plateau model (small_cnn, cifar_resnet20, ...) or timm name")
+    g.add_argument("--checkpoint", default=None,
+                   help="weights to fine-tune from (any format the model loader reads)")
+    config_options(g, TrainConfig)
 
 
 def main(args: argparse.Namespace) -> dict:
     """Run the training stage from parsed arguments; returns the report dict."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    # Fine-tuning starts from trained weights: a tenth of the learning rate, no warm-up.
     finetune = args.checkpoint is not None
-    adamw = args.optimizer == "adamw"
-    lr = args.lr if args.lr is not None else (1e-3 if adamw else 0.1) * (0.1 if finetune else 1.0)
-    warmup = args.warmup_epochs if args.warmup_epochs is not None else (0.0 if finetune else 1.0)
+    if values["lr"] is None:
+        values["lr"] = (1e-3 if args.optimizer == "adamw" else 0.1) * (0.1 if finetune else 1.0)
+    if values["warmup_epochs"] is None:
+        values["warmup_epochs"] = 0.0 if finetune else 1.0
+    values["data"] = str(values["data"])
     try:
-        cfg = TrainConfig(
-            data=str(args.data), epochs=args.epochs, batch_size=args.batch_size, lr=lr, optimizer=args.optimizer,
-            weight_decay=args.weight_decay, warmup_epochs=warmup, bits=args.bits, noise=args.noise, alpha=args.alpha,
-            noise_target=args.noise_target, noise_p=args.noise_p, rho=args.rho, first_last_8bit=args.first_last_8bit,
-            seed=args.seed, resume=args.resume, flatness=args.flatness, flatness_images=args.flatness_images,
-            trace_samples=args.trace_samples, eig_iters=args.eig_iters, mc_samples=args.mc_samples,
-            train_limit=args.train_limit, eval_limit=args.eval_limit, calib_images=args.calib_images,
-            bn_recalibrate=args.bn_recalibrate,
-            img_size=args.img_size, threads=args.threads, progress=not args.no_progress,
-        )
+        cfg = TrainConfig(**values)
     except ValueError as e:  # a bad option value: one line for the user, naming the valid choices
         raise PlateauError(str(e)) from None
     train_set = load_split(cfg.data, "train", cfg.img_size)
@@ -108,8 +117,8 @@ def _entry(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="plateau train", description="flat full-precision training")
     add_arguments(parser)
     argv = sys.argv[1:] if argv is None else argv
-    # torchrun's own parser takes `--run` for an abbreviation of its `--run-path`, so under torchrun the options
-    # go after a `--`, which torchrun passes through: drop it here.
+    # torchrun's own parser takes `--run` for an abbreviation of its `--run-path`, so under torchrun the
+    # options go after a `--`, which torchrun passes through: drop it here.
     if argv[:1] == ["--"]:
         argv = argv[1:]
     args = parser.parse_args(argv)

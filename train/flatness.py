@@ -1,7 +1,8 @@
 """Flatness, measured: Hessian trace, top Hessian eigenvalue, and loss increase under quantization noise.
 
-All three look at the loss on a fixed set of batches with the model in eval mode (BatchNorm on running statistics,
-as it will be deployed) and, by default, with respect to the weights PTQ quantizes (Conv/Linear weights).
+All three look at the loss on a fixed set of batches with the model in eval mode (BatchNorm on running
+statistics, as it will be deployed) and, by default, with respect to the weights PTQ quantizes (Conv/Linear
+weights).
 
     hessian_trace       Hutchinson: E[v^T H v] = tr(H) for Rademacher v; H v by double backprop
     top_eigenvalue      power iteration on H v (the eigenvalue of largest magnitude)
@@ -40,7 +41,9 @@ def quantized_weights(model: nn.Module) -> list[torch.Tensor]:
 class _Hvp:
     """Hessian-vector products of the mean loss over `batches`, one first-order graph per batch kept alive."""
 
-    def __init__(self, model: nn.Module, batches: Sequence[Batch], params: list[torch.Tensor], loss_fn: LossFn):
+    def __init__(
+        self, model: nn.Module, batches: Sequence[Batch], params: list[torch.Tensor], loss_fn: LossFn
+    ) -> None:
         self.params = params
         n_total = sum(len(y) for _, y in batches)
         self.grads = []
@@ -75,9 +78,11 @@ def hessian_trace(
     loss_fn: LossFn = F.cross_entropy,
     seed: int = 0,
 ) -> dict:
-    """Hutchinson estimate of tr(H) of the mean loss over `batches` w.r.t. `params` (default: quantized weights).
+    """Hutchinson estimate of tr(H) of the mean loss over `batches` w.r.t. `params` (default: the quantized
+    weights).
 
-    Returns {'trace', 'std_err', 'n_samples', 'n_params'}; std_err is the Monte Carlo standard error (None for one sample).
+    Returns {'trace', 'std_err', 'n_samples', 'n_params'}; std_err is the Monte Carlo standard error (None for
+    one sample).
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
@@ -110,7 +115,8 @@ def top_eigenvalue(
     loss_fn: LossFn = F.cross_entropy,
     seed: int = 0,
 ) -> dict:
-    """Power iteration on the Hessian: the eigenvalue of largest magnitude. Stops when it moves by < tol (relative).
+    """Power iteration on the Hessian: the eigenvalue of largest magnitude. Stops when it moves by < tol
+    (relative).
 
     Returns {'eigenvalue', 'iterations', 'converged'}.
     """
@@ -149,7 +155,9 @@ def _calibrate_ranges(inj: NoiseInjector, model: nn.Module, batches: Sequence[Ba
             x = args[0].detach()
             cur = torch.stack([x.min(), x.max()]).float().cpu()
             old = ranges.get(name)
-            ranges[name] = cur if old is None else torch.stack([torch.minimum(old[0], cur[0]), torch.maximum(old[1], cur[1])])
+            if old is not None:
+                cur = torch.stack([torch.minimum(old[0], cur[0]), torch.maximum(old[1], cur[1])])
+            ranges[name] = cur
         handles.append(m.register_forward_pre_hook(hook))
     try:
         for x, _ in batches:
@@ -223,7 +231,8 @@ def measure_flatness(
     mc_samples: int = 4,
     seed: int = 0,
 ) -> dict:
-    """All three measures at once, as logged per epoch: {'hessian_trace', 'trace_std_err', 'top_eigenvalue', ...}.
+    """All three measures at once, as logged per epoch: {'hessian_trace', 'trace_std_err', 'top_eigenvalue',
+    ...}.
 
     eig_iters=0 or mc_samples=0 skips that measure (its fields are None): the Hessian ones cost ~3 backward
     passes per sample on big models.

@@ -1,15 +1,16 @@
 """Quantization error modelled as Gaussian noise, injected while training.
 
-The flat-network view (Xia et al. 2025): rounding a tensor to a grid of step d adds an error that is, to a good
-approximation, independent per element with variance d^2 / 12. Training with that noise added finds minima where
-the loss does not care about it, so post-training quantization at the same precision costs little.
+The flat-network view (Xia et al. 2025): rounding a tensor to a grid of step d adds an error that is, to a
+good approximation, independent per element with variance d^2 / 12. Training with that noise added finds
+minima where the loss does not care about it, so post-training quantization at the same precision costs
+little.
 
     WQE (weights):      per output channel c, symmetric narrow range:  d_c = max|W_c| / (2^(b-1) - 1)
     AQE (activations):  per tensor, asymmetric, from an EMA of the input's min/max:  d = (hi - lo) / (2^b - 1)
     noise:              e ~ N(0, (alpha * d / sqrt(12))^2), drawn fresh each step, per element
 
-These grids match the export stage's defaults (symmetric per-channel narrow-range weights, per-tensor asymmetric
-activations), so the noise is the noise PTQ will actually add.
+These grids match the export stage's defaults (symmetric per-channel narrow-range weights, per-tensor
+asymmetric activations), so the noise is the noise PTQ will actually add.
 
     >>> inj = NoiseInjector(model, NoiseConfig(bits="W4A4", alpha=1.0))
     >>> with inj.weight_noise():          # perturb weights in place ...
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from plateau.quant import parse_bits, rounding_noise_std
+from plateau.quant import QType, parse_bits, rounding_noise_std
 
 __all__ = [
     "NOISE_TARGETS",
@@ -47,7 +48,7 @@ class NoiseConfig:
     bits: str = "W8A8"
     alpha: float = 1.0
     target: str = "both"
-    first_last_8bit: bool = False
+    keep_first_last_8bit: bool = False
     p: float = 1.0  # fraction of elements that get noise each step (quantnoise); 1.0 = all
     ema_momentum: float = 0.1  # activation range tracker, as in PyTorch's MovingAverageMinMaxObserver
 
@@ -63,29 +64,32 @@ class NoiseConfig:
 
 def quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers PTQ quantizes: every Conv (1d/2d/3d) and Linear, in registration order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
 
 
 def weight_step(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel symmetric narrow-range step, shaped to broadcast against w: max|W_c| / (2^(b-1) - 1)."""
+    """Per-output-channel symmetric narrow-range step, shaped to broadcast against w: max|W_c| / qmax,
+    qmax = 2^(b-1) - 1."""
     amax = w.detach().abs().flatten(1).amax(1).clamp_min(1e-12)
-    return (amax / (2 ** (bits - 1) - 1)).view(-1, *([1] * (w.ndim - 1)))
+    return (amax / QType(bits, signed=True, narrow=True).qmax).view(-1, *([1] * (w.ndim - 1)))
 
 
 def activation_step(lo: torch.Tensor | float, hi: torch.Tensor | float, bits: int) -> torch.Tensor:
-    """Per-tensor asymmetric step over 2^b - 1 levels, the range widened to include 0 (as choose_qparams does)."""
+    """Per-tensor asymmetric step over 2^b - 1 levels, the range widened to include 0 (as choose_qparams
+    does)."""
     lo_t = torch.as_tensor(lo, dtype=torch.float32).clamp_max(0.0)
     hi_t = torch.as_tensor(hi, dtype=torch.float32).clamp_min(0.0)
-    return ((hi_t - lo_t) / (2**bits - 1)).clamp_min(1e-12)
+    return ((hi_t - lo_t) / QType(bits, signed=False).levels).clamp_min(1e-12)
 
 
 class NoiseInjector:
     """Gaussian WQE/AQE for every Conv/Linear of `model`.
 
     Activation noise and range tracking live in forward pre-hooks: they act only in training mode (or inside
-    `force()`, used by the flatness measurement). Weight noise is applied in place by the `weight_noise()` context
-    and undone from saved copies, so the optimizer steps the clean weights with the gradient taken at the noisy
-    point (the same mechanics as SAM).
+    `force()`, used by the flatness measurement). Weight noise is applied in place by the `weight_noise()`
+    context and undone from saved copies, so the optimizer steps the clean weights with the gradient taken at
+    the noisy point (the same mechanics as SAM).
     """
 
     def __init__(self, model: nn.Module, cfg: NoiseConfig, generator: torch.Generator | None = None) -> None:
@@ -100,13 +104,13 @@ class NoiseInjector:
         # First/last layers may stay at 8 bits: they then get the (smaller) 8-bit noise.
         self.bits: dict[str, tuple[int, int]] = {}
         for i, (name, _) in enumerate(self.layers):
-            edge = cfg.first_last_8bit and i in (0, n - 1)
+            edge = cfg.keep_first_last_8bit and i in (0, n - 1)
             self.bits[name] = (8, 8) if edge else (cfg.w_bits, cfg.a_bits)
         # name -> tensor([min, max]) EMA of the layer input; empty until the first training forward.
         self.act_ranges: dict[str, torch.Tensor] = {}
         self._handles = [m.register_forward_pre_hook(self._make_hook(name)) for name, m in self.layers]
 
-    # --- switches ------------------------------------------------------------------------------------------------
+    # --- switches -------------------------------------------------------------------------------------------
     @property
     def noise_weights(self) -> bool:
         return self.enabled and self.cfg.target in ("weights", "both") and self.cfg.alpha * self.scale > 0
@@ -117,7 +121,8 @@ class NoiseInjector:
 
     @contextlib.contextmanager
     def force(self) -> Iterator[None]:
-        """Inject activation noise even in eval mode (Monte Carlo flatness measurement); ranges are not updated."""
+        """Inject activation noise even in eval mode (Monte Carlo flatness measurement); ranges are not
+        updated."""
         self._forced = True
         try:
             yield
@@ -129,7 +134,7 @@ class NoiseInjector:
             h.remove()
         self._handles = []
 
-    # --- noise -----------------------------------------------------------------------------------------------------
+    # --- noise ----------------------------------------------------------------------------------------------
     def _gauss(self, like: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         e = torch.randn(like.shape, generator=self.gen, dtype=like.dtype).to(like.device) * std.to(like)
         if self.cfg.p < 1.0:  # quantnoise: only a random fraction p of the elements is perturbed
@@ -147,7 +152,8 @@ class NoiseInjector:
             if not (self.noise_acts and (module.training or self._forced)) or name not in self.act_ranges:
                 return None
             lo, hi = self.act_ranges[name]
-            std = rounding_noise_std(activation_step(lo, hi, self.bits[name][1])) * (self.cfg.alpha * self.scale)
+            step = activation_step(lo, hi, self.bits[name][1])
+            std = rounding_noise_std(step) * (self.cfg.alpha * self.scale)
             return (x + self._gauss(x, std), *args[1:])
 
         return hook
@@ -179,7 +185,7 @@ class NoiseInjector:
                 for w, clean in saved:
                     w.copy_(clean)
 
-    # --- state (checkpoints hold only tensors and plain values) ----------------------------------------------------
+    # --- state (checkpoints hold only tensors and plain values) ---------------------------------------------
     def state_dict(self) -> dict:
         return {"act_ranges": {k: v.clone() for k, v in self.act_ranges.items()}, "scale": float(self.scale)}
 

@@ -39,7 +39,8 @@ def test_weight_step_is_per_channel_max_over_levels():
 def test_weight_noise_std_matches_model(bits, alpha):
     torch.manual_seed(0)
     lin = nn.Linear(256, 64)
-    inj = NoiseInjector(lin, NoiseConfig(bits=bits, alpha=alpha, target="weights"), torch.Generator().manual_seed(1))
+    cfg = NoiseConfig(bits=bits, alpha=alpha, target="weights")
+    inj = NoiseInjector(lin, cfg, torch.Generator().manual_seed(1))
     clean = lin.weight.detach().clone()
     expected = alpha * weight_step(clean, inj.cfg.w_bits) / math.sqrt(12)  # (64, 1): per output channel
     with inj.weight_noise():
@@ -54,7 +55,8 @@ def test_weight_noise_std_matches_model(bits, alpha):
 def test_activation_noise_std_matches_model():
     torch.manual_seed(0)
     m = _Capture(n_in=512)
-    inj = NoiseInjector(m, NoiseConfig(bits="W8A4", alpha=1.5, target="activations"), torch.Generator().manual_seed(2))
+    cfg = NoiseConfig(bits="W8A4", alpha=1.5, target="activations")
+    inj = NoiseInjector(m, cfg, torch.Generator().manual_seed(2))
     _with_capture(m)
     m.train()
     x = torch.rand(64, 512) * 3.0 - 0.5  # range about [-0.5, 2.5]
@@ -112,9 +114,9 @@ def test_quantnoise_fraction_and_ramp_zero():
         assert torch.equal(lin.weight.detach(), clean)
 
 
-def test_first_last_8bit():
+def test_keep_first_last_8bit():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 2))
-    inj = NoiseInjector(model, NoiseConfig(bits="W4A4", first_last_8bit=True))
+    inj = NoiseInjector(model, NoiseConfig(bits="W4A4", keep_first_last_8bit=True))
     assert inj.bits == {"0": (8, 8), "1": (4, 4), "3": (8, 8)}
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from plateau.data import ImageSet
 from plateau.errors import PlateauError
-from plateau.train import METHODS, TrainConfig, add_arguments, main, train
+from plateau.train import TrainConfig, add_arguments, list_methods, main, train
 
 torch.set_num_threads(1)
 SHARED = Path("/work/shared")
@@ -53,15 +53,17 @@ def _images(n: int, seed: int) -> ImageSet:
     labels = rng.integers(0, 4, n)
     base = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]])[labels]
     imgs = base[:, None, None, :] + rng.normal(0, 40, (n, 16, 16, 3))
-    return ImageSet(np.clip(imgs, 0, 255).astype(np.uint8), labels.astype(np.int64), ["r", "g", "b", "y"], "test")
+    pixels = np.clip(imgs, 0, 255).astype(np.uint8)
+    return ImageSet(pixels, labels.astype(np.int64), ["r", "g", "b", "y"], "test")
 
 
 TRAIN, TEST = _images(192, 0), _images(64, 1)
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(epochs=2, batch_size=32, lr=0.05, bits="W4A4", noise="gaussian", flatness="off", progress=False,
-                flatness_images=64, trace_samples=2, eig_iters=3, mc_samples=2, calib_images=64)
+    base = dict(epochs=2, batch_size=32, lr=0.05, bits="W4A4", method="gaussian", flatness="off",
+                progress=False, flatness_images=64, trace_samples=2, eig_iters=3, mc_samples=2,
+                calib_images=64)
     return TrainConfig(**{**base, **kw})
 
 
@@ -69,12 +71,12 @@ def test_outputs_and_checkpoint_contract(tmp_path):
     torch.manual_seed(0)
     report = train(Tiny(), _cfg(flatness="epoch"), tmp_path, TRAIN, TEST)
     out = tmp_path / "train"
-    for name in ("checkpoint-epoch001.pt", "checkpoint-epoch002.pt", "last.pt", "metrics.jsonl", "report.json",
-                 "report.md", "manifest.json"):
+    for name in ("checkpoint-epoch001.pt", "checkpoint-epoch002.pt", "last.pt", "metrics.jsonl",
+                 "report.json", "report.md", "manifest.json"):
         assert (out / name).is_file(), name
     ck = torch.load(out / "last.pt", weights_only=True)  # only plain types: safe to load
-    for key in ("model", "model_name", "num_classes", "plateau_cfg", "classes", "config", "optimizer", "scheduler",
-                "rng", "noise", "epoch"):
+    for key in ("model", "model_name", "num_classes", "plateau_cfg", "classes", "config", "optimizer",
+                "scheduler", "rng", "noise", "epoch"):
         assert key in ck, key
     assert ck["epoch"] == 2 and ck["model_name"] == "tiny" and ck["classes"] == ["r", "g", "b", "y"]
     assert set(ck["noise"]["act_ranges"]) == {"features.0", "features.3", "fc"}
@@ -92,16 +94,16 @@ def test_outputs_and_checkpoint_contract(tmp_path):
     assert report["fp_top1"] > 60  # learnable toy data
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list_methods())
 def test_every_method_trains(tmp_path, method):
     torch.manual_seed(0)
-    r = train(Tiny(), _cfg(noise=method, epochs=1), tmp_path, TRAIN, TEST)
+    r = train(Tiny(), _cfg(method=method, epochs=1), tmp_path, TRAIN, TEST)
     assert np.isfinite(r["final"]["train_loss"])
 
 
 @pytest.mark.parametrize("method", ["gaussian", "ramp", "sam-gaussian"])
 def test_resume_after_kill_reproduces_uninterrupted_run(tmp_path, method):
-    cfg = _cfg(noise=method, epochs=3)
+    cfg = _cfg(method=method, epochs=3)
     torch.manual_seed(0)
     ref = Tiny()
     train(ref, cfg, tmp_path / "a", TRAIN, TEST)
@@ -115,7 +117,7 @@ def test_resume_after_kill_reproduces_uninterrupted_run(tmp_path, method):
 
     torch.manual_seed(123)  # a new process: different init, overwritten by the checkpoint
     resumed = Tiny()
-    rep = train(resumed, _cfg(noise=method, epochs=3, resume=True), tmp_path / "b", TRAIN, TEST)
+    rep = train(resumed, _cfg(method=method, epochs=3, resume=True), tmp_path / "b", TRAIN, TEST)
     assert rep["epochs_run"] == 3
     a, b = ref.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
@@ -128,7 +130,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(PlateauError, match=r"NaN.*epoch 2.*last good checkpoint"):
         train(Tiny(nan_after=8), _cfg(epochs=3), tmp_path, TRAIN, TEST)
     ck = torch.load(tmp_path / "train/last.pt", weights_only=True)
-    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert ck["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
     assert not (tmp_path / "train/checkpoint-epoch002.pt").exists()
 
 
@@ -140,7 +143,8 @@ def test_nan_in_first_epoch_says_no_checkpoint(tmp_path):
 def _args(tmp_path, *argv) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     add_arguments(p)
-    return p.parse_args(["--run", str(tmp_path), "--no-progress", "--flatness", "off", "--threads", "1", *argv])
+    return p.parse_args(["--run", str(tmp_path), "--no-progress", "--flatness", "off", "--threads", "1",
+                         *argv])
 
 
 def test_unknown_model_name(tmp_path):
@@ -156,8 +160,8 @@ def test_checkpoint_that_does_not_fit(tmp_path):
 
 
 def test_bad_options():
-    with pytest.raises(ValueError, match="noise method must be one of"):
-        TrainConfig(noise="dropout")
+    with pytest.raises(ValueError, match="method must be one of none, gaussian"):
+        TrainConfig(method="dropout")
     with pytest.raises(ValueError, match="W<bits>A<bits>"):
         TrainConfig(bits="int4")
 
@@ -177,7 +181,8 @@ def test_finetune_from_pretrained_cifar_resnet20(tmp_path):
     ref = torch.load(R20, map_location="cpu", weights_only=True)["state_dict"]["module.conv1.weight"]
     assert torch.equal(create_model("cifar_resnet20", checkpoint=R20).conv1.weight.detach(), ref)
     report = main(_args(tmp_path, "--model", "cifar_resnet20", "--checkpoint", str(R20), "--epochs", "1",
-                        "--train-limit", "128", "--eval-limit", "128", "--calib-images", "64", "--lr", "1e-4"))
+                        "--train-limit", "128", "--eval-limit", "128", "--calib-images", "64",
+                        "--lr", "1e-4"))
     assert report["model_name"] == "cifar_resnet20" and report["config"]["lr"] == 1e-4
     m = json.loads((tmp_path / "train/manifest.json").read_text())
     assert m["inputs"]["checkpoint_sha256"]
@@ -188,8 +193,8 @@ def test_ddp_two_gloo_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            "-m", "plateau.train", "--", "--run", str(tmp_path), "--epochs", "2", "--train-limit", "512",
-           "--eval-limit", "256", "--flatness", "end", "--flatness-images", "64", "--threads", "1", "--no-progress",
-           "--noise", "sam-gaussian", "--bits", "W4A8", "--calib-images", "64"]
+           "--eval-limit", "256", "--flatness", "end", "--flatness-images", "64", "--threads", "1",
+           "--no-progress", "--noise", "sam-gaussian", "--bits", "W4A8", "--calib-images", "64"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "train/report.json").read_text())
@@ -205,10 +210,10 @@ def test_bad_option_value_is_plateau_error(tmp_path):
 
 
 def test_bn_recalibration_uses_clean_forwards():
-    """After noisy training, BN statistics are re-estimated without noise: equal to the clean batch statistics,
-    whatever the noise, and the injector is left as it was."""
+    """After noisy training, BN statistics are re-estimated without noise: equal to the clean batch
+    statistics, whatever the noise, and the injector is left as it was."""
+    from plateau.train import recalibrate_bn
     from plateau.train.noise import NoiseConfig, NoiseInjector
-    from plateau.train.trainer import recalibrate_bn
 
     torch.manual_seed(0)
     model = Tiny()
@@ -227,7 +232,8 @@ def test_bn_recalibration_uses_clean_forwards():
     torch.testing.assert_close(bn.running_var, h.var((0, 2, 3), unbiased=True))
 
 
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "mobilenetv2_100", "resnet18"])
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "mobilenetv2_100",
+                                  "resnet18"])
 def test_timm_models_train_with_noise(tmp_path, name):
     """timm models by name at 32x32 (ViT / DeiT with patch size 4): a noisy training epoch runs, the noise
     reaches their Conv/Linear layers, and the checkpoint reloads."""
@@ -240,7 +246,29 @@ def test_timm_models_train_with_noise(tmp_path, name):
     data = ImageSet(imgs, labels.astype(np.int64), ["a", "b", "c", "d"], "train")
     model = create_model(name, num_classes=4, img_size=32)
     assert model.plateau_cfg["input_size"] == [3, 32, 32] and len(quant_layers(model)) >= 2
-    rep = train(model, _cfg(epochs=1, batch_size=16, lr=0.01, quant_gap=False, bn_recalibrate=32), tmp_path, data, data)
+    cfg = _cfg(epochs=1, batch_size=16, lr=0.01, quant_gap=False, bn_recalibrate=32)
+    rep = train(model, cfg, tmp_path, data, data)
     assert np.isfinite(rep["final"]["train_loss"])
     blob = torch.load(tmp_path / "train" / "last.pt", weights_only=True)
     create_model(name, num_classes=4, img_size=32).load_state_dict(blob["model"])
+
+
+def test_resume_from_checkpoint_with_old_config_keys(tmp_path):
+    """Checkpoints written before the renames (config keys `noise`, `first_last_8bit`) resume exactly."""
+    cfg = _cfg(method="ramp", keep_first_last_8bit=True)
+    torch.manual_seed(0)
+    ref = Tiny()
+    train(ref, cfg, tmp_path / "a", TRAIN, TEST)
+    torch.manual_seed(0)
+    train(Tiny(), cfg, tmp_path / "b", TRAIN, TEST)
+    out = tmp_path / "b/train"
+    blob = torch.load(out / "checkpoint-epoch001.pt", weights_only=True)
+    c = blob["config"]
+    c["noise"], c["first_last_8bit"] = c.pop("method"), c.pop("keep_first_last_8bit")
+    torch.save(blob, out / "last.pt")  # as if killed after epoch 1 by the old code
+    (out / "checkpoint-epoch002.pt").unlink()
+    resumed = Tiny()
+    rep = train(resumed, _cfg(resume=True), tmp_path / "b", TRAIN, TEST)
+    assert rep["config"]["method"] == "ramp" and rep["config"]["keep_first_last_8bit"] is True
+    a, b = ref.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

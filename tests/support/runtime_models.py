@@ -25,8 +25,8 @@ def tiny_module(kind: str = "int8", *, channels: int = 3, size: int = 8, classes
                 batch: int | None = None):
     """A conv2d -> relu -> flatten -> matmul classifier as an IRModule with one function `main`.
 
-    kind "int8": quantize the input to int8, int8 x int8 -> int32 conv and matmul, dequantize at the end: every
-    step is exact, so any correct build on any CPU gives bit-identical logits.
+    kind "int8": quantize the input to int8, int8 x int8 -> int32 conv and matmul, dequantize at the end:
+    every step is exact, so any correct build on any CPU gives bit-identical logits.
     kind "float": the same graph in float32 (results agree to rounding, not bit for bit, across CPUs).
     batch None makes the batch dimension symbolic, so any batch size runs.
     """
@@ -68,9 +68,10 @@ def tiny_module(kind: str = "int8", *, channels: int = 3, size: int = 8, classes
     return mod
 
 
-def build_tiny(folder: str | Path, target: str = "host", kind: str = "int8", *, channels: int = 3, size: int = 8,
-               classes: int = 10, batch: int | None = None) -> Path:
-    """Compile `tiny_module` for `target` ("host" | "arm64" | "arm64-dotprod") into folder/model.so + manifest.json."""
+def build_tiny(folder: str | Path, target: str = "host", kind: str = "int8", *, channels: int = 3,
+               size: int = 8, classes: int = 10, batch: int | None = None) -> Path:
+    """Compile `tiny_module` for `target` ("host" | "arm64" | "arm64-dotprod") into folder/model.so +
+    manifest.json."""
     import tvm
     from tvm.support import cc
 

@@ -1,0 +1,140 @@
+"""The settings of a training run: one dataclass, the single source of defaults, validation and CLI options.
+
+Each field's metadata (see `setting`) holds its help text, and where it has them its choices, option names
+and CLI-only default; `cli.py` derives the `plateau train` options from these fields. A new setting is one
+field here. The config is saved in every checkpoint and in the manifest; `from_dict` reads the older key
+names too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from typing import Any
+
+from .methods import Method, get_method, list_methods
+from .noise import NOISE_TARGETS, NoiseConfig
+
+__all__ = ["TrainConfig", "FLATNESS_MODES", "OPTIMIZERS", "RENAMED_KEYS", "setting", "field_choices"]
+
+FLATNESS_MODES = ("epoch", "end", "off")
+OPTIMIZERS = ("sgd", "adamw")
+# Older checkpoints and manifests carry these keys: old name -> today's field.
+RENAMED_KEYS = {"noise": "method", "first_last_8bit": "keep_first_last_8bit"}
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
+    flags: tuple[str, ...] = (),
+    cli_default: Any = MISSING,
+) -> Any:
+    """A config field with what the CLI needs to offer it.
+
+    `choices` may be a callable (the method registry, filled at import time); `flags` replace the derived
+    `--field-name` (the first is the name, the rest aliases); `cli_default` is the option's default where the
+    CLI resolves the value itself (the learning rate depends on fine-tuning). A bool that defaults to True is
+    offered as `--no-field-name`, and `help` then says what turning it off does."""
+    meta = {"help": help, "choices": choices, "flags": flags}
+    if cli_default is not MISSING:
+        meta["cli_default"] = cli_default
+    return field(default=default, metadata=meta)
+
+
+def field_choices(f: Field) -> tuple[str, ...] | None:
+    """The valid values of a config field, or None when it takes any value of its type."""
+    c = f.metadata.get("choices")
+    return tuple(c() if callable(c) else c) if c is not None else None
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run (saved in every checkpoint and in the manifest)."""
+
+    data: str = setting("synthetic", "ImageFolder tree with train/ and test/, or 'synthetic'")
+    epochs: int = setting(10, "training epochs")
+    batch_size: int = setting(128, "global batch size: with W processes each takes batch_size // W")
+    lr: float = setting(0.1, "peak learning rate (default 0.1 from scratch, 0.01 fine-tuning; "
+                        "AdamW: 1e-3 / 1e-4)", cli_default=None)
+    optimizer: str = setting("sgd", "SGD with momentum (nesterov) or AdamW", choices=OPTIMIZERS)
+    momentum: float = setting(0.9, "SGD momentum, nesterov when > 0")
+    weight_decay: float = setting(5e-4, "weight decay of Conv/Linear weights; none on BN and biases")
+    warmup_epochs: float = setting(1.0, "linear LR warm-up (default 1 from scratch, 0 fine-tuning)",
+                                   cli_default=None)
+    label_smoothing: float = setting(0.0, "cross-entropy label smoothing")
+    bits: str = setting("W8A8", "target precision, e.g. W8A8, W4A8, W4A4")
+    method: str = setting("gaussian", "flat-training method, a plateau.train.methods entry",
+                          choices=list_methods, flags=("--method", "--noise"))
+    alpha: float = setting(1.0, "noise std as a multiple of step/sqrt(12)")
+    noise_target: str = setting("both", "what gets the noise", choices=NOISE_TARGETS)
+    noise_p: float = setting(0.5, "fraction of elements perturbed per step, for quantnoise")
+    rho: float = setting(0.05, "SAM radius")
+    keep_first_last_8bit: bool = setting(False, "keep the first and last layer at 8 bits",
+                                         flags=("--keep-first-last-8bit", "--first-last-8bit"))
+    seed: int = setting(0, "seeds initialization, data order and noise")
+    resume: bool = setting(False, "continue from RUN/train/last.pt")
+    flatness: str = setting("end", "when to measure flatness", choices=FLATNESS_MODES)
+    flatness_images: int = setting(512, "train images of the fixed flatness subset")
+    trace_samples: int = setting(8, "Hutchinson vectors")
+    eig_iters: int = setting(10, "power iterations, 0 skips")
+    mc_samples: int = setting(4, "Monte Carlo noise draws, 0 skips")
+    train_limit: int | None = setting(None, "training images per epoch, for quick runs")
+    eval_limit: int | None = setting(None, "test images per evaluation")
+    calib_images: int = setting(512, "PTQ calibration images (train split) for the quantization gap")
+    quant_gap: bool = setting(True, "do not measure FP vs PTQ top-1 at the end, through plateau.export")
+    img_size: int | None = setting(None, "resize ImageFolder images to this size")
+    augment: bool = setting(True, "no training augmentation: random crop and flip")
+    bn_recalibrate: int = setting(2048, "train images re-estimating BatchNorm statistics without noise "
+                                  "after the last epoch, 0 turns it off")
+    threads: int | None = setting(None, "torch threads per process")
+    progress: bool = setting(True, "no progress bars")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            valid, value = field_choices(f), getattr(self, f.name)
+            if valid is not None and value not in valid:
+                label = f.name.replace("_", " ")
+                raise ValueError(f"{label} must be one of {', '.join(valid)}, got {value!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            got = f"{self.epochs}, {self.batch_size}, {self.lr}"
+            raise ValueError(f"epochs, batch size and lr must be positive (got {got})")
+        if self.rho < 0:
+            raise ValueError(f"rho must be >= 0, got {self.rho}")
+        self.noise_config()  # validates bits, alpha, p
+        self.training_method.validate(self)
+
+    @property
+    def training_method(self) -> Method:
+        """The registry entry of `method`."""
+        return get_method(self.method)
+
+    def noise_config(self) -> NoiseConfig:
+        """The noise injected while training (a method with `noise_fraction` perturbs a fraction p of it)."""
+        return NoiseConfig(
+            bits=self.bits,
+            alpha=self.alpha,
+            target=self.noise_target,
+            keep_first_last_8bit=self.keep_first_last_8bit,
+            p=self.noise_p if self.training_method.noise_fraction else 1.0,
+        )
+
+    def measure_noise_config(self) -> NoiseConfig:
+        """The noise PTQ at the target bits would add (alpha 1, weights and activations): flatness is judged
+        by it."""
+        return NoiseConfig(bits=self.bits, alpha=1.0, target="both",
+                           keep_first_last_8bit=self.keep_first_last_8bit)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """From a saved config, ignoring unknown keys; the old names of renamed fields are read too."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in names}
+        for old, new in RENAMED_KEYS.items():
+            if old in d and new not in values:
+                values[new] = d[old]
+        return cls(**values)

@@ -1,0 +1,130 @@
+"""Flat-training methods: one registry entry each, saying what the method perturbs and how its step runs.
+
+    @register_method
+    class MyMethod(Gaussian):              # Gaussian WQE/AQE, like `gaussian` ...
+        name = "my-method"
+        summary = "one line for --help and the report"
+        def noise_scale(self, step, total):  # ... with its own alpha schedule
+            return min(1.0, 2 * step / total)
+
+Registering is all a new method takes: the CLI offers it (`--method my-method`), the config accepts it, and
+the loop, the checkpoints and the report use it through this interface. A method that needs its own loss
+(LSQ, distillation, consistency terms) overrides `step`; a setting of its own is one field in config.py.
+
+    none          plain training
+    gaussian      Gaussian WQE/AQE every step (alpha * d / sqrt(12))
+    quantnoise    the same noise on a random fraction p of the elements
+    sam           sharpness-aware minimization, radius rho (no quantization noise)
+    sam-gaussian  SAM with the Gaussian noise in both passes
+    ramp          Gaussian noise with alpha ramped linearly from 0 to alpha over the run
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from .perturb import StepContext, noisy_backward, sam_backward
+
+__all__ = ["Method", "register_method", "get_method", "list_methods"]
+
+_REGISTRY: dict[str, Method] = {}
+M = TypeVar("M", bound=type)
+
+
+class Method:
+    """A flat-training method. The defaults are plain training; an entry switches on what it perturbs.
+
+    The switches are read by the config (noise fraction), the loop (noise on, alpha schedule) and the default
+    `step` (SAM); `report_fields` maps a report label to the config field shown beside the method's name.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    noise: ClassVar[bool] = False  # Gaussian WQE/AQE on TrainConfig.noise_target, std alpha * d / sqrt(12)
+    # the noise reaches a random fraction TrainConfig.noise_p of elements
+    noise_fraction: ClassVar[bool] = False
+    sam: ClassVar[bool] = False  # SAM: the gradient is taken again at the worst point within radius rho
+    report_fields: ClassVar[dict[str, str]] = {}
+
+    def validate(self, cfg: Any) -> None:
+        """Refuse (ValueError) settings the method cannot run with; `cfg` is the TrainConfig."""
+
+    def noise_scale(self, step: int, total: int) -> float:
+        """The multiplier on alpha at global step `step` of `total`: the method's alpha schedule."""
+        return 1.0
+
+    def step(self, ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of one batch, the gradients left in `.grad` for the optimizer; returns the
+        detached (loss, logits) of the first pass, which the loop logs and checks for NaN."""
+        loss, out = noisy_backward(ctx, x, y)
+        if self.sam and ctx.cfg.rho > 0 and torch.isfinite(loss):
+            sam_backward(ctx, x, y, ctx.cfg.rho)
+        return loss, out
+
+
+def register_method(cls: M) -> M:
+    """Class decorator: add a Method subclass to the registry under its `name`."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"a training method needs a new, non-empty name, got {cls.name!r}")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> Method:
+    """The registered method `name`; a ValueError names the valid ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"method must be one of {', '.join(_REGISTRY)}, got {name!r}")
+    return _REGISTRY[name]
+
+
+def list_methods() -> list[str]:
+    """The registered method names, in registration order."""
+    return list(_REGISTRY)
+
+
+# --- the methods --------------------------------------------------------------------------------------------
+@register_method
+class Plain(Method):
+    name = "none"
+    summary = "plain training"
+
+
+@register_method
+class Gaussian(Method):
+    name = "gaussian"
+    summary = "Gaussian WQE/AQE every step (alpha * d / sqrt(12))"
+    noise = True
+
+
+@register_method
+class QuantNoise(Gaussian):
+    name = "quantnoise"
+    summary = "the Gaussian noise on a random fraction p of the elements each step"
+    noise_fraction = True
+    report_fields = {"p": "noise_p"}
+
+
+@register_method
+class SAM(Method):
+    name = "sam"
+    summary = "sharpness-aware minimization, radius rho (no quantization noise)"
+    sam = True
+    report_fields = {"rho": "rho"}
+
+
+@register_method
+class SAMGaussian(SAM):
+    name = "sam-gaussian"
+    summary = "SAM with the Gaussian noise in both passes"
+    noise = True
+
+
+@register_method
+class Ramp(Gaussian):
+    name = "ramp"
+    summary = "Gaussian noise with alpha ramped linearly from 0 to alpha over the run"
+
+    def noise_scale(self, step: int, total: int) -> float:
+        return step / max(1, total - 1)
