@@ -37,16 +37,10 @@ BITS = ("W8A8", "W4A8", "W4A4")
 
 
 def _quantizer():
-    """The export stage's contract; while its package __init__ is not filled in, its modules directly."""
-    try:
-        from plateau.export import QuantConfig, quantize_model
+    """The export stage's quantizer (round to nearest unless the config says otherwise)."""
+    from plateau.export import QuantConfig, quantize_model
 
-        return QuantConfig, quantize_model, "plateau.export"
-    except ImportError:
-        from plateau.export.config import QuantConfig
-        from plateau.export.quantize import quantize_model
-
-        return QuantConfig, quantize_model, "plateau.export.quantize (package __init__ not exporting yet)"
+    return QuantConfig, quantize_model, "plateau.export"
 
 
 @torch.no_grad()
@@ -105,7 +99,8 @@ def _summarize(runs: list[dict]) -> dict:
         s = {"n": len(rs)}
         for k in ("fp_top1", *BITS, "hessian_trace"):
             vals = [r[k] for r in rs]
-            s[k] = {"mean": statistics.mean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+            s[k] = {"mean": statistics.mean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                    "n": len(vals)}
         summary[method] = s
     return summary
 
@@ -119,10 +114,12 @@ def _write(results: dict, out: Path) -> None:
         "# Flat fine-tuning vs PTQ: CIFAR ResNet-20 on JPEG CIFAR-10",
         "",
         f"Fine-tuning from the pretrained checkpoint: {a['epochs']} epoch(s) x {a['train_limit']} train images, "
-        f"SGD lr {a['lr']} cosine, batch {a['batch_size']}; noise at {a['bits']} (alpha {a['alpha']} unless the row names one, weights+activations); BN statistics re-estimated "
+        f"SGD lr {a['lr']} cosine, batch {a['batch_size']}; noise at {a['bits']} (alpha {a['alpha']} unless the row "
+        "names one, weights+activations); BN statistics re-estimated "
         f"without noise on {a.get('bn_recalibrate', 0)} train images after training, for every row. "
         f"PTQ top-1 via the reference's {'integer-exact forward' if a['exact'] else 'float fake-quant simulate()'}. "
-        f"Top-1 on a fixed random {a['eval_limit']} of the 10,000 test images; PTQ = {results['quantizer']} (min/max, 512 train images); "
+        f"Top-1 on a fixed random {a['eval_limit']} of the 10,000 test images; PTQ = {results['quantizer']} "
+        "(min/max, 512 train images); "
         f"Hessian trace: Hutchinson, {a['trace_samples']} Rademacher vectors, {a['flat_images']} fixed train images, "
         "Conv/Linear weights, eval mode. Mean ± sd over seeds; 'pretrained' is the checkpoint as it is.",
         "",
@@ -160,8 +157,8 @@ def main() -> None:
     train_set, test_set = load_split(DATA, "train"), load_split(DATA, "test")
     import platform
 
-    results = {"args": vars(args), "quantizer": _quantizer()[2], "host": f"{platform.processor() or platform.machine()}, "
-               f"{args.threads} torch threads", "runs": []}
+    host = f"{platform.processor() or platform.machine()}, {args.threads} torch threads"
+    results = {"args": vars(args), "quantizer": _quantizer()[2], "host": host, "runs": []}
     out = Path(args.out)
 
     model = create_model("cifar_resnet20", checkpoint=CKPT)
@@ -173,10 +170,11 @@ def main() -> None:
             method, _, alpha = spec.partition("@")
             torch.manual_seed(seed)
             model = create_model("cifar_resnet20", checkpoint=CKPT)
-            cfg = TrainConfig(data=str(DATA), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=0,
-                              bits=args.bits, method=method, alpha=float(alpha or args.alpha), rho=args.rho, seed=seed,
-                              flatness="off", train_limit=args.train_limit, eval_limit=args.eval_limit, quant_gap=False,
-                              progress=False, threads=args.threads, bn_recalibrate=args.bn_recalibrate)
+            cfg = TrainConfig(data=str(DATA), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                              warmup_epochs=0, bits=args.bits, method=method, alpha=float(alpha or args.alpha),
+                              rho=args.rho, seed=seed, flatness="off", train_limit=args.train_limit,
+                              eval_limit=args.eval_limit, quant_gap=False, progress=False, threads=args.threads,
+                              bn_recalibrate=args.bn_recalibrate)
             t = time.time()
             rep = train(model, cfg, Path(args.runs) / f"{spec}-s{seed}", train_set, test_set)
             r = {"method": spec, "seed": seed, "alpha": cfg.alpha, "train_s": round(time.time() - t, 1),

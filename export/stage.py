@@ -28,7 +28,7 @@ from plateau.artifacts import (
     write_text,
 )
 from plateau.capture import capture
-from plateau.config_cli import add_config_arguments, config_from_args
+from plateau.config_cli import config_from_args, config_options
 from plateau.data import SYNTHETIC, batches, load_split
 from plateau.errors import PlateauError
 from plateau.models import (
@@ -75,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--std", type=float, nargs=3, help="input normalization std for --onnx (default ImageNet's)")
     p.add_argument("--data", help="ImageFolder tree or 'synthetic' (default: the data the run trained on)")
     p.add_argument("--bits", default="W8A8", help="W8A8 (default), W4A8, W4A4, ... (2..8 bits each)")
-    add_config_arguments(p, QuantConfig)  # calibration, rounding, first/last 8-bit, ... (plateau/qconfig.py)
+    config_options(p, QuantConfig)  # calibration, rounding, first/last 8-bit, ... (plateau/qconfig.py)
     p.add_argument("--mixed-precision", type=float, metavar="AVG_BITS",
                    help="choose per-layer weight bits from measured sensitivity so that the parameter-weighted "
                         "average is at most AVG_BITS (e.g. 4.5); the choice goes into the manifest")

@@ -5,9 +5,11 @@ the input shape (plateau.specialize: shape arithmetic and masks folded, layout c
 layers that would call a fused kernel are traced unfused (their matmuls and softmax are quantization points).
 Each FX node is then claimed by the first entry of the op table (plateau/ops/) that recognises it; float islands
 (float_island.py) only with allow_float; a constant tensor argument becomes a const node. Last, the graph
-rewrites of plateau.graph_rewrites (split Q/K/V, fold the attention scale, class token and position embedding). A ReLU whose input has no other user is fused into the producing op when that op is
-relu-fusable (quantized after the ReLU); so is a ReLU6 / Hardtanh (attrs["clip"] = (lo, hi): quantized after the
-clamp, which on integers is a clamp to [Q(lo), Q(hi)]).
+rewrites of plateau.graph_rewrites (split Q/K/V, fold the attention scale, class token and position embedding).
+
+A ReLU whose input has no other user is fused into the producing op when that op is relu-fusable (quantized
+after the ReLU); so is a ReLU6 / Hardtanh (attrs["clip"] = (lo, hi): quantized after the clamp, which on
+integers is a clamp to [Q(lo), Q(hi)]).
 
     >>> graph = capture(model, [1, 3, 32, 32])
     >>> [n.op for n in graph.nodes][:3]

@@ -1,74 +1,93 @@
-"""Command-line options derived from a config dataclass: each field says its own flag, help and choices.
+"""Command-line options derived from a config dataclass: each field says its own help, choices and flags.
 
-A field becomes an option when its metadata has "help" (see `option`):
+    lr: float = setting(0.1, "peak learning rate", cli_default=None)
+    act_signed: bool = setting(True, "uint8 activations (default int8)", flags=("--act-unsigned",))
 
-    act_calibration: str = option("minmax", "activation clipping", choices=lambda: ACT_CALIBRATORS.names())
-    act_signed: bool = option(True, "uint8 activations (default int8)", flag="--act-unsigned")   # sets False
-
-    >>> add_config_arguments(parser, QuantConfig)              # --act-calibration, --act-unsigned, ...
+    >>> config_options(parser, TrainConfig)          # --lr, --method/--noise, --no-augment, ...
     >>> cfg = config_from_args(QuantConfig, args, weight_bits=4)
 
-Booleans are switches that flip the default. `choices` may be a callable (a registry's names, read when the
+A field without `setting` metadata is no option. `--field-name` with the field's type; a bool is a switch that
+flips its default (`--field-name` when it defaults to False, `--no-field-name` when True, or the given flags);
+the destination is always the field's name. `choices` may be a callable (a registry's names, read when the
 parser is built, so entries registered later are offered too).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from collections.abc import Callable, Iterable
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, Field, field, fields
 from typing import Any
 
-__all__ = ["option", "add_config_arguments", "config_from_args", "config_fields"]
+__all__ = ["setting", "field_choices", "config_options", "config_from_args"]
 
 
-def option(default: Any, help: str, *, flag: str | None = None, aliases: Iterable[str] = (),
-           choices: Iterable[str] | Callable[[], Iterable[str]] | None = None, metavar: str | None = None) -> Any:
-    """A dataclass field that is also a command-line option (`flag` defaults to --field-name)."""
-    meta = {"help": help, "flag": flag, "aliases": tuple(aliases), "choices": choices, "metavar": metavar}
-    return dataclasses.field(default=default, metadata=meta)
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
+    flags: tuple[str, ...] = (),
+    cli_default: Any = MISSING,
+) -> Any:
+    """A config field with what the CLI needs to offer it.
+
+    `flags` replace the derived `--field-name` (the first is the name, the rest aliases); `cli_default` is the
+    option's default where the CLI resolves the value itself (a learning rate that depends on fine-tuning)."""
+    meta = {"help": help, "choices": choices, "flags": flags}
+    if cli_default is not MISSING:
+        meta["cli_default"] = cli_default
+    return field(default=default, metadata=meta)
 
 
-def config_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields of `cls` that are command-line options."""
-    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+def field_choices(f: Field) -> tuple[str, ...] | None:
+    """The valid values of a config field, or None when it takes any value of its type."""
+    c = f.metadata.get("choices")
+    return tuple(c() if callable(c) else c) if c is not None else None
 
 
-def _flag(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+def _options(cls: type) -> list[Field]:
+    return [f for f in fields(cls) if "help" in f.metadata]
 
 
-def _type(f: dataclasses.Field) -> type:
-    t = f.type if isinstance(f.type, type) else str(f.type)
-    for name, real in (("bool", bool), ("int", int), ("float", float), ("str", str)):
-        if t is real or (isinstance(t, str) and t.split("|")[0].strip() == name):
-            return real
-    return str
+def _value_type(hint: Any) -> type:
+    """int for `int` and `int | None`: the type an option's text converts to."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    return hint
 
 
-def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
-                         skip: Iterable[str] = (), defaults: dict | None = None) -> None:
-    """Add one option per option-field of `cls` (except `skip`); `defaults` overrides a field's default."""
-    skip, defaults = set(skip), defaults or {}
-    for f in config_fields(cls):
+def _help(f: Field) -> str:
+    default = f.metadata.get("cli_default", f.default)
+    notes = [f"one of {', '.join(c)}"] if (c := field_choices(f)) else []
+    if default is not None and "default" not in f.metadata.get("help", ""):
+        notes.append(f"default {default}")
+    return f.metadata.get("help", "") + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def config_options(group: argparse._ActionsContainer, cls: type, skip: Sequence[str] = ()) -> None:
+    """One option per `setting` field of the dataclass `cls` (except `skip`)."""
+    hints = typing.get_type_hints(cls)
+    for f in _options(cls):
         if f.name in skip:
             continue
-        m = f.metadata
-        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
-        names = [_flag(f), *m["aliases"]]
-        kind = _type(f)
+        meta = f.metadata
+        kind = _value_type(hints[f.name])
         if kind is bool:
-            # A switch flips the default: --keep-first-last-8bit sets True, --act-unsigned sets act_signed False.
-            parser.add_argument(*names, dest=f.name, action="store_false" if default else "store_true",
-                                default=default, help=m["help"])
+            on = f.default is False
+            flags = meta.get("flags") or (f"--{'' if on else 'no-'}{f.name.replace('_', '-')}",)
+            group.add_argument(*flags, dest=f.name, action="store_true" if on else "store_false",
+                               help=meta.get("help"))
             continue
-        choices = m["choices"]() if callable(m["choices"]) else m["choices"]
-        parser.add_argument(*names, dest=f.name, type=kind, default=default, choices=choices,
-                            metavar=m["metavar"], help=m["help"] + (f" (default {default})" if default is not None
-                                                                     and kind is not str else ""))
+        flags = meta.get("flags") or (f"--{f.name.replace('_', '-')}",)
+        choices = field_choices(f)
+        group.add_argument(*flags, dest=f.name, type=kind, default=meta.get("cli_default", f.default),
+                           choices=choices, metavar=f.name.upper() if choices else None, help=_help(f))
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
     """An instance of `cls` from the parsed option-fields present in `args`, then `overrides`."""
-    values = {f.name: getattr(args, f.name) for f in config_fields(cls) if hasattr(args, f.name)}
+    values = {f.name: getattr(args, f.name) for f in _options(cls) if hasattr(args, f.name)}
     return cls(**{**values, **overrides})

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 from plateau.calibrators import ACT_CALIBRATORS, WEIGHT_CALIBRATORS
-from plateau.config_cli import option
+from plateau.config_cli import setting
 from plateau.errors import PlateauError
 from plateau.quant import QType, parse_bits
 from plateau.registry import Registry
@@ -33,22 +33,22 @@ class QuantConfig:
 
     weight_bits: int = 8
     act_bits: int = 8
-    act_signed: bool = option(True, "uint8 activations (default int8)", flag="--act-unsigned")
-    act_calibration: str = option("minmax", "activation clipping range", choices=ACT_CALIBRATORS.names)
-    weight_calibration: str = option("minmax", "weight scales", choices=WEIGHT_CALIBRATORS.names)
+    act_signed: bool = setting(True, "uint8 activations (default int8)", flags=("--act-unsigned",))
+    act_calibration: str = setting("minmax", "activation clipping range", choices=ACT_CALIBRATORS.names)
+    weight_calibration: str = setting("minmax", "weight scales", choices=WEIGHT_CALIBRATORS.names)
     percentile: float = 99.99
-    keep_first_last_8bit: bool = option(False, "first and last layer at 8 bits")
+    keep_first_last_8bit: bool = setting(False, "first and last layer at 8 bits")
     layer_bits: dict[str, int] = field(default_factory=dict)  # module path -> weight bits (mixed precision)
-    rounding: str = option("nearest", "adaround: learned rounding", choices=ROUNDINGS.names)
-    calib_images: int = option(512, "calibration images from the train split")
-    adaround_iters: int = option(500, "learned-rounding steps per layer or block")
+    rounding: str = setting("nearest", "adaround: learned rounding", choices=ROUNDINGS.names)
+    calib_images: int = setting(512, "calibration images from the train split")
+    adaround_iters: int = setting(500, "learned-rounding steps per layer or block")
     adaround_batch: int = 32
     adaround_act_quant: bool = True  # QDrop-style: quantized activations inside the reconstruction
-    reconstruction: str = option("layer", "learned rounding per conv/linear layer (AdaRound) or per block (BRECQ: "
+    reconstruction: str = setting("layer", "learned rounding per conv/linear layer (AdaRound) or per block (BRECQ: "
                                  "a residual block reconstructed as one)", choices=RECONSTRUCTIONS)
-    learn_act_clip: bool = option(False, "with --rounding adaround: learn the activation clipping ranges (scales) "
+    learn_act_clip: bool = setting(False, "with --rounding adaround: learn the activation clipping ranges (scales) "
                                   "as well")
-    allow_float: bool = option(False, "keep ops with no integer form (GELU, Softmax, LayerNorm, ...) in float "
+    allow_float: bool = setting(False, "keep ops with no integer form (GELU, Softmax, LayerNorm, ...) in float "
                                "between DequantizeLinear and QuantizeLinear, listed in the report")
     seed: int = 0
 

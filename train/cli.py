@@ -14,59 +14,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import types
-import typing
-from dataclasses import Field, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from plateau.artifacts import sha256_file
+from plateau.config_cli import config_options
 from plateau.data import load_split
 from plateau.errors import PlateauError
 from plateau.models import create_model
 
-from .config import TrainConfig, field_choices
+from .config import TrainConfig
 from .trainer import train
 
-__all__ = ["add_arguments", "config_options", "main"]
-
-
-def config_options(group: argparse._ActionsContainer, cls: type) -> None:
-    """One option per field of the dataclass `cls`, from its metadata (help, choices, flags, cli_default).
-
-    `--field-name` with the field's type; a bool is a switch: `--field-name` when it defaults to False,
-    `--no-field-name` when it defaults to True. The destination is always the field's name."""
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        meta = f.metadata
-        kind = _value_type(hints[f.name])
-        if kind is bool:
-            on = f.default is False
-            flags = meta.get("flags") or (f"--{'' if on else 'no-'}{f.name.replace('_', '-')}",)
-            group.add_argument(*flags, dest=f.name, action="store_true" if on else "store_false",
-                               help=meta.get("help"))
-            continue
-        flags = meta.get("flags") or (f"--{f.name.replace('_', '-')}",)
-        choices = field_choices(f)
-        group.add_argument(*flags, dest=f.name, type=kind, default=meta.get("cli_default", f.default),
-                           choices=choices, metavar=f.name.upper() if choices else None, help=_help(f))
-
-
-def _value_type(hint: Any) -> type:
-    """int for `int` and `int | None`: the type an option's text converts to."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
-    return hint
-
-
-def _help(f: Field) -> str:
-    default = f.metadata.get("cli_default", f.default)
-    notes = [f"one of {', '.join(c)}"] if (c := field_choices(f)) else []
-    if default is not None and "default" not in f.metadata.get("help", ""):
-        notes.append(f"default {default}")
-    return f.metadata.get("help", "") + (f" ({'; '.join(notes)})" if notes else "")
+__all__ = ["add_arguments", "main"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,9 +8,9 @@ names too.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+
+from plateau.config_cli import field_choices, setting
 
 from .methods import Method, get_method, list_methods
 from .noise import NOISE_TARGETS, NoiseConfig
@@ -21,32 +21,6 @@ FLATNESS_MODES = ("epoch", "end", "off")
 OPTIMIZERS = ("sgd", "adamw")
 # Older checkpoints and manifests carry these keys: old name -> today's field.
 RENAMED_KEYS = {"noise": "method", "first_last_8bit": "keep_first_last_8bit"}
-
-
-def setting(
-    default: Any,
-    help: str,
-    *,
-    choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
-    flags: tuple[str, ...] = (),
-    cli_default: Any = MISSING,
-) -> Any:
-    """A config field with what the CLI needs to offer it.
-
-    `choices` may be a callable (the method registry, filled at import time); `flags` replace the derived
-    `--field-name` (the first is the name, the rest aliases); `cli_default` is the option's default where the
-    CLI resolves the value itself (the learning rate depends on fine-tuning). A bool that defaults to True is
-    offered as `--no-field-name`, and `help` then says what turning it off does."""
-    meta = {"help": help, "choices": choices, "flags": flags}
-    if cli_default is not MISSING:
-        meta["cli_default"] = cli_default
-    return field(default=default, metadata=meta)
-
-
-def field_choices(f: Field) -> tuple[str, ...] | None:
-    """The valid values of a config field, or None when it takes any value of its type."""
-    c = f.metadata.get("choices")
-    return tuple(c() if callable(c) else c) if c is not None else None
 
 
 @dataclass
@@ -83,7 +57,7 @@ class TrainConfig:
     train_limit: int | None = setting(None, "training images per epoch, for quick runs")
     eval_limit: int | None = setting(None, "test images per evaluation")
     calib_images: int = setting(512, "PTQ calibration images (train split) for the quantization gap")
-    quant_gap: bool = setting(True, "do not measure FP vs PTQ top-1 at the end, through plateau.export")
+    quant_gap: bool = setting(True, "do not measure FP vs PTQ top-1 (round to nearest) at the end")
     img_size: int | None = setting(None, "resize ImageFolder images to this size")
     augment: bool = setting(True, "no training augmentation: random crop and flip")
     bn_recalibrate: int = setting(2048, "train images re-estimating BatchNorm statistics without noise "

@@ -1,7 +1,7 @@
 """The quantization gap: FP top-1 against PTQ top-1 at the run's bits, measured once training ends.
 
-Its one contact with a later stage is the single import of the export stage's quantizer below (where the
-reference quantizer lives today); it is measured, never re-implemented, here.
+PTQ here is the core's round-to-nearest quantizer (plateau.calibrate.quantize_nearest): the reference numerics
+`plateau export` starts from, before its learned rounding.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from typing import Any
 
 from torch import nn
 
+from plateau.calibrate import quantize_nearest
 from plateau.data import ImageSet
+from plateau.qconfig import QuantConfig
 
 from .evaluate import evaluate, fixed_batches
 
@@ -28,14 +30,10 @@ def measure_quant_gap(model: nn.Module, cfg: Any, train_set: ImageSet, test_set:
         return {"bits": cfg.bits, "fp_top1": fp_top1, "skipped": True, "reason": reason}
     out = {"bits": cfg.bits, "fp_top1": fp_top1, "calib_images": cfg.calib_images, "calib_split": "train"}
     try:
-        from plateau.export import QuantConfig, quantize_model
-    except ImportError as e:  # the export stage may be missing: say so, do not fail the training run
-        return {**out, "skipped": True, "reason": f"plateau.export.quantize_model unavailable ({e})"}
-    try:
         calib = [x for x, _ in fixed_batches(train_set, cfg.calib_images, mean, std)]
-        extra = {"keep_first_last_8bit": True} if cfg.keep_first_last_8bit else {}
-        qmodel = quantize_model(copy.deepcopy(model).eval(), calib, QuantConfig.from_bits(cfg.bits, **extra))
+        qcfg = QuantConfig.from_bits(cfg.bits, keep_first_last_8bit=cfg.keep_first_last_8bit, allow_float=True)
+        qmodel = quantize_nearest(copy.deepcopy(model).eval(), calib, qcfg)
         q = evaluate(qmodel, test_set, mean, std, 256, 0, 1, cfg.eval_limit)
-    except Exception as e:  # another stage's failure is reported, not raised: the trained model is good
-        return {**out, "skipped": True, "reason": f"quantize_model failed: {type(e).__name__}: {e}"}
+    except Exception as e:  # a model PTQ cannot take is reported, not raised: the trained model is good
+        return {**out, "skipped": True, "reason": f"quantize_nearest failed: {type(e).__name__}: {e}"}
     return {**out, "skipped": False, "ptq_top1": q["top1"], "gap": fp_top1 - q["top1"]}

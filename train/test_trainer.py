@@ -89,8 +89,7 @@ def test_outputs_and_checkpoint_contract(tmp_path):
     assert report["flatness_initial"] is not None  # epoch 0, before training
     gap = report["quant_gap"]
     assert gap["bits"] == "W4A4"
-    assert gap["skipped"] == ("ptq_top1" not in gap)  # measured through plateau.export, or a reason why not
-    assert gap.get("reason", "").startswith("plateau.export") or not gap["skipped"], gap
+    assert not gap["skipped"] and 0 <= gap["ptq_top1"] <= 100, gap  # the core's PTQ takes the small CNN
     assert report["fp_top1"] > 60  # learnable toy data
 
 
