@@ -13,27 +13,26 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import rewrite_call
 
+from . import (  # noqa: F401  (each file registers its rewrite in rewrite_registry.REWRITES)
+    rewrite_act_matmul,
+    rewrite_binary,
+    rewrite_concat,
+    rewrite_conv,
+    rewrite_matmul,
+    rewrite_passthrough,
+    rewrite_pool,
+    rewrite_requant,
+)
 from ._common import REQUANT_MODES
-from .rewrite_act_matmul import ActMatmulRewrite
-from .rewrite_binary import BinaryRewrite
-from .rewrite_concat import ConcatRewrite
-from .rewrite_conv import ConvRewrite
-from .rewrite_matmul import MatmulRewrite
-from .rewrite_passthrough import PassThroughRewrite
-from .rewrite_pool import AvgPoolRewrite, MeanRewrite
-from .rewrite_requant import RequantRewrite
+from .rewrite_registry import REWRITES, rewrites
 
-__all__ = ["lower_qdq", "op_counts", "float_compute_calls", "float_ops", "REWRITES", "PRE_REWRITES"]
+__all__ = ["lower_qdq", "op_counts", "float_compute_calls", "float_ops", "REWRITES"]
 
-# First, until nothing changes: move per-tensor dequantizes below pass-through ops (reshape, transpose, max
-# pooling, ...) and cancel the quantize(dequantize()) pairs that then meet, so every compute op below sees
-# dequantize(integer tensor) as its input.
-PRE_REWRITES = {"passthrough": PassThroughRewrite, "requant": RequantRewrite}
+# First ("pre" rewrites), until nothing changes: move per-tensor dequantizes below pass-through ops (reshape,
+# transpose, max pooling, ...) and cancel the quantize(dequantize()) pairs that then meet, so every compute op
+# below sees dequantize(integer tensor) as its input. Then the "compute" rewrites, each matching a disjoint root
+# (the quantize after its own op).
 _MAX_PRE_ROUNDS = 16
-# Then the compute patterns; each matches a disjoint root (the quantize after its own op).
-REWRITES = {"conv2d": ConvRewrite, "matmul": MatmulRewrite, "act_matmul": ActMatmulRewrite,
-            "mean": MeanRewrite, "avg_pool": AvgPoolRewrite,
-            "binary": BinaryRewrite, "concat": ConcatRewrite}
 _COMPUTE = {"relax.nn.conv2d": "conv2d", "relax.matmul": "matmul"}
 
 
@@ -53,12 +52,12 @@ def lower_qdq(mod: tvm.IRModule, requant: str = "float") -> tvm.IRModule:
             continue
         for _ in range(_MAX_PRE_ROUNDS):
             before = func
-            for rewrite_cls in PRE_REWRITES.values():
+            for rewrite_cls in rewrites("pre"):
                 rw = rewrite_cls(requant)
                 func = rewrite_call(rw.pattern, rw, func)
             if func.same_as(before):  # rewrite_call returns its input when nothing matched
                 break
-        for rewrite_cls in REWRITES.values():
+        for rewrite_cls in rewrites("compute"):
             rw = rewrite_cls(requant)
             func = rewrite_call(rw.pattern, rw, func)
         out[gv] = func

@@ -16,10 +16,12 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from ._common import Multiplier, const_np, qtype_of, requantize, scalar
+from .rewrite_registry import register_rewrite
 
 __all__ = ["ActMatmulRewrite"]
 
 
+@register_rewrite("act_matmul", phase="compute", order=30)
 class ActMatmulRewrite:
     """Pattern and rewriter for a quantized matmul of two quantized activations."""
 

@@ -35,6 +35,7 @@ from ._common import (
     quantize_f32,
     requantize,
 )
+from .rewrite_registry import register_rewrite
 
 __all__ = ["BinaryRewrite", "fixed_add_multipliers"]
 
@@ -51,6 +52,7 @@ def fixed_add_multipliers(m_a: float, m_b: float) -> tuple[int, int, int]:
     return m_ai, m_bi, k
 
 
+@register_rewrite("binary", phase="compute", order=60)
 class BinaryRewrite:
     """Pattern and rewriter for add / multiply of two per-tensor quantized tensors, re-quantized after."""
 

@@ -15,12 +15,14 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple, wildcard
 
 from ._common import per_tensor, qtype_of, requantize_elementwise
+from .rewrite_registry import register_rewrite
 
 __all__ = ["ConcatRewrite", "MAX_INPUTS"]
 
 MAX_INPUTS = 8
 
 
+@register_rewrite("concat", phase="compute", order=70)
 class ConcatRewrite:
     """Pattern and rewriter for concat of per-tensor dequantized tensors followed by a per-tensor quantize."""
 

@@ -20,10 +20,12 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from ._common import Multiplier, const_np, folded_bias, qtype_of, requantize, scalar
+from .rewrite_registry import register_rewrite
 
 __all__ = ["ConvRewrite"]
 
 
+@register_rewrite("conv2d", phase="compute", order=10)
 class ConvRewrite:
     """Pattern and rewriter for one quantized NCHW conv2d; `requant` is "float" or "fixed"."""
 

@@ -18,10 +18,12 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from ._common import Multiplier, const_np, folded_bias, qtype_of, requantize, scalar
+from .rewrite_registry import register_rewrite
 
 __all__ = ["MatmulRewrite"]
 
 
+@register_rewrite("matmul", phase="compute", order=20)
 class MatmulRewrite:
     """Pattern and rewriter for one quantized matmul with a constant 2-D weight."""
 

@@ -20,6 +20,7 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from ._common import const_np, per_tensor
+from .rewrite_registry import register_rewrite
 
 __all__ = ["PassThroughRewrite", "PASS_THROUGH_OPS"]
 
@@ -29,6 +30,7 @@ PASS_THROUGH_OPS = (
 )
 
 
+@register_rewrite("passthrough", phase="pre", order=10)
 class PassThroughRewrite:
     """Pattern and rewriter: one pass-through op applied to a per-tensor dequantized integer tensor."""
 

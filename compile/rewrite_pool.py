@@ -17,10 +17,12 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from ._common import Multiplier, qtype_of, requantize, scalar
+from .rewrite_registry import register_rewrite
 
 __all__ = ["MeanRewrite", "AvgPoolRewrite"]
 
 
+@register_rewrite("mean", phase="compute", order=40)
 class MeanRewrite:
     """Pattern and rewriter for an average over static axes of a per-tensor quantized input."""
 
@@ -56,6 +58,7 @@ class MeanRewrite:
         return requantize(acc, mult, int(zp_y), out_t, out_t.qmin, (), self.requant, bound)
 
 
+@register_rewrite("avg_pool", phase="compute", order=50)
 class AvgPoolRewrite:
     """quantize(avg_pool2d(dequantize(x_q))) -> exact int32 window sums (a depthwise conv with a ones kernel
     on the zero-point-centred integers) -> requantize with float32(s_x) / (float32(s_y) * K) per output

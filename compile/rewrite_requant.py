@@ -17,10 +17,12 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from ._common import per_tensor, qtype_of, requantize_elementwise
+from .rewrite_registry import register_rewrite
 
 __all__ = ["RequantRewrite"]
 
 
+@register_rewrite("requant", phase="pre", order=20)
 class RequantRewrite:
     """Pattern and rewriter for a per-tensor dequantize directly followed by a per-tensor quantize."""
 
