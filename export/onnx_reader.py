@@ -112,7 +112,7 @@ def read_onnx(path: str | Path, allow_float: bool = False) -> QGraph:
                 continue
             if q is None:
                 raise PlateauError(f"cannot quantize node {name!r} ({op}) of {path}: no quantized form")
-            if claimed.float_island and not allow_float:
+            if claimed.float_island and not allow_float and claimed.needs_flag(q.attrs):
                 raise PlateauError(f"cannot quantize node {name!r} ({op}) of {path}: no integer form; "
                                    "--allow-float keeps it in float between DequantizeLinear and QuantizeLinear")
         except ValueError as e:

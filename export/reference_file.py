@@ -13,7 +13,7 @@ import torch
 
 from plateau.capture import capture
 from plateau.errors import PlateauError
-from plateau.models import create_model, model_cfg, read_torch_file
+from plateau.models import model_cfg, read_torch_file, rebuild_model
 from plateau.qconfig import QuantConfig
 from plateau.qgraph import ActQ, QGraph, WeightQ
 from plateau.quant import QType
@@ -51,9 +51,8 @@ def load_reference(path: str | Path) -> FakeQuantModel:
     if st.get("onnx_path"):
         graph = read_onnx(st["onnx_path"], allow_float=st["config"].get("allow_float", False))
     else:
-        model = create_model(st["model_name"], num_classes=st["num_classes"])
+        model = rebuild_model(st["model_name"], st["num_classes"], st["plateau_cfg"])
         model.load_state_dict(st["model"], strict=False)
-        model.plateau_cfg = st["plateau_cfg"]
         graph = capture(model.eval(), [1, *st["plateau_cfg"]["input_size"]], st["config"].get("allow_float", False))
     acts = {k: ActQ(a["scale"], a["zero_point"], QType(a["bits"], a["signed"], a["narrow"]))
             for k, a in st["acts"].items()}

@@ -37,7 +37,9 @@ from plateau.models import (
     create_model,
     load_state_dict_file,
     model_cfg,
+    parse_model_kwargs,
     read_torch_file,
+    rebuild_model,
 )
 from plateau.qconfig import QuantConfig
 from plateau.qgraph import QGraph
@@ -85,15 +87,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "'native' (INT4 straight into DequantizeLinear / out of QuantizeLinear: onnxruntime runs those "
                         "convs in float)")
     p.add_argument("--eval-limit", type=int, help="validate on the first N test images (default: all)")
-    p.add_argument("--img-size", type=int, help="resize ImageFolder images to this size")
+    p.add_argument("--img-size", type=int, help="the model's input size (a timm ViT is built for it); ImageFolder "
+                                                 "images are resized to it")
+    p.add_argument("--model-kwargs", default="", metavar="K=V,...",
+                   help="keyword arguments of the model's constructor for --checkpoint (timm's, e.g. "
+                        "depth=6,global_pool=avg,class_token=false), recorded in the manifest")
 
 
-def resolve_source(run: Path, checkpoint: str | None, model_name: str | None) -> tuple[torch.nn.Module, dict]:
-    """The FP model to quantize and what is known about it (checkpoint, data, classes)."""
+def resolve_source(run: Path, checkpoint: str | None, model_name: str | None, img_size: int | None = None,
+                   model_kwargs: dict | None = None) -> tuple[torch.nn.Module, dict]:
+    """The FP model to quantize and what is known about it (checkpoint, data, classes). A Plateau checkpoint
+    rebuilds its model with the keyword arguments it records; a bare state dict with `img_size` and
+    `model_kwargs` (e.g. a timm ViT at 32x32)."""
     if checkpoint is None:
         man = read_manifest(run / "train", "train")
         ckpt = run / "train" / man["outputs"].get("checkpoint", "last.pt")
-        info = {"checkpoint": str(ckpt), "data": man["config"].get("data"), "model": man["config"].get("model")}
+        info = {"checkpoint": str(ckpt), "data": man["config"].get("data"), "model": man.get("model_name")}
     else:
         ckpt = Path(checkpoint)
         info = {"checkpoint": str(ckpt), "data": None, "model": model_name}
@@ -102,10 +111,12 @@ def resolve_source(run: Path, checkpoint: str | None, model_name: str | None) ->
     if not name:
         raise PlateauError(f"checkpoint {ckpt} does not name its model: pass --model NAME")
     num_classes = int(blob.get("num_classes", 10)) if isinstance(blob, dict) else 10
-    model = create_model(name, num_classes=num_classes)
+    recorded = blob.get("plateau_cfg") if isinstance(blob, dict) else None
+    if isinstance(recorded, dict) and not (img_size or model_kwargs):
+        model = rebuild_model(name, num_classes, recorded)
+    else:
+        model = create_model(name, num_classes=num_classes, img_size=img_size, **(model_kwargs or {}))
     load_state_dict_file(model, ckpt)
-    if isinstance(blob, dict) and isinstance(blob.get("plateau_cfg"), dict):
-        model.plateau_cfg = dict(blob["plateau_cfg"])
     info.update(model=name, num_classes=num_classes, sha256=sha256_file(ckpt),
                 classes=blob.get("classes") if isinstance(blob, dict) else None)
     return model.eval(), info
@@ -156,7 +167,8 @@ def main(args: argparse.Namespace) -> dict:
         src = {"checkpoint": str(args.onnx), "onnx": str(Path(args.onnx).resolve()), "sha256": sha256_file(args.onnx),
                "model": Path(args.onnx).stem, "plateau_cfg": mcfg}
     else:
-        model, src = resolve_source(run, args.checkpoint, args.model)
+        model, src = resolve_source(run, args.checkpoint, args.model, args.img_size,
+                                    parse_model_kwargs(args.model_kwargs))
         mcfg = model_cfg(model)
     data = args.data or src.get("data") or SYNTHETIC
     mean, std = mcfg["mean"], mcfg["std"]

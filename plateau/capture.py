@@ -71,7 +71,7 @@ def _classify(node: fx.Node, gm: fx.GraphModule, allow_float: bool) -> tuple[Op,
         found = _claim(node, gm, op)
         if found is None:
             continue
-        if op.float_island and not allow_float:
+        if op.float_island and not allow_float and op.needs_flag(found[0]):
             raise ValueError(f"no integer form for {what}; --allow-float (allow_float=True) keeps it in float "
                              "between DequantizeLinear and QuantizeLinear")
         return op, *found

@@ -18,7 +18,8 @@ from torch import nn
 
 from .errors import PlateauError
 
-__all__ = ["register_model", "create_model", "list_models", "load_state_dict_file", "model_cfg", "read_torch_file"]
+__all__ = ["register_model", "create_model", "rebuild_model", "parse_model_kwargs", "list_models",
+           "load_state_dict_file", "model_cfg", "read_torch_file"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,36 +50,87 @@ def _timm_names() -> list[str]:
     return timm.list_models()
 
 
+def _timm_model(name: str, num_classes: int, img_size: int | None, kw: dict) -> tuple[nn.Module, dict]:
+    """A timm model and the keyword arguments that built it. An image size goes to models that take one; a
+    transformer whose name has a patch size gets 4-pixel patches below 64 pixels (16 x 16 tokens at 64, 65 with
+    the class token at 32), as CIFAR ViTs use. A model that takes neither is built without them."""
+    import timm
+
+    tries = []
+    if img_size is not None:
+        sized = {"img_size": img_size, **kw}
+        if "patch" in name and "patch_size" not in kw:
+            tries.append({**sized, "patch_size": 4 if img_size <= 64 else 16})
+        tries.append(sized)
+    tries.append(dict(kw))
+    for i, args in enumerate(tries):
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, **args), args
+        except TypeError as e:  # a keyword this model does not take: try with fewer
+            if i == len(tries) - 1 or "unexpected keyword" not in str(e):
+                raise PlateauError(f"model {name!r} cannot be built with {args}: {str(e).splitlines()[0]}") from None
+    raise AssertionError("unreachable")
+
+
 def create_model(
     name: str, num_classes: int = 10, checkpoint: str | Path | None = None, img_size: int | None = None, **kw
 ) -> nn.Module:
-    """Build a registered model (or a timm model by name) and optionally load a checkpoint into it.
+    """Build a registered model (or a timm model by name, with `kw` passed to timm) and optionally load a
+    checkpoint into it. `model.plateau_cfg` records the input size, normalization and the keyword arguments that
+    rebuild it (`create_model(name, **cfg["model_kwargs"])`).
 
     Unknown names raise PlateauError listing Plateau's models (timm names are accepted too).
     """
     if name in _REGISTRY:
         model = _REGISTRY[name](num_classes=num_classes, **kw)
+        if kw:
+            model.plateau_cfg = {**model_cfg(model), "model_kwargs": dict(kw)}
     else:
-        import timm
-
         if name not in _timm_names():
             raise PlateauError(
                 f"unknown model {name!r}: Plateau models are {', '.join(list_models())}; "
                 "any timm model name is accepted too"
             )
-        if img_size is not None and ("vit" in name or "deit" in name):
-            kw.setdefault("img_size", img_size)
-            kw.setdefault("patch_size", 4 if img_size <= 64 else 16)
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
+        model, used = _timm_model(name, num_classes, img_size, kw)
         size = img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
         model.plateau_cfg = {
             "input_size": [3, size, size],
             "mean": list(model.pretrained_cfg.get("mean", IMAGENET_MEAN)),
             "std": list(model.pretrained_cfg.get("std", IMAGENET_STD)),
+            "model_kwargs": used,
         }
     model.plateau_name = name
     if checkpoint is not None:
         load_state_dict_file(model, checkpoint)
+    return model
+
+
+def parse_model_kwargs(text: str | None) -> dict:
+    """'depth=6,global_pool=avg,class_token=false' -> {'depth': 6, 'global_pool': 'avg', 'class_token': False}:
+    each value read as JSON where it parses (numbers, true/false, null, lists), else kept as text."""
+    import json
+
+    out: dict = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise PlateauError(f"--model-kwargs: {item.strip()!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value.strip())
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def rebuild_model(name: str, num_classes: int, plateau_cfg: dict | None) -> nn.Module:
+    """The model a checkpoint, manifest or reference file describes: `create_model` with its recorded keyword
+    arguments, carrying its recorded plateau_cfg."""
+    kw = dict((plateau_cfg or {}).get("model_kwargs") or {})
+    model = create_model(name, num_classes=num_classes, **kw)
+    if plateau_cfg:
+        model.plateau_cfg = dict(plateau_cfg)
     return model
 
 

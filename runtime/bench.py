@@ -90,16 +90,15 @@ def requantize_variant(run: Path, exp: dict, bits: str, out_dir: Path) -> Path:
     import torch
 
     from plateau.export import QuantConfig, export_model
-    from plateau.models import create_model
+    from plateau.models import rebuild_model
     from plateau.quant import parse_bits
 
     key = {"reference_sha256": sha256_file(run / "export" / "reference.pt"), "bits": bits}
     if _cached(out_dir, key):
         return out_dir / "model_qdq.onnx"
     st = torch.load(run / "export" / "reference.pt", map_location="cpu", weights_only=True)
-    model = create_model(st["model_name"], num_classes=st["num_classes"])
+    model = rebuild_model(st["model_name"], st["num_classes"], st["plateau_cfg"])
     model.load_state_dict(st["model"], strict=False)
-    model.plateau_cfg = st["plateau_cfg"]
     model.eval()
     c = exp["config"]
     w, a = parse_bits(bits)

@@ -23,7 +23,7 @@ from plateau.artifacts import sha256_file
 from plateau.config_cli import config_options
 from plateau.data import load_split
 from plateau.errors import PlateauError
-from plateau.models import create_model
+from plateau.models import create_model, parse_model_kwargs
 
 from .config import TrainConfig
 from .trainer import train
@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Plateau model (small_cnn, cifar_resnet20, ...) or timm name")
     g.add_argument("--checkpoint", default=None,
                    help="weights to fine-tune from (any format the model loader reads)")
+    g.add_argument("--model-kwargs", default="", metavar="K=V,...",
+                   help="keyword arguments of the model's constructor (timm's, e.g. depth=6,global_pool=avg), "
+                        "recorded in the checkpoints")
     config_options(g, TrainConfig)
 
 
@@ -64,7 +67,7 @@ def main(args: argparse.Namespace) -> dict:
     test_set = load_split(cfg.data, "test", cfg.img_size)
     torch.manual_seed(cfg.seed)  # deterministic initialization
     model = create_model(args.model, num_classes=len(train_set.classes), checkpoint=args.checkpoint,
-                         img_size=cfg.img_size)
+                         img_size=cfg.img_size, **parse_model_kwargs(getattr(args, "model_kwargs", "")))
     inputs = {"data": cfg.data, "model": args.model}
     if finetune:
         inputs["checkpoint"] = str(Path(args.checkpoint).resolve())

@@ -58,7 +58,8 @@ class TrainConfig:
     eval_limit: int | None = setting(None, "test images per evaluation")
     calib_images: int = setting(512, "PTQ calibration images (train split) for the quantization gap")
     quant_gap: bool = setting(True, "do not measure FP vs PTQ top-1 (round to nearest) at the end")
-    img_size: int | None = setting(None, "resize ImageFolder images to this size")
+    img_size: int | None = setting(None, "the model's input size (a timm ViT is built for it); ImageFolder images "
+                                         "are resized to it")
     augment: bool = setting(True, "no training augmentation: random crop and flip")
     bn_recalibrate: int = setting(2048, "train images re-estimating BatchNorm statistics without noise "
                                   "after the last epoch, 0 turns it off")

@@ -121,6 +121,10 @@ class Op:
     onnx_types: ClassVar[tuple[str, ...]] = ()
 
     # --- capture ---------------------------------------------------------------------------------------------------
+    def needs_flag(self, attrs: dict) -> bool:
+        """A float island that only allow_float admits (see float_island.FloatIsland)."""
+        return self.float_island
+
     def claims_module(self, m: torch.nn.Module) -> bool:
         return isinstance(m, self.modules)
 

@@ -1,6 +1,7 @@
 """Float islands: ops with no integer form (GELU, Softmax, LayerNorm, ...) kept in float32 between a
 DequantizeLinear and a QuantizeLinear, with their own calibrated output quantization, so everything downstream
-stays integer (`plateau export --allow-float`). The reference computes the op in float32 on the dequantized input,
+stays integer. A transformer's LayerNorm, Softmax and GELU are islands by default; any other kind only with
+`plateau export --allow-float`. The reference computes the op in float32 on the dequantized input,
 which is what the QDQ graph means; the compile stage lists every island in its report.
 
 An island is a QNode of op "float" with attrs {"kind": ..., "params": {...}}. Each kind is one entry of
@@ -39,6 +40,7 @@ class FloatKind:
     of_call: Callable[[object, list, dict], Params | None] = lambda f, args, kw: None
     of_onnx: Callable[[OnnxNode], Params | None] = lambda r: None
     of_method: Callable[[str, list, dict], Params | None] = lambda name, args, kw: None
+    default: bool = False  # an island without --allow-float: a transformer's LayerNorm, Softmax and GELU
 
 
 FLOAT_KINDS: Registry[FloatKind] = Registry("float op")
@@ -65,7 +67,7 @@ FLOAT_KINDS.add("gelu", FloatKind(
     of_module=lambda m: {"approximate": m.approximate} if isinstance(m, nn.GELU) else None,
     of_call=lambda f, args, kw: {"approximate": kw.get("approximate", "none")} if f is F.gelu else None,
     of_onnx=lambda r: {"approximate": _attr_str(r.attrs.get("approximate", b"none"))}
-    if r.node.op_type == "Gelu" else None))
+    if r.node.op_type == "Gelu" else None, default=True))
 
 
 def _write_silu(b: OnnxBuilder, name: str, p: Params, x: str, out: str) -> None:
@@ -102,7 +104,8 @@ FLOAT_KINDS.add("softmax", FloatKind(
     lambda b, n, p, x, out: b.node("Softmax", [x], [out], n, axis=p["axis"]),
     of_module=lambda m: {"axis": -1 if m.dim is None else int(m.dim)} if isinstance(m, nn.Softmax) else None,
     of_call=_softmax_call, of_method=lambda m, args, kw: _softmax_dim(args, kw) if m == "softmax" else None,
-    of_onnx=lambda r: {"axis": int(r.attrs.get("axis", -1))} if r.node.op_type == "Softmax" else None))
+    of_onnx=lambda r: {"axis": int(r.attrs.get("axis", -1))} if r.node.op_type == "Softmax" else None,
+    default=True))
 
 
 def _layer_norm_module(m: nn.Module) -> Params | None:
@@ -150,7 +153,8 @@ def _write_layer_norm(b: OnnxBuilder, name: str, p: Params, x: str, out: str) ->
 FLOAT_KINDS.add("layer_norm", FloatKind(
     "layer_norm", "LayerNormalization",
     lambda p, x: F.layer_norm(x, tuple(x.shape[-p["weight"].dim():]), p["weight"], p["bias"], p["eps"]),
-    _write_layer_norm, of_module=_layer_norm_module, of_call=_layer_norm_call, of_onnx=_layer_norm_onnx))
+    _write_layer_norm, of_module=_layer_norm_module, of_call=_layer_norm_call, of_onnx=_layer_norm_onnx,
+    default=True))
 FLOAT_KINDS.add("leaky_relu", FloatKind(
     "leaky_relu", "LeakyRelu", lambda p, x: F.leaky_relu(x, p["alpha"]),
     lambda b, n, p, x, out: b.node("LeakyRelu", [x], [out], n, alpha=p["alpha"]),
@@ -225,6 +229,10 @@ class FloatIsland(Op):
             if (p := fk.of_method(method, args, kwargs)) is not None:
                 return {"kind": k, "params": p}, args[:1]
         return None
+
+    def needs_flag(self, attrs: dict) -> bool:
+        """Whether this island needs allow_float: every kind but a transformer's LayerNorm, Softmax, GELU."""
+        return not FLOAT_KINDS.get(attrs["kind"]).default
 
     def run_float(self, n, ins, w, b):
         return run_float_kind(n.attrs["kind"], n.attrs["params"], ins[0])
