@@ -38,7 +38,7 @@ from plateau.ops.base import relu_clip
 from plateau.qconfig import ROUNDINGS, QuantConfig
 from plateau.qgraph import ActQ, QGraph, QNode, WeightQ
 from plateau.quant import fake_quantize
-from plateau.reference import run_graph
+from plateau.reference import run_nodes
 
 __all__ = ["learn_rounding", "reconstruction_units", "away_from_ties"]
 
@@ -87,9 +87,37 @@ def _unit_input(unit: list[QNode]) -> str:
     return outside.pop()
 
 
-def _values(graph: QGraph, batches: list[torch.Tensor], name: str, acts, weights) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([run_graph(graph, x, acts, weights, keep=True)[name] for x in batches])
+class _Frontier:
+    """Every calibration image's values at the current point of the graph, float and fake-quant, advanced node by
+    node with the weights and scales learned so far: each node runs once per mode, however many units there are
+    (recomputing each unit's input from the graph input cost the square of the depth)."""
+
+    def __init__(self, graph: QGraph, batches: list[torch.Tensor]) -> None:
+        self.nodes, self.pos = graph.nodes, 0
+        self.last_use = {n.name: len(graph.nodes) for n in graph.nodes}  # the output is read at the end
+        for k, n in enumerate(graph.nodes):
+            for i in n.inputs:
+                self.last_use[i] = k if i != graph.output else len(graph.nodes)
+        # one environment per calibration batch: the same batches as a whole-graph run, so the same floats
+        self.fp = [{graph.nodes[0].name: x} for x in batches]
+        self.q = [{graph.nodes[0].name: x} for x in batches]
+
+    @torch.no_grad()
+    def advance(self, to: int, acts: dict[str, ActQ], weights: dict[str, WeightQ]) -> None:
+        for k in range(self.pos, to):
+            n = self.nodes[k]
+            for fp, q in zip(self.fp, self.q, strict=True):
+                run_nodes([n], fp)
+                run_nodes([n], q, acts, weights)
+                for i in n.inputs:
+                    if self.last_use[i] <= k:
+                        fp.pop(i, None)
+                        q.pop(i, None)
+        self.pos = max(self.pos, to)
+
+    def values(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float, fake-quant) values of `name` for every calibration image."""
+        return torch.cat([e[name] for e in self.fp]), torch.cat([e[name] for e in self.q])
 
 
 class _Unit(torch.nn.Module):
@@ -156,7 +184,8 @@ def _optimize(unit: _Unit, x_q: torch.Tensor, x_fp: torch.Tensor, cfg: QuantConf
             keep_fp = torch.rand(xin.shape, generator=gen) < 0.5
             xin = torch.where(keep_fp, x_fp[idx], xin)
         out = unit(xin, gen if cfg.adaround_act_quant else None)
-        loss = (out - target[idx]).pow(2).sum(1).mean()  # summed over channels, averaged over images and pixels
+        # summed over channels (dim 1 of NCHW, the last of token rows), averaged over images, pixels and tokens
+        loss = (out - target[idx]).pow(2).sum(1 if out.dim() != 3 else -1).mean()
         if it >= warm:
             beta = 2 + (20 - 2) * (1 + math.cos(math.pi * (it - warm) / max(1, iters - warm))) / 2
             loss = loss + _LAMBDA * unit.regularizer(beta)
@@ -184,10 +213,10 @@ def away_from_ties(values: torch.Tensor, scale: float, qtype, zero_point: int) -
     return float(best)
 
 
-def _settle_off_ties(graph: QGraph, batches: list[torch.Tensor], names: list[str], acts: dict[str, ActQ],
+def _settle_off_ties(nodes: list[QNode], x_q: torch.Tensor, names: list[str], acts: dict[str, ActQ],
                      weights: dict[str, WeightQ]) -> None:
     """Move each learned scale in `names` (graph order, each seeing the ones before it settled) off rounding
-    boundaries of the calibration values reaching it (away_from_ties)."""
+    boundaries of the calibration values reaching it (away_from_ties); `x_q` is the unit's quantized input."""
     for name in names:
         seen: list[torch.Tensor] = []
 
@@ -196,8 +225,7 @@ def _settle_off_ties(graph: QGraph, batches: list[torch.Tensor], names: list[str
                 seen.append(t)
 
         with torch.no_grad():
-            for x in batches:
-                run_graph(graph, x, acts, weights, observe=grab)
+            run_nodes(nodes, {_unit_input(nodes): x_q}, acts, weights, observe=grab)
         a = acts[name]
         acts[name] = ActQ(away_from_ties(torch.cat([t.flatten() for t in seen]), a.scale, a.qtype, a.zero_point),
                           a.zero_point, a.qtype)
@@ -215,6 +243,9 @@ def learn_rounding(graph: QGraph, acts: dict[str, ActQ], weights: dict[str, Weig
     logits = graph.quant_source(graph.output)
     done: dict[str, WeightQ] = {}
     units = reconstruction_units(graph, cfg.reconstruction == "block")
+    frontier = _Frontier(graph, calib)
+    index = {n.name: k for k, n in enumerate(graph.nodes)}
+    n_settle = sum(len(x) for x in calib[:2])  # the ties are looked for on the first two batches
     for nodes in tqdm(units, desc=f"learned rounding ({cfg.reconstruction}s)", unit=cfg.reconstruction,
                       disable=not progress, leave=False):
         # Quantization points the unit fake-quantizes: those inside it (QDrop), and with learned clipping its
@@ -222,8 +253,8 @@ def learn_rounding(graph: QGraph, acts: dict[str, ActQ], weights: dict[str, Weig
         inner = [n.name for n in nodes[:-1] if n.name in acts] if cfg.adaround_act_quant else []
         out = [nodes[-1].name] if cfg.learn_act_clip and nodes[-1].name in acts and nodes[-1].name != logits else []
         unit = _Unit(nodes, weights, acts, inner + out, cfg.learn_act_clip)
-        x_fp = _values(graph, calib, unit.input, None, None)
-        x_q = _values(graph, calib, unit.input, acts, done)
+        frontier.advance(index[nodes[0].name], acts, done)
+        x_fp, x_q = frontier.values(unit.input)
         with torch.enable_grad():
             _optimize(unit, x_q, x_fp, cfg, gen)
         for name, q in unit.hard_rounding().items():
@@ -233,7 +264,7 @@ def learn_rounding(graph: QGraph, acts: dict[str, ActQ], weights: dict[str, Weig
             a = acts[name]
             acts[name] = ActQ(float(np.float32(math.exp(log_s.item()))), a.zero_point, a.qtype)
         if unit.log_scales:
-            _settle_off_ties(graph, calib[:2], list(unit.log_scales), acts, done)
+            _settle_off_ties(nodes, x_q[:n_settle], list(unit.log_scales), acts, done)
     # The int32 biases at the final input scales (learned clipping may have moved them).
     nodes = {n.name: n for n in graph.weighted()}
     return {k: with_bias(nodes[k], w.q, w.scale, w.qtype, acts) for k, w in done.items()}, acts

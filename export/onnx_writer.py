@@ -135,6 +135,14 @@ def to_qdq_onnx(ref: FakeQuantModel, meta: dict | None = None, four_bit: str = "
             quant(INPUT_NAME, n.name, n.name)
             continue
         op = OPS.get(n.op)
+        if op.integer_io:  # computed on the integers themselves (integer-only LayerNorm, Softmax, lookup tables)
+            if four_bit == "native":
+                raise ValueError("integer-only ops write 8-bit containers: use the widened 4-bit layout")
+            src = g.quant_source(n.inputs[0])
+            op.to_onnx_int(b, n, qout[n.inputs[0]][0], ref.acts[src], ref.acts[n.name],
+                           _onnx_type(QType(8, ref.acts[n.name].qtype.signed)), f"{n.name}.q")
+            qout[n.name] = (f"{n.name}.q", *qp[n.name][:2])
+            continue
         if op.writes_integers:  # a constant: its integers are an initializer
             box = _container(ref.acts[n.name].qtype, four_bit)
             qi = b.init(_int_initializer(f"{n.name}.q", op.integers(n, ref.acts[n.name]), box))

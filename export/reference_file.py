@@ -14,6 +14,7 @@ import torch
 from plateau.capture import capture
 from plateau.errors import PlateauError
 from plateau.models import model_cfg, read_torch_file, rebuild_model
+from plateau.ops.integer_only import integerize
 from plateau.qconfig import QuantConfig
 from plateau.qgraph import ActQ, QGraph, WeightQ
 from plateau.quant import QType
@@ -54,6 +55,8 @@ def load_reference(path: str | Path) -> FakeQuantModel:
         model = rebuild_model(st["model_name"], st["num_classes"], st["plateau_cfg"])
         model.load_state_dict(st["model"], strict=False)
         graph = capture(model.eval(), [1, *st["plateau_cfg"]["input_size"]], st["config"].get("allow_float", False))
+    if st["config"].get("integer_only"):
+        integerize(graph)
     acts = {k: ActQ(a["scale"], a["zero_point"], QType(a["bits"], a["signed"], a["narrow"]))
             for k, a in st["acts"].items()}
     weights = {k: WeightQ(w["q"].float(), w["scale"], QType(w["bits"], w["signed"], w["narrow"]),

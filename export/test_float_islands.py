@@ -79,10 +79,10 @@ def test_islands_match_onnxruntime(model, tmp_path):
                                    model(x).numpy(), atol=1e-5)
 
 
-def _float_onnx_with_hardswish(path) -> None:
+def _float_onnx_with_sigmoid(path) -> None:
     w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.random.default_rng(0).standard_normal(108) * 0.3)
     nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("HardSwish", ["c"], ["g"], name="the_hswish"),
+             helper.make_node("Sigmoid", ["c"], ["g"], name="the_sigmoid"),
              helper.make_node("GlobalAveragePool", ["g"], ["p"], name="pool"),
              helper.make_node("Flatten", ["p"], ["logits"], name="flat", axis=1)]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
@@ -90,34 +90,34 @@ def _float_onnx_with_hardswish(path) -> None:
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]), path)
 
 
-def test_onnx_reader_keeps_hardswish_in_float(tmp_path):
-    _float_onnx_with_hardswish(tmp_path / "g.onnx")
-    with pytest.raises(PlateauError, match=r"'the_hswish' \(HardSwish\).*--allow-float"):
+def test_onnx_reader_keeps_sigmoid_in_float(tmp_path):
+    _float_onnx_with_sigmoid(tmp_path / "g.onnx")
+    with pytest.raises(PlateauError, match=r"'the_sigmoid' \(Sigmoid\).*--allow-float"):
         read_onnx(tmp_path / "g.onnx")
     g = read_onnx(tmp_path / "g.onnx", allow_float=True)
-    assert [(n.op, n.attrs.get("kind")) for n in g.nodes][1:3] == [("conv", None), ("float", "hardswish")]
+    assert [(n.op, n.attrs.get("kind")) for n in g.nodes][1:3] == [("conv", None), ("float", "sigmoid")]
 
 
 @pytest.mark.slow
 def test_cli_export_and_compile_list_the_island(tmp_path):
-    """`plateau export --onnx` refuses the HardSwish in one line, then with --allow-float writes it as an island
+    """`plateau export --onnx` refuses the Sigmoid in one line, then with --allow-float writes it as an island
     that `plateau compile --allow-float` keeps and lists."""
-    _float_onnx_with_hardswish(tmp_path / "g.onnx")
+    _float_onnx_with_sigmoid(tmp_path / "g.onnx")
     cmd = [sys.executable, "-m", "plateau", "export", "--run", "r", "--onnx", "g.onnx", "--data", "synthetic",
            "--calib-images", "64", "--eval-limit", "64"]
     p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert "'the_hswish' (HardSwish)" in p.stderr and "--allow-float" in p.stderr, p.stderr
+    assert "'the_sigmoid' (Sigmoid)" in p.stderr and "--allow-float" in p.stderr, p.stderr
     p = subprocess.run([*cmd, "--allow-float"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     rep = json.loads((tmp_path / "r/export/report.json").read_text())
-    assert rep["float_islands"] == [{"node": "the_hswish", "module": None, "kind": "hardswish"}]
+    assert rep["float_islands"] == [{"node": "the_sigmoid", "module": None, "kind": "sigmoid"}]
     assert rep["onnxruntime_vs_reference"]["max_steps"] <= 1
     p = subprocess.run([sys.executable, "-m", "plateau", "compile", "--run", "r", "--target", "host",
                         "--allow-float"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     man = json.loads((tmp_path / "r/compile/host/manifest.json").read_text())
-    assert [(i["node"], i["op_type"]) for i in man["float_islands"]] == [("the_hswish", "HardSwish")]
+    assert [(i["node"], i["op_type"]) for i in man["float_islands"]] == [("the_sigmoid", "Sigmoid")]
     assert man["ops"]["int_conv2d"] == 1 and man["ops"]["float_conv2d"] == 0
 
 

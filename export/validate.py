@@ -94,13 +94,13 @@ def ort_quant_points(model, keys: list[str]) -> Callable[[np.ndarray], dict[str,
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    producer = {o: n for n in m.graph.node for o in n.output}
-    types = {t.name: t.data_type for t in m.graph.initializer}
+    # every tensor's type, from shape inference (a QuantizeLinear's follows its zero point; an integer-only op's
+    # output is whatever it casts to)
+    inferred = onnx.shape_inference.infer_shapes(m)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
 
-    def elem_type(tensor: str) -> int:  # the zero point's type (an activation below 8 bits: behind its Clip)
-        q = producer[tensor]
-        q = producer[q.input[0]] if q.op_type == "Clip" else q
-        return types.get(q.input[2], TensorProto.UINT8) if len(q.input) > 2 else TensorProto.UINT8
+    def elem_type(tensor: str) -> int:
+        return types.get(tensor, TensorProto.UINT8)
 
     names = [f"{k}.q" for k in keys]
     m.graph.output.extend([helper.make_tensor_value_info(n, elem_type(n), None) for n in names])

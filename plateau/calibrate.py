@@ -19,6 +19,7 @@ from plateau.calibrators import ACT_CALIBRATORS, Observer, weight_scales
 from plateau.capture import capture
 from plateau.errors import PlateauError
 from plateau.models import model_cfg
+from plateau.ops.integer_only import integerize
 from plateau.qconfig import QuantConfig
 from plateau.qgraph import ActQ, QGraph, QNode, WeightQ
 from plateau.quant import QType, choose_qparams, quantize, quantize_bias
@@ -28,10 +29,32 @@ __all__ = ["calibrate", "act_bits", "weight_bits", "weight_scales", "quantize_we
            "quantize_nearest"]
 
 
+_KERNEL_OPS = ("conv", "linear", "matmul", "gap", "avgpool", "mean")
+
+
+def kernel_inputs(graph: QGraph) -> set[str]:
+    """The quantization points an integer kernel reads (conv, linear, matmul, an average), and those summed into
+    one (a ResNet's residual branch): the points whose width is the kernels' activation width. A transformer's
+    residual stream, read by LayerNorm and the next sum only, is not one."""
+    low = {graph.quant_source(i) for n in graph.nodes if n.op in _KERNEL_OPS for i in n.inputs}
+    for n in reversed(graph.nodes):  # readers come after what they read: one backward pass reaches a fixed point
+        if n.op in ("add", "mul", "cat") and n.name in low:
+            low.update(graph.quant_source(i) for i in n.inputs)
+    return low
+
+
 def act_bits(graph: QGraph, cfg: QuantConfig) -> dict[str, int]:
-    """Activation bits per quantization point: the configured width, 8 at the logits and for constants (a
-    position embedding), and 8 around the first and last weighted layers when keep_first_last_8bit is set."""
-    bits = {n.name: 8 if n.op == "const" else cfg.act_bits for n in graph.nodes if n.quantized_output}
+    """Activation bits per quantization point: the configured width where an integer kernel (conv, linear,
+    matmul, average) reads it (act_bits_scope "kernel-inputs"; "all": everywhere), else 8 (a transformer's
+    residual stream and the inputs of its LayerNorm, Softmax and GELU: no integer kernel reads them, and they
+    carry the outliers; a CNN has none such);
+    probability_bits for attention probabilities; 8 at the logits, for constants (a position embedding) and
+    around the first and last weighted layers when keep_first_last_8bit is set."""
+    low = kernel_inputs(graph) if cfg.act_bits_scope == "kernel-inputs" else None
+    bits = {n.name: 8 if n.op == "const" or (low is not None and n.name not in low) else cfg.act_bits
+            for n in graph.nodes if n.quantized_output}
+    for p in probability_points(graph):
+        bits[p] = cfg.probability_bits
     bits[graph.quant_source(graph.output)] = 8
     if cfg.keep_first_last_8bit:
         w = graph.weighted()
@@ -58,7 +81,7 @@ def weight_bits(graph: QGraph, cfg: QuantConfig) -> dict[str, int]:
 
 def probability_points(graph: QGraph) -> set[str]:
     """The outputs of Softmax islands (attention probabilities): values in [0, 1] whose grid needs no calibration."""
-    return {n.name for n in graph.nodes if n.op == "float" and n.attrs["kind"] == "softmax"}
+    return {n.name for n in graph.nodes if n.op in ("float", "int_softmax") and n.attrs["kind"] == "softmax"}
 
 
 def probability_qparams(bits: int) -> ActQ:
@@ -126,6 +149,8 @@ def quantize_nearest(model: nn.Module, calib: Iterable[torch.Tensor], cfg: Quant
     """The reference of `model` with calibrated activations and round-to-nearest weights (cfg.rounding ignored)."""
     mcfg = model_cfg(model)
     graph = capture(model, [1, *mcfg["input_size"]], cfg.allow_float)
+    if cfg.integer_only:
+        integerize(graph)
     batches = [x for x in calib]
     acts = calibrate(graph, batches, cfg)
     return FakeQuantModel(graph, acts, quantize_weights(graph, acts, cfg), cfg, mcfg)

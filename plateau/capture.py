@@ -175,6 +175,9 @@ def capture(model: nn.Module, input_shape: list[int] | tuple[int, ...], allow_fl
                     alias[node.name] = p.name
                     continue
             q = QNode(node.name, op.name, [src(a) for a in inputs], attrs=attrs)
+            stack = node.meta.get("nn_module_stack")
+            if node.op != "call_module" and stack:  # a function call inside a module: name that module
+                q.module = next(reversed(stack))
             if node.op == "call_module":
                 q.module = str(node.target)
                 if op.weighted:

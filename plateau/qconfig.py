@@ -50,10 +50,16 @@ class QuantConfig:
                                   "as well")
     allow_float: bool = setting(False, "keep ops with no integer form (GELU, Softmax, LayerNorm, ...) in float "
                                "between DequantizeLinear and QuantizeLinear, listed in the report")
+    act_bits_scope: str = setting("kernel-inputs", "which activations get --bits' activation width: those an "
+                                  "integer conv/linear/matmul/average reads (the rest, e.g. a transformer's residual "
+                                  "stream, 8-bit), or all", choices=("kernel-inputs", "all"))
+    probability_bits: int = setting(8, "bits of attention probabilities (Softmax outputs)")
+    integer_only: bool = setting(False, "LayerNorm, Softmax and GELU (any float op) in integer arithmetic too: "
+                                 "lookup tables, integer exp sums and an integer square root, no float island")
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("weight_bits", "act_bits"):
+        for name in ("weight_bits", "act_bits", "probability_bits"):
             b = getattr(self, name)
             if not isinstance(b, int) or not 2 <= b <= 8:
                 raise PlateauError(f"{name} must be an integer in 2..8, got {b!r}")

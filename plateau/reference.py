@@ -27,12 +27,43 @@ from torch import nn
 from plateau.ops import OPS
 from plateau.ops.base import q as quantize_act
 from plateau.ops.base import relu_clip
-from plateau.qgraph import ActQ, QGraph, WeightQ
+from plateau.qgraph import ActQ, QGraph, QNode, WeightQ
 from plateau.quant import fake_quantize
 
-__all__ = ["run_graph", "run_graph_int", "FakeQuantModel"]
+__all__ = ["run_nodes", "run_graph", "run_graph_int", "FakeQuantModel"]
 
 Observer = Callable[[str, torch.Tensor], None]
+
+
+def run_nodes(nodes: list[QNode], env: dict[str, torch.Tensor], acts: dict[str, ActQ] | None = None,
+              weights: dict[str, WeightQ] | None = None, observe: Observer | None = None,
+              free: dict[str, int] | None = None) -> None:
+    """Execute `nodes` in order, reading their inputs from and writing their outputs to `env` (an input node's
+    value must be there already). Float when acts/weights are None, fake-quant otherwise; observe(name, tensor)
+    sees every quantization point's float value. `free` (node -> index in `nodes` of its last reader) drops each
+    value from env once read for the last time."""
+    for k, n in enumerate(nodes):
+        if n.op == "input":
+            y = env[n.name]
+        else:
+            w = b = None
+            if n.is_weighted:
+                if weights is not None and n.name in weights:
+                    w, b = weights[n.name].weight(), weights[n.name].bias()
+                else:
+                    w, b = n.weight, n.bias
+            y = relu_clip(n, OPS.get(n.op).run_float(n, [env[i] for i in n.inputs], w, b))
+        if n.quantized_output:
+            if observe is not None:
+                observe(n.name, y)
+            if acts is not None and n.name in acts:
+                a = acts[n.name]
+                y = fake_quantize(y, a.scale, a.zero_point, a.qtype)
+        env[n.name] = y
+        if free is not None:
+            for i in n.inputs:
+                if free.get(i, -1) <= k:
+                    env.pop(i, None)
 
 
 def run_graph(
@@ -47,25 +78,8 @@ def run_graph(
 
     observe(name, tensor) sees every quantization point's float value; keep=True returns all node outputs.
     """
-    vals: dict[str, torch.Tensor] = {}
-    for n in graph.nodes:
-        if n.op == "input":
-            y = x
-        else:
-            w = b = None
-            if n.is_weighted:
-                if weights is not None and n.name in weights:
-                    w, b = weights[n.name].weight(), weights[n.name].bias()
-                else:
-                    w, b = n.weight, n.bias
-            y = relu_clip(n, OPS.get(n.op).run_float(n, [vals[i] for i in n.inputs], w, b))
-        if n.quantized_output:
-            if observe is not None:
-                observe(n.name, y)
-            if acts is not None and n.name in acts:
-                a = acts[n.name]
-                y = fake_quantize(y, a.scale, a.zero_point, a.qtype)
-        vals[n.name] = y
+    vals: dict[str, torch.Tensor] = {graph.nodes[0].name: x}
+    run_nodes(graph.nodes, vals, acts, weights, observe)
     return vals if keep else vals[graph.output]
 
 

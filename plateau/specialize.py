@@ -206,6 +206,7 @@ def specialize(gm: fx.GraphModule, x: torch.Tensor) -> fx.GraphModule:
         if sel is not None:
             with g.inserting_before(n):
                 new = g.call_function(torch.select, sel)
+            new.meta = dict(n.meta)
             v2[new.name], v3[new.name], data[new.name] = v2[n.name], v3[n.name], True
             n.replace_all_uses_with(new)
             continue
@@ -218,6 +219,7 @@ def specialize(gm: fx.GraphModule, x: torch.Tensor) -> fx.GraphModule:
             continue
         with g.inserting_before(n):
             new = g.call_function(target, args)
+        new.meta = dict(n.meta)
         v2[new.name], v3[new.name] = v2[n.name], v3[n.name]
         data[new.name] = True
         n.replace_all_uses_with(new)

@@ -16,6 +16,7 @@ from . import (  # noqa: F401  (each registers its ops)
     const,
     elementwise,
     float_island,
+    integer_only,
     layers,
     layout,
     matmul,

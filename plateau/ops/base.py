@@ -115,6 +115,7 @@ class Op:
     alias: ClassVar[bool] = False  # no node of its own: the output is the input (Identity, Dropout, ...)
     float_island: ClassVar[bool] = False  # no integer form: captured only with allow_float
     writes_integers: ClassVar[bool] = False  # its integers are an initializer of the file (a constant)
+    integer_io: ClassVar[bool] = False  # reads its input's integers, writes integers (no DQ / Q around it)
     modules: ClassVar[tuple[type, ...]] = ()
     functions: ClassVar[tuple[object, ...]] = ()
     methods: ClassVar[tuple[str, ...]] = ()

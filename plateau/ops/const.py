@@ -31,5 +31,6 @@ class Const(Op):
         return quantize(n.attrs["value"].detach(), np.float32(a.scale), a.zero_point, a.qtype).numpy()
 
     def to_onnx(self, b: OnnxBuilder, n, ins, out, w=None, bias=None):
-        raise AssertionError("a constant is written as its integers (Op.writes_integers)")
+        """The float graph's constant (the QDQ graph writes its integers instead: Op.writes_integers)."""
+        b.const_f32(out, n.attrs["value"].detach().numpy())
 

@@ -1,0 +1,78 @@
+"""Transformers through export: a tiny timm ViT (2 blocks, width 32) is captured with every Linear, both attention
+matmuls and the patch embedding in integers, LayerNorm / Softmax / GELU as float islands, and onnxruntime runs the
+QDQ file in integer kernels and agrees with the reference."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from plateau.calibrate import probability_points
+from plateau.export import QuantConfig, capture, quantize_model, to_qdq_onnx
+from plateau.export.validate import compare_logits, ort_kernels, ort_quant_points
+from plateau.models import create_model
+from plateau.reference import run_graph
+
+torch.set_num_threads(2)
+
+
+def _tiny_vit(**kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    args = dict(img_size=16, depth=2, embed_dim=32, num_heads=2, mlp_ratio=2.0, **kw)
+    return create_model("vit_tiny_patch16_224", num_classes=10, **args).eval()
+
+
+@pytest.mark.parametrize("kw", [{}, {"global_pool": "avg", "class_token": False}], ids=["cls", "avgpool"])
+def test_tiny_vit_is_captured_in_integer_ops(kw):
+    model = _tiny_vit(**kw)
+    g = capture(model, [1, 3, 16, 16])
+    ops = [n.op for n in g.nodes]
+    # patch embedding + 2 x (q, k, v, proj, fc1, fc2) + head; Q.K^T and P.V per block
+    assert ops.count("conv") == 1 and ops.count("linear") == 13 and ops.count("matmul") == 4
+    kinds = sorted(n.attrs["kind"] for n in g.nodes if n.op == "float")
+    assert kinds == ["gelu"] * 2 + ["layer_norm"] * 5 + ["softmax"] * 2  # 2 per block, then the final norm
+    assert not any(n.op in ("cat", "mul") for n in g.nodes)  # class token and attention scale folded away
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(run_graph(g, x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_tiny_vit_matches_onnxruntime(tmp_path):
+    model = _tiny_vit()
+    calib = [torch.randn(32, 3, 16, 16) * 0.5]
+    ref = quantize_model(model, calib, QuantConfig.from_bits("W8A8"))
+    for p in probability_points(ref.graph):  # attention probabilities: the fixed unsigned 2^-8 grid
+        assert ref.acts[p].qtype.signed is False and ref.acts[p].zero_point == 0 and ref.acts[p].scale == 2**-8
+    qdq = to_qdq_onnx(ref)
+    onnx.save(qdq, tmp_path / "vit.onnx")
+    k = ort_kernels(tmp_path / "vit.onnx")
+    # every Linear a QGemm, the patch embedding a QLinearConv, Q.K^T a QLinearMatMul; P.V (uint8 probabilities
+    # times int8 values, int8 out) runs as a float MatMul in onnxruntime
+    assert k["ops"].get("QGemm") == 13 and k["ops"].get("QLinearConv") == 1 and k["ops"].get("QLinearMatMul") == 2
+    x = torch.randn(64, 3, 16, 16) * 0.5
+    got = ort_quant_points(qdq, [n for n in ref.acts if ref.graph.node(n).op != "const"])(x.numpy())
+    c = compare_logits(got["logits"], ref(x).numpy(), ref.output_step)
+    assert c["top1_agreement"] >= 0.98 and c["within_one_step"] >= 0.95, c
+    first = ref.graph.nodes[1].name  # the patch embedding: integer in onnxruntime, equal to the reference
+    np.testing.assert_array_equal(got[f"{first}.q"], ref.intermediates(x)[first].numpy())
+
+
+def test_integer_only_vit_is_exact_on_onnxruntime(tmp_path):
+    """--integer-only: LayerNorm, Softmax and GELU in integer ops; onnxruntime computes every quantization point
+    exactly as the reference does (no float op left), and the accuracy stays that of the float islands."""
+    model = _tiny_vit()
+    calib = [torch.randn(32, 3, 16, 16) * 0.5]
+    ref = quantize_model(model, calib, QuantConfig.from_bits("W8A8", integer_only=True))
+    assert not any(n.op == "float" for n in ref.graph.nodes)
+    assert sorted({n.op for n in ref.graph.nodes} & {"lut", "int_softmax", "int_layernorm"}) == [
+        "int_layernorm", "int_softmax", "lut"]
+    qdq = to_qdq_onnx(ref)
+    x = torch.randn(64, 3, 16, 16) * 0.5
+    keys = [n for n in ref.acts if ref.graph.node(n).op != "const"]
+    got = ort_quant_points(qdq, keys)(x.numpy())
+    mid = ref.intermediates(x)
+    for k in keys:
+        np.testing.assert_array_equal(got[f"{k}.q"].astype(np.int64), mid[k].numpy().astype(np.int64), err_msg=k)
+    floats = quantize_model(model, calib, QuantConfig.from_bits("W8A8"))
+    c = compare_logits(ref(x).numpy(), floats(x).numpy(), floats.output_step)
+    assert c["top1_agreement"] >= 0.95, c
