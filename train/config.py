@@ -63,6 +63,8 @@ class TrainConfig:
     augment: bool = setting(True, "no training augmentation: random crop and flip")
     bn_recalibrate: int = setting(2048, "train images re-estimating BatchNorm statistics without noise "
                                   "after the last epoch, 0 turns it off")
+    device: str = setting("cpu", "where training runs: this machine's CPU, or its CUDA GPU (one per process "
+                          "under torchrun)", choices=("cpu", "cuda"))
     threads: int | None = setting(None, "torch threads per process")
     progress: bool = setting(True, "no progress bars")
 

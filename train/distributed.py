@@ -1,4 +1,5 @@
-"""Data-parallel helpers: under torchrun (WORLD_SIZE > 1) a gloo process group on CPU; otherwise no-ops."""
+"""Data-parallel helpers: under torchrun (WORLD_SIZE > 1) a process group (gloo on CPUs, NCCL on GPUs, one GPU per
+process); otherwise no-ops."""
 
 from __future__ import annotations
 
@@ -12,21 +13,29 @@ from .noise import NoiseInjector
 __all__ = ["setup_distributed", "all_sum", "sync_ranges"]
 
 
-def setup_distributed() -> tuple[int, int, bool]:
-    """(rank, world_size, we_initialized). Under torchrun (WORLD_SIZE > 1) start a gloo group: CPU only."""
+def setup_distributed(device: str = "cpu") -> tuple[int, int, bool]:
+    """(rank, world_size, we_initialized). Under torchrun (WORLD_SIZE > 1) start a gloo group (CPU) or an NCCL one
+    with this process on GPU LOCAL_RANK (cuda)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, False
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
-    dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), True
 
 
 def all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
-    """Sum `t` over the ranks in place (a no-op in one process)."""
+    """Sum `t` over the ranks in place (a no-op in one process); NCCL sums on the GPU and hands back."""
     if world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl":
+            g = t.cuda()
+            dist.all_reduce(g, op=dist.ReduceOp.SUM)
+            t.copy_(g.cpu())
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
@@ -35,6 +44,5 @@ def sync_ranges(inj: NoiseInjector, world: int) -> None:
     if world <= 1 or not inj.act_ranges:
         return
     keys = sorted(inj.act_ranges)
-    t = torch.stack([inj.act_ranges[k] for k in keys]) / world
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t = all_sum(torch.stack([inj.act_ranges[k] for k in keys]) / world, world)
     inj.act_ranges = {k: t[i].clone() for i, k in enumerate(keys)}

@@ -11,9 +11,14 @@ from plateau.data import ImageSet, batches
 
 from .distributed import all_sum
 
-__all__ = ["FLATNESS_SEED", "evaluate", "fixed_batches"]
+__all__ = ["FLATNESS_SEED", "evaluate", "fixed_batches", "device_of", "on_device"]
 
 FLATNESS_SEED = 0  # the flatness and evaluation subsets are the same for every run, so runs compare
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (its batches go there)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 @torch.no_grad()
@@ -26,7 +31,9 @@ def evaluate(model: nn.Module, data: ImageSet, mean: list[float], std: list[floa
     if limit is not None and limit < len(data):  # a fixed random subset: ImageFolder order is sorted by class
         data = data.subset(np.sort(np.random.default_rng(FLATNESS_SEED).permutation(len(data))[:limit]))
     t = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    dev = device_of(model)
     for x, y in batches(data, bs, mean, std, rank=rank, world_size=world):
+        x, y = x.to(dev), y.to(dev)
         out = model(x)
         t += torch.tensor([float(F.cross_entropy(out, y, reduction="sum")), float((out.argmax(1) == y).sum()),
                            len(y)], dtype=torch.float64)
@@ -40,3 +47,9 @@ def fixed_batches(data: ImageSet, n: int, mean: list[float], std: list[float], b
     data."""
     idx = np.random.default_rng(FLATNESS_SEED).permutation(len(data))[: min(n, len(data))]
     return list(batches(data.subset(np.sort(idx)), bs, mean, std))
+
+
+def on_device(data, device: torch.device):
+    """(x, y) batches moved to `device` (a no-op on the CPU)."""
+    for x, y in data:
+        yield x.to(device), y.to(device)

@@ -136,9 +136,11 @@ class NoiseInjector:
 
     # --- noise ----------------------------------------------------------------------------------------------
     def _gauss(self, like: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        e = torch.randn(like.shape, generator=self.gen, dtype=like.dtype).to(like.device) * std.to(like)
+        # drawn where the generator lives (a GPU run gets a CUDA generator: no host-side draws per step)
+        e = torch.randn(like.shape, generator=self.gen, dtype=like.dtype, device=self.gen.device).to(like.device)
+        e = e * std.to(like)
         if self.cfg.p < 1.0:  # quantnoise: only a random fraction p of the elements is perturbed
-            keep = torch.rand(like.shape, generator=self.gen) < self.cfg.p
+            keep = torch.rand(like.shape, generator=self.gen, device=self.gen.device) < self.cfg.p
             e = e * keep.to(e)
         return e
 
@@ -146,17 +148,20 @@ class NoiseInjector:
         def hook(module: nn.Module, args: tuple) -> tuple | None:
             if not args or not isinstance(args[0], torch.Tensor):
                 return None
-            x = args[0]
-            if module.training and self.observe and not self._forced:
-                self._observe(name, x)
-            if not (self.noise_acts and (module.training or self._forced)) or name not in self.act_ranges:
-                return None
-            lo, hi = self.act_ranges[name]
-            step = activation_step(lo, hi, self.bits[name][1])
-            std = rounding_noise_std(step) * (self.cfg.alpha * self.scale)
-            return (x + self._gauss(x, std), *args[1:])
+            y = self.perturb(name, args[0], self.bits[name][1], module.training)
+            return None if y is args[0] else (y, *args[1:])
 
         return hook
+
+    def perturb(self, name: str, x: torch.Tensor, bits: int, training: bool) -> torch.Tensor:
+        """AQE on the activation `name` at `bits` (its range tracked in training forwards): x, or x + noise."""
+        if training and self.observe and not self._forced:
+            self._observe(name, x)
+        if not (self.noise_acts and (training or self._forced)) or name not in self.act_ranges:
+            return x
+        lo, hi = self.act_ranges[name]
+        std = rounding_noise_std(activation_step(lo, hi, bits)) * (self.cfg.alpha * self.scale)
+        return x + self._gauss(x, std)
 
     @torch.no_grad()
     def _observe(self, name: str, x: torch.Tensor) -> None:

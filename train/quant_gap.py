@@ -32,7 +32,7 @@ def measure_quant_gap(model: nn.Module, cfg: Any, train_set: ImageSet, test_set:
     try:
         calib = [x for x, _ in fixed_batches(train_set, cfg.calib_images, mean, std)]
         qcfg = QuantConfig.from_bits(cfg.bits, keep_first_last_8bit=cfg.keep_first_last_8bit, allow_float=True)
-        qmodel = quantize_nearest(copy.deepcopy(model).eval(), calib, qcfg)
+        qmodel = quantize_nearest(copy.deepcopy(model).cpu().eval(), calib, qcfg)
         q = evaluate(qmodel, test_set, mean, std, 256, 0, 1, cfg.eval_limit)
     except Exception as e:  # a model PTQ cannot take is reported, not raised: the trained model is good
         return {**out, "skipped": True, "reason": f"quantize_nearest failed: {type(e).__name__}: {e}"}

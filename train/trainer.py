@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from plateau.capture import unfused_attention
 from plateau.data import ImageSet, batches, load_split
 from plateau.errors import PlateauError
 from plateau.models import model_cfg
@@ -30,8 +31,9 @@ from .bn import recalibrate_bn
 from .checkpoint import prepare_run_dir, restore_checkpoint, resume_config, save_checkpoint
 from .config import TrainConfig
 from .distributed import all_sum, setup_distributed, sync_ranges
-from .evaluate import FLATNESS_SEED, evaluate, fixed_batches
+from .evaluate import FLATNESS_SEED, evaluate, fixed_batches, on_device
 from .flatness import measure_flatness
+from .graph_noise import attention_noise_graph
 from .noise import NoiseInjector
 from .optim import make_optimizer, make_scheduler
 from .perturb import StepContext
@@ -60,7 +62,7 @@ def train(
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rank, world, own_group = setup_distributed()
+    rank, world, own_group = setup_distributed(cfg.device)
     try:
         return _train(model, cfg, Path(run_dir) / "train", train_set, test_set, inputs or {}, rank, world)
     finally:
@@ -84,6 +86,10 @@ def _train(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSe
     last = out_dir / "last.pt"
     cfg, blob = resume_config(cfg, out_dir, model_name, is_main)
     method = cfg.training_method
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise PlateauError("--device cuda: no CUDA GPU is visible to torch on this machine (train on --device cpu)")
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
+    model.to(device)
 
     # --- data -----------------------------------------------------------------------------------------------
     if train_set is None:
@@ -96,10 +102,10 @@ def _train(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSe
     steps_per_epoch = math.ceil((n_train // world) / local_bs)
     total_steps = steps_per_epoch * cfg.epochs
     measure = cfg.flatness != "off" and is_main
-    fixed = fixed_batches(train_set, cfg.flatness_images, mean, std) if measure else []
+    fixed = list(on_device(fixed_batches(train_set, cfg.flatness_images, mean, std), device)) if measure else []
 
     # --- noise, optimizer, schedule (restored on resume) ----------------------------------------------------
-    inj = NoiseInjector(model, cfg.noise_config(), torch.Generator())
+    inj = NoiseInjector(model, cfg.noise_config(), torch.Generator(device=device))
     inj.enabled = method.noise
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, total_steps, int(round(cfg.warmup_epochs * steps_per_epoch)))
@@ -107,12 +113,16 @@ def _train(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSe
     start_epoch, history = restore_checkpoint(blob, model, opt, sched, inj) if blob is not None else (0, [])
     if is_main:
         prepare_run_dir(out_dir, start_epoch, fresh=blob is None)
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    # a transformer trains through a traced copy with noise inside attention as well (graph_noise.py)
+    traced = attention_noise_graph(model, inj) if method.noise else None
+    body = traced if traced is not None else model
+    net = nn.parallel.DistributedDataParallel(body) if world > 1 else body
     ctx = StepContext(net=net, model=model, injector=inj, optimizer=opt, criterion=crit, cfg=cfg)
 
     def flatness() -> dict:
-        return measure_flatness(model, fixed, cfg.measure_noise_config(), cfg.trace_samples, cfg.eig_iters,
-                                cfg.mc_samples, seed=FLATNESS_SEED)
+        with unfused_attention(model):  # a fused attention kernel has no second derivative
+            return measure_flatness(model, fixed, cfg.measure_noise_config(), cfg.trace_samples, cfg.eig_iters,
+                                    cfg.mc_samples, seed=FLATNESS_SEED)
 
     if is_main:
         print(f"train: {model_name} on {cfg.data} ({n_train} images/epoch, {world} process(es)), method "
@@ -135,8 +145,9 @@ def _train(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSe
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count (this rank)
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
                    disable=not (is_main and cfg.progress), leave=False, mininterval=0.5, dynamic_ncols=True)
-        data_iter = batches(train_set, local_bs, mean, std, shuffle=True, augment=cfg.augment,
-                            seed=cfg.seed * 100_003 + epoch, rank=rank, world_size=world, limit=n_train)
+        data_iter = on_device(batches(train_set, local_bs, mean, std, shuffle=True, augment=cfg.augment,
+                                      seed=cfg.seed * 100_003 + epoch, rank=rank, world_size=world,
+                                      limit=n_train), device)
         for step_in_epoch, (x, y) in enumerate(data_iter):
             inj.scale = method.noise_scale((epoch - 1) * steps_per_epoch + step_in_epoch, total_steps)
             loss, out = method.step(ctx, x, y)
@@ -164,9 +175,9 @@ def _train(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSe
 
         bn_images = 0
         if epoch == cfg.epochs and cfg.bn_recalibrate > 0:
-            bn_data = batches(train_set, local_bs, mean, std, shuffle=True, augment=cfg.augment,
-                              seed=cfg.seed * 100_003 + 99_991, rank=rank, world_size=world,
-                              limit=cfg.bn_recalibrate)
+            bn_data = on_device(batches(train_set, local_bs, mean, std, shuffle=True, augment=cfg.augment,
+                                        seed=cfg.seed * 100_003 + 99_991, rank=rank, world_size=world,
+                                        limit=cfg.bn_recalibrate), device)
             bn_images = recalibrate_bn(model, inj, bn_data)
         ev = evaluate(model, test_set, mean, std, 256, rank, world, cfg.eval_limit)
         rec = {
