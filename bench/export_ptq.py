@@ -1,13 +1,14 @@
-"""Issue 4 benchmark: PTQ of the pretrained CIFAR ResNet-20 with no training, Plateau against onnxruntime's quantizer.
+"""PTQ benchmark (issues 4 and 16): Plateau's export against onnxruntime's quantizer, no training.
 
-    .venv/bin/python bench/export_ptq.py [--data ../shared/data/cifar10] [--ckpt ...] [--limit N] [--configs a,b]
+    .venv/bin/python bench/export_ptq.py --model resnet20 [--limit N] [--configs a,b]     # CIFAR ResNet-20
+    .venv/bin/python bench/export_ptq.py --model vit [--limit N] [--configs a,b]          # the shared ViT-Tiny
 
-Each Plateau configuration runs through `plateau export` (calibration on 512-1024 TRAIN images, validation on the
-test split), so its report holds FP, reference and onnxruntime top-1 and onnxruntime's agreement with the reference.
-Configurations with anything below 8 bits are also written in the native 4-bit layout from the same reference and
-run on onnxruntime beside the default (widened) file, with the count of convs / matmuls it ran in integer kernels.
-onnxruntime's quantize_static (QDQ, per-channel, min-max) runs on the same FP32 graph and calibration images.
-Writes bench/results/export_ptq.json and prints a markdown table.
+Each Plateau configuration runs through `plateau export` (the real CLI parser; calibration on TRAIN images,
+validation on the test split), so its report holds FP, reference and onnxruntime top-1 and onnxruntime's agreement
+with the reference. Configurations with anything below 8 bits are also written in the native 4-bit layout from the
+same reference and run on onnxruntime beside the default (widened) file, with the count of convs / matmuls it ran in
+integer kernels. onnxruntime's quantize_static (QDQ, per-channel, min-max) runs on the same FP32 graph and
+calibration images. Writes bench/results/export_ptq[_vit].json and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -16,40 +17,46 @@ import argparse
 import json
 import platform
 import time
-from argparse import Namespace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
-CONFIGS = {
-    "W8A8": dict(bits="W8A8"),
-    "W8A8-u8": dict(bits="W8A8", act_unsigned=True),
-    "W4A8": dict(bits="W4A8"),
-    "W4A8-adaround": dict(bits="W4A8", rounding="adaround", weight_calibration="mse", calib_images=1024),
-    "W4A4-adaround-fl8": dict(bits="W4A4", rounding="adaround", weight_calibration="mse", act_calibration="mse",
-                              keep_first_last_8bit=True, calib_images=1024),
-    # per-block reconstruction (BRECQ), without and with learned activation clipping, otherwise as the rows above
-    "W4A8-brecq": dict(bits="W4A8", rounding="adaround", reconstruction="block", weight_calibration="mse",
-                       calib_images=1024),
-    "W4A8-brecq-clip": dict(bits="W4A8", rounding="adaround", reconstruction="block", learn_act_clip=True,
-                            weight_calibration="mse", calib_images=1024),
-    "W4A4-brecq-fl8": dict(bits="W4A4", rounding="adaround", reconstruction="block", weight_calibration="mse",
-                           act_calibration="mse", keep_first_last_8bit=True, calib_images=1024),
-    "W4A4-brecq-clip-fl8": dict(bits="W4A4", rounding="adaround", reconstruction="block", learn_act_clip=True,
-                                weight_calibration="mse", act_calibration="mse", keep_first_last_8bit=True,
-                                calib_images=1024),
+# model preset -> (export arguments naming the model, {config: its export arguments})
+MODELS = {
+    "resnet20": (["--model", "cifar_resnet20",
+                  "--checkpoint", str(SHARED / "models/cifar-resnet/resnet20-12fca82f.th")], {
+        "W8A8": ["--bits", "W8A8", "--fast"],
+        "W8A8-u8": ["--bits", "W8A8", "--fast", "--act-unsigned"],
+        "W4A8-nearest": ["--bits", "W4A8", "--fast"],
+        "W4A8": ["--bits", "W4A8"],  # the default below 8 bits (learned rounding per block, learned clipping)
+        "W4A4-fl8": ["--bits", "W4A4", "--keep-first-last-8bit"],
+        "W4A8-brecq": ["--bits", "W4A8", "--no-learn-act-clip"],
+        "W4A8-adaround-layer": ["--bits", "W4A8", "--reconstruction", "layer", "--no-learn-act-clip"],
+        "W4A4-brecq-clip-fl8": ["--bits", "W4A4", "--keep-first-last-8bit", "--learn-act-clip"],
+    }),
+    "vit": (["--model", "vit_tiny_patch16_224", "--img-size", "32",
+             "--checkpoint", str(SHARED / "models/cifar-vit/vit_tiny_c10.pt")], {
+        "W8A8": ["--bits", "W8A8"],
+        "W8A8-integer-only": ["--bits", "W8A8", "--integer-only"],
+        "W4A8": ["--bits", "W4A8"],
+        "W4A4": ["--bits", "W4A4"],
+        "W3A3": ["--bits", "W3A3"],
+        "W4A4-fast": ["--bits", "W4A4", "--fast"],
+        "W4A4-int-only": ["--bits", "W4A4", "--integer-only"],
+    }),
 }
 
 
-def export_args(run: Path, ckpt: Path, data: Path, limit: int | None, **kw) -> Namespace:
-    base = dict(run=str(run), checkpoint=str(ckpt), model="cifar_resnet20", data=str(data), onnx=None, mean=None,
-                std=None, bits="W8A8", act_calibration="minmax", weight_calibration="minmax", rounding="nearest",
-                adaround_iters=500, reconstruction="layer", learn_act_clip=False, keep_first_last_8bit=False,
-                act_unsigned=False, calib_images=512, eval_limit=limit, img_size=None, mixed_precision=None,
-                four_bit_layout="widened")
-    base.update(kw)
-    return Namespace(**base)
+def export_args(run: Path, model: list[str], data: Path, limit: int | None, config: list[str]) -> argparse.Namespace:
+    """The arguments `plateau export` would parse for this run and configuration."""
+    from plateau.export import stage
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--run")
+    stage.add_arguments(p)
+    argv = ["--run", str(run), *model, "--data", str(data), *config]
+    return p.parse_args(argv + (["--eval-limit", str(limit)] if limit else []))
 
 
 def ort_quantizer(fp32: Path, out: Path, data: Path, mean, std, weight: str, act: str) -> Path:
@@ -121,13 +128,16 @@ def _revalidate(d: Path, data: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--data", default=str(SHARED / "data/cifar10"))
-    p.add_argument("--ckpt", default=str(SHARED / "models/cifar-resnet/resnet20-12fca82f.th"))
+    p.add_argument("--model", default="resnet20", choices=tuple(MODELS))
     p.add_argument("--limit", type=int, default=None, help="test images (default all 10,000)")
-    p.add_argument("--configs", default=",".join(CONFIGS))
-    p.add_argument("--out", default=str(ROOT / "runs/bench-ptq"))
+    p.add_argument("--configs", default=None, help="comma list (default: every config of the model)")
+    p.add_argument("--out", default=None, help="run folders (default runs/bench-ptq[-vit])")
     p.add_argument("--reuse-exports", action="store_true",
                    help="keep each config's existing export (its reference logits) and re-run only onnxruntime on it")
     a = p.parse_args()
+    model_args, configs = MODELS[a.model]
+    a.configs = a.configs or ",".join(configs)
+    a.out = a.out or str(ROOT / ("runs/bench-ptq" if a.model == "resnet20" else f"runs/bench-ptq-{a.model}"))
     from plateau.data import load_split
     from plateau.export import stage
     from plateau.export.validate import logits_of, ort_fn, ort_session, top1
@@ -139,12 +149,12 @@ def main() -> None:
         if a.reuse_exports and (run / "export" / "reference_logits.npy").exists():
             rep = _revalidate(run / "export", a.data)
         else:
-            rep = stage.main(export_args(run, Path(a.ckpt), Path(a.data), a.limit, **CONFIGS[name]))
+            rep = stage.main(export_args(run, model_args, Path(a.data), a.limit, configs[name]))
         rows[name] = {"top1": rep["top1"], "onnxruntime_vs_reference": rep.get("onnxruntime_vs_reference"),
                       "onnxruntime_kernels": rep.get("onnxruntime_kernels"),
                       "onnxruntime_error": rep.get("onnxruntime_error"), "seconds": round(time.time() - t0, 1),
                       "qdq_bytes": (run / "export" / "model_qdq.onnx").stat().st_size,
-                      "fp32_bytes": (run / "export" / "model_fp32.onnx").stat().st_size, "config": CONFIGS[name]}
+                      "fp32_bytes": (run / "export" / "model_fp32.onnx").stat().st_size, "config": configs[name]}
         native = _native_layout(run / "export", a.data)
         if native is not None:
             rows[name]["onnxruntime_native_layout_vs_reference"] = native
@@ -168,7 +178,8 @@ def main() -> None:
     result = {"machine": f"{platform.processor() or platform.machine()}, {platform.node()}",
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "test_images": a.limit or 10000,
               "rows": rows}
-    out = ROOT / "bench/results/export_ptq.json"
+    name = "export_ptq" if a.model == "resnet20" else f"export_ptq_{a.model}"
+    out = ROOT / "bench" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print("| config | FP32 | reference | onnxruntime | ORT vs ref: top-1 agreement | bit-exact | within 1 step | max "

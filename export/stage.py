@@ -48,6 +48,7 @@ from plateau.reference import FakeQuantModel
 
 from .onnx_reader import read_onnx
 from .onnx_writer import FOUR_BIT_LAYOUTS, to_float_onnx, to_qdq_onnx
+from .presets import PRESET_FIELDS, ptq_defaults
 from .ptq import quantize_graph, quantize_model
 from .reference_file import load_reference, reference_state
 from .report import render_report
@@ -78,6 +79,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="ImageFolder tree or 'synthetic' (default: the data the run trained on)")
     p.add_argument("--bits", default="W8A8", help="W8A8 (default), W4A8, W4A4, ... (2..8 bits each)")
     config_options(p, QuantConfig)  # calibration, rounding, first/last 8-bit, ... (plateau/qconfig.py)
+    # Left open, the methods come from the bit width (presets.py): the best measured, or --fast.
+    p.set_defaults(**{k: None for k in PRESET_FIELDS})
+    p.add_argument("--no-learn-act-clip", dest="learn_act_clip", action="store_false",
+                   help="no learned activation clipping (the default below 8-bit weights with 8-bit activations)")
+    p.add_argument("--fast", action="store_true", help="round to nearest, no learned rounding: seconds, not "
+                   "minutes (default below 8 bits: learned rounding per block, see export/presets.py)")
     p.add_argument("--mixed-precision", type=float, metavar="AVG_BITS",
                    help="choose per-layer weight bits from measured sensitivity so that the parameter-weighted "
                         "average is at most AVG_BITS (e.g. 4.5); the choice goes into the manifest")
@@ -157,7 +164,9 @@ def main(args: argparse.Namespace) -> dict:
         w_bits, a_bits = parse_bits(args.bits)
     except ValueError as e:
         raise PlateauError(str(e)) from None
-    cfg = config_from_args(QuantConfig, args, weight_bits=w_bits, act_bits=a_bits)
+    preset = ptq_defaults(w_bits, a_bits, getattr(args, "fast", False))
+    chosen = {k: v for k, v in preset.items() if getattr(args, k, None) is None}
+    cfg = config_from_args(QuantConfig, args, weight_bits=w_bits, act_bits=a_bits, **chosen)
     if args.onnx:
         if not args.data:
             raise PlateauError("--onnx needs --data (calibration and test images)")
@@ -174,8 +183,11 @@ def main(args: argparse.Namespace) -> dict:
     mean, std = mcfg["mean"], mcfg["std"]
     size = args.img_size
     train, test = load_split(data, "train", size), load_split(data, "test", size)
-    if args.calib_images > len(train):
-        raise PlateauError(f"--calib-images {args.calib_images} exceeds the {len(train)} training images in {data}")
+    if cfg.calib_images > len(train):
+        if args.calib_images is not None:
+            raise PlateauError(f"--calib-images {cfg.calib_images} exceeds the {len(train)} training images in "
+                               f"{data}")
+        cfg.calib_images = len(train)  # the preset asks for more than there are: take them all
     calib = _calibration_batches(train, cfg, mean, std)
     mixed = None
     if args.mixed_precision is not None:
@@ -183,7 +195,7 @@ def main(args: argparse.Namespace) -> dict:
         sens = layer_sensitivity(graph, calib, cfg)
         cfg.layer_bits = choose_bits(graph, sens, args.mixed_precision)
         mixed = {"budget_avg_bits": args.mixed_precision, "layer_bits": cfg.layer_bits, "sensitivity": sens}
-    print(f"export: {src['model']} at {cfg.bits_name}, {cfg.act_calibration} calibration on {args.calib_images} "
+    print(f"export: {src['model']} at {cfg.bits_name}, {cfg.act_calibration} calibration on {cfg.calib_images} "
           f"train images, {cfg.rounding} rounding"
           + (f" per {cfg.reconstruction}{' with learned activation clipping' if cfg.learn_act_clip else ''}"
              if cfg.rounding == "adaround" else ""))

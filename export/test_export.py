@@ -422,7 +422,7 @@ def test_export_report_counts_onnxruntime_kernels_and_flags_u8s8(tmp_path, monke
     torch.manual_seed(0)
     torch.save({"model": create_model("small_cnn").state_dict(), "model_name": "small_cnn"}, tmp_path / "ck.pt")
     base = ["export", "--checkpoint", str(tmp_path / "ck.pt"), "--data", "synthetic", "--calib-images", "64",
-            "--eval-limit", "64"]
+            "--eval-limit", "64", "--fast"]
     assert cli([*base, "--run", str(tmp_path / "w4"), "--bits", "W4A8"]) == 0
     rep = json.loads((tmp_path / "w4/export/report.json").read_text())
     assert rep["onnxruntime_kernels"] == {"integer": 6, "float": 0, "ops": {"QGemm": 1, "QLinearConv": 5}}

@@ -109,7 +109,7 @@ def trace(model: nn.Module, input_shape: list[int] | tuple[int, ...]) -> fx.Grap
     model = model.eval()
     try:
         with unfused_attention(model):
-            gm = fuse_conv_bn(model, inplace=False)
+            gm = fuse_conv_bn(model, inplace=False).cpu()  # a copy: the graph lives on the CPU
             return specialize(gm, torch.zeros(list(input_shape)))
     except PlateauError:
         raise

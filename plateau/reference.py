@@ -136,6 +136,22 @@ class FakeQuantModel(nn.Module):
         """Every quantization point's integer output, for per-layer comparison with a device."""
         return run_graph_int(self.graph, x, self.acts, self.weights, keep=True)
 
+    def to_device(self, device: torch.device | str) -> FakeQuantModel:
+        """Move every tensor of the graph and the parameters to `device` (a GPU runs the same numbers: integers
+        are exact in float64 there too); returns self."""
+        def move(v: object) -> object:
+            if isinstance(v, torch.Tensor):
+                return v.to(device)
+            if isinstance(v, dict):
+                return {k: move(u) for k, u in v.items()}
+            return v
+
+        for n in self.graph.nodes:
+            n.weight, n.bias, n.attrs = move(n.weight), move(n.bias), move(n.attrs)
+        for w in self.weights.values():
+            w.q, w.scale, w.bias_q, w.bias_scale = (move(t) for t in (w.q, w.scale, w.bias_q, w.bias_scale))
+        return self
+
     @property
     def output_step(self) -> float:
         return self.acts[self.graph.quant_source(self.graph.output)].scale

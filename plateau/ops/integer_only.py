@@ -44,7 +44,8 @@ def _levels(a: ActQ) -> np.ndarray:
 def lut_table(kind: str, params: dict, ain: ActQ, a: ActQ) -> np.ndarray:
     """T[i] for every input integer qmin + i: the float op on the dequantized value (float64), quantized."""
     x = dequantize_np(_levels(ain), ain.scale, ain.zero_point).astype(np.float64)
-    y = run_float_kind(kind, params, torch.from_numpy(x)).numpy()
+    cpu = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in params.items()}
+    y = run_float_kind(kind, cpu, torch.from_numpy(x)).numpy()
     return quantize_np(y.astype(np.float32), a.scale, a.zero_point, a.qtype).astype(np.int64)
 
 
@@ -57,8 +58,8 @@ def softmax_table(ain: ActQ) -> np.ndarray:
 
 def layer_norm_constants(params: dict, ain: ActQ, a: ActQ) -> tuple[np.ndarray, np.ndarray, int]:
     """(G, B, eps term) of the integer LayerNorm (module doc), int64."""
-    gamma = params["weight"].double().numpy().ravel()
-    beta = params["bias"].double().numpy().ravel()
+    gamma = params["weight"].double().cpu().numpy().ravel()
+    beta = params["bias"].double().cpu().numpy().ravel()
     c = gamma.size
     s_y, s_x = float(np.float32(a.scale)), float(np.float32(ain.scale))
     g = np.rint(gamma * math.sqrt(c) / s_y * 2.0**LAYER_NORM_K).astype(np.int64)
@@ -94,7 +95,7 @@ class Lut(_IntegerIO):
 
     def run_int(self, n, ins, ain, a, w):
         t = torch.from_numpy(lut_table(n.attrs["kind"], n.attrs["params"], ain[0], a)).double()
-        return t[(ins[0] - ain[0].qtype.qmin).long()]
+        return t.to(ins[0].device)[(ins[0] - ain[0].qtype.qmin).long()]
 
     def to_onnx_int(self, b: OnnxBuilder, n: QNode, x: str, ain: ActQ, a: ActQ, out_type: int, out: str) -> None:
         from onnx import numpy_helper
@@ -117,7 +118,7 @@ class IntSoftmax(_IntegerIO):
     def run_int(self, n, ins, ain, a, w):
         axis = n.attrs["params"]["axis"]
         q = ins[0].long()
-        table = torch.from_numpy(softmax_table(ain[0]))
+        table = torch.from_numpy(softmax_table(ain[0])).to(q.device)
         e = table[q - q.amax(dim=axis, keepdim=True) + len(table) - 1]
         s = e.sum(dim=axis, keepdim=True)
         y = _floor_div(e * 2 ** (a.qtype.bits + 1) + s, 2 * s)
@@ -149,9 +150,9 @@ class IntLayerNorm(_IntegerIO):
     name = "int_layernorm"
 
     def run_int(self, n, ins, ain, a, w):
-        g, bb, eps = (torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-                      for v in layer_norm_constants(n.attrs["params"], ain[0], a))
         x = ins[0].long()
+        g, bb, eps = (torch.from_numpy(v).to(x.device) if isinstance(v, np.ndarray) else v
+                      for v in layer_norm_constants(n.attrs["params"], ain[0], a))
         c = x.shape[-1]
         xc = c * x - x.sum(dim=-1, keepdim=True)
         v = (xc * xc).sum(dim=-1, keepdim=True) + eps

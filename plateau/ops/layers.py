@@ -27,7 +27,7 @@ def exact_dtype(xin: torch.Tensor, w: WeightQ) -> torch.dtype:
 
 
 def _requantize(n: QNode, acc: torch.Tensor, ain: ActQ, a: ActQ, w: WeightQ, axis: int) -> torch.Tensor:
-    m = torch.from_numpy(conv_multiplier(ain.scale, w.scale.numpy(), a.scale))
+    m = torch.from_numpy(conv_multiplier(ain.scale, w.scale.cpu().numpy(), a.scale))
     y = requantize(acc, m, a.zero_point, a.qtype, relu=n.relu, axis=axis)
     return torch.clamp(y, *clip_range(n, a)) if "clip" in n.attrs else y
 
