@@ -6,7 +6,7 @@
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/pkg /tmp/cache
-python3 - <<'PY'
+${PY:-python3} - <<'PY'
 import numpy as np, os
 z = np.load(".device/cifar10-25k.npz")
 names, offsets, data = z["names"], z["offsets"], z["data"]
@@ -21,6 +21,6 @@ cp -r plateau /tmp/pkg/
 for s in train export compile runtime; do ln -sfn "$PWD/$s" /tmp/pkg/plateau/$s; done
 export PYTHONPATH=/tmp/pkg PLATEAU_CACHE=/tmp/cache
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))"
-python3 bench/vit_flat.py --device cuda --data /tmp/cifar10 --ckpt .device/vit_tiny_c10.pt \
+${PY:-python3} -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.is_available())"
+${PY:-python3} bench/vit_flat.py --device ${DEVICE:-cuda} --data /tmp/cifar10 --ckpt .device/vit_tiny_c10.pt \
     --runs /tmp/runs --out "$OUT/vit_flat.json" "$@" 2>&1 | grep -v Warning

@@ -21,6 +21,7 @@ from . import (  # noqa: F401  (each file registers its rewrite in rewrite_regis
     rewrite_matmul,
     rewrite_passthrough,
     rewrite_pool,
+    rewrite_quantize_up,
     rewrite_requant,
 )
 from ._common import REQUANT_MODES

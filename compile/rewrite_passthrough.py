@@ -3,8 +3,8 @@ integers.
 
     op(dequantize(x_q, s, zp), ...)   =>   dequantize(op'(x_q, ...), s, zp)
 
-for op in reshape, flatten, permute_dims (Transpose), squeeze, expand_dims, strided_slice (Slice), max_pool2d,
-pad (constant 0 becomes constant zp) and relu (becomes maximum(x_q, zp)). Each is exact: these ops only move,
+for op in reshape, flatten, permute_dims (Transpose), squeeze, expand_dims, strided_slice (Slice), take (Gather),
+max_pool2d, pad (constant 0 becomes constant zp) and relu (becomes maximum(x_q, zp)). Each is exact: these ops move,
 select or compare values, and dequantize is monotone increasing, so max and ReLU commute with it; MaxPool's
 padding (the dtype minimum on integers, -inf in float) never wins a window that holds a real element.
 
@@ -26,7 +26,7 @@ __all__ = ["PassThroughRewrite", "PASS_THROUGH_OPS"]
 
 PASS_THROUGH_OPS = (
     "relax.reshape", "relax.flatten", "relax.permute_dims", "relax.squeeze", "relax.expand_dims",
-    "relax.strided_slice", "relax.nn.max_pool2d", "relax.nn.pad", "relax.nn.relu",
+    "relax.strided_slice", "relax.take", "relax.nn.max_pool2d", "relax.nn.pad", "relax.nn.relu",
 )
 
 

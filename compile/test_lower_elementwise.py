@@ -105,7 +105,12 @@ def test_per_axis_dequantize_is_not_moved():
         return _q(bb.emit(op.reshape(y, (2, 48))), S, ZP)
 
     before = _build([("x", (2, 3, 4, 4), "int8")], body)
-    assert op_counts(lower_qdq(before)).get("float_op:reshape") == 1
+    after = lower_qdq(before)
+    ops = [bd.value.op.name for blk in after["main"].body.blocks for bd in blk.bindings]
+    # the per-axis dequantize stays on its own axis, in front of the move; the per-tensor quantize moves up
+    assert ops == ["relax.dequantize", "relax.quantize", "relax.reshape"]
+    x = _int8((2, 3, 4, 4))
+    np.testing.assert_array_equal(_run(after, x), _run(before, x))
 
 
 def test_requant_pair_with_different_parameters():
@@ -254,3 +259,20 @@ def test_concat_matches_reference_formula():
     ref = quantize_np(np.concatenate([dequantize_np(a, S, ZP), dequantize_np(b, 0.041, 4)], axis=1),
                       S, ZP, INT8)
     np.testing.assert_array_equal(out, ref)
+
+
+def test_quantize_moves_above_reshape_and_transpose():
+    """quantize(permute(reshape(y))) => permute(reshape(quantize(y))): the float op under the moves meets its
+    quantize (a transformer's Linear on token rows), and the integers are the same."""
+    def body(bb, x):
+        y = bb.emit(op.multiply(_deq(bb, x, S, ZP), _deq(bb, x, S, ZP)))
+        y = bb.emit(op.permute_dims(bb.emit(op.reshape(y, (2, 3, 16))), [0, 2, 1]))
+        return _q(y, 0.05, 3)
+
+    before = _build([("x", (2, 3, 4, 4), "int8")], body)
+    after = lower_qdq(before)
+    ops = [bd.value.op.name for blk in after["main"].body.blocks for bd in blk.bindings]
+    assert ops[-2:] == ["relax.reshape", "relax.permute_dims"]
+    assert "relax.quantize" not in ops[-2:]
+    x = _int8((2, 3, 4, 4))
+    np.testing.assert_array_equal(_run(after, x), _run(before, x))
