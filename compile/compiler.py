@@ -82,6 +82,20 @@ _ONNX_TYPES = {
 }
 
 
+# Float ops kept without allow_float: a transformer's LayerNorm, Softmax and GELU, which plateau export writes
+# as float islands by default (plateau/ops/float_island.py, `default=True`). Anything else left in float (Sin,
+# GlobalLpPool's power and sum, a pooling whose size is unknown) needs allow_float, as --help says.
+DEFAULT_FLOAT_OPS = ("nn.softmax", "nn.layer_norm", "nn.gelu", "nn.gelu_tanh")
+# ONNX ops the integer path handles (or that carry no arithmetic): a node of another type is what a float op
+# that matches no ONNX type by name came from.
+_LOWERED_ONNX = {
+    "QuantizeLinear", "DequantizeLinear", "Conv", "ConvTranspose", "Gemm", "MatMul", "Relu", "Clip", "MaxPool",
+    "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "Add", "Sum", "Mul", "Sub", "Concat",
+    "Reshape", "Flatten", "Transpose", "Pad", "Slice", "Cast", "Constant", "Identity", "Squeeze", "Unsqueeze",
+    "Softmax", "LayerNormalization", "Gelu", "Shape", "Gather",
+}
+
+
 def _float_islands(mod: tvm.IRModule, prep: PreparedModel) -> list[dict]:
     """Every op left computing in float, in order: conv2d / matmul ("compute": an error unless allow_float,
     named by the ONNX node owning the weight) and other ops on dequantized values ("float_op": Softmax,
@@ -106,6 +120,8 @@ def _float_islands(mod: tvm.IRModule, prep: PreparedModel) -> list[dict]:
         nodes = [n for n in prep.model.graph.node if n.op_type in _ONNX_TYPES.get(name, ())]
         k = seen.get(name, 0)
         seen[name] = k + 1
+        if not nodes:  # an op the table does not know: an ONNX node of the same name (Sin is relax "sin")
+            nodes = [n for n in prep.model.graph.node if n.op_type.lower() == name.rsplit(".", 1)[-1]]
         # The k-th remaining op is the k-th ONNX node only when none of that type was lowered.
         if len(nodes) == remaining[name]:
             node, op_type = nodes[k].name or nodes[k].output[0], nodes[k].op_type
@@ -113,6 +129,29 @@ def _float_islands(mod: tvm.IRModule, prep: PreparedModel) -> list[dict]:
             node, op_type = f"{name}#{k}", "/".join(_ONNX_TYPES.get(name, ("?",)))
         islands.append({"node": node, "op_type": op_type, "relax_op": name, "kind": "float_op"})
     return islands
+
+
+def _check_input_shape(prep: PreparedModel, onnx_path: Path) -> None:
+    """Only the batch may be symbolic: with the image size unknown, pooling has no integer form (its divisor is
+    unknown) and would silently stay in float, and no kernel can be scheduled for it."""
+    weights = {x.name for x in prep.model.graph.initializer}
+    for inp in prep.model.graph.input:
+        if inp.name in weights:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+        symbolic = [i for i, d in enumerate(dims) if i > 0 and not d.HasField("dim_value")]
+        if symbolic:
+            raise PlateauError(
+                f"{onnx_path}: input {inp.name!r} has shape {shown}: dimension(s) {symbolic} are symbolic, and only "
+                "the batch (dimension 0) may be; export the model with a fixed image size (e.g. set the dims "
+                "with onnx.tools.update_model_dims)")
+
+
+def _suspects(prep: PreparedModel) -> list[str]:
+    """The ONNX nodes with no integer lowering, for naming float ops that match no node by type."""
+    return [f"{n.name or n.output[0]!r} ({n.op_type})" for n in prep.model.graph.node
+            if n.op_type not in _LOWERED_ONNX]
 
 
 def _op_names(mod: tvm.IRModule):
@@ -238,6 +277,7 @@ def compile_onnx(
     n_inputs = len(mod["main"].params)
     if n_inputs != 1:
         raise PlateauError(f"{onnx_path}: expected one graph input (the image batch), found {n_inputs}")
+    _check_input_shape(prep, onnx_path)
     mod = lower_qdq(mod, requant=requant)
     islands = _float_islands(mod, prep)  # before layout conversion, which folds dequantized float weights
     blocking = [i for i in islands if i["kind"] == "compute"]
@@ -246,14 +286,29 @@ def compile_onnx(
         raise PlateauError(
             f"{onnx_path}: cannot lower to integer arithmetic: {names}. Quantize these layers with symmetric "
             "int8/int4 weights (per-tensor or per-output-channel) followed by QuantizeLinear, or pass "
-            "allow_float=True to keep them in float"
+            "--allow-float (allow_float=True) to keep them in float"
+        )
+    floats = [i for i in islands if i["kind"] == "float_op" and i["relax_op"] not in DEFAULT_FLOAT_OPS]
+    if floats and not allow_float:
+        named = [f"{i['node']!r} ({i['op_type']})" for i in floats if i["op_type"] != "?"]
+        unnamed = list(dict.fromkeys(i["relax_op"] for i in floats if i["op_type"] == "?"))
+        if unnamed:  # a node TVM decomposed (GlobalLpPool -> abs, power, sum): name the ONNX nodes it can be
+            named.append(f"{', '.join(_suspects(prep)) or 'a node'} (computed as {', '.join(unnamed)})")
+        raise PlateauError(
+            f"{onnx_path}: no integer form for {', '.join(dict.fromkeys(named))}: these would compute in float "
+            "between a DequantizeLinear and a QuantizeLinear; pass --allow-float (allow_float=True) to keep them "
+            "so (listed in the manifest), or quantize the model without them"
         )
 
     mod = lower_for_target(mod, tgt, schedule)
     lib_weight_bytes, n_packed = packed_weight_bytes(mod)
     tiles, tuning = None, None
+    if tune_minutes < 0 or tune_minutes != tune_minutes:
+        raise PlateauError(f"--tune-minutes must be >= 0, got {tune_minutes}")
     if schedule == "default":  # the database in out_dir/tuning/, searched when tune_minutes > 0
         tiles, tuning = tuned_tiles(mod, tgt, out_dir / "tuning", tune_minutes, tune_rpc, tune_rpc_key)
+        if tuning:  # relative to the compile folder, which a stage writes under a staging name first
+            tuning["database"] = f"tuning/{Path(tuning['database']).name}"
     ex, tdict = build(mod, tgt, schedule, tiles)
     out_dir.mkdir(parents=True, exist_ok=True)
     so = out_dir / "model.so"

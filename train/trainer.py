@@ -13,6 +13,7 @@ What a method perturbs and how its step runs is its registry entry (methods.py);
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -25,9 +26,10 @@ from torch import nn
 from plateau.data import ImageSet, batches, load_split
 from plateau.errors import PlateauError
 from plateau.models import model_cfg
+from plateau.staging import clean_temporaries, note, stage_lock, write_failure
 
 from .bn import recalibrate_bn
-from .checkpoint import prepare_run_dir, restore_checkpoint, resume_config, save_checkpoint
+from .checkpoint import prepare_run_dir, refuse_or_clear, restore_checkpoint, resume_config, save_checkpoint
 from .config import TrainConfig
 from .distributed import all_sum, setup_distributed, sync_ranges
 from .evaluate import FLATNESS_SEED, evaluate, fixed_batches
@@ -74,10 +76,37 @@ def _epoch_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
 
 def _train(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSet | None,
            test_set: ImageSet | None, inputs: dict, rank: int, world: int) -> dict:
+    """Hold the folder's lock (rank 0: one training run per folder), refuse to start over an earlier run
+    without --overwrite, then train. Every rank learns whether rank 0 could start, so none waits forever."""
+    is_main = rank == 0
+    with contextlib.ExitStack() as stack:
+        failure = None
+        if is_main:
+            try:
+                stack.enter_context(stage_lock(out_dir))
+                out_dir.mkdir(parents=True, exist_ok=True)
+                removed = clean_temporaries(out_dir)
+                if removed:
+                    note(f"removed {len(removed)} temporary file(s) an interrupted run left in {out_dir}")
+                refuse_or_clear(cfg, out_dir)
+            except OSError as e:
+                failure = write_failure(e.filename or out_dir, e)
+            except PlateauError as e:
+                failure = e
+        if all_sum(torch.tensor([1.0 if failure else 0.0]), world).item() > 0:
+            raise failure or PlateauError("rank 0 could not start the run (its message says why)")
+        try:
+            return _train_locked(model, cfg, out_dir, train_set, test_set, inputs, rank, world)
+        except OSError as e:
+            err = write_failure(e.filename or out_dir, e)
+            raise PlateauError(f"{err}; the checkpoints written before are kept (continue with --resume)") from None
+
+
+def _train_locked(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSet | None,
+                  test_set: ImageSet | None, inputs: dict, rank: int, world: int) -> dict:
     from tqdm import tqdm
 
     is_main = rank == 0
-    out_dir.mkdir(parents=True, exist_ok=True)
     model_name = getattr(model, "plateau_name", type(model).__name__)
     pcfg = model_cfg(model)
     mean, std = pcfg["mean"], pcfg["std"]
