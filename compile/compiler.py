@@ -13,6 +13,7 @@ The library holds the weights (imported with keep_params_in_input=False), so loa
 
 from __future__ import annotations
 
+import errno
 import re
 import warnings
 from collections import Counter
@@ -309,8 +310,9 @@ def compile_onnx(
         tiles, tuning = tuned_tiles(mod, tgt, out_dir / "tuning", tune_minutes, tune_rpc, tune_rpc_key)
         if tuning:  # relative to the compile folder, which a stage writes under a staging name first
             tuning["database"] = f"tuning/{Path(tuning['database']).name}"
-    ex, tdict = build(mod, tgt, schedule, tiles)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _check_room(out_dir, 2 * prep.weight_bytes + (8 << 20))
+    ex, tdict = build(mod, tgt, schedule, tiles)
     so = out_dir / "model.so"
     with atomic_path(so) as tmp:
         tmp_so = tmp.with_suffix(".so")  # export_library picks the output format from the suffix
@@ -354,6 +356,25 @@ def compile_onnx(
         # weights whose values fit in 4 bits are stored two per byte and unpacked at run time (pack_int4.py)
         library_weight_bytes=lib_weight_bytes, packed_int4_weights=n_packed, **extra,
     )
+
+
+def _check_room(out_dir: Path, need: int) -> None:
+    """LLVM aborts the whole process when it cannot write an object file (no exception to catch): refuse first
+    when the file-size limit or the free space of the output or temporary folder is below what a build writes
+    (`need`: the weights twice, the code, a margin). An OSError, which the stage reports naming the folder."""
+    import resource
+    import shutil
+    import tempfile
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raise OSError(errno.EFBIG, f"File too large: the file size limit (ulimit -f) is {soft // 1024} kB, below the "
+                      f"{need >> 20} MB a build may write", str(out_dir))
+    for folder in (out_dir, Path(tempfile.gettempdir())):
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            raise OSError(errno.ENOSPC, f"No space left on device: {free >> 10} kB free, a build may write "
+                          f"{need >> 20} MB", str(folder))
 
 
 def _kernel_count(src: Path) -> int:

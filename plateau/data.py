@@ -137,7 +137,8 @@ def _decode(files: list[tuple[Path, int]], img_size: int | None, desc: str) -> t
     from tqdm import tqdm
 
     images, labels = [], []
-    for f, label in tqdm(files, desc=desc, unit="img", leave=False, mininterval=1.0):
+    # disable=None: no bar when stderr is no terminal (a log, a pipe), where it is noise before any error line
+    for f, label in tqdm(files, desc=desc, unit="img", leave=False, mininterval=1.0, disable=None):
         try:
             with Image.open(f) as im:
                 im = im.convert("RGB")
@@ -249,18 +250,24 @@ def _names(classes: list[str], k: int = 4) -> str:
 def load_splits(data: str | Path, img_size: int | None = None) -> tuple[ImageSet, ImageSet]:
     """The train and test splits, checked to be one classification task: the same class names in the same
     order (else every label would mean another class), and at least two classes."""
+    if str(data) != SYNTHETIC and Path(data).is_dir():  # the class folders first: refused before any decoding
+        _check_split_classes(data, _list_folder(Path(data) / "train")[0], _list_folder(Path(data) / "test")[0])
     train, test = load_split(data, "train", img_size), load_split(data, "test", img_size)
-    if len(train.classes) < 2:
-        raise PlateauError(f"DATA {data} has one class ({train.classes[0]!r}): a classifier needs at least two")
-    if train.classes != test.classes:
-        only_train = sorted(set(train.classes) - set(test.classes))
-        only_test = sorted(set(test.classes) - set(train.classes))
+    _check_split_classes(data, train.classes, test.classes)
+    return train, test
+
+
+def _check_split_classes(data: str | Path, train: list[str], test: list[str]) -> None:
+    if len(train) < 2:
+        raise PlateauError(f"DATA {data} has one class ({train[0]!r}): a classifier needs at least two")
+    if train != test:
+        only_train = sorted(set(train) - set(test))
+        only_test = sorted(set(test) - set(train))
         detail = "; ".join(x for x in (
             f"only in train/: {_names(only_train)}" if only_train else "",
             f"only in test/: {_names(only_test)}" if only_test else "") if x) or "same names, other order"
         raise PlateauError(f"DATA {data}: the test split's classes differ from the train split's ({detail}); "
                            "each split needs the same class folders")
-    return train, test
 
 
 # --- batching ---------------------------------------------------------------------------------------------------------

@@ -50,8 +50,10 @@ def write_failure(path: Path | str, e: OSError, unchanged: Path | str | None = N
     why = e.strerror or str(e)
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         why += " (the folder is read-only for this user)"
-    elif e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    elif e.errno in (errno.ENOSPC, errno.EDQUOT):
         why += " (free some space, or write the run elsewhere with --run)"
+    elif e.errno == errno.EFBIG:
+        why += " (a file-size limit: see `ulimit -f`)"
     kept = f"; the previous {unchanged} is unchanged" if unchanged is not None else ""
     return PlateauError(f"cannot write {path}: {why}{kept}")
 
@@ -186,13 +188,13 @@ def recover(folder: Path | str, quiet: bool = False) -> None:
     if not folder.exists() and olds:
         pid, old = olds[-1]
         new = stagings.pop(pid, None)
-        if new is not None:  # the swap had started: its staging folder was complete
+        if new is not None:  # the swap had started: its staging folder was complete; the old one goes below
             os.rename(new, folder)
             say(f"finished the swap of {folder} that PID {pid} started (its new files are in place)")
         else:
             os.rename(old, folder)
             say(f"restored {folder} from {old.name}, left by PID {pid}")
-        olds = olds[:-1]
+            olds = olds[:-1]
     for pid, p in [*olds, *stagings.items()]:
         if pid == os.getpid():
             continue

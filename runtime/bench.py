@@ -72,7 +72,7 @@ def _engines(arg: str) -> list[str]:
     names = [e.strip() for e in arg.split(",") if e.strip()]
     bad = [e for e in names if e not in ENGINES]
     if bad or not names:
-        raise PlateauError(f"unknown engine {bad[0] if bad else arg!r}; valid: {', '.join(ENGINES)}")
+        raise PlateauError(f"--engines: unknown engine {bad[0] if bad else arg!r}; valid: {', '.join(ENGINES)}")
     return names
 
 
@@ -208,15 +208,15 @@ def main(args: argparse.Namespace) -> dict:
     return report
 
 
-def _bench_into(out: Path, args: argparse.Namespace, run: Path, exp: dict, comp: dict, lib: Path, device: str,
+def _bench_into(stage: Path, args: argparse.Namespace, run: Path, exp: dict, comp: dict, lib: Path, device: str,
                 engines: list[str], x_lat: np.ndarray, x_eval: np.ndarray, y_eval: np.ndarray,
                 t_start: float):
-    """Build the derived engines, time every engine and write the report into `out` (the staging folder);
+    """Build the derived engines, time every engine and write the report into `stage` (the staging folder);
     (the report, its document)."""
     emulated = device == "qemu"
     bits = exp["config"].get("bits", "W8A8")
     other_bits = "W4A8" if bits != "W4A8" else "W8A8"
-    eng_dir = out / "engines"
+    eng_dir = stage / "engines"
     plan: list[dict] = []  # engine, kind, path, bits, format
     if "tvm-int8" in engines:
         plan.append({"engine": f"TVM {bits}", "kind": "tvm", "path": lib, "bits": bits, "runtime": "TVM"})
@@ -296,7 +296,7 @@ def _bench_into(out: Path, args: argparse.Namespace, run: Path, exp: dict, comp:
                  "noisy"),
     }
     doc = render_document(report)
-    doc.write(out, data=report)
+    doc.write(stage, data=report)
     return report, doc
 
 

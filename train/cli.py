@@ -77,19 +77,15 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def _check_finetune_classes(checkpoint: str, train_set, data: str) -> None:
-    """A Plateau checkpoint records its classes: fine-tuning its head on data with another number of classes
-    cannot work (a clear line instead of a shape mismatch); other names with the same count retrain the head,
-    which is said, not refused (starting from other data's weights is a legitimate initialization)."""
+    """A Plateau checkpoint records its classes: fine-tuning it on data with other classes (another count, or
+    other names: class i of its head would be trained to mean another thing) is refused with one line. A bare
+    state dict records none and is taken as an initialization."""
     blob = read_torch_file(checkpoint)
     if not isinstance(blob, dict):
         return
     classes, n = blob.get("classes"), blob.get("num_classes")
-    if isinstance(n, int) and n != len(train_set.classes):
-        check_classes(train_set, None, n, f"checkpoint {checkpoint}", data)
-    if isinstance(classes, list) and list(classes) != list(train_set.classes) and len(classes) == len(
-            train_set.classes):
-        print(f"train: note: checkpoint {checkpoint} was trained on other classes ({', '.join(classes[:4])}, ...) "
-              f"than DATA {data}: its head is retrained on this data's classes")
+    check_classes(train_set, classes if isinstance(classes, list) else None, n if isinstance(n, int) else None,
+                  f"checkpoint {checkpoint}", data)
 
 
 def _entry(argv: list[str] | None = None) -> int:

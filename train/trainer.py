@@ -99,7 +99,9 @@ def _train(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSe
             return _train_locked(model, cfg, out_dir, train_set, test_set, inputs, rank, world)
         except OSError as e:
             err = write_failure(e.filename or out_dir, e)
-            raise PlateauError(f"{err}; the checkpoints written before are kept (continue with --resume)") from None
+            kept = ("the checkpoints written before are kept (continue with --resume)"
+                    if (out_dir / "last.pt").is_file() else "no checkpoint was written")
+            raise PlateauError(f"{err}; {kept}") from None
 
 
 def _train_locked(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSet | None,
