@@ -86,6 +86,39 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict], meta: dict) -> str:
+    """The bench/RESULTS.md section: totals per kind of failure the issue names."""
+    t = meta["totals"]
+    lines = [
+        "## Crash safety and bad input (issue 14)",
+        "",
+        f"`{meta['command']}` on {meta['date']}, {meta['machine']} ({meta['seconds'] / 60:.0f} min, two cases at a "
+        "time). Every case copies one good run (small_cnn, synthetic data: train, export, compile, validate), breaks "
+        "something and runs the real CLI or `make`; kills are a real SIGKILL at a named artifact "
+        "(`PLATEAU_PAUSE_AFTER`). The full table, one row per case with the line the user saw, is "
+        "[docs/faults.md](../docs/faults.md); the data is `bench/results/faults.json`.",
+        "",
+        "| kind of case | cases | pass | tracebacks | silent successes | damaged files | wrong | skipped |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for kind in ("data loss", "nonsense", "traceback", "robustness", "valid"):
+        sel = [r for r in rows if r["issue"] == kind]
+        if sel:
+            n = {k: sum(r["result"] == k for r in sel) for k in RESULTS}
+            lines.append(f"| {_KINDS[kind]} | {len(sel)} | {n['pass']} | {n['traceback']} | {n['silent success']} "
+                         f"| {n['damaged']} | {n['wrong']} | {n['skipped']} |")
+    lines += [f"| **all** | **{t['cases']}** | **{t['pass']}** | **{t['traceback']}** | **{t['silent success']}** | "
+              f"**{t['damaged']}** | **{t['wrong']}** | **{t['skipped']}** |", ""]
+    return "\n".join(lines)
+
+
+_KINDS = {"data loss": "data loss: kills, concurrent writers, swapped or damaged artifacts, the Makefile",
+          "nonsense": "nonsense input that used to succeed (options, classes, NaN weights, unlowerable ops)",
+          "traceback": "input that used to print a traceback (manifests, arrays, paths, read-only, full disk)",
+          "robustness": "where the issue is silent (stale locks, caches, malicious pickles, file modes)",
+          "valid": "valid variants, which must still succeed"}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=2)
@@ -127,6 +160,7 @@ def main() -> int:
     Path(args.md).parent.mkdir(parents=True, exist_ok=True)
     Path(args.md).write_text(markdown(rows, meta))
     print(json.dumps(meta, indent=1))
+    print(summary(rows, meta))
     return 0 if totals["pass"] + totals["skipped"] == totals["cases"] else 1
 
 

@@ -117,6 +117,7 @@ def _float_islands(mod: tvm.IRModule, prep: PreparedModel) -> list[dict]:
     others = [(n, c) for n, c in float_ops(mod) if not any(c.same_as(x) for x in compute_calls)]
     remaining = Counter(n for n, _ in others)
     seen: dict[str, int] = {}
+    unnamed = []  # indices of ops matched to no ONNX node
     for name, _call in others:
         nodes = [n for n in prep.model.graph.node if n.op_type in _ONNX_TYPES.get(name, ())]
         k = seen.get(name, 0)
@@ -128,8 +129,23 @@ def _float_islands(mod: tvm.IRModule, prep: PreparedModel) -> list[dict]:
             node, op_type = nodes[k].name or nodes[k].output[0], nodes[k].op_type
         else:
             node, op_type = f"{name}#{k}", "/".join(_ONNX_TYPES.get(name, ("?",)))
+            unnamed.append(len(islands))
         islands.append({"node": node, "op_type": op_type, "relax_op": name, "kind": "float_op"})
-    return islands
+    return _merge_decomposed(islands, unnamed, prep)
+
+
+def _merge_decomposed(islands: list[dict], unnamed: list[int], prep: PreparedModel) -> list[dict]:
+    """The importer decomposes some ONNX ops (HardSwish -> add, clip, divide, multiply; GlobalLpPool -> abs,
+    power, sum): when the graph has exactly one node with no integer lowering, those unmatched ops are that node,
+    listed once under its name."""
+    suspects = [n for n in prep.model.graph.node if n.op_type not in _LOWERED_ONNX]
+    if not unnamed or len(suspects) != 1:
+        return islands
+    node = suspects[0]
+    merged = {"node": node.name or node.output[0], "op_type": node.op_type,
+              "relax_op": ", ".join(dict.fromkeys(islands[i]["relax_op"] for i in unnamed)), "kind": "float_op"}
+    drop = set(unnamed[1:])
+    return [merged if i == unnamed[0] else isl for i, isl in enumerate(islands) if i not in drop]
 
 
 def _check_input_shape(prep: PreparedModel, onnx_path: Path) -> None:

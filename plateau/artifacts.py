@@ -24,14 +24,13 @@ import errno
 import hashlib
 import json
 import os
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import PlateauError
+from .staging import pause_point, refused_write, settle
 
 __all__ = [
     "FORMAT_VERSION",
@@ -58,15 +57,6 @@ FORMAT_VERSION = 1
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def pause_point(name: str) -> None:
-    """Stop here for a while when PLATEAU_PAUSE_AFTER names `name` (the fault tests kill -9 the process in this
-    window); a no-op otherwise."""
-    if os.environ.get("PLATEAU_PAUSE_AFTER") != name:
-        return
-    print(f"plateau: paused after {name} (PLATEAU_PAUSE_AFTER), pid {os.getpid()}", file=sys.stderr, flush=True)
-    time.sleep(float(os.environ.get("PLATEAU_PAUSE_SECONDS", "600")))
 
 
 def _file_mode() -> int:
@@ -109,22 +99,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if tmp_path.exists():
             tmp_path.unlink()
     pause_point(path.name)
-
-
-def refused_write(folder: Path) -> OSError | None:
-    """The error a write into `folder` gets now (full disk, quota, file-size limit, read-only), or None."""
-    probe = folder / f".plateau-probe-{os.getpid()}.tmp"
-    try:
-        with open(probe, "wb") as f:
-            f.write(b"\0" * (1 << 20))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        return e
-    finally:
-        with contextlib.suppress(OSError):
-            probe.unlink()
-    return None
 
 
 def save_torch(path: str | Path, obj: Any) -> None:
@@ -263,8 +237,6 @@ def read_manifest(folder: str | Path, stage: str) -> dict:
     path = Path(folder) / "manifest.json"
     again = f"run `plateau {stage}` again"
     if not path.is_file():
-        from .staging import settle
-
         settle(Path(folder))  # a writer killed in the middle of swapping the folder in: finish its swap
     if path.is_dir():
         raise PlateauError(f"{path}: is a directory, not a {stage} manifest")

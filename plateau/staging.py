@@ -27,17 +27,44 @@ import errno
 import fcntl
 import os
 import shutil
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import PlateauError
 
 __all__ = ["stage_lock", "staged_output", "recover", "settle", "clean_temporaries", "note", "write_failure",
-           "check_run_folder"]
+           "check_run_folder", "pause_point", "refused_write"]
 
 # What killed atomic writes leave: atomic_path's `.<name>.<random>.tmp`, the compile stage's
 # `.model.so.<random>.so` (export_library picks its format from the suffix).
 _TEMP_PATTERNS = (".*.tmp", ".*.so.*.so")
+
+
+def pause_point(name: str) -> None:
+    """Stop here for a while when PLATEAU_PAUSE_AFTER names `name` (the fault tests kill -9 the process in this
+    window); a no-op otherwise."""
+    if os.environ.get("PLATEAU_PAUSE_AFTER") != name:
+        return
+    print(f"plateau: paused after {name} (PLATEAU_PAUSE_AFTER), pid {os.getpid()}", file=sys.stderr, flush=True)
+    time.sleep(float(os.environ.get("PLATEAU_PAUSE_SECONDS", "600")))
+
+
+def refused_write(folder: Path) -> OSError | None:
+    """The error a write into `folder` gets now (full disk, quota, file-size limit, read-only), or None."""
+    probe = folder / f".plateau-probe-{os.getpid()}.tmp"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return None
 
 
 def note(message: str) -> None:
@@ -230,8 +257,6 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def _swap(staging: Path, folder: Path) -> None:
-    from .artifacts import pause_point
-
     old = folder.parent / f".{folder.name}.old-{os.getpid()}"
     _fsync_tree(staging)
     if folder.exists():
@@ -256,8 +281,6 @@ def _final_path(path: str | None, staging: Path, folder: Path) -> str:
 def staged_output(folder: Path | str, keep: Sequence[str] = ()) -> Iterator[Path]:
     """Yield a fresh staging folder for `folder`'s new contents (`keep`: sub-paths of the old folder copied in
     first, e.g. a cache); swap it in when the block succeeds, remove it when it fails."""
-    from .artifacts import refused_write
-
     folder = Path(folder)
     _ensure_dir(folder.parent)
     with stage_lock(folder):

@@ -165,7 +165,8 @@ def _train_locked(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: 
         t0 = time.time()
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count (this rank)
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
-                   disable=not (is_main and cfg.progress), leave=False, mininterval=0.5, dynamic_ncols=True)
+                   disable=True if not (is_main and cfg.progress) else None,  # None: only on a terminal
+                   leave=False, mininterval=0.5, dynamic_ncols=True)
         data_iter = batches(train_set, local_bs, mean, std, shuffle=True, augment=cfg.augment,
                             seed=cfg.seed * 100_003 + epoch, rank=rank, world_size=world, limit=n_train)
         for step_in_epoch, (x, y) in enumerate(data_iter):

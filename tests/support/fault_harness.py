@@ -252,7 +252,7 @@ def run_case(case: Case, good: Path, base: Path) -> Verdict:
                 gone = _changed(before, snapshot(ws.root))
                 if gone:
                     return _verdict(case, "damaged", f"{where} changed {', '.join(gone[:4])}", lines, rcs, t0)
-            problem = _step_problem(step, rc, errs, outs, err)
+            problem = _step_problem(step, rc, errs, outs, err) or (_staging_named(ws) if step.expect == "ok" else None)
             if problem:
                 return _verdict(case, "wrong", f"{where}: {problem}", lines, rcs, t0)
         problem = case.check(ws) if case.check else None
@@ -269,6 +269,14 @@ def run_case(case: Case, good: Path, base: Path) -> Verdict:
                 undo()
         subprocess.run(["chmod", "-R", "u+w", str(ws.root)], capture_output=True)
         shutil.rmtree(ws.root, ignore_errors=True)
+
+
+def _staging_named(ws: Ws) -> str | None:
+    """A report or manifest that names a staging folder would point at a path that no longer exists."""
+    for p in ws.root.rglob("*"):
+        if p.suffix in (".json", ".md") and p.is_file() and ".staging-" in p.read_text(errors="replace"):
+            return f"{p.relative_to(ws.root)} names a staging folder"
+    return None
 
 
 def _step_problem(step: Step, rc: int | None, errs: list[str], outs: list[str], err: str) -> str | None:
