@@ -55,8 +55,8 @@ help:
 	@echo "make validate TARGET=arm64         run the artifact (qemu for arm64) and check it against the reference"
 	@echo "make bench TARGET=host             latency beside onnxruntime"
 	@echo "make test                          the test suite"
-	@echo "make train RESUME=1 | OVERWRITE=1       continue a run's training, or delete it and start over"
-	@echo "make clean-run RUN=name                delete runs/name"
+	@echo "make train RESUME=1                continue a run's training (OVERWRITE=1: delete it, start over)"
+	@echo "make clean-run RUN=name            delete runs/name (and nothing else)"
 	@echo variables: RUN=$(call q,$(RUN)) MODEL=$(call q,$(MODEL)) DATA=$(call q,$(DATA)) BITS=$(call q,$(BITS)) \
 	  TARGET=$(call q,$(TARGET)) CKPT=$(call q,$(CKPT))
 

@@ -152,6 +152,10 @@ EXPORT = [
                                                                         "--data")]),
     Case("export-onnx-garbage", "traceback", "--onnx is not ONNX",
          [err([*_EXP, "--onnx", "{ws}/x.onnx", "--data", "synthetic"], "x.onnx")], prepare=write("x.onnx", "no")),
+    Case("export-onnx-dir", "traceback", "--onnx names a directory",
+         [err([*_EXP, "--onnx", "{ws}", "--data", "synthetic"], "is a directory")]),
+    Case("export-onnx-missing", "traceback", "--onnx names nothing",
+         [err([*_EXP, "--onnx", "{ws}/n.onnx", "--data", "synthetic"], "no such ONNX file")]),
     Case("export-data-missing", "traceback", "--data names nothing", [err([*_EXP, "--data", "{ws}/nope"], "nope")]),
     Case("export-file-modes", "robustness", "exported files are readable by the group and others (umask)",
          [ok(_EXP)], check=lambda ws: next((f"{p.name} has mode {oct(p.stat().st_mode & 0o777)}" for p in
