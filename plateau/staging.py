@@ -2,7 +2,7 @@
 
 A stage writes its folder (e.g. `runs/r/export/`) through `staged_output`:
 
-    with staged_output(run / "export", "export") as tmp:   # lock, clean leftovers, fresh staging folder
+    with staged_output(run / "export") as tmp:   # lock, clean leftovers, fresh staging folder
         ...write every file into tmp...
     # swapped in: runs/r/export/ is now the new, complete set of files
 
