@@ -74,13 +74,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"**{t['cases']} cases: {t['pass']} pass, {t['traceback']} tracebacks, {t['silent success']} silent "
         f"successes, {t['damaged']} damaged, {t['wrong']} wrong, {t['skipped']} skipped.**",
         "",
-        "| # | case | issue | commands | result | what the user saw (stderr for errors, last stdout line else) |",
-        "|---:|---|---|---|---|---|",
+        "| # | case | kind | what | commands ({run}: the copy of the good run) | result | what the user saw, step by "
+        "step (stderr for errors) |",
+        "|---:|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(rows, 1):
-        seen = r["detail"] if r["result"] != "pass" else (r["lines"][-1] if r["lines"] else "")
-        lines.append(f"| {i} | `{r['case']}` | {r['issue']} | {_cell(r['command'], 120)} | {r['result']} | "
-                     f"{_cell(seen)} |")
+        seen = r["detail"] if r["result"] != "pass" else " → ".join(x for x in r["lines"] if x)
+        lines.append(f"| {i} | `{r['case']}` | {r['issue']} | {_cell(r['title'], 110)} | {_cell(r['command'], 150)} "
+                     f"| {r['result']} | {_cell(seen, 260)} |")
     lines += ["", "Cases that need a facility this machine lacks (a tmpfs mount for a real full disk, `setpriv` "
               "for a read-only folder as root) are listed as skipped, with the reason.", ""]
     return "\n".join(lines)
@@ -112,9 +113,9 @@ def summary(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-_KINDS = {"data loss": "data loss: kills, concurrent writers, swapped or damaged artifacts, the Makefile",
-          "nonsense": "nonsense input that used to succeed (options, classes, NaN weights, unlowerable ops)",
-          "traceback": "input that used to print a traceback (manifests, arrays, paths, read-only, full disk)",
+_KINDS = {"data loss": "data loss: kills, concurrent writers, changed or damaged artifacts, the Makefile",
+          "nonsense": "nonsense input, to be refused (options, classes, NaN weights, unlowerable ops, shapes)",
+          "traceback": "input that crashes a careless reader (manifests, arrays, paths, read-only, full disk)",
           "robustness": "where the issue is silent (stale locks, caches, malicious pickles, file modes)",
           "valid": "valid variants, which must still succeed"}
 
@@ -125,7 +126,13 @@ def main() -> int:
     p.add_argument("--only", default="", help="run the cases whose id contains one of these (comma-separated)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "faults.json"))
     p.add_argument("--md", default=str(ROOT / "docs" / "faults.md"))
+    p.add_argument("--render", action="store_true", help="only rewrite the table and the summary from --out")
     args = p.parse_args()
+    if args.render:
+        data = json.loads(Path(args.out).read_text())
+        Path(args.md).write_text(markdown(data["cases"], data))
+        print(summary(data["cases"], data))
+        return 0
     wanted = [w for w in args.only.split(",") if w] or [""]
     cases = [c for c in all_cases() if any(w in c.id for w in wanted)]
     have = {"unprivileged": can_run_unprivileged(), "mount": can_mount()}

@@ -241,7 +241,7 @@ def run_case(case: Case, good: Path, base: Path) -> Verdict:
             rcs.append(rc)
             errs = _error_lines(err, step.make)
             outs = [ln for ln in out.splitlines() if ln.strip()]
-            lines.append(errs[-1] if step.expect == "error" and errs else (outs[-1] if outs else ""))
+            lines.append(_seen(step, rc, errs, outs, err).replace(f"{ws.root}/", "").replace(str(ws.root), "."))
             where = f"step {i + 1} ({' '.join(step.argv)[:80]})"
             if "Traceback" in err:
                 return _verdict(case, "traceback", f"{where}: {errs[-1] if errs else ''}", lines, rcs, t0)
@@ -269,6 +269,17 @@ def run_case(case: Case, good: Path, base: Path) -> Verdict:
                 undo()
         subprocess.run(["chmod", "-R", "u+w", str(ws.root)], capture_output=True)
         shutil.rmtree(ws.root, ignore_errors=True)
+
+
+def _seen(step: Step, rc: int | None, errs: list[str], outs: list[str], err: str) -> str:
+    """What the user saw of a step, for the table: the error line, the note the case looks for, or the exit."""
+    if step.expect == "error":
+        return " | ".join(errs) if errs else f"exit {rc}, nothing on stderr"
+    if step.expect == "kill":
+        return f"paused after {step.pause}, " + ("kept paused" if step.hold else "killed (SIGKILL)") \
+            if "paused after" in err else f"exit {rc} before {step.pause}"
+    hit = next((ln for ln in outs if step.pattern and step.pattern in ln), None)
+    return hit or f"exit {rc}"
 
 
 def _staging_named(ws: Ws) -> str | None:
