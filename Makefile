@@ -1,8 +1,13 @@
 # Plateau: `make train export compile TARGET=arm64`, then `make validate TARGET=arm64`.
 # Each stage reads the previous stage's files from runs/$(RUN)/ and writes its own with a manifest.
+# Every variable reaches the shell single-quoted ($(call q,...)): a value with spaces or shell characters is one
+# argument and never runs as a command. The *_ARGS variables are lists of options and are split on spaces.
+
+# Shell-quote one value: 'it'\''s' (close the quote, an escaped quote, reopen).
+q = '$(subst ','\'',$(1))'
 
 PYTHON   ?= .venv/bin/python
-PLATEAU  := $(PYTHON) -m plateau
+PLATEAU   = $(call q,$(PYTHON)) -m plateau
 RUN      ?= default
 MODEL    ?= small_cnn
 DATA     ?= synthetic
@@ -14,16 +19,31 @@ NOISE    ?=
 DEVICE   ?=
 RPC      ?=
 LIMIT    ?=
-RUN_DIR  := runs/$(RUN)
+IMG_SIZE ?=
+MODEL_KWARGS ?=
+RESUME   ?=
+OVERWRITE ?=
+RUN_DIR   = runs/$(RUN)
+
+# RUN is a folder name under runs/: refused when empty or a path (a '/' or '..' could reach outside runs/).
+ifneq ($(or $(if $(strip $(RUN)),,empty),$(findstring /,$(RUN)),$(filter . ..,$(RUN))),)
+$(error RUN='$(RUN)' must be a folder name under runs/ (not empty, no '/', not '.' or '..'))
+endif
 
 # Options given on the command line (or in the environment) override what the run folder remembers.
 user_set = $(filter command line environment,$(origin $(1)))
-TRAIN_OPTS  := --model $(MODEL) --data $(DATA) --bits $(BITS) $(if $(CKPT),--checkpoint $(CKPT)) \
-               $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(NOISE),--method $(NOISE))
-EXPORT_OPTS := --bits $(BITS) $(if $(CKPT),--checkpoint $(CKPT)) $(if $(call user_set,MODEL),--model $(MODEL)) \
-               $(if $(call user_set,DATA),--data $(DATA)) $(if $(LIMIT),--eval-limit $(LIMIT)) $(EXPORT_ARGS)
-VALIDATE_OPTS := --target $(TARGET) $(if $(DEVICE),--device $(DEVICE)) $(if $(RPC),--rpc $(RPC)) \
-               $(if $(LIMIT),--limit $(LIMIT)) $(VALIDATE_ARGS)
+MODEL_OPTS   = $(if $(IMG_SIZE),--img-size $(call q,$(IMG_SIZE))) \
+               $(if $(MODEL_KWARGS),--model-kwargs $(call q,$(MODEL_KWARGS)))
+TRAIN_OPTS   = --model $(call q,$(MODEL)) --data $(call q,$(DATA)) --bits $(call q,$(BITS)) \
+               $(if $(CKPT),--checkpoint $(call q,$(CKPT))) $(if $(EPOCHS),--epochs $(call q,$(EPOCHS))) \
+               $(if $(NOISE),--method $(call q,$(NOISE))) $(MODEL_OPTS) $(if $(filter 1 yes true,$(RESUME)),--resume) \
+               $(if $(filter 1 yes true,$(OVERWRITE)),--overwrite)
+EXPORT_OPTS  = --bits $(call q,$(BITS)) $(if $(CKPT),--checkpoint $(call q,$(CKPT))) \
+               $(if $(call user_set,MODEL),--model $(call q,$(MODEL))) \
+               $(if $(call user_set,DATA),--data $(call q,$(DATA))) $(if $(LIMIT),--eval-limit $(call q,$(LIMIT))) \
+               $(MODEL_OPTS) $(EXPORT_ARGS)
+VALIDATE_OPTS = --target $(call q,$(TARGET)) $(if $(DEVICE),--device $(call q,$(DEVICE))) \
+               $(if $(RPC),--rpc $(call q,$(RPC))) $(if $(LIMIT),--limit $(call q,$(LIMIT))) $(VALIDATE_ARGS)
 # arm64 builds run under qemu here unless a board is given: they need the arm64 Python root.
 NEEDS_SYSROOT := $(if $(and $(filter arm64% rpi%,$(TARGET)),$(if $(RPC),,x)),arm64-sysroot)
 
@@ -35,7 +55,10 @@ help:
 	@echo "make validate TARGET=arm64         run the artifact (qemu for arm64) and check it against the reference"
 	@echo "make bench TARGET=host             latency beside onnxruntime"
 	@echo "make test                          the test suite"
-	@echo "variables: RUN=$(RUN) MODEL=$(MODEL) DATA=$(DATA) BITS=$(BITS) TARGET=$(TARGET) CKPT=$(CKPT)"
+	@echo "make train RESUME=1                continue a run's training (OVERWRITE=1: delete it, start over)"
+	@echo "make clean-run RUN=name            delete runs/name (and nothing else)"
+	@echo variables: RUN=$(call q,$(RUN)) MODEL=$(call q,$(MODEL)) DATA=$(call q,$(DATA)) BITS=$(call q,$(BITS)) \
+	  TARGET=$(call q,$(TARGET)) CKPT=$(call q,$(CKPT))
 
 setup: system-deps venv
 
@@ -55,29 +78,30 @@ venv: .venv/.installed
 	touch $@
 
 arm64-sysroot:
-	$(PYTHON) -m plateau.runtime.sysroot
+	$(call q,$(PYTHON)) -m plateau.runtime.sysroot
 
 train:
-	$(PLATEAU) train --run $(RUN_DIR) $(TRAIN_OPTS) $(TRAIN_ARGS)
+	$(PLATEAU) train --run $(call q,$(RUN_DIR)) $(TRAIN_OPTS) $(TRAIN_ARGS)
 
 export:
-	$(PLATEAU) export --run $(RUN_DIR) $(EXPORT_OPTS)
+	$(PLATEAU) export --run $(call q,$(RUN_DIR)) $(EXPORT_OPTS)
 
 compile:
-	$(PLATEAU) compile --run $(RUN_DIR) --target $(TARGET) $(COMPILE_ARGS)
+	$(PLATEAU) compile --run $(call q,$(RUN_DIR)) --target $(call q,$(TARGET)) $(COMPILE_ARGS)
 
 validate: $(NEEDS_SYSROOT)
-	$(PLATEAU) validate --run $(RUN_DIR) $(VALIDATE_OPTS)
+	$(PLATEAU) validate --run $(call q,$(RUN_DIR)) $(VALIDATE_OPTS)
 
 bench:
-	$(PLATEAU) bench --run $(RUN_DIR) --target $(TARGET) $(if $(DEVICE),--device $(DEVICE)) $(if $(RPC),--rpc $(RPC)) \
-	  $(BENCH_ARGS)
+	$(PLATEAU) bench --run $(call q,$(RUN_DIR)) --target $(call q,$(TARGET)) \
+	  $(if $(DEVICE),--device $(call q,$(DEVICE))) $(if $(RPC),--rpc $(call q,$(RPC))) $(BENCH_ARGS)
 
 test:
-	$(PYTHON) -m pytest -q
+	$(call q,$(PYTHON)) -m pytest -q
 
 lint:
-	$(PYTHON) -m ruff check .
+	$(call q,$(PYTHON)) -m ruff check .
 
+# Only runs/$(RUN) itself (RUN is checked above to be a plain folder name), as one quoted argument.
 clean-run:
-	rm -rf $(RUN_DIR)
+	rm -rf -- $(call q,$(RUN_DIR))

@@ -13,6 +13,7 @@ The library holds the weights (imported with keep_params_in_input=False), so loa
 
 from __future__ import annotations
 
+import errno
 import re
 import warnings
 from collections import Counter
@@ -82,6 +83,20 @@ _ONNX_TYPES = {
 }
 
 
+# Float ops kept without allow_float: a transformer's LayerNorm, Softmax and GELU, which plateau export writes
+# as float islands by default (plateau/ops/float_island.py, `default=True`). Anything else left in float (Sin,
+# GlobalLpPool's power and sum, a pooling whose size is unknown) needs allow_float, as --help says.
+DEFAULT_FLOAT_OPS = ("nn.softmax", "nn.layer_norm", "nn.gelu", "nn.gelu_tanh")
+# ONNX ops the integer path handles (or that carry no arithmetic): a node of another type is what a float op
+# that matches no ONNX type by name came from.
+_LOWERED_ONNX = {
+    "QuantizeLinear", "DequantizeLinear", "Conv", "ConvTranspose", "Gemm", "MatMul", "Relu", "Clip", "MaxPool",
+    "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "Add", "Sum", "Mul", "Sub", "Concat",
+    "Reshape", "Flatten", "Transpose", "Pad", "Slice", "Cast", "Constant", "Identity", "Squeeze", "Unsqueeze",
+    "Softmax", "LayerNormalization", "Gelu", "Shape", "Gather",
+}
+
+
 def _float_islands(mod: tvm.IRModule, prep: PreparedModel) -> list[dict]:
     """Every op left computing in float, in order: conv2d / matmul ("compute": an error unless allow_float,
     named by the ONNX node owning the weight) and other ops on dequantized values ("float_op": Softmax,
@@ -102,17 +117,58 @@ def _float_islands(mod: tvm.IRModule, prep: PreparedModel) -> list[dict]:
     others = [(n, c) for n, c in float_ops(mod) if not any(c.same_as(x) for x in compute_calls)]
     remaining = Counter(n for n, _ in others)
     seen: dict[str, int] = {}
+    unnamed = []  # indices of ops matched to no ONNX node
     for name, _call in others:
         nodes = [n for n in prep.model.graph.node if n.op_type in _ONNX_TYPES.get(name, ())]
         k = seen.get(name, 0)
         seen[name] = k + 1
+        if not nodes:  # an op the table does not know: an ONNX node of the same name (Sin is relax "sin")
+            nodes = [n for n in prep.model.graph.node if n.op_type.lower() == name.rsplit(".", 1)[-1]]
         # The k-th remaining op is the k-th ONNX node only when none of that type was lowered.
         if len(nodes) == remaining[name]:
             node, op_type = nodes[k].name or nodes[k].output[0], nodes[k].op_type
         else:
             node, op_type = f"{name}#{k}", "/".join(_ONNX_TYPES.get(name, ("?",)))
+            unnamed.append(len(islands))
         islands.append({"node": node, "op_type": op_type, "relax_op": name, "kind": "float_op"})
-    return islands
+    return _merge_decomposed(islands, unnamed, prep)
+
+
+def _merge_decomposed(islands: list[dict], unnamed: list[int], prep: PreparedModel) -> list[dict]:
+    """The importer decomposes some ONNX ops (HardSwish -> add, clip, divide, multiply; GlobalLpPool -> abs,
+    power, sum): when the graph has exactly one node with no integer lowering, those unmatched ops are that node,
+    listed once under its name."""
+    suspects = [n for n in prep.model.graph.node if n.op_type not in _LOWERED_ONNX]
+    if not unnamed or len(suspects) != 1:
+        return islands
+    node = suspects[0]
+    merged = {"node": node.name or node.output[0], "op_type": node.op_type,
+              "relax_op": ", ".join(dict.fromkeys(islands[i]["relax_op"] for i in unnamed)), "kind": "float_op"}
+    drop = set(unnamed[1:])
+    return [merged if i == unnamed[0] else isl for i, isl in enumerate(islands) if i not in drop]
+
+
+def _check_input_shape(prep: PreparedModel, onnx_path: Path) -> None:
+    """Only the batch may be symbolic: with the image size unknown, pooling has no integer form (its divisor is
+    unknown) and would silently stay in float, and no kernel can be scheduled for it."""
+    weights = {x.name for x in prep.model.graph.initializer}
+    for inp in prep.model.graph.input:
+        if inp.name in weights:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+        symbolic = [i for i, d in enumerate(dims) if i > 0 and not d.HasField("dim_value")]
+        if symbolic:
+            raise PlateauError(
+                f"{onnx_path}: input {inp.name!r} has shape {shown}: dimension(s) {symbolic} are symbolic, and only "
+                "the batch (dimension 0) may be; export the model with a fixed image size (e.g. set the dims "
+                "with onnx.tools.update_model_dims)")
+
+
+def _suspects(prep: PreparedModel) -> list[str]:
+    """The ONNX nodes with no integer lowering, for naming float ops that match no node by type."""
+    return [f"{n.name or n.output[0]!r} ({n.op_type})" for n in prep.model.graph.node
+            if n.op_type not in _LOWERED_ONNX]
 
 
 def _op_names(mod: tvm.IRModule):
@@ -238,6 +294,7 @@ def compile_onnx(
     n_inputs = len(mod["main"].params)
     if n_inputs != 1:
         raise PlateauError(f"{onnx_path}: expected one graph input (the image batch), found {n_inputs}")
+    _check_input_shape(prep, onnx_path)
     mod = lower_qdq(mod, requant=requant)
     islands = _float_islands(mod, prep)  # before layout conversion, which folds dequantized float weights
     blocking = [i for i in islands if i["kind"] == "compute"]
@@ -246,16 +303,32 @@ def compile_onnx(
         raise PlateauError(
             f"{onnx_path}: cannot lower to integer arithmetic: {names}. Quantize these layers with symmetric "
             "int8/int4 weights (per-tensor or per-output-channel) followed by QuantizeLinear, or pass "
-            "allow_float=True to keep them in float"
+            "--allow-float (allow_float=True) to keep them in float"
+        )
+    floats = [i for i in islands if i["kind"] == "float_op" and i["relax_op"] not in DEFAULT_FLOAT_OPS]
+    if floats and not allow_float:
+        named = [f"{i['node']!r} ({i['op_type']})" for i in floats if i["op_type"] != "?"]
+        unnamed = list(dict.fromkeys(i["relax_op"] for i in floats if i["op_type"] == "?"))
+        if unnamed:  # a node TVM decomposed (GlobalLpPool -> abs, power, sum): name the ONNX nodes it can be
+            named.append(f"{', '.join(_suspects(prep)) or 'a node'} (computed as {', '.join(unnamed)})")
+        raise PlateauError(
+            f"{onnx_path}: no integer form for {', '.join(dict.fromkeys(named))}: these would compute in float "
+            "between a DequantizeLinear and a QuantizeLinear; pass --allow-float (allow_float=True) to keep them "
+            "so (listed in the manifest), or quantize the model without them"
         )
 
     mod = lower_for_target(mod, tgt, schedule)
     lib_weight_bytes, n_packed = packed_weight_bytes(mod)
     tiles, tuning = None, None
+    if tune_minutes < 0 or tune_minutes != tune_minutes:
+        raise PlateauError(f"--tune-minutes must be >= 0, got {tune_minutes}")
     if schedule == "default":  # the database in out_dir/tuning/, searched when tune_minutes > 0
         tiles, tuning = tuned_tiles(mod, tgt, out_dir / "tuning", tune_minutes, tune_rpc, tune_rpc_key)
-    ex, tdict = build(mod, tgt, schedule, tiles)
+        if tuning:  # relative to the compile folder, which a stage writes under a staging name first
+            tuning["database"] = f"tuning/{Path(tuning['database']).name}"
     out_dir.mkdir(parents=True, exist_ok=True)
+    _check_room(out_dir, 2 * prep.weight_bytes + (8 << 20))
+    ex, tdict = build(mod, tgt, schedule, tiles)
     so = out_dir / "model.so"
     with atomic_path(so) as tmp:
         tmp_so = tmp.with_suffix(".so")  # export_library picks the output format from the suffix
@@ -299,6 +372,25 @@ def compile_onnx(
         # weights whose values fit in 4 bits are stored two per byte and unpacked at run time (pack_int4.py)
         library_weight_bytes=lib_weight_bytes, packed_int4_weights=n_packed, **extra,
     )
+
+
+def _check_room(out_dir: Path, need: int) -> None:
+    """LLVM aborts the whole process when it cannot write an object file (no exception to catch): refuse first
+    when the file-size limit or the free space of the output or temporary folder is below what a build writes
+    (`need`: the weights twice, the code, a margin). An OSError, which the stage reports naming the folder."""
+    import resource
+    import shutil
+    import tempfile
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raise OSError(errno.EFBIG, f"File too large: the file size limit (ulimit -f) is {soft // 1024} kB, below the "
+                      f"{need >> 20} MB a build may write", str(out_dir))
+    for folder in (out_dir, Path(tempfile.gettempdir())):
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            raise OSError(errno.ENOSPC, f"No space left on device: {free >> 10} kB free, a build may write "
+                          f"{need >> 20} MB", str(folder))
 
 
 def _kernel_count(src: Path) -> int:

@@ -59,6 +59,8 @@ class PreparedModel:
 
 def _load(path: str | Path) -> onnx.ModelProto:
     path = Path(path)
+    if path.is_dir():
+        raise PlateauError(f"{path}: is a directory, not an ONNX file")
     if not path.is_file():
         raise PlateauError(f"{path}: no such ONNX file")
     try:

@@ -44,6 +44,10 @@ def _fold_batchnorm(src: QNode, r: OnnxNode) -> None:
 
 def read_onnx(path: str | Path, allow_float: bool = False) -> QGraph:
     path = Path(path)
+    if path.is_dir():
+        raise PlateauError(f"{path}: is a directory, not an ONNX file")
+    if not path.is_file():
+        raise PlateauError(f"{path}: no such ONNX file")
     try:
         model = onnx.load(str(path))
         model = onnx.shape_inference.infer_shapes(model)

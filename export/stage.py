@@ -5,6 +5,7 @@ Reads <run>/train/manifest.json (or --checkpoint with --model), writes <run>/exp
     reference.pt                          what rebuilds the reference (weights_only-loadable)
     reference_logits.npy, labels.npy      reference logits on the test split, for later stages
     report.json, report.md, manifest.json
+The folder is replaced as a whole (plateau.staging): a failed or killed export leaves the previous one as it was.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from plateau.artifacts import (
     atomic_path,
     read_manifest,
     save_npy,
+    save_torch,
     sha256_file,
+    verify_file,
     write_json,
     write_manifest,
     write_text,
 )
 from plateau.capture import capture
-from plateau.config_cli import config_from_args, config_options
-from plateau.data import SYNTHETIC, batches, load_split
+from plateau.config_cli import config_from_args, config_options, float_at_least, int_at_least
+from plateau.data import SYNTHETIC, batches, check_classes, load_splits
 from plateau.errors import PlateauError
 from plateau.models import (
     IMAGENET_MEAN,
@@ -45,6 +48,7 @@ from plateau.qconfig import QuantConfig
 from plateau.qgraph import QGraph
 from plateau.quant import parse_bits
 from plateau.reference import FakeQuantModel
+from plateau.staging import staged_output
 
 from .onnx_reader import read_onnx
 from .onnx_writer import FOUR_BIT_LAYOUTS, to_float_onnx, to_qdq_onnx
@@ -85,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="no learned activation clipping (the default below 8-bit weights with 8-bit activations)")
     p.add_argument("--fast", action="store_true", help="round to nearest, no learned rounding: seconds, not "
                    "minutes (default below 8 bits: learned rounding per block, see export/presets.py)")
-    p.add_argument("--mixed-precision", type=float, metavar="AVG_BITS",
+    p.add_argument("--mixed-precision", type=float_at_least(2.0, 8.0), metavar="AVG_BITS",
                    help="choose per-layer weight bits from measured sensitivity so that the parameter-weighted "
                         "average is at most AVG_BITS (e.g. 4.5); the choice goes into the manifest")
     p.add_argument("--four-bit-layout", default="widened", choices=FOUR_BIT_LAYOUTS,
@@ -93,9 +97,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "Cast(INT8), activations clamped in INT8: onnxruntime runs them in its integer kernels) or "
                         "'native' (INT4 straight into DequantizeLinear / out of QuantizeLinear: onnxruntime runs those "
                         "convs in float)")
-    p.add_argument("--eval-limit", type=int, help="validate on the first N test images (default: all)")
-    p.add_argument("--img-size", type=int, help="the model's input size (a timm ViT is built for it); ImageFolder "
-                                                 "images are resized to it")
+    p.add_argument("--eval-limit", type=int_at_least(1), help="validate on the first N test images (default: all)")
+    p.add_argument("--img-size", type=int_at_least(8),
+                   help="the model's input size (a timm ViT is built for it); ImageFolder images are resized to it")
     p.add_argument("--model-kwargs", default="", metavar="K=V,...",
                    help="keyword arguments of the model's constructor for --checkpoint (timm's, e.g. "
                         "depth=6,global_pool=avg,class_token=false), recorded in the manifest")
@@ -107,9 +111,22 @@ def resolve_source(run: Path, checkpoint: str | None, model_name: str | None, im
     rebuilds its model with the keyword arguments it records; a bare state dict with `img_size` and
     `model_kwargs` (e.g. a timm ViT at 32x32)."""
     if checkpoint is None:
-        man = read_manifest(run / "train", "train")
-        ckpt = run / "train" / man["outputs"].get("checkpoint", "last.pt")
-        info = {"checkpoint": str(ckpt), "data": man["config"].get("data"), "model": man.get("model_name")}
+        train_dir = run / "train"
+        if not (train_dir / "manifest.json").exists() and (train_dir / "last.pt").is_file():
+            raise PlateauError(f"{train_dir}: training did not finish (last.pt but no manifest.json): continue it "
+                               f"with `plateau train --run {run} --resume`, or export it with --checkpoint "
+                               f"{train_dir / 'last.pt'} --model NAME")
+        man = read_manifest(train_dir, "train")
+        name = man["outputs"].get("checkpoint", "last.pt")
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            raise PlateauError(f"{train_dir / 'manifest.json'}: outputs.checkpoint {name!r} is not a file name; "
+                               "run `plateau train` again")
+        # a resumed run killed before its manifest: last.pt is newer than what the manifest vouches for
+        ckpt = verify_file(train_dir, man, name, "train", fix=f"finish the run with `plateau train --run {run} "
+                                                               "--resume`")
+        data = man["config"].get("data")
+        info = {"checkpoint": str(ckpt), "data": data if isinstance(data, str) else None,
+                "model": man.get("model_name")}
     else:
         ckpt = Path(checkpoint)
         info = {"checkpoint": str(ckpt), "data": None, "model": model_name}
@@ -117,15 +134,19 @@ def resolve_source(run: Path, checkpoint: str | None, model_name: str | None, im
     name = model_name or (blob.get("model_name") if isinstance(blob, dict) else None) or info["model"]
     if not name:
         raise PlateauError(f"checkpoint {ckpt} does not name its model: pass --model NAME")
-    num_classes = int(blob.get("num_classes", 10)) if isinstance(blob, dict) else 10
+    num_classes = blob.get("num_classes", 10) if isinstance(blob, dict) else 10
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise PlateauError(f"checkpoint {ckpt}: num_classes {num_classes!r} is not a positive integer")
     recorded = blob.get("plateau_cfg") if isinstance(blob, dict) else None
     if isinstance(recorded, dict) and not (img_size or model_kwargs):
         model = rebuild_model(name, num_classes, recorded)
     else:
         model = create_model(name, num_classes=num_classes, img_size=img_size, **(model_kwargs or {}))
     load_state_dict_file(model, ckpt)
-    info.update(model=name, num_classes=num_classes, sha256=sha256_file(ckpt),
-                classes=blob.get("classes") if isinstance(blob, dict) else None)
+    classes = blob.get("classes") if isinstance(blob, dict) else None
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise PlateauError(f"checkpoint {ckpt}: 'classes' is not a list of names")
+    info.update(model=name, num_classes=num_classes, sha256=sha256_file(ckpt), classes=classes)
     return model.eval(), info
 
 
@@ -151,8 +172,7 @@ def export_model(model: torch.nn.Module | QGraph, calib: list[torch.Tensor], cfg
                         ("model_fp32.onnx", to_float_onnx(ref, meta))):
         with atomic_path(out_dir / name) as tmp:
             onnx.save(proto, str(tmp))
-    with atomic_path(out_dir / "reference.pt") as tmp:
-        torch.save(reference_state(ref, model, source), tmp)
+    save_torch(out_dir / "reference.pt", reference_state(ref, model, source))
     return ref, meta
 
 
@@ -182,7 +202,9 @@ def main(args: argparse.Namespace) -> dict:
     data = args.data or src.get("data") or SYNTHETIC
     mean, std = mcfg["mean"], mcfg["std"]
     size = args.img_size
-    train, test = load_split(data, "train", size), load_split(data, "test", size)
+    train, test = load_splits(data, size)
+    if not args.onnx:  # the head's class i must be the data's class i, or every score is nonsense
+        check_classes(train, src.get("classes"), src.get("num_classes"), f"checkpoint {src['checkpoint']}", data)
     if cfg.calib_images > len(train):
         if args.calib_images is not None:
             raise PlateauError(f"--calib-images {cfg.calib_images} exceeds the {len(train)} training images in "
@@ -200,6 +222,27 @@ def main(args: argparse.Namespace) -> dict:
           + (f" per {cfg.reconstruction}{' with learned activation clipping' if cfg.learn_act_clip else ''}"
              if cfg.rounding == "adaround" else ""))
     layout = getattr(args, "four_bit_layout", "widened")
+    # Every file goes into a staging folder that replaces <run>/export only once all of them are written.
+    with staged_output(out) as stage:
+        report = _export_into(stage, args, cfg, model, src, mcfg, data, size, train, test, calib, mixed, layout, t0)
+    print(render_report(report))
+    return report
+
+
+def _finite_logits(logits: np.ndarray, what: str, src: dict, n_classes: int) -> None:
+    """Refuse logits no later stage can be held to: NaN/inf (broken weights) or another class count."""
+    if not np.isfinite(logits).all():
+        raise PlateauError(f"the {what} outputs NaN/inf on the test images: the weights of {src['checkpoint']} "
+                           "overflow (diverged training?); nothing was written")
+    if logits.ndim != 2 or logits.shape[1] != n_classes:
+        raise PlateauError(f"{src['checkpoint']}: the model has {logits.shape[1:]} outputs but the data has "
+                           f"{n_classes} classes: use the data the model was trained on")
+
+
+def _export_into(out: Path, args: argparse.Namespace, cfg: QuantConfig, model, src: dict, mcfg: dict, data: str,
+                 size: int | None, train, test, calib: list, mixed: dict | None, layout: str, t0: float) -> dict:
+    """Quantize, validate and write every export file into `out` (the staging folder); the report."""
+    mean, std = mcfg["mean"], mcfg["std"]
     ref, meta = export_model(model, calib, cfg, out, {"plateau.source_sha256": src["sha256"],
                                                       "plateau.model": src["model"]}, source=src, four_bit=layout)
 
@@ -208,11 +251,14 @@ def main(args: argparse.Namespace) -> dict:
     lim = args.eval_limit
     idx = np.arange(len(test)) if not lim or lim >= len(test) else np.sort(
         np.random.default_rng(0).permutation(len(test))[:lim])
+    classes = list(test.classes)
     test = test.subset(idx)
     lim = None
     labels = test.labels
     fp = logits_of(torch_fn(ref.float_forward), test, mean, std, limit=lim, desc="fp32")
+    _finite_logits(fp, "float model", src, len(classes))
     rl = logits_of(torch_fn(ref), test, mean, std, limit=lim, desc="reference")
+    _finite_logits(rl, "quantized reference", src, len(classes))
     report: dict = {
         "model": src["model"], "data": str(data), "bits": cfg.bits_name, "config": cfg.to_dict(),
         "test_images": int(len(labels)),
@@ -249,8 +295,11 @@ def main(args: argparse.Namespace) -> dict:
     a_out = ref.acts[ref.graph.quant_source(ref.graph.output)]
     files = {k: k for k in ("model_qdq.onnx", "model_fp32.onnx", "reference.pt", "reference_logits.npy",
                             "labels.npy", "test_indices.npy", "report.json", "report.md")}
+    if (out / "ort_logits.npy").is_file():
+        files["ort_logits.npy"] = "ort_logits.npy"
     write_manifest(out, "export", config={**cfg.to_dict(), "bits": cfg.bits_name, "model": src["model"],
                                           "data": str(data), "img_size": size, "four_bit_layout": layout},
+                   classes=classes,
                    outputs=files, inputs={"checkpoint": {"path": src["checkpoint"], "sha256": src["sha256"]}},
                    model=src["model"], plateau_cfg=mcfg,
                    quantization={"input": {"scale": a_in.scale, "zero_point": a_in.zero_point,
@@ -258,5 +307,4 @@ def main(args: argparse.Namespace) -> dict:
                                  "output": {"scale": a_out.scale, "zero_point": a_out.zero_point,
                                             "dtype": a_out.qtype.storage}},
                    eval_limit=args.eval_limit, qdq_sha256=sha256_file(out / "model_qdq.onnx"), mixed_precision=mixed)
-    print(render_report(report))
     return report

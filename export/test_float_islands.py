@@ -80,13 +80,14 @@ def test_islands_match_onnxruntime(model, tmp_path):
 
 
 def _float_onnx_with_sigmoid(path) -> None:
-    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.random.default_rng(0).standard_normal(108) * 0.3)
+    # 10 output channels: one logit per class of the synthetic data it is exported with (export checks the count)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [10, 3, 3, 3], np.random.default_rng(0).standard_normal(270) * 0.3)
     nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("Sigmoid", ["c"], ["g"], name="the_sigmoid"),
              helper.make_node("GlobalAveragePool", ["g"], ["p"], name="pool"),
              helper.make_node("Flatten", ["p"], ["logits"], name="flat", axis=1)]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
-                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])], [w])
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], [w])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]), path)
 
 

@@ -23,7 +23,8 @@ def logits_of(fn: Callable[[np.ndarray], np.ndarray], data: ImageSet, mean: list
 
     n = len(data) if limit is None else min(limit, len(data))
     out = []
-    with tqdm(total=n, desc=desc, unit="img", leave=False, mininterval=1.0) as bar:
+    # disable=None: no bar when stderr is no terminal (a log, a pipe), where it would precede an error line
+    with tqdm(total=n, desc=desc, unit="img", leave=False, mininterval=1.0, disable=None) as bar:
         for x, _ in batches(data, batch_size, mean, std, limit=n):
             out.append(np.asarray(fn(x.numpy()), dtype=np.float32))
             bar.update(len(x))

@@ -8,7 +8,7 @@
     plateau device serve --host 127.0.0.1 --port 9090
 
 A user's mistake (a missing file, a bad option, a checkpoint that does not fit) prints one line naming it and exits
-with status 2; no traceback.
+with status 2; no traceback. So does a file system that refuses a write (read-only, full): the line names the path.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import importlib
 import os
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "OneLineParser", "one_line"]
 
 # subcommand -> (module with add_arguments/main, help). Modules are imported only when needed: torch and TVM are
 # slow to import, and `plateau compile --help` should not pay for torch.
@@ -33,6 +33,21 @@ _STAGES = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line (`plateau train: error: argument --epochs: ...`), like every other
+    user error, instead of the usage text followed by the error."""
+
+    def error(self, message: str):  # argparse's hook for every bad option
+        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def one_line(message: str) -> str:
+    """A message as one line: libraries' multi-line errors (TVM, onnx) joined with ' | '."""
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    return " | ".join(lines)
+
+
 def _load(name: str):
     module = importlib.import_module(_STAGES[name][0])
     if name == "device":
@@ -41,7 +56,7 @@ def _load(name: str):
 
 
 def _parser(only: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="plateau", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="plateau", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (_, help_text) in _STAGES.items():
@@ -60,14 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     only = command if command in _STAGES else None
     from plateau.errors import PlateauError
+    from plateau.staging import check_run_folder
 
     try:
         parser = _parser(only)
         args = parser.parse_args(argv)
+        if getattr(args, "run", None) is not None:
+            check_run_folder(args.run)
         _, run = _load(args.command)
         run(args)
     except PlateauError as e:
-        print(f"plateau {command or ''}: error: {e}".replace("  ", " "), file=sys.stderr)
+        print(f"plateau {command or ''}: error: {one_line(str(e))}".replace("  ", " "), file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system refused something no stage anticipated: still one line naming it
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"plateau {command or ''}: error: {where}{e.strerror or e}".replace("  ", " "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"plateau {command}: interrupted; finished artifacts are kept, none is half-written", file=sys.stderr)

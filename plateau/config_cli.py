@@ -10,18 +10,24 @@ A field without `setting` metadata is no option. `--field-name` with the field's
 flips its default (`--field-name` when it defaults to False, `--no-field-name` when True, or the given flags);
 the destination is always the field's name. `choices` may be a callable (a registry's names, read when the
 parser is built, so entries registered later are offered too).
+
+A field's `minimum` / `maximum` (with `above`: strictly greater than the minimum) are checked by `check_ranges`
+from the dataclass's __post_init__, so a bad value is refused with its option named whether it came from the CLI
+or the API. A float must also be finite.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, Field, field, fields
 from typing import Any
 
-__all__ = ["setting", "field_choices", "config_options", "config_from_args"]
+__all__ = ["setting", "field_choices", "config_options", "config_from_args", "check_ranges", "option_name",
+           "int_at_least", "float_at_least"]
 
 
 def setting(
@@ -31,12 +37,18 @@ def setting(
     choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
     flags: tuple[str, ...] = (),
     cli_default: Any = MISSING,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: bool = False,
 ) -> Any:
     """A config field with what the CLI needs to offer it.
 
     `flags` replace the derived `--field-name` (the first is the name, the rest aliases); `cli_default` is the
-    option's default where the CLI resolves the value itself (a learning rate that depends on fine-tuning)."""
-    meta = {"help": help, "choices": choices, "flags": flags}
+    option's default where the CLI resolves the value itself (a learning rate that depends on fine-tuning).
+    `minimum` / `maximum`: the valid range (`above`: the value must exceed the minimum); None (an unset
+    optional setting) is always valid."""
+    meta = {"help": help, "choices": choices, "flags": flags, "minimum": minimum, "maximum": maximum,
+            "above": above}
     if cli_default is not MISSING:
         meta["cli_default"] = cli_default
     return field(default=default, metadata=meta)
@@ -46,6 +58,66 @@ def field_choices(f: Field) -> tuple[str, ...] | None:
     """The valid values of a config field, or None when it takes any value of its type."""
     c = f.metadata.get("choices")
     return tuple(c() if callable(c) else c) if c is not None else None
+
+
+def option_name(f: Field) -> str:
+    """How the CLI spells the field: its first flag, or --field-name."""
+    flags = f.metadata.get("flags") or ()
+    return flags[0] if flags else f"--{f.name.replace('_', '-')}"
+
+
+def check_ranges(obj: Any) -> None:
+    """Refuse a field value outside its `minimum` / `maximum` (or a NaN / infinite float), naming the option:
+    a PlateauError, which is a ValueError too."""
+    from plateau.errors import PlateauError
+
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        lo, hi, above = f.metadata.get("minimum"), f.metadata.get("maximum"), f.metadata.get("above")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PlateauError(f"{option_name(f)} must be a finite number, got {value}")
+        if lo is not None and (value <= lo if above else value < lo):
+            want = f"> {lo}" if above else f">= {lo}"
+            raise PlateauError(f"{option_name(f)} must be {want}{_range_hint(lo, hi, above)}, got {value}")
+        if hi is not None and value > hi:
+            raise PlateauError(f"{option_name(f)} must be <= {hi}{_range_hint(lo, hi, above)}, got {value}")
+
+
+def int_at_least(lo: int) -> Callable[[str], int]:
+    """An argparse `type`: an integer >= lo (argparse then names the option in its one-line error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+
+    return parse
+
+
+def float_at_least(lo: float, hi: float | None = None) -> Callable[[str], float]:
+    """An argparse `type`: a finite number in [lo, hi]."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
+            want = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {want}, got {text}")
+        return value
+
+    return parse
+
+
+def _range_hint(lo: float | None, hi: float | None, above: bool) -> str:
+    if lo is None or hi is None:
+        return ""
+    return f" (valid: {'(' if above else '['}{lo}, {hi}])"
 
 
 def _options(cls: type) -> list[Field]:

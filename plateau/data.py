@@ -9,6 +9,7 @@ tensors. Augmentation (random crop with padding, horizontal flip) works on the u
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Iterator
@@ -20,7 +21,8 @@ import torch
 
 from .errors import PlateauError
 
-__all__ = ["ImageSet", "load_split", "batches", "normalize", "dataset_stats", "SYNTHETIC", "cache_dir"]
+__all__ = ["ImageSet", "load_split", "load_splits", "check_classes", "batches", "normalize", "dataset_stats",
+           "SYNTHETIC", "cache_dir"]
 
 SYNTHETIC = "synthetic"
 _IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
@@ -44,6 +46,17 @@ def cache_dir() -> Path:
     d = Path(os.environ.get("PLATEAU_CACHE", Path.home() / ".cache" / "plateau"))
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def _usable_cache_dir() -> Path | None:
+    """The decoded-data cache folder, or None (with a note) when it cannot be made: data then decodes every
+    time, which is slow but right."""
+    try:
+        return cache_dir()
+    except OSError as e:
+        where = os.environ.get("PLATEAU_CACHE", "~/.cache/plateau")
+        print(f"plateau: note: data cache {where} unusable ({e.strerror}); decoding without a cache", flush=True)
+        return None
 
 
 # --- the generated data set ----------------------------------------------------------------------------------------
@@ -124,7 +137,8 @@ def _decode(files: list[tuple[Path, int]], img_size: int | None, desc: str) -> t
     from tqdm import tqdm
 
     images, labels = [], []
-    for f, label in tqdm(files, desc=desc, unit="img", leave=False, mininterval=1.0):
+    # disable=None: no bar when stderr is no terminal (a log, a pipe), where it is noise before any error line
+    for f, label in tqdm(files, desc=desc, unit="img", leave=False, mininterval=1.0, disable=None):
         try:
             with Image.open(f) as im:
                 im = im.convert("RGB")
@@ -148,21 +162,112 @@ def load_split(data: str | Path, split: str, img_size: int | None = None) -> Ima
     if str(data) == SYNTHETIC:
         return _synthetic(split, 1000 if split == "train" else 200)
     root = Path(data)
+    if root.exists() and not root.is_dir():
+        raise PlateauError(f"DATA {root}: is a file; give an ImageFolder tree (train/<class>/*, test/<class>/*) "
+                           "or 'synthetic'")
     if not root.is_dir():
         raise PlateauError(f"DATA {root}: no such directory (give an ImageFolder tree or 'synthetic')")
     classes, files = _list_folder(root / split)
     # Cache key: the tree's identity (path, file count, newest mtime) and the decode size.
     stamp = max(os.stat(f).st_mtime_ns for f, _ in files[:: max(1, len(files) // 512)])
     key = hashlib.sha1(f"{root.resolve()}|{split}|{len(files)}|{stamp}|{img_size}".encode()).hexdigest()[:16]
-    cached = cache_dir() / f"imagefolder-{key}.npz"
-    if cached.exists():
-        with np.load(cached) as z:
-            return ImageSet(z["images"], z["labels"], classes, str(root))
+    folder = _usable_cache_dir()
+    cached = folder / f"imagefolder-{key}.npz" if folder is not None else None
+    if cached is not None and cached.exists():
+        hit = _read_cache(cached, len(files), len(classes), img_size)
+        if hit is not None:
+            return ImageSet(hit[0], hit[1], classes, str(root))
     images, labels = _decode(files, img_size, f"decode {root.name}/{split}")
-    tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, images=images, labels=labels)
-    os.replace(tmp, cached)
+    if cached is not None:
+        _write_cache(cached, images, labels)
     return ImageSet(images, labels, classes, str(root))
+
+
+def _read_cache(path: Path, n: int, n_classes: int, img_size: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """A cache entry's (images, labels) if it is whole and fits the tree (n images, labels < n_classes); else
+    None, after removing it so it is rebuilt: a truncated or foreign file must not be trusted."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images, labels = z["images"], z["labels"]
+        ok = (images.dtype == np.uint8 and images.ndim == 4 and images.shape[0] == n and images.shape[3] == 3
+              and labels.shape == (n,) and labels.dtype.kind in "iu" and n > 0
+              and int(labels.min()) >= 0 and int(labels.max()) < n_classes
+              and (img_size is None or images.shape[1:3] == (img_size, img_size)))
+    except Exception as e:  # zip, npy and key errors alike: the entry is unusable, whatever broke it
+        ok, why = False, type(e).__name__
+    else:
+        why = "it does not match the image tree"
+    if ok:
+        return images, labels
+    print(f"plateau: note: rebuilding the data cache entry {path} ({why})", flush=True)
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return None
+
+
+def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write a cache entry through a temporary name (a kill leaves no half-written entry under the real one);
+    a cache that cannot be written is skipped, with a note."""
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+    try:
+        np.savez(tmp, images=images, labels=labels)
+        os.replace(tmp, path)
+    except OSError as e:
+        print(f"plateau: note: cannot write the data cache entry {path} ({e.strerror}); continuing without it",
+              flush=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    for stale in path.parent.glob("imagefolder-*.tmp*.npz"):  # temporaries of killed writers
+        pid = stale.suffixes[-2].removeprefix(".tmp") if len(stale.suffixes) >= 2 else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+def check_classes(data: ImageSet, classes: list[str] | None, num_classes: int | None, source: str,
+                  data_name: str | None = None) -> None:
+    """Refuse a model (checkpoint, export) whose classes are not the data's: a different count, or different
+    names where the model records them. Scoring a model with another data set's labels is nonsense, not a
+    low accuracy."""
+    name = data_name or data.source
+    have = list(data.classes)
+    if num_classes is not None and num_classes != len(have):
+        raise PlateauError(f"{source} has {num_classes} classes but DATA {name} has {len(have)} "
+                           f"({_names(have)}): use the data the model was trained on")
+    if classes is not None and list(classes) != have:
+        diff = next((i for i, (a, b) in enumerate(zip(classes, have, strict=False)) if a != b),
+                    min(len(classes), len(have)))
+        got = classes[diff] if diff < len(classes) else "(none)"
+        want = have[diff] if diff < len(have) else "(none)"
+        raise PlateauError(f"{source} was trained on other classes than DATA {name}: class {diff} is {got!r} "
+                           f"there and {want!r} here ({_names(classes)} vs {_names(have)})")
+
+
+def _names(classes: list[str], k: int = 4) -> str:
+    return ", ".join(classes[:k]) + (f", ... ({len(classes)} in all)" if len(classes) > k else "")
+
+
+def load_splits(data: str | Path, img_size: int | None = None) -> tuple[ImageSet, ImageSet]:
+    """The train and test splits, checked to be one classification task: the same class names in the same
+    order (else every label would mean another class), and at least two classes."""
+    if str(data) != SYNTHETIC and Path(data).is_dir():  # the class folders first: refused before any decoding
+        _check_split_classes(data, _list_folder(Path(data) / "train")[0], _list_folder(Path(data) / "test")[0])
+    train, test = load_split(data, "train", img_size), load_split(data, "test", img_size)
+    _check_split_classes(data, train.classes, test.classes)
+    return train, test
+
+
+def _check_split_classes(data: str | Path, train: list[str], test: list[str]) -> None:
+    if len(train) < 2:
+        raise PlateauError(f"DATA {data} has one class ({train[0]!r}): a classifier needs at least two")
+    if train != test:
+        only_train = sorted(set(train) - set(test))
+        only_test = sorted(set(test) - set(train))
+        detail = "; ".join(x for x in (
+            f"only in train/: {_names(only_train)}" if only_train else "",
+            f"only in test/: {_names(only_test)}" if only_test else "") if x) or "same names, other order"
+        raise PlateauError(f"DATA {data}: the test split's classes differ from the train split's ({detail}); "
+                           "each split needs the same class folders")
 
 
 # --- batching ---------------------------------------------------------------------------------------------------------

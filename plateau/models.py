@@ -145,6 +145,12 @@ def load_state_dict_file(model: nn.Module, path: str | Path) -> dict:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PlateauError(f"checkpoint {path}: no state dict of tensors found")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        v = state[bad]
+        kind = "NaN" if torch.isnan(v).any() else "inf"
+        raise PlateauError(f"checkpoint {path}: tensor {bad!r} holds {kind} values ({int((~torch.isfinite(v)).sum())} "
+                           f"of {v.numel()}): the weights are broken (training diverged?); use an earlier checkpoint")
     own = model.state_dict()
     # BatchNorm's num_batches_tracked counter is absent from older checkpoints and never affects inference.
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
@@ -168,11 +174,26 @@ def load_state_dict_file(model: nn.Module, path: str | Path) -> dict:
 def read_torch_file(path: str | Path, what: str = "checkpoint", hint: str = "") -> object:
     """torch.load with weights_only=True (never unpickles arbitrary objects); a missing or unreadable file is a
     PlateauError naming it."""
+    import pickle
+    import warnings
+
     path = Path(path)
+    if path.is_dir():
+        raise PlateauError(f"{what} {path}: is a directory, not a {what} file")
     if not path.is_file():
         raise PlateauError(f"{what} {path}: no such file{hint}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol chatter would precede the one-line error
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused a Python object: say which, never load it
+        import re
+
+        found = re.search(r"GLOBAL:? ?([\w.]+)", str(e), re.IGNORECASE)
+        what_not = f": it holds {found.group(1)}, which Plateau never unpickles" if found else ""
+        raise PlateauError(f"{what} {path}: cannot be read as a torch {what} (UnpicklingError){what_not}") from None
+    except OSError as e:
+        raise PlateauError(f"{what} {path}: cannot be read ({e.strerror})") from None
     except Exception as e:  # corrupt, truncated, or not a torch file
         raise PlateauError(f"{what} {path}: cannot be read as a torch {what} ({type(e).__name__})") from None
 

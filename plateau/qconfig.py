@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 from plateau.calibrators import ACT_CALIBRATORS, WEIGHT_CALIBRATORS
-from plateau.config_cli import setting
+from plateau.config_cli import check_ranges, setting
 from plateau.errors import PlateauError
 from plateau.quant import QType, parse_bits
 from plateau.registry import Registry
@@ -40,8 +40,8 @@ class QuantConfig:
     keep_first_last_8bit: bool = setting(False, "first and last layer at 8 bits")
     layer_bits: dict[str, int] = field(default_factory=dict)  # module path -> weight bits (mixed precision)
     rounding: str = setting("nearest", "adaround: learned rounding", choices=ROUNDINGS.names)
-    calib_images: int = setting(512, "calibration images from the train split")
-    adaround_iters: int = setting(500, "learned-rounding steps per layer or block")
+    calib_images: int = setting(512, "calibration images from the train split", minimum=1)
+    adaround_iters: int = setting(500, "learned-rounding steps per layer or block", minimum=1)
     adaround_batch: int = 32
     adaround_act_quant: bool = True  # QDrop-style: quantized activations inside the reconstruction
     reconstruction: str = setting("layer", "learned rounding per conv/linear layer (AdaRound) or per block (BRECQ: "
@@ -73,8 +73,7 @@ class QuantConfig:
             raise PlateauError("learned activation clipping runs inside learned rounding: add --rounding adaround")
         if not 50.0 < self.percentile <= 100.0:
             raise PlateauError(f"percentile must be in (50, 100], got {self.percentile}")
-        if self.calib_images < 1:
-            raise PlateauError(f"calib_images must be positive, got {self.calib_images}")
+        check_ranges(self)  # --calib-images must be >= 1, got 0
         for k, b in self.layer_bits.items():
             if not isinstance(b, int) or not 2 <= b <= 8:
                 raise PlateauError(f"layer_bits[{k!r}] must be an integer in 2..8, got {b!r}")

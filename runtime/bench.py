@@ -30,13 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
-from plateau.artifacts import read_manifest, sha256_file, write_json
+from plateau.artifacts import read_manifest, sha256_file, verify_file, write_json
+from plateau.config_cli import float_at_least, int_at_least
 from plateau.data import batches, load_split
 from plateau.errors import PlateauError
 from plateau.ort_quantizer import ort_quantize
+from plateau.staging import staged_output
 
 from .run import DEVICES, artifact_device_api, run_artifact
-from .validate import check_artifact, pick_device, run_on_device
+from .validate import _test_set, check_artifact, pick_device, run_on_device
 
 __all__ = ["add_arguments", "main", "ENGINES", "requantize_variant"]
 
@@ -50,25 +52,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="local (default for host builds), qemu (arm64 builds), rpc")
     p.add_argument("--rpc", help="HOST:PORT of a board running `plateau device serve` (implies --device rpc)")
     p.add_argument("--rpc-key", help="key the board's server was started with")
-    p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4),
+    p.add_argument("--threads", type=int_at_least(1), default=min(os.cpu_count() or 1, 4),
                    help="threads per engine (TVM_NUM_THREADS, onnxruntime intra-op); default min(cores, 4)")
-    p.add_argument("--batch", type=int, default=64, help="the larger batch size (batch 1 is always timed)")
-    p.add_argument("--repeats", type=int, default=200, help="most timed calls per engine and batch")
-    p.add_argument("--min-repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=5, help="untimed calls first")
-    p.add_argument("--max-seconds", type=float, default=6.0, help="time budget per engine and batch size")
+    p.add_argument("--batch", type=int_at_least(1), default=64,
+                   help="the larger batch size (batch 1 is always timed)")
+    p.add_argument("--repeats", type=int_at_least(1), default=200, help="most timed calls per engine and batch")
+    p.add_argument("--min-repeats", type=int_at_least(1), default=10)
+    p.add_argument("--warmup", type=int_at_least(0), default=5, help="untimed calls first")
+    p.add_argument("--max-seconds", type=float_at_least(0.001), default=6.0,
+                   help="time budget per engine and batch size")
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma list from {','.join(ENGINES)}")
-    p.add_argument("--eval-limit", type=int, help="test images for each engine's top-1 (default 1000 "
-                                                  "locally, 100 under qemu; 0: no accuracy)")
-    p.add_argument("--calib-images", type=int, default=256, help="train images calibrating onnxruntime's "
-                                                                 "quantize_static (default 256)")
+    p.add_argument("--eval-limit", type=int_at_least(0), help="test images for each engine's top-1 (default 1000 "
+                                                              "locally, 100 under qemu; 0: no accuracy)")
+    p.add_argument("--calib-images", type=int_at_least(1), default=256,
+                   help="train images calibrating onnxruntime's quantize_static (default 256)")
 
 
 def _engines(arg: str) -> list[str]:
     names = [e.strip() for e in arg.split(",") if e.strip()]
     bad = [e for e in names if e not in ENGINES]
     if bad or not names:
-        raise PlateauError(f"unknown engine {bad[0] if bad else arg!r}; valid: {', '.join(ENGINES)}")
+        raise PlateauError(f"--engines: unknown engine {bad[0] if bad else arg!r}; valid: {', '.join(ENGINES)}")
     return names
 
 
@@ -93,7 +97,8 @@ def requantize_variant(run: Path, exp: dict, bits: str, out_dir: Path) -> Path:
     from plateau.models import rebuild_model
     from plateau.quant import parse_bits
 
-    key = {"reference_sha256": sha256_file(run / "export" / "reference.pt"), "bits": bits}
+    ref_path = verify_file(run / "export", exp, "reference.pt", "export")
+    key = {"reference_sha256": sha256_file(ref_path), "bits": bits}
     if _cached(out_dir, key):
         return out_dir / "model_qdq.onnx"
     st = torch.load(run / "export" / "reference.pt", map_location="cpu", weights_only=True)
@@ -174,16 +179,6 @@ def _measure_rpc(lib: Path, comp: dict, target: str, args, x_lat: np.ndarray, x_
     return {"latency": lat, "peak_rss_mb": None, "model_rss_mb": None, "emulated": res.emulated}, out
 
 
-def _test_set(exp: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
-    cfg = exp["plateau_cfg"]
-    test = load_split(exp["config"]["data"], "test", exp["config"].get("img_size"))
-    xs, ys = [], []
-    for xb, yb in batches(test, 500, cfg["mean"], cfg["std"], limit=n):
-        xs.append(xb.numpy())
-        ys.append(yb.numpy())
-    return np.concatenate(xs), np.concatenate(ys)
-
-
 def main(args: argparse.Namespace) -> dict:
     run = Path(args.run)
     t_start = time.time()
@@ -196,8 +191,6 @@ def main(args: argparse.Namespace) -> dict:
     lib = comp_dir / "model.so"
     device = pick_device(args.device, args.rpc, lib)
     emulated = device == "qemu"
-    bits = exp["config"].get("bits", "W8A8")
-    other_bits = "W4A8" if bits != "W4A8" else "W8A8"
     eval_n = args.eval_limit if args.eval_limit is not None else (100 if emulated else 1000)
     n_test = max(eval_n, args.batch)
     x_all, y_all = _test_set(exp, n_test)
@@ -207,7 +200,23 @@ def main(args: argparse.Namespace) -> dict:
     run_on_device(lib, x_lat[:1], device, comp, args.target, batch_size=1, rpc=args.rpc, rpc_key=args.rpc_key)
 
     out_dir = run / "bench" / args.target
-    eng_dir = out_dir / "engines"
+    # The report folder is replaced as a whole; the derived engines in it are carried over for reuse.
+    with staged_output(out_dir, keep=("engines",)) as stage:
+        report, doc = _bench_into(stage, args, run, exp, comp, lib, device, engines, x_lat, x_eval, y_eval, t_start)
+    print(doc.markdown())
+    print(f"bench: report in {out_dir}/report.md and report.html")
+    return report
+
+
+def _bench_into(stage: Path, args: argparse.Namespace, run: Path, exp: dict, comp: dict, lib: Path, device: str,
+                engines: list[str], x_lat: np.ndarray, x_eval: np.ndarray, y_eval: np.ndarray,
+                t_start: float):
+    """Build the derived engines, time every engine and write the report into `stage` (the staging folder);
+    (the report, its document)."""
+    emulated = device == "qemu"
+    bits = exp["config"].get("bits", "W8A8")
+    other_bits = "W4A8" if bits != "W4A8" else "W8A8"
+    eng_dir = stage / "engines"
     plan: list[dict] = []  # engine, kind, path, bits, format
     if "tvm-int8" in engines:
         plan.append({"engine": f"TVM {bits}", "kind": "tvm", "path": lib, "bits": bits, "runtime": "TVM"})
@@ -287,10 +296,8 @@ def main(args: argparse.Namespace) -> dict:
                  "noisy"),
     }
     doc = render_document(report)
-    doc.write(out_dir, data=report)
-    print(doc.markdown())
-    print(f"bench: report in {out_dir}/report.md and report.html")
-    return report
+    doc.write(stage, data=report)
+    return report, doc
 
 
 def _best_of_u8_s8(rows: list[dict]) -> list[dict]:

@@ -12,7 +12,8 @@ embedded) and the PNGs.
     (plateau.runtime.layers).
 
 Emulated runs say so in the title and in every line that reports time. Nothing is written unless the whole
-validation succeeded; every file is written atomically.
+validation succeeded: the report folder is replaced as a whole (plateau.staging). The export's files are read
+only if they are the ones its manifest records (sha256), and the library only if it is the one compile recorded.
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from plateau.artifacts import read_manifest, sha256_file
-from plateau.data import batches, load_split
+from plateau.artifacts import load_npy, read_manifest, sha256_file, verify_file
+from plateau.config_cli import int_at_least
+from plateau.data import batches, check_classes, load_split
 from plateau.errors import PlateauError
+from plateau.staging import staged_output
 
 from .run import DEVICES, elf_machine, host_machine, run_artifact
 
 __all__ = ["add_arguments", "main", "compare_logits", "render_report", "check_artifact", "pick_device",
-           "run_on_device", "QEMU_CPU_FEATURES"]
+           "run_on_device", "QEMU_CPU_FEATURES", "onnx_record"]
 
 # Features of the CPU models qemu-aarch64 emulates (QEMU_CPU=...), for a clear error before a SIGILL.
 QEMU_CPU_FEATURES: dict[str, set[str]] = {
@@ -50,9 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                      "(default for arm64 builds without --rpc), rpc")
     p.add_argument("--rpc", help="HOST:PORT of a board running `plateau device serve` (implies --device rpc)")
     p.add_argument("--rpc-key", help="key the board's server was started with")
-    p.add_argument("--limit", type=int, help="validate on the first N test images (default: all that export "
-                                             "validated)")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--limit", type=int_at_least(1), help="validate on the first N test images (default: all that "
+                                                         "export validated)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=100)
     p.add_argument("--compiled", help="validate this compile folder (model.so + manifest.json) instead of "
                                       "<run>/compile/<target>, even if it was compiled from another ONNX "
                                       "(e.g. a modified copy): the report says so")
@@ -60,9 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--per-layer", action="store_true", help="always run the per-layer comparison (default: "
                                                             "only when the device leaves the reference)")
     g.add_argument("--no-per-layer", action="store_true", help="never run the per-layer comparison")
-    p.add_argument("--per-layer-images", type=int, default=8, help="images for the per-layer comparison (the "
-                                                                   "most divergent ones; default 8)")
-    p.add_argument("--tolerance", type=int, default=1, help="allowed difference in integer steps (default 1)")
+    p.add_argument("--per-layer-images", type=int_at_least(1), default=8,
+                   help="images for the per-layer comparison (the most divergent ones; default 8)")
+    p.add_argument("--tolerance", type=int_at_least(0), default=1,
+                   help="allowed difference in integer steps (default 1)")
 
 
 def compare_logits(device: np.ndarray, reference: np.ndarray, step: float) -> dict:
@@ -95,13 +99,19 @@ def check_artifact(comp_dir: Path, target: str, export_manifest: dict | None, *,
     if want and got != want:
         raise PlateauError(f"{lib} is {got} code but target {target!r} is {want}: the artifact was replaced; "
                            f"run `plateau compile --target {target}`")
-    onnx_rec = comp.get("inputs", {}).get("onnx", {})
+    onnx_rec = onnx_record(comp)
     if strict_onnx and export_manifest is not None:
         if onnx_rec.get("sha256") and export_manifest.get("qdq_sha256") and \
                 onnx_rec["sha256"] != export_manifest["qdq_sha256"]:
             raise PlateauError(f"{lib} is stale: it was compiled from another export of "
                                f"{onnx_rec.get('path')}; run `plateau compile --target {target}` again")
     return comp
+
+
+def onnx_record(comp: dict) -> dict:
+    """The compile manifest's record of the ONNX it compiled ({} when it has none, or a malformed one)."""
+    rec = (comp.get("inputs") or {}).get("onnx")
+    return rec if isinstance(rec, dict) else {}
 
 
 def _target_machine(target: str) -> str | None:
@@ -162,12 +172,50 @@ def run_on_device(lib: Path, x: np.ndarray, device: str, comp: dict, target: str
 # --- the stage ----------------------------------------------------------------------------------------------
 def _test_inputs(exp: dict, n: int, run: Path | None = None) -> np.ndarray:
     """The first n of the test images export validated (export's fixed subset when it used --eval-limit)."""
+    return _test_set(exp, n, run)[0]
+
+
+def _test_set(exp: dict, n: int, run: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels) of the first n test images export validated, checked to be the data export used: the
+    same classes, and indices that exist."""
     cfg = exp["plateau_cfg"]
-    test = load_split(exp["config"]["data"], "test", exp["config"].get("img_size"))
-    idx_file = run / "export" / "test_indices.npy" if run is not None else None
-    if idx_file is not None and idx_file.is_file():
-        test = test.subset(np.load(idx_file))
-    return np.concatenate([xb.numpy() for xb, _ in batches(test, 500, cfg["mean"], cfg["std"], limit=n)])
+    size = exp["config"].get("img_size")
+    test = load_split(exp["config"]["data"], "test", size if isinstance(size, int) else None)
+    classes = exp.get("classes")
+    if classes is not None:
+        check_classes(test, classes, len(classes), "the export", exp["config"]["data"])
+    folder = run / "export" if run is not None else None
+    idx_file = verify_file(folder, exp, "test_indices.npy", "export", required=False) if folder else None
+    if idx_file is not None:
+        idx = load_npy(idx_file, "test image indices", 1, "iu")
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(test)):
+            raise PlateauError(f"{idx_file}: indices up to {int(idx.max())} but the test split of "
+                               f"{exp['config']['data']} has {len(test)} images: the data changed since export; "
+                               "run `plateau export` again")
+        test = test.subset(idx)
+    xs, ys = [], []
+    for xb, yb in batches(test, 500, cfg["mean"], cfg["std"], limit=n):
+        xs.append(xb.numpy())
+        ys.append(yb.numpy())
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _export_arrays(run: Path, exp: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Reference logits, labels and onnxruntime logits (None when export had none), each checked against the
+    export manifest and for shape: one line naming the file when any is missing, changed or not an array."""
+    folder = run / "export"
+    ref = load_npy(verify_file(folder, exp, "reference_logits.npy", "export"), "reference logits", 2, "f")
+    labels = load_npy(verify_file(folder, exp, "labels.npy", "export"), "test labels", 1, "iu")
+    ort_path = verify_file(folder, exp, "ort_logits.npy", "export", required=False)
+    ort = load_npy(ort_path, "onnxruntime logits", 2, "f") if ort_path is not None else None
+    if len(labels) != len(ref) or (ort is not None and ort.shape != ref.shape):
+        raise PlateauError(f"{folder}: reference_logits.npy {ref.shape}, labels.npy {labels.shape}"
+                           + (f", ort_logits.npy {ort.shape}" if ort is not None else "")
+                           + " do not belong together; run `plateau export` again")
+    if len(labels) and (labels.min() < 0 or labels.max() >= ref.shape[1]):
+        raise PlateauError(f"{folder / 'labels.npy'}: labels outside 0..{ref.shape[1] - 1}; run `plateau export` "
+                           "again")
+    return ref, labels, ort
 
 
 def _divergent_images(out: np.ndarray, ref: np.ndarray, step: float, tolerance: int, k: int) -> list[int]:
@@ -190,12 +238,12 @@ def main(args: argparse.Namespace) -> dict:
     if args.per_layer_images < 1 or args.tolerance < 0:
         raise PlateauError("--per-layer-images must be >= 1 and --tolerance >= 0")
 
-    ref = np.load(run / "export" / "reference_logits.npy")
-    labels = np.load(run / "export" / "labels.npy")
-    ort_path = run / "export" / "ort_logits.npy"
-    ort = np.load(ort_path) if ort_path.is_file() else None
+    ref, labels, ort = _export_arrays(run, exp)
     n = len(ref) if args.limit is None else min(args.limit, len(ref))
-    x = _test_inputs(exp, n, run)
+    x, y = _test_set(exp, n, run)
+    if len(x) != n or not np.array_equal(y, labels[:n]):
+        raise PlateauError(f"{run / 'export' / 'labels.npy'}: the test images of {exp['config']['data']} no longer "
+                           "carry the labels export saw (the data changed since export); run `plateau export` again")
 
     t0 = time.time()
     res = run_on_device(lib, x, device, comp, args.target, batch_size=args.batch_size, rpc=args.rpc,
@@ -203,7 +251,10 @@ def main(args: argparse.Namespace) -> dict:
     seconds = time.time() - t0
     out = res.outputs
     step = float(exp["quantization"]["output"]["scale"])
-    onnx_rec = comp.get("inputs", {}).get("onnx", {})
+    if not step > 0 or not np.isfinite(step):
+        raise PlateauError(f"{run / 'export' / 'manifest.json'}: output scale {step} is not a positive number; run "
+                           "`plateau export` again")
+    onnx_rec = onnx_record(comp)
     report: dict = {
         "run": str(run), "target": args.target, "device": res.device, "emulated": res.emulated,
         "machine": res.info.get("machine"),
@@ -220,9 +271,12 @@ def main(args: argparse.Namespace) -> dict:
         "note": ("emulated with qemu-aarch64: correctness only, timings are not representative"
                  if res.emulated else f"run on {res.info.get('machine') or 'this machine'}"),
     }
-    export_report = run / "export" / "report.json"
-    if export_report.is_file():
-        er = json.loads(export_report.read_text())
+    export_report = verify_file(run / "export", exp, "report.json", "export", required=False)
+    try:
+        er = json.loads(export_report.read_text()) if export_report is not None else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PlateauError(f"{export_report}: not readable JSON ({e}); run `plateau export` again") from None
+    if isinstance(er, dict) and isinstance(er.get("top1"), dict):
         fp = er["top1"].get("fp32")
         if fp is not None and er.get("test_images") == n:  # FP32 logits are not kept: only comparable on all
             report["top1"]["fp32"] = fp
@@ -235,22 +289,26 @@ def main(args: argparse.Namespace) -> dict:
 
     c = report["device_vs_reference"]
     agrees = c["max_steps"] <= args.tolerance and c["top1_agreement"] == 1.0
-    if args.no_per_layer or (agrees and not args.per_layer):
-        report["per_layer"] = {"skipped": ("--no-per-layer" if args.no_per_layer else
-                                           f"the device agrees with the reference within {args.tolerance} "
-                                           "step(s) on every logit")}
-    else:
-        report["per_layer"] = _per_layer(args, run, comp, comp_dir, x, out, ref[:n], step, device)
     out_dir = run / "validate" / args.target
-    doc = render_document(report, run)
-    doc.write(out_dir, data=report)
+    # The report folder is replaced as a whole; the per-layer debug build in it is kept for reuse.
+    with staged_output(out_dir, keep=("debug",)) as stage:
+        if args.no_per_layer or (agrees and not args.per_layer):
+            report["per_layer"] = {"skipped": ("--no-per-layer" if args.no_per_layer else
+                                               f"the device agrees with the reference within {args.tolerance} "
+                                               "step(s) on every logit")}
+        else:
+            report["per_layer"] = _per_layer(args, run, comp, comp_dir, x, out, ref[:n], step, device, stage,
+                                             exp)
+            report["per_layer"]["debug_artifact"] = str(out_dir / "debug" / "model.so")
+        doc = render_document(report, run)
+        doc.write(stage, data=report)
     print(render_report(report))
     print(f"validate: report in {out_dir}/report.md and report.html")
     return report
 
 
 def _per_layer(args, run: Path, comp: dict, comp_dir: Path, x: np.ndarray, out: np.ndarray, ref: np.ndarray,
-               step: float, device: str) -> dict:
+               step: float, device: str, out_dir: Path, exp: dict) -> dict:
     from plateau.export.stage import load_reference
 
     from .layers import locate
@@ -258,15 +316,15 @@ def _per_layer(args, run: Path, comp: dict, comp_dir: Path, x: np.ndarray, out: 
     idx = _divergent_images(out, ref, step, args.tolerance, args.per_layer_images)
     if not idx:  # forced with --per-layer while everything agrees: the first images
         idx = list(range(min(args.per_layer_images, len(x))))
-    onnx_path = Path(comp.get("inputs", {}).get("onnx", {}).get("path") or run / "export" / "model_qdq.onnx")
-    rec = comp.get("inputs", {}).get("onnx", {})
+    rec = onnx_record(comp)
+    onnx_path = Path(rec.get("path") or run / "export" / "model_qdq.onnx")
     if not onnx_path.is_file() or (rec.get("sha256") and sha256_file(onnx_path) != rec["sha256"]):
         raise PlateauError(f"{onnx_path}: the ONNX {comp_dir}/model.so was compiled from is gone or changed: "
                            "the per-layer debug build needs it (recompile, or pass --no-per-layer)")
-    reference = load_reference(run / "export" / "reference.pt")
+    reference = load_reference(verify_file(run / "export", exp, "reference.pt", "export"))
     cfg = comp.get("config", {})
     t0 = time.time()
-    debug_dir = run / "validate" / args.target / "debug"
+    debug_dir = out_dir / "debug"
     res = locate(reference, onnx_path, args.target, x[idx], debug_dir, device=device, rpc=args.rpc,
                  rpc_key=args.rpc_key, tolerance=args.tolerance, requant=cfg.get("requant", "float"),
                  allow_float=bool(cfg.get("allow_float", False)), images=idx)

@@ -9,6 +9,7 @@ with.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from plateau.artifacts import atomic_path, write_text
+from plateau.artifacts import save_torch, write_text
 from plateau.errors import PlateauError
 
 from .config import TrainConfig
@@ -30,6 +31,8 @@ __all__ = [
     "restore_checkpoint",
     "prepare_run_dir",
     "save_checkpoint",
+    "earlier_run",
+    "refuse_or_clear",
 ]
 
 CHECKPOINT_FORMAT = "plateau.train.checkpoint"
@@ -39,16 +42,55 @@ CHECKPOINT_VERSION = 1
 def load_checkpoint(path: Path) -> dict:
     """The checkpoint at `path`; a PlateauError unless it is a readable Plateau checkpoint of this version."""
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol chatter would precede the one-line error
+            warnings.simplefilter("ignore")
+            blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = f"{path} is not a readable checkpoint ({type(e).__name__})"
         raise PlateauError(f"cannot resume: {reason}") from None
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise PlateauError(f"cannot resume: {path} is not a plateau training checkpoint")
     if blob.get("version") != CHECKPOINT_VERSION:
-        raise PlateauError(f"cannot resume: {path} has checkpoint version {blob.get('version')}, "
+        raise PlateauError(f"cannot resume: {path} has checkpoint version {blob.get('version')!r}, "
                            f"expected {CHECKPOINT_VERSION}")
+    missing = [k for k in ("model", "model_name", "config", "epoch", "optimizer", "scheduler", "noise")
+               if k not in blob]
+    if missing:
+        raise PlateauError(f"cannot resume: {path} lacks {', '.join(missing)} (an incomplete checkpoint)")
     return blob
+
+
+def _epoch_checkpoints(out_dir: Path) -> list[Path]:
+    """checkpoint-epochNNN.pt files, newest epoch first."""
+    return sorted(out_dir.glob("checkpoint-epoch*.pt"), key=lambda p: p.name, reverse=True)
+
+
+def earlier_run(out_dir: Path) -> list[str]:
+    """What an earlier run left in `out_dir` that a fresh run would delete (checkpoints, report, manifest)."""
+    found = []
+    ckpts = _epoch_checkpoints(out_dir)
+    if (out_dir / "last.pt").is_file():
+        found.append("last.pt")
+    if ckpts:
+        found.append(f"{len(ckpts)} epoch checkpoint(s)")
+    found += [n for n in ("manifest.json", "report.json") if (out_dir / n).is_file()]
+    return found
+
+
+def refuse_or_clear(cfg: TrainConfig, out_dir: Path) -> None:
+    """A fresh run in a folder holding an earlier run: refused unless --overwrite, which deletes that run's
+    files first (so nothing of it is mixed with the new one)."""
+    found = earlier_run(out_dir)
+    if not found or cfg.resume:
+        return
+    if not cfg.overwrite:
+        raise PlateauError(f"{out_dir} already holds a training run ({', '.join(found)}): pass --resume to "
+                           "continue it, or --overwrite to delete it and start over (make train RESUME=1 / "
+                           "OVERWRITE=1)")
+    for p in [*_epoch_checkpoints(out_dir), *(out_dir / n for n in ("last.pt", "metrics.jsonl", "report.json",
+                                                                       "report.md", "manifest.json"))]:
+        p.unlink(missing_ok=True)
+    print(f"train: --overwrite: deleted the earlier run in {out_dir} ({', '.join(found)})")
 
 
 def resume_config(
@@ -56,18 +98,32 @@ def resume_config(
 ) -> tuple[TrainConfig, dict | None]:
     """(the config to run with, the checkpoint to continue from or None). Only with `cfg.resume` and a
     last.pt: then the saved config wins, except for the settings that do not change the numbers."""
-    last = out_dir / "last.pt"
     if not cfg.resume:
         return cfg, None
-    if not last.is_file():
+    candidates = [p for p in [out_dir / "last.pt", *_epoch_checkpoints(out_dir)] if p.is_file()]
+    if not candidates:
         if is_main:
-            print(f"resume: no {last} yet, starting from the beginning")
+            print(f"resume: no checkpoint in {out_dir} yet, starting from the beginning")
         return cfg, None
-    blob = load_checkpoint(last)
+    # last.pt first; when it is unreadable, the newest epoch checkpoint that loads (each holds the whole state)
+    blob, last, first_error = None, candidates[0], None
+    for p in candidates:
+        try:
+            blob, last = load_checkpoint(p), p
+            break
+        except PlateauError as e:
+            first_error = first_error or e
+    if blob is None:
+        raise first_error
+    if last != candidates[0] and is_main:
+        print(f"resume: {candidates[0].name} is unreadable ({first_error}); continuing from {last.name}")
     if blob["model_name"] != model_name:
         raise PlateauError(f"cannot resume: {last} holds model {blob['model_name']!r}, not {model_name!r}")
-    saved = TrainConfig.from_dict(blob["config"])
-    keep = {"resume": True, "threads": cfg.threads, "progress": cfg.progress}
+    try:
+        saved = TrainConfig.from_dict(blob["config"])
+    except (ValueError, TypeError) as e:
+        raise PlateauError(f"cannot resume: {last} holds an invalid config ({e})") from None
+    keep = {"resume": True, "overwrite": False, "threads": cfg.threads, "progress": cfg.progress}
     changed = [f.name for f in fields(cfg)
                if f.name not in keep and getattr(cfg, f.name) != getattr(saved, f.name)]
     if changed and is_main:
@@ -86,15 +142,21 @@ def restore_checkpoint(blob: dict, model: nn.Module, opt: torch.optim.Optimizer,
 
 
 def prepare_run_dir(out_dir: Path, start_epoch: int, fresh: bool) -> None:
-    """A fresh run clears what an earlier one left in `out_dir`; a resumed one drops the metrics lines of an
-    epoch whose checkpoint never landed (killed between the two)."""
+    """A fresh run starts its metrics anew (refuse_or_clear made sure no earlier run's checkpoints are here); a
+    resumed one drops the metrics lines of an epoch whose checkpoint never landed (killed between the two) and
+    a line cut short by a kill."""
     metrics = out_dir / "metrics.jsonl"
     if fresh:
-        for p in [*out_dir.glob("checkpoint-epoch*.pt"), out_dir / "last.pt", metrics]:
-            p.unlink(missing_ok=True)
+        metrics.unlink(missing_ok=True)
     if metrics.exists():
-        lines = metrics.read_text().splitlines()
-        keep = [ln for ln in lines if ln.strip() and json.loads(ln)["epoch"] <= start_epoch]
+        keep = []
+        for ln in metrics.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(ln)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] <= start_epoch:
+                keep.append(ln)
         write_text(metrics, "".join(ln + "\n" for ln in keep))
 
 
@@ -120,8 +182,7 @@ def save_checkpoint(out_dir: Path, epoch: int, *, model: nn.Module, model_name: 
     }
     path = out_dir / f"checkpoint-epoch{epoch:03d}.pt"
     for p in (path, out_dir / "last.pt"):
-        with atomic_path(p) as tmp:
-            torch.save(blob, tmp)
+        save_torch(p, blob)
     return path
 
 

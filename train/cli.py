@@ -21,9 +21,9 @@ import torch
 
 from plateau.artifacts import sha256_file
 from plateau.config_cli import config_options
-from plateau.data import load_split
+from plateau.data import check_classes, load_splits
 from plateau.errors import PlateauError
-from plateau.models import create_model, parse_model_kwargs
+from plateau.models import create_model, parse_model_kwargs, read_torch_file
 
 from .config import TrainConfig
 from .trainer import train
@@ -49,8 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     """Run the training stage from parsed arguments; returns the report dict."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     # Fine-tuning starts from trained weights: a tenth of the learning rate, no warm-up.
     finetune = args.checkpoint is not None
@@ -63,8 +61,11 @@ def main(args: argparse.Namespace) -> dict:
         cfg = TrainConfig(**values)
     except ValueError as e:  # a bad option value: one line for the user, naming the valid choices
         raise PlateauError(str(e)) from None
-    train_set = load_split(cfg.data, "train", cfg.img_size)
-    test_set = load_split(cfg.data, "test", cfg.img_size)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    train_set, test_set = load_splits(cfg.data, cfg.img_size)
+    if finetune:
+        _check_finetune_classes(args.checkpoint, train_set, cfg.data)
     torch.manual_seed(cfg.seed)  # deterministic initialization
     model = create_model(args.model, num_classes=len(train_set.classes), checkpoint=args.checkpoint,
                          img_size=cfg.img_size, **parse_model_kwargs(getattr(args, "model_kwargs", "")))
@@ -75,11 +76,25 @@ def main(args: argparse.Namespace) -> dict:
     return train(model, cfg, args.run, train_set, test_set, inputs=inputs)
 
 
+def _check_finetune_classes(checkpoint: str, train_set, data: str) -> None:
+    """A Plateau checkpoint records its classes: fine-tuning it on data with other classes (another count, or
+    other names: class i of its head would be trained to mean another thing) is refused with one line. A bare
+    state dict records none and is taken as an initialization."""
+    blob = read_torch_file(checkpoint)
+    if not isinstance(blob, dict):
+        return
+    classes, n = blob.get("classes"), blob.get("num_classes")
+    check_classes(train_set, classes if isinstance(classes, list) else None, n if isinstance(n, int) else None,
+                  f"checkpoint {checkpoint}", data)
+
+
 def _entry(argv: list[str] | None = None) -> int:
     """`python -m plateau.train`: same options; a PlateauError becomes one line on stderr and exit code 2."""
     import sys
 
-    parser = argparse.ArgumentParser(prog="plateau train", description="flat full-precision training")
+    from plateau.cli import OneLineParser, one_line
+
+    parser = OneLineParser(prog="plateau train", description="flat full-precision training")
     add_arguments(parser)
     argv = sys.argv[1:] if argv is None else argv
     # torchrun's own parser takes `--run` for an abbreviation of its `--run-path`, so under torchrun the
@@ -92,6 +107,6 @@ def _entry(argv: list[str] | None = None) -> int:
     except PlateauError as e:
         rank = os.environ.get("RANK", "0")
         if rank == "0":
-            print(f"plateau train: error: {e}", file=sys.stderr)
+            print(f"plateau train: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from plateau.config_cli import field_choices, setting
+from plateau.config_cli import check_ranges, field_choices, setting
 
 from .methods import Method, get_method, list_methods
 from .noise import NOISE_TARGETS, NoiseConfig
@@ -28,44 +28,47 @@ class TrainConfig:
     """Everything that decides a training run (saved in every checkpoint and in the manifest)."""
 
     data: str = setting("synthetic", "ImageFolder tree with train/ and test/, or 'synthetic'")
-    epochs: int = setting(10, "training epochs")
-    batch_size: int = setting(128, "global batch size: with W processes each takes batch_size // W")
+    epochs: int = setting(10, "training epochs", minimum=1)
+    batch_size: int = setting(128, "global batch size: with W processes each takes batch_size // W", minimum=1)
     lr: float = setting(0.1, "peak learning rate (default 0.1 from scratch, 0.01 fine-tuning; "
-                        "AdamW: 1e-3 / 1e-4)", cli_default=None)
+                        "AdamW: 1e-3 / 1e-4)", cli_default=None, minimum=0, above=True)
     optimizer: str = setting("sgd", "SGD with momentum (nesterov) or AdamW", choices=OPTIMIZERS)
-    momentum: float = setting(0.9, "SGD momentum, nesterov when > 0")
-    weight_decay: float = setting(5e-4, "weight decay of Conv/Linear weights; none on BN and biases")
+    momentum: float = setting(0.9, "SGD momentum, nesterov when > 0", minimum=0, maximum=0.999)
+    weight_decay: float = setting(5e-4, "weight decay of Conv/Linear weights; none on BN and biases", minimum=0)
     warmup_epochs: float = setting(1.0, "linear LR warm-up (default 1 from scratch, 0 fine-tuning)",
-                                   cli_default=None)
-    label_smoothing: float = setting(0.0, "cross-entropy label smoothing")
+                                   cli_default=None, minimum=0)
+    label_smoothing: float = setting(0.0, "cross-entropy label smoothing", minimum=0, maximum=0.99)
     bits: str = setting("W8A8", "target precision, e.g. W8A8, W4A8, W4A4")
     method: str = setting("gaussian", "flat-training method, a plateau.train.methods entry",
                           choices=list_methods, flags=("--method", "--noise"))
-    alpha: float = setting(1.0, "noise std as a multiple of step/sqrt(12)")
+    alpha: float = setting(1.0, "noise std as a multiple of step/sqrt(12)", minimum=0)
     noise_target: str = setting("both", "what gets the noise", choices=NOISE_TARGETS)
-    noise_p: float = setting(0.5, "fraction of elements perturbed per step, for quantnoise")
-    rho: float = setting(0.05, "SAM radius")
+    noise_p: float = setting(0.5, "fraction of elements perturbed per step, for quantnoise", minimum=0,
+                             maximum=1, above=True)
+    rho: float = setting(0.05, "SAM radius", minimum=0)
     keep_first_last_8bit: bool = setting(False, "keep the first and last layer at 8 bits",
                                          flags=("--keep-first-last-8bit", "--first-last-8bit"))
-    seed: int = setting(0, "seeds initialization, data order and noise")
-    resume: bool = setting(False, "continue from RUN/train/last.pt")
+    seed: int = setting(0, "seeds initialization, data order and noise", minimum=0)
+    resume: bool = setting(False, "continue from RUN/train/last.pt (or the newest checkpoint-epochNNN.pt)")
+    overwrite: bool = setting(False, "start over in a RUN/train that holds an earlier run, deleting its "
+                              "checkpoints")
     flatness: str = setting("end", "when to measure flatness", choices=FLATNESS_MODES)
-    flatness_images: int = setting(512, "train images of the fixed flatness subset")
-    trace_samples: int = setting(8, "Hutchinson vectors")
-    eig_iters: int = setting(10, "power iterations, 0 skips")
-    mc_samples: int = setting(4, "Monte Carlo noise draws, 0 skips")
-    train_limit: int | None = setting(None, "training images per epoch, for quick runs")
-    eval_limit: int | None = setting(None, "test images per evaluation")
-    calib_images: int = setting(512, "PTQ calibration images (train split) for the quantization gap")
+    flatness_images: int = setting(512, "train images of the fixed flatness subset", minimum=1)
+    trace_samples: int = setting(8, "Hutchinson vectors", minimum=1)
+    eig_iters: int = setting(10, "power iterations, 0 skips", minimum=0)
+    mc_samples: int = setting(4, "Monte Carlo noise draws, 0 skips", minimum=0)
+    train_limit: int | None = setting(None, "training images per epoch, for quick runs", minimum=1)
+    eval_limit: int | None = setting(None, "test images per evaluation", minimum=1)
+    calib_images: int = setting(512, "PTQ calibration images (train split) for the quantization gap", minimum=1)
     quant_gap: bool = setting(True, "do not measure FP vs PTQ top-1 (round to nearest) at the end")
     img_size: int | None = setting(None, "the model's input size (a timm ViT is built for it); ImageFolder images "
-                                         "are resized to it")
+                                         "are resized to it", minimum=8, maximum=4096)
     augment: bool = setting(True, "no training augmentation: random crop and flip")
     bn_recalibrate: int = setting(2048, "train images re-estimating BatchNorm statistics without noise "
-                                  "after the last epoch, 0 turns it off")
+                                  "after the last epoch, 0 turns it off", minimum=0)
     device: str = setting("cpu", "where training runs: this machine's CPU, or its CUDA GPU (one per process "
                           "under torchrun)", choices=("cpu", "cuda"))
-    threads: int | None = setting(None, "torch threads per process")
+    threads: int | None = setting(None, "torch threads per process", minimum=1)
     progress: bool = setting(True, "no progress bars")
 
     def __post_init__(self) -> None:
@@ -74,11 +77,9 @@ class TrainConfig:
             if valid is not None and value not in valid:
                 label = f.name.replace("_", " ")
                 raise ValueError(f"{label} must be one of {', '.join(valid)}, got {value!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            got = f"{self.epochs}, {self.batch_size}, {self.lr}"
-            raise ValueError(f"epochs, batch size and lr must be positive (got {got})")
-        if self.rho < 0:
-            raise ValueError(f"rho must be >= 0, got {self.rho}")
+        check_ranges(self)  # each bad value names its option (--epochs must be >= 1, got 0)
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: choose one")
         self.noise_config()  # validates bits, alpha, p
         self.training_method.validate(self)
 

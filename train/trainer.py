@@ -13,6 +13,7 @@ What a method perturbs and how its step runs is its registry entry (methods.py);
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -26,9 +27,10 @@ from plateau.capture import unfused_attention
 from plateau.data import ImageSet, batches, load_split
 from plateau.errors import PlateauError
 from plateau.models import model_cfg
+from plateau.staging import clean_temporaries, note, stage_lock, write_failure
 
 from .bn import recalibrate_bn
-from .checkpoint import prepare_run_dir, restore_checkpoint, resume_config, save_checkpoint
+from .checkpoint import prepare_run_dir, refuse_or_clear, restore_checkpoint, resume_config, save_checkpoint
 from .config import TrainConfig
 from .distributed import all_sum, setup_distributed, sync_ranges
 from .evaluate import FLATNESS_SEED, evaluate, fixed_batches, on_device
@@ -76,10 +78,39 @@ def _epoch_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
 
 def _train(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSet | None,
            test_set: ImageSet | None, inputs: dict, rank: int, world: int) -> dict:
+    """Hold the folder's lock (rank 0: one training run per folder), refuse to start over an earlier run
+    without --overwrite, then train. Every rank learns whether rank 0 could start, so none waits forever."""
+    is_main = rank == 0
+    with contextlib.ExitStack() as stack:
+        failure = None
+        if is_main:
+            try:
+                stack.enter_context(stage_lock(out_dir))
+                out_dir.mkdir(parents=True, exist_ok=True)
+                removed = clean_temporaries(out_dir)
+                if removed:
+                    note(f"removed {len(removed)} temporary file(s) an interrupted run left in {out_dir}")
+                refuse_or_clear(cfg, out_dir)
+            except OSError as e:
+                failure = write_failure(e.filename or out_dir, e)
+            except PlateauError as e:
+                failure = e
+        if all_sum(torch.tensor([1.0 if failure else 0.0]), world).item() > 0:
+            raise failure or PlateauError("rank 0 could not start the run (its message says why)")
+        try:
+            return _train_locked(model, cfg, out_dir, train_set, test_set, inputs, rank, world)
+        except OSError as e:
+            err = write_failure(e.filename or out_dir, e)
+            kept = ("the checkpoints written before are kept (continue with --resume)"
+                    if (out_dir / "last.pt").is_file() else "no checkpoint was written")
+            raise PlateauError(f"{err}; {kept}") from None
+
+
+def _train_locked(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSet | None,
+                  test_set: ImageSet | None, inputs: dict, rank: int, world: int) -> dict:
     from tqdm import tqdm
 
     is_main = rank == 0
-    out_dir.mkdir(parents=True, exist_ok=True)
     model_name = getattr(model, "plateau_name", type(model).__name__)
     pcfg = model_cfg(model)
     mean, std = pcfg["mean"], pcfg["std"]
@@ -144,7 +175,8 @@ def _train(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: ImageSe
         t0 = time.time()
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count (this rank)
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
-                   disable=not (is_main and cfg.progress), leave=False, mininterval=0.5, dynamic_ncols=True)
+                   disable=True if not (is_main and cfg.progress) else None,  # None: only on a terminal
+                   leave=False, mininterval=0.5, dynamic_ncols=True)
         data_iter = on_device(batches(train_set, local_bs, mean, std, shuffle=True, augment=cfg.augment,
                                       seed=cfg.seed * 100_003 + epoch, rank=rank, world_size=world,
                                       limit=n_train), device)
