@@ -193,8 +193,40 @@ def _to_layout(mod: tvm.IRModule, layout: str) -> tvm.IRModule:
     if layout == "NCHW" or not any(name == "relax.nn.conv2d" for name in _op_names(mod)):
         return mod  # nothing to convert (ConvertLayout also fails on some conv-free graphs, e.g. 4-D Max)
     assert layout == "NHWC", layout
-    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+    try:
+        mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+    except RuntimeError as e:  # tvm.error.InternalError
+        if "Layout" not in str(e):
+            raise
+        # TVM's layout inference fails on some integer chains downstream of a conv (an integer-only ViT: the
+        # patch embedding feeds integer LayerNorms): switch each conv alone, with a transpose on either side
+        mod = _nhwc_conv_alone(mod)
     return relax.transform.FoldConstant()(mod)
+
+
+def _nhwc_conv_alone(mod: tvm.IRModule) -> tvm.IRModule:
+    """conv2d(x, w) in NCHW / OIHW => permute(conv2d_nhwc(permute(x), permute(w)), back to NCHW)."""
+
+    @relax.expr_functor.mutator
+    class Switch(relax.PyExprMutator):
+        def visit_call_(self, call: relax.Call) -> relax.Expr:
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"
+                    and call.attrs.data_layout == "NCHW" and call.attrs.kernel_layout == "OIHW"):
+                return call
+            a = call.attrs
+            x = self.builder_.emit(relax.op.permute_dims(call.args[0], [0, 2, 3, 1]))
+            w = self.builder_.emit(relax.op.permute_dims(call.args[1], [0, 2, 3, 1]))
+            y = self.builder_.emit(relax.op.nn.conv2d(
+                x, w, strides=a.strides, padding=a.padding, dilation=a.dilation, groups=a.groups,
+                data_layout="NHWC", kernel_layout="OHWI", out_dtype=a.out_dtype))
+            return relax.op.permute_dims(y, [0, 3, 1, 2])
+
+    out = tvm.IRModule(mod.functions)
+    for gv, f in mod.functions.items():
+        if isinstance(f, relax.Function):
+            out[gv] = Switch().visit_expr(f)
+    return out
 
 
 def lower_for_target(mod: tvm.IRModule, target: CompileTarget, schedule: str = "default") -> tvm.IRModule:

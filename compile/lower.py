@@ -87,6 +87,10 @@ def float_compute_calls(mod: tvm.IRModule) -> list[tuple[str, relax.Call]]:
     return found
 
 
+# ops that read only the shape of their argument: never a float computation, whatever the argument's type
+SHAPE_ONLY = ("relax.shape_of",)
+
+
 def float_ops(mod: tvm.IRModule) -> list[tuple[str, relax.Call]]:
     """(relax op name, call) for each op that computes on dequantized float values: everything downstream of a
     relax.dequantize up to the next quantize (or the function output), other than dequantize itself.
@@ -99,6 +103,8 @@ def float_ops(mod: tvm.IRModule) -> list[tuple[str, relax.Call]]:
     found = []
     for var, call in _calls(mod):
         name = call.op.name
+        if name in SHAPE_ONLY:
+            continue  # reads a tensor's shape, never its values (a Gather index from a dynamic batch)
         if name == "relax.dequantize":
             tainted.add(var)
         elif name != "relax.quantize" and any(_refs(a, tainted) for a in call.args):
@@ -124,7 +130,7 @@ def op_counts(mod: tvm.IRModule) -> dict[str, int]:
         if kind:
             integer = "int" in str(call.args[0].ty.dtype)
             counts[f"{'int' if integer else 'float'}_{kind}"] += 1
-        elif call.op.name not in ("relax.dequantize", "relax.quantize") and any(
+        elif call.op.name not in ("relax.dequantize", "relax.quantize", *SHAPE_ONLY) and any(
             producer.get(a) == "relax.dequantize" for a in call.args
         ):
             counts[f"float_op:{call.op.name.removeprefix('relax.')}"] += 1

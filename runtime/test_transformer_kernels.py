@@ -1,0 +1,70 @@
+"""A tiny timm ViT (2 blocks, width 32) through export -> compile -> run: every Linear, both attention matmuls
+and the patch embedding lower to integer kernels; the integer-only export (integer LayerNorm / Softmax / GELU)
+gives the reference's logits bit for bit on the host and on arm64 (sdot) under qemu; the float-island export
+agrees with the reference in output steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from plateau.compile import compile_onnx
+from plateau.export import QuantConfig, quantize_model, to_qdq_onnx
+from plateau.models import create_model
+from plateau.runtime import run_artifact
+
+
+def _steps(got: np.ndarray, want: np.ndarray, step: float) -> np.ndarray:
+    return np.rint(np.abs(got.astype(np.float64) - want.astype(np.float64)) / step)
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, depth=2, embed_dim=32, num_heads=2,
+                         mlp_ratio=2.0).eval()
+    calib = [torch.randn(32, 3, 16, 16) * 0.5]
+    x = (torch.randn(48, 3, 16, 16) * 0.5).numpy()
+    return model, calib, x
+
+
+def _build(tmp_path, tiny_vit, integer_only: bool, target: str = "host"):
+    model, calib, x = tiny_vit
+    ref = quantize_model(model, calib, QuantConfig.from_bits("W8A8", integer_only=integer_only))
+    path = tmp_path / "model_qdq.onnx"
+    onnx.save(to_qdq_onnx(ref), str(path))
+    m = compile_onnx(path, target, tmp_path / target)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x)).numpy()
+    return ref, m, want
+
+
+@pytest.mark.parametrize("integer_only", [True, False], ids=["integer-only", "float-islands"])
+def test_tiny_vit_host_kernels(tmp_path, tiny_vit, integer_only):
+    ref, m, want = _build(tmp_path, tiny_vit, integer_only)
+    ops = m["ops"]
+    # patch embedding; q, k, v, proj, fc1, fc2 per block and the head (13 Linear); Q.K^T and P.V per block
+    assert ops["int_conv2d"] == 1 and ops["int_matmul"] == 17
+    assert ops["float_conv2d"] == 0 and ops["float_matmul"] == 0
+    floats = sorted(k for k in ops if k.startswith("float_op:"))
+    if integer_only:
+        assert floats == [] and m["float_islands"] == []
+    else:  # the float islands the export chose, and nothing else
+        assert floats == ["float_op:nn.gelu", "float_op:nn.layer_norm", "float_op:nn.softmax"]
+        assert (ops["float_op:nn.gelu"], ops["float_op:nn.layer_norm"], ops["float_op:nn.softmax"]) == (2, 5, 2)
+    got = run_artifact(tmp_path / "host" / "model.so", tiny_vit[2]).outputs
+    d = _steps(got, want, ref.output_step)
+    if integer_only:
+        assert (d == 0).all(), f"{int((d != 0).sum())} of {d.size} logits differ (max {d.max()} steps)"
+    else:  # float32 islands: a rounding tie may land the other way; the logits stay within a step
+        assert (d <= 1).mean() >= 0.99 and (got.argmax(1) == want.argmax(1)).mean() >= 0.97, d.max()
+
+
+@pytest.mark.qemu
+def test_tiny_vit_integer_only_bit_exact_on_arm64(tmp_path, tiny_vit, sysroot):
+    ref, m, want = _build(tmp_path, tiny_vit, True, target="arm64-dotprod")
+    assert m["ops"]["int_matmul"] == 17 and m["float_islands"] == []
+    got = run_artifact(tmp_path / "arm64-dotprod" / "model.so", tiny_vit[2], device="qemu").outputs
+    np.testing.assert_array_equal(_steps(got, want, ref.output_step), 0)
