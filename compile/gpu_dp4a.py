@@ -11,7 +11,6 @@ None, so the next rule (dlight's Matmul, then Fallback) takes the function.
 
 from __future__ import annotations
 
-import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
