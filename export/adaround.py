@@ -247,7 +247,7 @@ def learn_rounding(graph: QGraph, acts: dict[str, ActQ], weights: dict[str, Weig
     index = {n.name: k for k, n in enumerate(graph.nodes)}
     n_settle = sum(len(x) for x in calib[:2])  # the ties are looked for on the first two batches
     for nodes in tqdm(units, desc=f"learned rounding ({cfg.reconstruction}s)", unit=cfg.reconstruction,
-                      disable=not progress, leave=False):
+                      disable=None if progress else True, leave=False):  # None: only on a terminal
         # Quantization points the unit fake-quantizes: those inside it (QDrop), and with learned clipping its
         # output as well (the logits keep their min-max range: see calibrate).
         inner = [n.name for n in nodes[:-1] if n.name in acts] if cfg.adaround_act_quant else []

@@ -18,7 +18,7 @@ from torch import nn
 from plateau.calibrate import calibrate, quantize_weights
 from plateau.capture import capture
 from plateau.models import model_cfg
-from plateau.ops.integer_only import integerize
+from plateau.ops.integer_only import integer_forms
 from plateau.qconfig import ROUNDINGS, QuantConfig
 from plateau.qgraph import QGraph
 from plateau.reference import FakeQuantModel
@@ -32,8 +32,7 @@ def quantize_graph(graph: QGraph, calib: Iterable[torch.Tensor], cfg: QuantConfi
                    model_cfg: dict | None = None) -> FakeQuantModel:
     """quantize_model for a graph that did not come from torch (e.g. read from an FP32 ONNX file)."""
     batches = [x for x in calib]
-    if cfg.integer_only:
-        integerize(graph)
+    integer_forms(graph, cfg)
     acts = calibrate(graph, batches, cfg)
     weights = quantize_weights(graph, acts, cfg)
     weights, acts = ROUNDINGS.get(cfg.rounding)(graph, acts, weights, batches, cfg, progress=progress)

@@ -14,7 +14,7 @@ import torch
 from plateau.capture import capture
 from plateau.errors import PlateauError
 from plateau.models import model_cfg, read_torch_file, rebuild_model
-from plateau.ops.integer_only import integerize
+from plateau.ops.integer_only import integer_forms
 from plateau.qconfig import QuantConfig
 from plateau.qgraph import ActQ, QGraph, WeightQ
 from plateau.quant import QType
@@ -55,10 +55,11 @@ def load_reference(path: str | Path) -> FakeQuantModel:
         model = rebuild_model(st["model_name"], st["num_classes"], st["plateau_cfg"])
         model.load_state_dict(st["model"], strict=False)
         graph = capture(model.eval(), [1, *st["plateau_cfg"]["input_size"]], st["config"].get("allow_float", False))
-    if st["config"].get("integer_only"):
-        integerize(graph)
+    # a reference file from before elementwise tables kept its islands in float
+    cfg = QuantConfig.from_dict({"elementwise_tables": False, **st["config"]})
+    integer_forms(graph, cfg)
     acts = {k: ActQ(a["scale"], a["zero_point"], QType(a["bits"], a["signed"], a["narrow"]))
             for k, a in st["acts"].items()}
     weights = {k: WeightQ(w["q"].float(), w["scale"], QType(w["bits"], w["signed"], w["narrow"]),
                           w["bias_q"].long(), w["bias_scale"]) for k, w in st["weights"].items()}
-    return FakeQuantModel(graph, acts, weights, QuantConfig.from_dict(st["config"]), st["plateau_cfg"])
+    return FakeQuantModel(graph, acts, weights, cfg, st["plateau_cfg"])

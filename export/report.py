@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 __all__ = ["render_report"]
+
+_FORMS = {"lut": "exact lookup table", "int_softmax": "integer Softmax", "int_layernorm": "integer LayerNorm"}
 
 
 def render_report(r: dict) -> str:
@@ -33,6 +37,9 @@ def render_report(r: dict) -> str:
     if "onnxruntime_error" in r:
         lines += ["", f"onnxruntime: {r['onnxruntime_error']}"]
     islands = r.get("float_islands") or []
-    lines += ["", f"Float islands (--allow-float): {len(islands)}" + ("" if islands else ", every op is integer")]
+    lines += ["", f"Float islands: {len(islands)}" + ("" if islands else ", every op is integer")]
     lines += [f"- `{i['node']}` ({i['kind']}{', module ' + i['module'] if i.get('module') else ''})" for i in islands]
+    forms = Counter(f"{i['kind']} as {_FORMS.get(i['form'], i['form'])}" for i in r.get("integer_islands") or [])
+    if forms:
+        lines += ["", "Computed in integers instead of float: " + ", ".join(f"{n} {k}" for k, n in forms.items())]
     return "\n".join(lines) + "\n"

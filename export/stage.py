@@ -266,6 +266,9 @@ def _export_into(out: Path, args: argparse.Namespace, cfg: QuantConfig, model, s
         "output_step": ref.output_step,
         "float_islands": [{"node": n.name, "module": n.module, "kind": n.attrs["kind"]}
                           for n in ref.graph.nodes if n.op == "float"],
+        # islands computed in integers instead: exact tables of elementwise islands, --integer-only's forms
+        "integer_islands": [{"node": n.name, "module": n.module, "kind": n.attrs["kind"], "form": n.op}
+                            for n in ref.graph.nodes if n.op in ("lut", "int_softmax", "int_layernorm")],
         "onnxruntime_session": dict(ORT_INT8_QDQ),
         "four_bit_layout": layout,
     }

@@ -19,7 +19,7 @@ from plateau.calibrators import ACT_CALIBRATORS, Observer, weight_scales
 from plateau.capture import capture
 from plateau.errors import PlateauError
 from plateau.models import model_cfg
-from plateau.ops.integer_only import integerize
+from plateau.ops.integer_only import integer_forms
 from plateau.qconfig import QuantConfig
 from plateau.qgraph import ActQ, QGraph, QNode, WeightQ
 from plateau.quant import QType, choose_qparams, quantize, quantize_bias
@@ -149,8 +149,7 @@ def quantize_nearest(model: nn.Module, calib: Iterable[torch.Tensor], cfg: Quant
     """The reference of `model` with calibrated activations and round-to-nearest weights (cfg.rounding ignored)."""
     mcfg = model_cfg(model)
     graph = capture(model, [1, *mcfg["input_size"]], cfg.allow_float)
-    if cfg.integer_only:
-        integerize(graph)
+    integer_forms(graph, cfg)
     batches = [x for x in calib]
     acts = calibrate(graph, batches, cfg)
     return FakeQuantModel(graph, acts, quantize_weights(graph, acts, cfg), cfg, mcfg)

@@ -4,8 +4,10 @@ onnxruntime runs the integer ONNX ops written for them, and TVM lowers the same 
 same integers.
 
     lut            an elementwise op on an integer input has at most 2^b input values: q_y = T[q_x - qmin],
-                   T[i] = Q_y(f(DQ_x(i))) in float64 once (the table is in the ONNX file). Exact: it equals the
-                   float island evaluated on each possible input (I-ViT's ShiftGELU approximates; a table need not).
+                   T[i] = Q_y(f(DQ_x(i))) with the float island's own float32 arithmetic, once (the table is in the
+                   ONNX file). Exact: it is the float island evaluated on each possible input (I-ViT's ShiftGELU
+                   approximates; a table need not). Used by default for elementwise islands in either mode
+                   (QuantConfig.elementwise_tables): the same integers, and every engine computes them alike.
     int_softmax    d_j = q_j - max_k q_k (<= 0); e_j = E[d_j] with E[d] = round(2^F exp(s_x d)) (a table, F = 22);
                    S = sum_j e_j; q_out_j = floor((2^(b+1) e_j + S) / (2 S)), clamped to [0, 2^b - 1]: round(p_j / 2^-b)
                    on the probabilities' fixed grid (scale 2^-b, zero point 0). int64 throughout.
@@ -24,6 +26,7 @@ import math
 import numpy as np
 import torch
 
+from plateau.errors import PlateauError
 from plateau.qgraph import ActQ, QNode
 from plateau.quant import dequantize_np, quantize_np
 
@@ -31,7 +34,7 @@ from .base import OnnxBuilder, Op, register_op
 from .float_island import FLOAT_KINDS, run_float_kind
 
 __all__ = ["Lut", "IntSoftmax", "IntLayerNorm", "lut_table", "softmax_table", "layer_norm_constants",
-           "INTEGER_KINDS", "integerize"]
+           "INTEGER_KINDS", "integerize", "integer_forms"]
 
 SOFTMAX_F = 22  # fraction bits of the exp table: sum over up to 2^9 tokens stays below 2^31, exact in int64 anyway
 LAYER_NORM_K = 16  # fraction bits of LayerNorm's per-channel multipliers
@@ -42,8 +45,9 @@ def _levels(a: ActQ) -> np.ndarray:
 
 
 def lut_table(kind: str, params: dict, ain: ActQ, a: ActQ) -> np.ndarray:
-    """T[i] for every input integer qmin + i: the float op on the dequantized value (float64), quantized."""
-    x = dequantize_np(_levels(ain), ain.scale, ain.zero_point).astype(np.float64)
+    """T[i] for every input integer qmin + i: the float island itself (DQ in float32, the op in float32, Q) on each
+    possible input, so a table and the island it replaces give the same integers."""
+    x = dequantize_np(_levels(ain), ain.scale, ain.zero_point)
     cpu = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in params.items()}
     y = run_float_kind(kind, cpu, torch.from_numpy(x)).numpy()
     return quantize_np(y.astype(np.float32), a.scale, a.zero_point, a.qtype).astype(np.int64)
@@ -201,8 +205,20 @@ INTEGER_KINDS = {"softmax": "int_softmax", "layer_norm": "int_layernorm", **{
     k: "lut" for k in ("gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leaky_relu", "elu", "clip")}}
 
 
-def integerize(graph) -> None:
-    """Turn every float island of `graph` into its integer-only op (INTEGER_KINDS), in place."""
+def integerize(graph, integer_only: bool = True, elementwise_tables: bool = True) -> None:
+    """Turn float islands of `graph` into integer ops (INTEGER_KINDS), in place: every one with `integer_only`,
+    else with `elementwise_tables` the elementwise ones (GELU, ...) into the lookup table of the island itself."""
     for n in graph.nodes:
-        if n.op == "float":
-            n.op = INTEGER_KINDS[n.attrs["kind"]]
+        if n.op != "float":
+            continue
+        kind = INTEGER_KINDS.get(n.attrs["kind"])
+        if integer_only and kind is None:
+            raise PlateauError(f"node {n.name!r}: no integer-only form for a {n.attrs['kind']} island")
+        if integer_only or (elementwise_tables and kind == "lut"):
+            n.op = kind
+
+
+def integer_forms(graph, cfg) -> None:
+    """integerize as a QuantConfig asks (its integer_only and elementwise_tables)."""
+    if cfg.integer_only or cfg.elementwise_tables:
+        integerize(graph, cfg.integer_only, cfg.elementwise_tables)

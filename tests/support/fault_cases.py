@@ -33,7 +33,8 @@ __all__ = ["all_cases", "CASES", "FAST_TRAIN", "FAST_EXPORT", "err", "ok", "kill
 # A training run of a second or two (the run folder {ws}/new is fresh unless a case says otherwise).
 FAST_TRAIN = ["--epochs", "1", "--train-limit", "128", "--batch-size", "64", "--flatness", "off", "--eval-limit",
               "50", "--bn-recalibrate", "0", "--no-quant-gap", "--no-progress"]
-FAST_EXPORT = ["--eval-limit", "50", "--calib-images", "64"]
+# --fast: round to nearest, seconds (the faults are under test, not the learned rounding the default runs)
+FAST_EXPORT = ["--fast", "--eval-limit", "50", "--calib-images", "64"]
 
 
 def err(argv: list[str], pattern: str, **kw) -> Step:
