@@ -55,8 +55,8 @@ def load_reference(path: str | Path) -> FakeQuantModel:
         model = rebuild_model(st["model_name"], st["num_classes"], st["plateau_cfg"])
         model.load_state_dict(st["model"], strict=False)
         graph = capture(model.eval(), [1, *st["plateau_cfg"]["input_size"]], st["config"].get("allow_float", False))
-    # a reference file from before elementwise tables kept its islands in float
-    cfg = QuantConfig.from_dict({"elementwise_tables": False, **st["config"]})
+    # a reference file from before exact islands kept its islands in float
+    cfg = QuantConfig.from_dict({"exact_islands": False, **st["config"]})
     integer_forms(graph, cfg)
     acts = {k: ActQ(a["scale"], a["zero_point"], QType(a["bits"], a["signed"], a["narrow"]))
             for k, a in st["acts"].items()}

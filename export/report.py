@@ -6,7 +6,8 @@ from collections import Counter
 
 __all__ = ["render_report"]
 
-_FORMS = {"lut": "exact lookup table", "int_softmax": "integer Softmax", "int_layernorm": "integer LayerNorm"}
+_FORMS = {"lut": "exact lookup table", "int_softmax": "integer Softmax", "int_layernorm": "integer LayerNorm",
+          "exact_softmax": "float64 from exact integer sums", "exact_layernorm": "float64 from exact integer sums"}
 
 
 def render_report(r: dict) -> str:
@@ -41,5 +42,6 @@ def render_report(r: dict) -> str:
     lines += [f"- `{i['node']}` ({i['kind']}{', module ' + i['module'] if i.get('module') else ''})" for i in islands]
     forms = Counter(f"{i['kind']} as {_FORMS.get(i['form'], i['form'])}" for i in r.get("integer_islands") or [])
     if forms:
-        lines += ["", "Computed in integers instead of float: " + ", ".join(f"{n} {k}" for k, n in forms.items())]
+        lines += ["", "Computed from their integers, the same on every engine: " +
+                  ", ".join(f"{n} {k}" for k, n in forms.items())]
     return "\n".join(lines) + "\n"

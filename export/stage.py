@@ -70,6 +70,10 @@ from .validate import (
     torch_fn,
 )
 
+# ops a float island becomes when computed from its integers (plateau/ops/integer_only.py, exact_islands.py)
+ISLAND_FORMS = ("lut", "int_softmax", "int_layernorm", "exact_softmax", "exact_layernorm")
+
+
 __all__ = ["add_arguments", "main", "export_model", "load_reference", "resolve_source"]
 
 
@@ -266,9 +270,9 @@ def _export_into(out: Path, args: argparse.Namespace, cfg: QuantConfig, model, s
         "output_step": ref.output_step,
         "float_islands": [{"node": n.name, "module": n.module, "kind": n.attrs["kind"]}
                           for n in ref.graph.nodes if n.op == "float"],
-        # islands computed in integers instead: exact tables of elementwise islands, --integer-only's forms
+        # islands computed from their integers instead: exact forms (default), --integer-only's forms
         "integer_islands": [{"node": n.name, "module": n.module, "kind": n.attrs["kind"], "form": n.op}
-                            for n in ref.graph.nodes if n.op in ("lut", "int_softmax", "int_layernorm")],
+                            for n in ref.graph.nodes if n.op in ISLAND_FORMS],
         "onnxruntime_session": dict(ORT_INT8_QDQ),
         "four_bit_layout": layout,
     }

@@ -54,7 +54,7 @@ def test_without_the_flag_the_error_names_module_op_and_flag(model):
 
 def test_islands_match_onnxruntime(model, tmp_path):
     torch.manual_seed(1)
-    ref = quantize_model(model, [torch.randn(64, 3, 16, 16)], QuantConfig(allow_float=True, elementwise_tables=False))
+    ref = quantize_model(model, [torch.randn(64, 3, 16, 16)], QuantConfig(allow_float=True, exact_islands=False))
     kinds = [n.attrs["kind"] for n in ref.graph.nodes if n.op == "float"]
     assert kinds == ["gelu", "hardswish", "sigmoid", "layer_norm", "softmax"]
     qdq = to_qdq_onnx(ref)
@@ -79,15 +79,17 @@ def test_islands_match_onnxruntime(model, tmp_path):
                                    model(x).numpy(), atol=1e-5)
 
 
-def test_elementwise_islands_become_their_exact_tables(model):
-    """By default GELU, Hardswish and Sigmoid are lookup tables of their own float32 islands: the same integers as
-    the islands on every input, and onnxruntime computes them exactly (Gather)."""
+def test_islands_become_their_exact_forms(model):
+    """By default GELU, Hardswish and Sigmoid are lookup tables of their own float32 islands (the same integers as
+    the islands on every input), LayerNorm and Softmax are computed in float64 from exact integer sums, and
+    onnxruntime computes every one of them exactly as the reference does."""
     torch.manual_seed(1)
     calib = [torch.randn(64, 3, 16, 16)]
     tables = quantize_model(model, calib, QuantConfig(allow_float=True))
-    floats = quantize_model(model, calib, QuantConfig(allow_float=True, elementwise_tables=False))
-    assert [(n.op, n.attrs["kind"]) for n in tables.graph.nodes if n.op in ("float", "lut")] == [
-        ("lut", "gelu"), ("lut", "hardswish"), ("lut", "sigmoid"), ("float", "layer_norm"), ("float", "softmax")]
+    floats = quantize_model(model, calib, QuantConfig(allow_float=True, exact_islands=False))
+    assert [(n.op, n.attrs["kind"]) for n in tables.graph.nodes if "kind" in n.attrs] == [
+        ("lut", "gelu"), ("lut", "hardswish"), ("lut", "sigmoid"), ("exact_layernorm", "layer_norm"),
+        ("exact_softmax", "softmax")]
     x = torch.randn(64, 3, 16, 16)
     mid_t, mid_f = tables.intermediates(x), floats.intermediates(x)
     for name in ("act", "hs"):  # the island and its table, on the same integer inputs
@@ -95,8 +97,9 @@ def test_elementwise_islands_become_their_exact_tables(model):
     qdq = to_qdq_onnx(tables)
     assert {"Gelu", "HardSwish", "Sigmoid"}.isdisjoint({n.op_type for n in qdq.graph.node})
     got = ort_quant_points(qdq, list(tables.acts))(x.numpy())
-    for name in ("act", "hs"):
-        np.testing.assert_array_equal(got[f"{name}.q"].astype(np.int64), mid_t[name].numpy().astype(np.int64))
+    for name in tables.acts:
+        np.testing.assert_array_equal(got[f"{name}.q"].astype(np.int64).reshape(mid_t[name].shape),
+                                      mid_t[name].numpy().astype(np.int64), err_msg=name)
 
 
 def _float_onnx_with_sigmoid(path) -> None:
@@ -129,7 +132,7 @@ def test_cli_export_and_compile_list_the_island(tmp_path):
     p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "'the_sigmoid' (Sigmoid)" in p.stderr and "--allow-float" in p.stderr, p.stderr
-    p = subprocess.run([*cmd, "--allow-float", "--no-elementwise-tables"], cwd=tmp_path, capture_output=True,
+    p = subprocess.run([*cmd, "--allow-float", "--no-exact-islands"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     rep = json.loads((tmp_path / "r/export/report.json").read_text())

@@ -79,9 +79,12 @@ def weight_bits(graph: QGraph, cfg: QuantConfig) -> dict[str, int]:
     return bits
 
 
+SOFTMAX_FORMS = ("float", "int_softmax", "exact_softmax")  # a Softmax island, as it is computed
+
+
 def probability_points(graph: QGraph) -> set[str]:
     """The outputs of Softmax islands (attention probabilities): values in [0, 1] whose grid needs no calibration."""
-    return {n.name for n in graph.nodes if n.op in ("float", "int_softmax") and n.attrs["kind"] == "softmax"}
+    return {n.name for n in graph.nodes if n.attrs.get("kind") == "softmax" and n.op in SOFTMAX_FORMS}
 
 
 def probability_qparams(bits: int) -> ActQ:

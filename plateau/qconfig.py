@@ -56,9 +56,10 @@ class QuantConfig:
     probability_bits: int = setting(8, "bits of attention probabilities (Softmax outputs)")
     integer_only: bool = setting(False, "LayerNorm, Softmax and GELU (any float op) in integer arithmetic too: "
                                  "lookup tables, integer exp sums and an integer square root, no float island")
-    elementwise_tables: bool = setting(True, "keep GELU (any elementwise float island) as a float op instead of "
-                                       "the exact lookup table of that island on every input integer (the same "
-                                       "integers in the reference; onnxruntime and TVM then compute them alike)")
+    exact_islands: bool = setting(True, "keep GELU, Softmax and LayerNorm as float32 ops (onnxruntime's own "
+                                  "kernels) instead of their exact forms: GELU as the lookup table of its island, "
+                                  "Softmax and LayerNorm in float64 from exact integer sums, so that every engine "
+                                  "computes the reference's integers (plateau/ops/exact_islands.py)")
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -15,6 +15,7 @@ from plateau.qgraph import OPS
 from . import (  # noqa: F401  (each registers its ops)
     const,
     elementwise,
+    exact_islands,
     float_island,
     integer_only,
     layers,

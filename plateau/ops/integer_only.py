@@ -7,7 +7,7 @@ same integers.
                    T[i] = Q_y(f(DQ_x(i))) with the float island's own float32 arithmetic, once (the table is in the
                    ONNX file). Exact: it is the float island evaluated on each possible input (I-ViT's ShiftGELU
                    approximates; a table need not). Used by default for elementwise islands in either mode
-                   (QuantConfig.elementwise_tables): the same integers, and every engine computes them alike.
+                   (QuantConfig.exact_islands): the same integers, and every engine computes them alike.
     int_softmax    d_j = q_j - max_k q_k (<= 0); e_j = E[d_j] with E[d] = round(2^F exp(s_x d)) (a table, F = 22);
                    S = sum_j e_j; q_out_j = floor((2^(b+1) e_j + S) / (2 S)), clamped to [0, 2^b - 1]: round(p_j / 2^-b)
                    on the probabilities' fixed grid (scale 2^-b, zero point 0). int64 throughout.
@@ -53,11 +53,11 @@ def lut_table(kind: str, params: dict, ain: ActQ, a: ActQ) -> np.ndarray:
     return quantize_np(y.astype(np.float32), a.scale, a.zero_point, a.qtype).astype(np.int64)
 
 
-def softmax_table(ain: ActQ) -> np.ndarray:
+def softmax_table(ain: ActQ, frac_bits: int = SOFTMAX_F) -> np.ndarray:
     """E[j] = round(2^F exp(s_x * (j - (L - 1)))) for j = 0..L-1: the exp of every difference to the row maximum."""
     n = ain.qtype.qmax - ain.qtype.qmin + 1
     d = np.arange(-(n - 1), 1, dtype=np.float64) * np.float64(np.float32(ain.scale))
-    return np.rint(np.exp(d) * 2.0**SOFTMAX_F).astype(np.int64)
+    return np.rint(np.exp(d) * 2.0**frac_bits).astype(np.int64)
 
 
 def layer_norm_constants(params: dict, ain: ActQ, a: ActQ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -205,20 +205,25 @@ INTEGER_KINDS = {"softmax": "int_softmax", "layer_norm": "int_layernorm", **{
     k: "lut" for k in ("gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leaky_relu", "elu", "clip")}}
 
 
-def integerize(graph, integer_only: bool = True, elementwise_tables: bool = True) -> None:
-    """Turn float islands of `graph` into integer ops (INTEGER_KINDS), in place: every one with `integer_only`,
-    else with `elementwise_tables` the elementwise ones (GELU, ...) into the lookup table of the island itself."""
+def integerize(graph, integer_only: bool = True, exact_islands: bool = True) -> None:
+    """Turn float islands of `graph` into ops on integers, in place: every one into its integer-only form
+    (INTEGER_KINDS) with `integer_only`, else with `exact_islands` elementwise ones (GELU, ...) into the lookup
+    table of the island itself and Softmax / LayerNorm into their exact forms (plateau/ops/exact_islands.py)."""
+    from .exact_islands import EXACT_KINDS
+
     for n in graph.nodes:
         if n.op != "float":
             continue
         kind = INTEGER_KINDS.get(n.attrs["kind"])
         if integer_only and kind is None:
             raise PlateauError(f"node {n.name!r}: no integer-only form for a {n.attrs['kind']} island")
-        if integer_only or (elementwise_tables and kind == "lut"):
+        if integer_only:
             n.op = kind
+        elif exact_islands and (kind == "lut" or n.attrs["kind"] in EXACT_KINDS):
+            n.op = EXACT_KINDS.get(n.attrs["kind"], kind)
 
 
 def integer_forms(graph, cfg) -> None:
-    """integerize as a QuantConfig asks (its integer_only and elementwise_tables)."""
-    if cfg.integer_only or cfg.elementwise_tables:
-        integerize(graph, cfg.integer_only, cfg.elementwise_tables)
+    """integerize as a QuantConfig asks (its integer_only and exact_islands)."""
+    if cfg.integer_only or cfg.exact_islands:
+        integerize(graph, cfg.integer_only, cfg.exact_islands)
