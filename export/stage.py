@@ -32,7 +32,7 @@ from plateau.artifacts import (
 )
 from plateau.capture import capture
 from plateau.config_cli import config_from_args, config_options, float_at_least, int_at_least
-from plateau.data import SYNTHETIC, batches, check_classes, load_splits
+from plateau.data import SYNTHETIC, batches, check_classes, check_image_size, load_splits
 from plateau.errors import PlateauError
 from plateau.models import (
     IMAGENET_MEAN,
@@ -205,8 +205,9 @@ def main(args: argparse.Namespace) -> dict:
         mcfg = model_cfg(model)
     data = args.data or src.get("data") or SYNTHETIC
     mean, std = mcfg["mean"], mcfg["std"]
-    size = args.img_size
+    size = args.img_size or (mcfg["input_size"][-1] if str(data) == SYNTHETIC else None)
     train, test = load_splits(data, size)
+    check_image_size(train, mcfg["input_size"], src["model"])
     if not args.onnx:  # the head's class i must be the data's class i, or every score is nonsense
         check_classes(train, src.get("classes"), src.get("num_classes"), f"checkpoint {src['checkpoint']}", data)
     if cfg.calib_images > len(train):

@@ -22,7 +22,7 @@ import torch
 from .errors import PlateauError
 
 __all__ = ["ImageSet", "load_split", "load_splits", "check_classes", "batches", "normalize", "dataset_stats",
-           "SYNTHETIC", "cache_dir"]
+           "SYNTHETIC", "cache_dir", "check_image_size"]
 
 SYNTHETIC = "synthetic"
 _IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
@@ -160,7 +160,7 @@ def load_split(data: str | Path, split: str, img_size: int | None = None) -> Ima
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if str(data) == SYNTHETIC:
-        return _synthetic(split, 1000 if split == "train" else 200)
+        return _synthetic(split, 1000 if split == "train" else 200, img_size or 32)
     root = Path(data)
     if root.exists() and not root.is_dir():
         raise PlateauError(f"DATA {root}: is a file; give an ImageFolder tree (train/<class>/*, test/<class>/*) "
@@ -255,6 +255,16 @@ def load_splits(data: str | Path, img_size: int | None = None) -> tuple[ImageSet
     train, test = load_split(data, "train", img_size), load_split(data, "test", img_size)
     _check_split_classes(data, train.classes, test.classes)
     return train, test
+
+
+def check_image_size(images: ImageSet, input_size: list[int], model: str) -> None:
+    """One line when the data's images are not the size the model takes (a ViT's patch grid and position table
+    are built for one size)."""
+    h, w = images.images.shape[1:3]
+    mh, mw = input_size[-2:]
+    if (h, w) != (mh, mw):
+        raise PlateauError(f"DATA {images.source}: the images are {h}x{w} but {model} takes {mh}x{mw}: pass "
+                           f"--img-size {h} to build the model for the data, or --img-size {mh} to resize the images")
 
 
 def _check_split_classes(data: str | Path, train: list[str], test: list[str]) -> None:

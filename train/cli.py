@@ -21,9 +21,9 @@ import torch
 
 from plateau.artifacts import sha256_file
 from plateau.config_cli import config_options
-from plateau.data import check_classes, load_splits
+from plateau.data import check_classes, check_image_size, load_splits
 from plateau.errors import PlateauError
-from plateau.models import create_model, parse_model_kwargs, read_torch_file
+from plateau.models import create_model, model_cfg, parse_model_kwargs, read_torch_file
 
 from .config import TrainConfig
 from .trainer import train
@@ -69,6 +69,7 @@ def main(args: argparse.Namespace) -> dict:
     torch.manual_seed(cfg.seed)  # deterministic initialization
     model = create_model(args.model, num_classes=len(train_set.classes), checkpoint=args.checkpoint,
                          img_size=cfg.img_size, **parse_model_kwargs(getattr(args, "model_kwargs", "")))
+    check_image_size(train_set, model_cfg(model)["input_size"], args.model)
     inputs = {"data": cfg.data, "model": args.model}
     if finetune:
         inputs["checkpoint"] = str(Path(args.checkpoint).resolve())
