@@ -30,12 +30,15 @@ def tiny_vit():
     return model, calib, x
 
 
-MODES = {"exact": {}, "integer-only": {"integer_only": True}, "float32-islands": {"exact_islands": False}}
+MODES = {"exact": ("W8A8", {}), "integer-only": ("W8A8", {"integer_only": True}),
+         "float32-islands": ("W8A8", {"exact_islands": False}),
+         "exact-W4A8": ("W4A8", {}), "exact-W4A4": ("W4A4", {})}  # 4-bit weights packed two per byte
 
 
 def _build(tmp_path, tiny_vit, mode: str, target: str = "host"):
     model, calib, x = tiny_vit
-    ref = quantize_model(model, calib, QuantConfig.from_bits("W8A8", **MODES[mode]))
+    bits, kw = MODES[mode]
+    ref = quantize_model(model, calib, QuantConfig.from_bits(bits, **kw))
     path = tmp_path / "model_qdq.onnx"
     onnx.save(to_qdq_onnx(ref), str(path))
     m = compile_onnx(path, target, tmp_path / target)
@@ -48,6 +51,7 @@ def _build(tmp_path, tiny_vit, mode: str, target: str = "host"):
 def test_tiny_vit_host_kernels(tmp_path, tiny_vit, mode):
     ref, m, want = _build(tmp_path, tiny_vit, mode)
     ops = m["ops"]
+    assert m["weight_bits"] == [int(MODES[mode][0][1])]
     # patch embedding; q, k, v, proj, fc1, fc2 per block and the head (13 Linear); Q.K^T and P.V per block
     assert ops["int_conv2d"] == 1 and ops["int_matmul"] == 17
     assert ops["float_conv2d"] == 0 and ops["float_matmul"] == 0
