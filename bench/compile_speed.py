@@ -106,10 +106,10 @@ def measured_clock_ghz(iterations: int = 200_000_000) -> float:
     return 3 * iterations / seconds / 1e9
 
 
-def _images(data: str, n: int, mean: list, std: list) -> np.ndarray:
-    from plateau.data import load_split, normalize
+def _images(data: str, n: int, mean: list, std: list, size: int | None = None) -> np.ndarray:
+    from plateau.data import SYNTHETIC, load_split, normalize
 
-    test = load_split(data, "test")
+    test = load_split(data, "test", size if data == SYNTHETIC else None)  # generated at the model's size
     return normalize(test.images[:n], mean, std).numpy().astype(np.float32)
 
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     man = json.loads(manifest.read_text()) if manifest.is_file() else {}  # no export: default normalization
     cfg = man.get("plateau_cfg", {})
     x_all = _images(args.data, max(args.batches) + 256, cfg.get("mean", [0.485, 0.456, 0.406]),
-                    cfg.get("std", [0.229, 0.224, 0.225]))
+                    cfg.get("std", [0.229, 0.224, 0.225]), cfg.get("input_size", [3, 32, 32])[-1])
     eng_dir = run / "bench" / "compile_speed"
     eng_dir.mkdir(parents=True, exist_ok=True)
 
