@@ -149,7 +149,7 @@ def _serve(conn, kind: str, path: str, threads: int) -> None:
     """The engine process: load the model, then answer "run" (the outputs) and "time" (seconds per call)."""
     os.environ["TVM_NUM_THREADS"] = str(threads)  # before TVM starts its thread pool
     try:
-        fn = _tvm(Path(path)) if kind == "tvm" else _ort(Path(path), threads)
+        fn = _tvm(Path(path)) if kind == "tvm" else _ort(Path(path), threads, int8_qdq=kind == "ort-int8-qdq")
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.recv()
         conn.send(f"{path}: {type(e).__name__}: {e}")
@@ -168,11 +168,17 @@ def _serve(conn, kind: str, path: str, threads: int) -> None:
         conn.send((time.perf_counter() - t0) / msg[2])
 
 
-def _ort(path: Path, threads: int):
+def _ort(path: Path, threads: int, int8_qdq: bool = False):
     import onnxruntime as ort
+
+    from plateau.export.validate import ORT_INT8_QDQ
 
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    # Plateau's own QDQ file: the session every check uses (signed int8 QDQ in integer kernels; without it x86
+    # onnxruntime 1.32's S8->U8 rewrite fails on a ViT's uint8 probabilities)
+    for key, value in (ORT_INT8_QDQ if int8_qdq else {}).items():
+        so.add_session_config_entry(key, value)
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     name = s.get_inputs()[0].name
@@ -266,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     engines = {"tvm-int8": _Engine("tvm", out_tuned / "model.so", args.threads),
                "tvm-int8-untuned": _Engine("tvm", out_untuned / "model.so", args.threads),
                "ort-qop-u8s8": _Engine("ort", qop, args.threads), "ort-qdq-u8s8": _Engine("ort", qdq_ort, args.threads),
-               "ort-plateau-qdq": _Engine("ort", qdq, args.threads),  # onnxruntime on the very file TVM compiled
+               "ort-plateau-qdq": _Engine("ort-int8-qdq", qdq, args.threads),  # the very file TVM compiled
                "ort-fp32": _Engine("ort", fp32, args.threads)}
 
     # -- exactness: the scheduled build against the untuned one ---------------------------------------------------
