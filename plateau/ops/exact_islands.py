@@ -133,9 +133,9 @@ def _write_finish(b: OnnxBuilder, p: str, u: str, a: ActQ, out_type: int, out: s
     f64 = (lambda nm, v: b.init(numpy_helper.from_array(np.asarray(v, np.float64), p + nm)))  # noqa: E731
     b.node("Round", [u], [p + "r"], p + "round")
     b.node("Add", [p + "r", f64("zy", a.zero_point)], [p + "rz"], p + "rz")
-    b.node("Max", [p + "rz", f64("lo", a.qtype.qmin)], [p + "lo_c"], p + "lo_c")
-    b.node("Min", [p + "lo_c", f64("hi", a.qtype.qmax)], [p + "hi_c"], p + "hi_c")
-    b.node("Cast", [p + "hi_c"], [out], name, to=out_type)
+    # Clip, not Max / Min: TVM's importer turns a variadic Max into a stack and a reduction
+    b.node("Clip", [p + "rz", f64("lo", a.qtype.qmin), f64("hi", a.qtype.qmax)], [p + "clamped"], p + "clip")
+    b.node("Cast", [p + "clamped"], [out], name, to=out_type)
 
 
 # float island kind -> its exact form

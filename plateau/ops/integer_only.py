@@ -188,7 +188,7 @@ class IntLayerNorm(_IntegerIO):
         b.node("Sqrt", [p + "vf"], [p + "sf"], p + "sqrt")
         b.node("Floor", [p + "sf"], [p + "rf"], p + "floor")
         b.node("Cast", [p + "rf"], [p + "r0"], p + "r0", to=7)
-        b.node("Max", [p + "r0", i64("one", 1)], [p + "r"], p + "r")
+        b.node("Clip", [p + "r0", i64("one", 1)], [p + "r"], p + "r")  # at least 1 (Clip: no stack in TVM)
         b.node("Mul", [p + "xc", i64("g2", 2 * g)], [p + "gx"], p + "gx")
         b.node("Add", [p + "gx", p + "r"], [p + "num"], p + "num")
         b.node("Add", [p + "r", p + "r"], [p + "den"], p + "den")
