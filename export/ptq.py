@@ -18,7 +18,7 @@ from torch import nn
 from plateau.calibrate import calibrate, quantize_weights
 from plateau.capture import capture
 from plateau.models import model_cfg
-from plateau.ops.integer_only import integer_forms
+from plateau.ops.island_forms import integer_forms
 from plateau.qconfig import ROUNDINGS, QuantConfig
 from plateau.qgraph import QGraph
 from plateau.reference import FakeQuantModel

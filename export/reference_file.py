@@ -14,7 +14,7 @@ import torch
 from plateau.capture import capture
 from plateau.errors import PlateauError
 from plateau.models import model_cfg, read_torch_file, rebuild_model
-from plateau.ops.integer_only import integer_forms
+from plateau.ops.island_forms import integer_forms
 from plateau.qconfig import QuantConfig
 from plateau.qgraph import ActQ, QGraph, WeightQ
 from plateau.quant import QType

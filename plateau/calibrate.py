@@ -19,7 +19,7 @@ from plateau.calibrators import ACT_CALIBRATORS, Observer, weight_scales
 from plateau.capture import capture
 from plateau.errors import PlateauError
 from plateau.models import model_cfg
-from plateau.ops.integer_only import integer_forms
+from plateau.ops.island_forms import integer_forms
 from plateau.qconfig import QuantConfig
 from plateau.qgraph import ActQ, QGraph, QNode, WeightQ
 from plateau.quant import QType, choose_qparams, quantize, quantize_bias

@@ -18,6 +18,7 @@ from . import (  # noqa: F401  (each registers its ops)
     exact_islands,
     float_island,
     integer_only,
+    island_forms,
     layers,
     layout,
     matmul,

@@ -26,7 +26,6 @@ import math
 import numpy as np
 import torch
 
-from plateau.errors import PlateauError
 from plateau.qgraph import ActQ, QNode
 from plateau.quant import dequantize_np, quantize_np
 
@@ -34,7 +33,7 @@ from .base import OnnxBuilder, Op, register_op
 from .float_island import FLOAT_KINDS, run_float_kind
 
 __all__ = ["Lut", "IntSoftmax", "IntLayerNorm", "lut_table", "softmax_table", "layer_norm_constants",
-           "INTEGER_KINDS", "integerize", "integer_forms"]
+           "INTEGER_KINDS"]
 
 SOFTMAX_F = 22  # fraction bits of the exp table: sum over up to 2^9 tokens stays below 2^31, exact in int64 anyway
 LAYER_NORM_K = 16  # fraction bits of LayerNorm's per-channel multipliers
@@ -203,27 +202,3 @@ class IntLayerNorm(_IntegerIO):
 # float island kind -> its integer-only op
 INTEGER_KINDS = {"softmax": "int_softmax", "layer_norm": "int_layernorm", **{
     k: "lut" for k in ("gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leaky_relu", "elu", "clip")}}
-
-
-def integerize(graph, integer_only: bool = True, exact_islands: bool = True) -> None:
-    """Turn float islands of `graph` into ops on integers, in place: every one into its integer-only form
-    (INTEGER_KINDS) with `integer_only`, else with `exact_islands` elementwise ones (GELU, ...) into the lookup
-    table of the island itself and Softmax / LayerNorm into their exact forms (plateau/ops/exact_islands.py)."""
-    from .exact_islands import EXACT_KINDS
-
-    for n in graph.nodes:
-        if n.op != "float":
-            continue
-        kind = INTEGER_KINDS.get(n.attrs["kind"])
-        if integer_only and kind is None:
-            raise PlateauError(f"node {n.name!r}: no integer-only form for a {n.attrs['kind']} island")
-        if integer_only:
-            n.op = kind
-        elif exact_islands and (kind == "lut" or n.attrs["kind"] in EXACT_KINDS):
-            n.op = EXACT_KINDS.get(n.attrs["kind"], kind)
-
-
-def integer_forms(graph, cfg) -> None:
-    """integerize as a QuantConfig asks (its integer_only and exact_islands)."""
-    if cfg.integer_only or cfg.exact_islands:
-        integerize(graph, cfg.integer_only, cfg.exact_islands)
