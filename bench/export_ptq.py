@@ -103,7 +103,10 @@ def _native_layout(d: Path, data: str) -> dict | None:
     if all(w.qtype.bits == 8 for w in ref.weights.values()) and all(a.qtype.bits == 8 for a in ref.acts.values()):
         return None
     path = d / "model_qdq_native.onnx"
-    onnx.save(to_qdq_onnx(ref, four_bit="native"), str(path))
+    try:
+        onnx.save(to_qdq_onnx(ref, four_bit="native"), str(path))
+    except ValueError as e:  # integer ops (a transformer's exact / integer-only islands) need the widened layout
+        return {"error": str(e)}
     lg, rep, rl, _ = _ort_on_export(d, data, str(path))
     return {**compare_logits(lg, rl, rep["output_step"]), "onnxruntime_kernels": ort_kernels(path)}
 
@@ -204,7 +207,7 @@ def _kernels(k: dict | None) -> str:
 
 
 def _native_cell(t: dict | None) -> str:
-    if not t:
+    if not t or "error" in t:
         return "-"
     return (f"{100 * t['top1_agreement']:.2f}% / {100 * t['bit_exact']:.2f}% / {t['max_steps']} / "
             f"{_kernels(t['onnxruntime_kernels'])}")
