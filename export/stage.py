@@ -44,6 +44,7 @@ from plateau.models import (
     read_torch_file,
     rebuild_model,
 )
+from plateau.ops.island_forms import ISLAND_FORMS
 from plateau.qconfig import QuantConfig
 from plateau.qgraph import QGraph
 from plateau.quant import parse_bits
@@ -69,10 +70,6 @@ from .validate import (
     top1,
     torch_fn,
 )
-
-# ops a float island becomes when computed from its integers (plateau/ops/integer_only.py, exact_islands.py)
-ISLAND_FORMS = ("lut", "int_softmax", "int_layernorm", "exact_softmax", "exact_layernorm")
-
 
 __all__ = ["add_arguments", "main", "export_model", "load_reference", "resolve_source"]
 

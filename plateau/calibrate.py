@@ -19,7 +19,7 @@ from plateau.calibrators import ACT_CALIBRATORS, Observer, weight_scales
 from plateau.capture import capture
 from plateau.errors import PlateauError
 from plateau.models import model_cfg
-from plateau.ops.island_forms import integer_forms
+from plateau.ops.island_forms import SOFTMAX_FORMS, integer_forms
 from plateau.qconfig import QuantConfig
 from plateau.qgraph import ActQ, QGraph, QNode, WeightQ
 from plateau.quant import QType, choose_qparams, quantize, quantize_bias
@@ -77,9 +77,6 @@ def weight_bits(graph: QGraph, cfg: QuantConfig) -> dict[str, int]:
                                f"{', '.join(n.module or n.name for n in w)}")
         bits[name] = b
     return bits
-
-
-SOFTMAX_FORMS = ("float", "int_softmax", "exact_softmax")  # a Softmax island, as it is computed
 
 
 def probability_points(graph: QGraph) -> set[str]:

@@ -28,7 +28,7 @@ import torch
 from plateau.qgraph import ActQ, QNode
 
 from .base import OnnxBuilder, register_op
-from .integer_only import _IntegerIO, softmax_table
+from .integer_only import _IntegerIO, softmax_exp_sums, softmax_table, write_softmax_exp_sums
 
 __all__ = ["ExactSoftmax", "ExactLayerNorm", "EXACT_KINDS", "EXACT_SOFTMAX_F", "exact_layer_norm_constants"]
 
@@ -56,27 +56,15 @@ class ExactSoftmax(_IntegerIO):
     name = "exact_softmax"
 
     def run_int(self, n, ins, ain, a, w):
-        axis = n.attrs["params"]["axis"]
-        q = ins[0].long()
-        table = torch.from_numpy(softmax_table(ain[0], EXACT_SOFTMAX_F)).to(q.device)
-        e = table[q - q.amax(dim=axis, keepdim=True) + len(table) - 1]
-        s = e.sum(dim=axis, keepdim=True)
+        e, s = softmax_exp_sums(ins[0], n.attrs["params"]["axis"], softmax_table(ain[0], EXACT_SOFTMAX_F))
         return _finish(e.double() / s.double() / _scale64(a), a)
 
     def to_onnx_int(self, b: OnnxBuilder, n: QNode, x: str, ain: ActQ, a: ActQ, out_type: int, out: str) -> None:
         from onnx import numpy_helper
 
         p, axis = f"{n.name}.exact.", n.attrs["params"]["axis"]
-        table = softmax_table(ain, EXACT_SOFTMAX_F)
-        i64 = (lambda name, v: b.init(numpy_helper.from_array(np.asarray(v, np.int64), p + name)))  # noqa: E731
         f64 = (lambda name, v: b.init(numpy_helper.from_array(np.asarray(v, np.float64), p + name)))  # noqa: E731
-        b.node("Cast", [x], [p + "x"], p + "cast", to=7)  # INT64
-        b.node("ReduceMax", [p + "x", i64("axes", [axis])], [p + "max"], p + "max", keepdims=1)
-        b.node("Sub", [p + "x", p + "max"], [p + "d"], p + "d")
-        b.node("Add", [p + "d", i64("last", len(table) - 1)], [p + "idx"], p + "idx")
-        b.node("Gather", [b.init(numpy_helper.from_array(table, p + "exp_table")), p + "idx"], [p + "e"], p + "e",
-               axis=0)
-        b.node("ReduceSum", [p + "e", i64("axes2", [axis])], [p + "s"], p + "s", keepdims=1)
+        write_softmax_exp_sums(b, p, x, axis, softmax_table(ain, EXACT_SOFTMAX_F))
         b.node("Cast", [p + "e"], [p + "ef"], p + "ef", to=11)  # DOUBLE: exact below 2^53
         b.node("Cast", [p + "s"], [p + "sf"], p + "sf", to=11)
         b.node("Div", [p + "ef", p + "sf"], [p + "prob"], p + "prob")

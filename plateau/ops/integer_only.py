@@ -33,6 +33,7 @@ from .base import OnnxBuilder, Op, register_op
 from .float_island import FLOAT_KINDS, run_float_kind
 
 __all__ = ["Lut", "IntSoftmax", "IntLayerNorm", "lut_table", "softmax_table", "layer_norm_constants",
+           "softmax_exp_sums", "write_softmax_exp_sums",
            "INTEGER_KINDS"]
 
 SOFTMAX_F = 22  # fraction bits of the exp table: sum over up to 2^9 tokens stays below 2^31, exact in int64 anyway
@@ -57,6 +58,29 @@ def softmax_table(ain: ActQ, frac_bits: int = SOFTMAX_F) -> np.ndarray:
     n = ain.qtype.qmax - ain.qtype.qmin + 1
     d = np.arange(-(n - 1), 1, dtype=np.float64) * np.float64(np.float32(ain.scale))
     return np.rint(np.exp(d) * 2.0**frac_bits).astype(np.int64)
+
+
+def softmax_exp_sums(x: torch.Tensor, axis: int, table: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e, S) of the table-driven Softmaxes: e_j = table[q_j - max_k q_k + L - 1] and S = sum_j e_j along
+    `axis` (int64, exact in any order)."""
+    q = x.long()
+    t = torch.from_numpy(table).to(q.device)
+    e = t[q - q.amax(dim=axis, keepdim=True) + len(t) - 1]
+    return e, e.sum(dim=axis, keepdim=True)
+
+
+def write_softmax_exp_sums(b: OnnxBuilder, p: str, x: str, axis: int, table: np.ndarray) -> None:
+    """softmax_exp_sums as ONNX integer ops on the integer tensor `x`: writes `p`e and `p`s (int64)."""
+    from onnx import numpy_helper
+
+    i64 = (lambda name, v: b.init(numpy_helper.from_array(np.asarray(v, np.int64), p + name)))  # noqa: E731
+    b.node("Cast", [x], [p + "x"], p + "cast", to=7)  # INT64
+    b.node("ReduceMax", [p + "x", i64("axes", [axis])], [p + "max"], p + "max", keepdims=1)
+    b.node("Sub", [p + "x", p + "max"], [p + "d"], p + "d")
+    b.node("Add", [p + "d", i64("last", len(table) - 1)], [p + "idx"], p + "idx")
+    b.node("Gather", [b.init(numpy_helper.from_array(table, p + "exp_table")), p + "idx"], [p + "e"], p + "e",
+           axis=0)
+    b.node("ReduceSum", [p + "e", i64("axes2", [axis])], [p + "s"], p + "s", keepdims=1)
 
 
 def layer_norm_constants(params: dict, ain: ActQ, a: ActQ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -119,11 +143,7 @@ class IntSoftmax(_IntegerIO):
     name = "int_softmax"
 
     def run_int(self, n, ins, ain, a, w):
-        axis = n.attrs["params"]["axis"]
-        q = ins[0].long()
-        table = torch.from_numpy(softmax_table(ain[0])).to(q.device)
-        e = table[q - q.amax(dim=axis, keepdim=True) + len(table) - 1]
-        s = e.sum(dim=axis, keepdim=True)
+        e, s = softmax_exp_sums(ins[0], n.attrs["params"]["axis"], softmax_table(ain[0]))
         y = _floor_div(e * 2 ** (a.qtype.bits + 1) + s, 2 * s)
         return torch.clamp(y, a.qtype.qmin, a.qtype.qmax).double()
 
@@ -133,13 +153,7 @@ class IntSoftmax(_IntegerIO):
         p, axis = f"{n.name}.int.", n.attrs["params"]["axis"]
         table = softmax_table(ain)
         i64 = (lambda name, v: b.init(numpy_helper.from_array(np.asarray(v, np.int64), p + name)))  # noqa: E731
-        b.node("Cast", [x], [p + "x"], p + "cast", to=7)  # INT64
-        b.node("ReduceMax", [p + "x", i64("axes", [axis])], [p + "max"], p + "max", keepdims=1)
-        b.node("Sub", [p + "x", p + "max"], [p + "d"], p + "d")
-        b.node("Add", [p + "d", i64("last", len(table) - 1)], [p + "idx"], p + "idx")
-        b.node("Gather", [b.init(numpy_helper.from_array(table, p + "exp_table")), p + "idx"], [p + "e"], p + "e",
-               axis=0)
-        b.node("ReduceSum", [p + "e", i64("axes2", [axis])], [p + "s"], p + "s", keepdims=1)
+        write_softmax_exp_sums(b, p, x, axis, table)
         b.node("Mul", [p + "e", i64("two_b", 2 ** (a.qtype.bits + 1))], [p + "e2"], p + "e2")
         b.node("Add", [p + "e2", p + "s"], [p + "num"], p + "num")
         b.node("Add", [p + "s", p + "s"], [p + "den"], p + "den")

@@ -9,7 +9,11 @@ from plateau.errors import PlateauError
 from .exact_islands import EXACT_KINDS
 from .integer_only import INTEGER_KINDS
 
-__all__ = ["integerize", "integer_forms"]
+__all__ = ["integerize", "integer_forms", "ISLAND_FORMS", "SOFTMAX_FORMS"]
+
+# every op an island can become, and a Softmax island's ops (its float op included), read off the two tables
+ISLAND_FORMS = tuple(dict.fromkeys([*INTEGER_KINDS.values(), *EXACT_KINDS.values()]))
+SOFTMAX_FORMS = ("float", INTEGER_KINDS["softmax"], EXACT_KINDS["softmax"])
 
 
 def integerize(graph, integer_only: bool = True, exact_islands: bool = True) -> None:
