@@ -36,7 +36,7 @@ from plateau.calibrate import with_bias
 from plateau.ops import OPS
 from plateau.ops.base import relu_clip
 from plateau.qconfig import ROUNDINGS, QuantConfig
-from plateau.qgraph import ActQ, QGraph, QNode, WeightQ
+from plateau.qgraph import ActQ, QGraph, QNode, WeightQ, reconstruction_units
 from plateau.quant import fake_quantize
 from plateau.reference import run_nodes
 
@@ -54,30 +54,6 @@ def _h(v: torch.Tensor) -> torch.Tensor:
 def _h_inverse(frac: torch.Tensor) -> torch.Tensor:
     p = ((frac - _GAMMA) / (_ZETA - _GAMMA)).clamp(1e-4, 1 - 1e-4)
     return torch.log(p / (1 - p))
-
-
-def reconstruction_units(graph: QGraph, per_block: bool) -> list[list[QNode]]:
-    """The units reconstructed one after the other, in graph order; each has one input tensor and holds at least
-    one conv/linear layer."""
-    if not per_block:
-        return [[n] for n in graph.weighted()]
-    # A cut after node k: no later node reads a tensor made before k (only k's own output crosses the cut).
-    last_use = {n.name: k for k, n in enumerate(graph.nodes)}
-    for k, n in enumerate(graph.nodes):
-        for i in n.inputs:
-            last_use[i] = max(last_use[i], k)
-    units, current, reach = [], [], 0  # reach: the last use of any tensor made before node k
-    for k, n in enumerate(graph.nodes):
-        reach = max(reach, last_use[graph.nodes[k - 1].name]) if k else 0
-        if n.op == "input":
-            continue
-        current.append(n)
-        if reach <= k and any(m.is_weighted for m in current):
-            units.append(current)
-            current = []
-    if current and units:  # a tail without conv/linear (e.g. a final pooling) joins the last unit
-        units[-1].extend(current)
-    return units
 
 
 def _unit_input(unit: list[QNode]) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from plateau.artifacts import (
     write_text,
 )
 from plateau.capture import capture
-from plateau.config_cli import config_from_args, config_options, float_at_least, int_at_least
+from plateau.config_cli import config_from_args, config_options, float_at_least, int_at_least, option_name
 from plateau.data import SYNTHETIC, batches, check_classes, check_image_size, load_splits
 from plateau.errors import PlateauError
 from plateau.models import (
@@ -50,6 +51,7 @@ from plateau.qgraph import QGraph
 from plateau.quant import parse_bits
 from plateau.reference import FakeQuantModel
 from plateau.staging import staged_output
+from plateau.train.qat import QAT_FORMAT, QATNet
 
 from .onnx_reader import read_onnx
 from .onnx_writer import FOUR_BIT_LAYOUTS, to_float_onnx, to_qdq_onnx
@@ -82,7 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mean", type=float, nargs=3, help="input normalization mean for --onnx (default ImageNet's)")
     p.add_argument("--std", type=float, nargs=3, help="input normalization std for --onnx (default ImageNet's)")
     p.add_argument("--data", help="ImageFolder tree or 'synthetic' (default: the data the run trained on)")
-    p.add_argument("--bits", default="W8A8", help="W8A8 (default), W4A8, W4A4, ... (2..8 bits each)")
+    p.add_argument("--bits", help="W8A8 (default), W4A8, W4A4, ... (2..8 bits each); a QAT run's own bits")
+    p.add_argument("--qat", action="store_true", help="the checkpoint must be a QAT one (`plateau train --qat`): its "
+                   "learned weights and scales are written as they are, no calibration")
     config_options(p, QuantConfig)  # calibration, rounding, first/last 8-bit, ... (plateau/qconfig.py)
     # Left open, the methods come from the bit width (presets.py): the best measured, or --fast.
     p.set_defaults(**{k: None for k in PRESET_FIELDS})
@@ -132,6 +136,8 @@ def resolve_source(run: Path, checkpoint: str | None, model_name: str | None, im
         ckpt = Path(checkpoint)
         info = {"checkpoint": str(ckpt), "data": None, "model": model_name}
     blob = read_torch_file(ckpt)
+    if isinstance(blob, dict) and "qat" in blob:
+        return _qat_source(ckpt, blob, info)
     name = model_name or (blob.get("model_name") if isinstance(blob, dict) else None) or info["model"]
     if not name:
         raise PlateauError(f"checkpoint {ckpt} does not name its model: pass --model NAME")
@@ -151,6 +157,48 @@ def resolve_source(run: Path, checkpoint: str | None, model_name: str | None, im
     return model.eval(), info
 
 
+def _qat_source(ckpt: Path, blob: dict, info: dict) -> tuple[QATNet, dict]:
+    """The trained QATNet of a QAT checkpoint (its FP source model rebuilt, its learned state loaded)."""
+    qat, name = blob["qat"], blob.get("model_name")
+    if not isinstance(qat, dict) or qat.get("format") != QAT_FORMAT or not isinstance(qat.get("source"), dict):
+        raise PlateauError(f"checkpoint {ckpt}: its 'qat' entry is not one this Plateau reads (format "
+                           f"{qat.get('format') if isinstance(qat, dict) else qat!r})")
+    if not isinstance(name, str) or not isinstance(blob.get("plateau_cfg"), dict):
+        raise PlateauError(f"checkpoint {ckpt}: a QAT checkpoint without its model name and configuration")
+    source = rebuild_model(name, int(blob.get("num_classes", 10)), blob["plateau_cfg"])
+    try:
+        source.load_state_dict(qat["source"])
+    except RuntimeError as e:
+        raise PlateauError(f"checkpoint {ckpt}: the FP model inside does not fit {name} "
+                           f"({str(e).splitlines()[0][:160]})") from None
+    try:
+        qcfg = QuantConfig.from_dict(qat["quant_config"])
+    except (TypeError, ValueError) as e:
+        raise PlateauError(f"checkpoint {ckpt}: bad QAT quantization config ({e})") from None
+    net = QATNet.from_state(source.eval(), qcfg, blob["model"])
+    classes = blob.get("classes")
+    info.update(model=name, num_classes=int(blob.get("num_classes", 10)), sha256=sha256_file(ckpt),
+                classes=classes if isinstance(classes, list) else None, qat=qcfg.bits_name)
+    return net, info
+
+
+def _refuse_ptq_options(args: argparse.Namespace, ckpt: str, bits: str) -> None:
+    """A QAT checkpoint carries its quantization: an option that would choose another is refused by name."""
+    if args.bits and args.bits.strip().upper() != bits:
+        raise PlateauError(f"--bits {args.bits}: checkpoint {ckpt} was trained with --qat at {bits}; export it at "
+                           f"{bits} (leave --bits out)")
+    extra = {"fast": "--fast", "mixed_precision": "--mixed-precision", "onnx": "--onnx"}
+    given = [flag for key, flag in extra.items() if getattr(args, key, None) not in (None, False)]
+    for f in fields(QuantConfig):
+        if "help" in f.metadata and hasattr(args, f.name):  # a CLI option of the quantization config
+            default = None if f.name in PRESET_FIELDS else f.metadata.get("cli_default", f.default)
+            if getattr(args, f.name) != default:
+                given.append(option_name(f))
+    if given:
+        raise PlateauError(f"{given[0]}: checkpoint {ckpt} is a QAT checkpoint ({bits}): its learned weights and "
+                           "scales are written as they are; PTQ options do not apply to it")
+
+
 def _calibration_batches(train, cfg: QuantConfig, mean, std) -> list[torch.Tensor]:
     # An empty or too small set is refused by main() and by calibrate().
     return [x for x, _ in batches(train, 128, mean, std, shuffle=True, seed=cfg.seed, limit=cfg.calib_images)]
@@ -163,7 +211,9 @@ def export_model(model: torch.nn.Module | QGraph, calib: list[torch.Tensor], cfg
     reference.pt into out_dir (atomically); `four_bit` is the QDQ layout below 8 bits (see onnx_writer)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, QGraph):
+    if isinstance(model, QATNet):  # trained at its bits: the learned weights and scales as they are
+        ref, model = model.to_reference(), model.source_model()
+    elif isinstance(model, QGraph):
         ref = quantize_graph(model, calib, cfg, progress=True, model_cfg=(source or {}).get("plateau_cfg"))
     else:
         ref = quantize_model(model, calib, cfg, progress=True)
@@ -181,8 +231,10 @@ def main(args: argparse.Namespace) -> dict:
     run = Path(args.run)
     out = run / "export"
     t0 = time.time()
+    if args.onnx and getattr(args, "qat", False):
+        raise PlateauError("--qat exports a QAT checkpoint; --onnx quantizes an FP32 ONNX file: choose one")
     try:
-        w_bits, a_bits = parse_bits(args.bits)
+        w_bits, a_bits = parse_bits(args.bits or "W8A8")
     except ValueError as e:
         raise PlateauError(str(e)) from None
     preset = ptq_defaults(w_bits, a_bits, getattr(args, "fast", False))
@@ -200,6 +252,12 @@ def main(args: argparse.Namespace) -> dict:
         model, src = resolve_source(run, args.checkpoint, args.model, args.img_size,
                                     parse_model_kwargs(args.model_kwargs))
         mcfg = model_cfg(model)
+        if getattr(args, "qat", False) and not isinstance(model, QATNet):
+            raise PlateauError(f"--qat: checkpoint {src['checkpoint']} is not a QAT checkpoint (make one with "
+                               "`plateau train --qat`)")
+        if isinstance(model, QATNet):
+            _refuse_ptq_options(args, src["checkpoint"], src["qat"])
+            cfg = model.qcfg
     data = args.data or src.get("data") or SYNTHETIC
     mean, std = mcfg["mean"], mcfg["std"]
     size = args.img_size or (mcfg["input_size"][-1] if str(data) == SYNTHETIC else None)
@@ -207,22 +265,27 @@ def main(args: argparse.Namespace) -> dict:
     check_image_size(train, mcfg["input_size"], src["model"])
     if not args.onnx:  # the head's class i must be the data's class i, or every score is nonsense
         check_classes(train, src.get("classes"), src.get("num_classes"), f"checkpoint {src['checkpoint']}", data)
-    if cfg.calib_images > len(train):
+    qat = isinstance(model, QATNet)
+    if cfg.calib_images > len(train) and not qat:
         if args.calib_images is not None:
             raise PlateauError(f"--calib-images {cfg.calib_images} exceeds the {len(train)} training images in "
                                f"{data}")
         cfg.calib_images = len(train)  # the preset asks for more than there are: take them all
-    calib = _calibration_batches(train, cfg, mean, std)
+    calib = [] if qat else _calibration_batches(train, cfg, mean, std)
     mixed = None
     if args.mixed_precision is not None:
         graph = model if isinstance(model, QGraph) else capture(model, [1, *mcfg["input_size"]], cfg.allow_float)
         sens = layer_sensitivity(graph, calib, cfg)
         cfg.layer_bits = choose_bits(graph, sens, args.mixed_precision)
         mixed = {"budget_avg_bits": args.mixed_precision, "layer_bits": cfg.layer_bits, "sensitivity": sens}
-    print(f"export: {src['model']} at {cfg.bits_name}, {cfg.act_calibration} calibration on {cfg.calib_images} "
-          f"train images, {cfg.rounding} rounding"
-          + (f" per {cfg.reconstruction}{' with learned activation clipping' if cfg.learn_act_clip else ''}"
-             if cfg.rounding == "adaround" else ""))
+    if qat:
+        print(f"export: {src['model']} at {cfg.bits_name} from quantization-aware training: its learned weights "
+              "and scales, no calibration")
+    else:
+        print(f"export: {src['model']} at {cfg.bits_name}, {cfg.act_calibration} calibration on {cfg.calib_images} "
+              f"train images, {cfg.rounding} rounding"
+              + (f" per {cfg.reconstruction}{' with learned activation clipping' if cfg.learn_act_clip else ''}"
+                 if cfg.rounding == "adaround" else ""))
     layout = getattr(args, "four_bit_layout", "widened")
     # Every file goes into a staging folder that replaces <run>/export only once all of them are written.
     with staged_output(out) as stage:
@@ -271,6 +334,7 @@ def _export_into(out: Path, args: argparse.Namespace, cfg: QuantConfig, model, s
         # islands computed from their integers instead: exact forms (default), --integer-only's forms
         "integer_islands": [{"node": n.name, "module": n.module, "kind": n.attrs["kind"], "form": n.op}
                             for n in ref.graph.nodes if n.op in ISLAND_FORMS],
+        "quantization_aware_training": bool(src.get("qat")),  # learned scales written as they are
         "onnxruntime_session": dict(ORT_INT8_QDQ),
         "four_bit_layout": layout,
     }
@@ -303,7 +367,8 @@ def _export_into(out: Path, args: argparse.Namespace, cfg: QuantConfig, model, s
     if (out / "ort_logits.npy").is_file():
         files["ort_logits.npy"] = "ort_logits.npy"
     write_manifest(out, "export", config={**cfg.to_dict(), "bits": cfg.bits_name, "model": src["model"],
-                                          "data": str(data), "img_size": size, "four_bit_layout": layout},
+                                          "data": str(data), "img_size": size, "four_bit_layout": layout,
+                                          "qat": bool(src.get("qat"))},
                    classes=classes,
                    outputs=files, inputs={"checkpoint": {"path": src["checkpoint"], "sha256": src["sha256"]}},
                    model=src["model"], plateau_cfg=mcfg,

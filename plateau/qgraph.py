@@ -17,7 +17,7 @@ import torch
 from plateau.quant import QType, dequantize
 from plateau.registry import Registry
 
-__all__ = ["OPS", "QNode", "QGraph", "ActQ", "WeightQ"]
+__all__ = ["OPS", "QNode", "QGraph", "ActQ", "WeightQ", "reconstruction_units"]
 
 # op kind -> its Op entry (plateau.ops.base.Op); filled by the modules of plateau/ops/.
 OPS: Registry = Registry("op")
@@ -100,3 +100,29 @@ class WeightQ:
     def bias(self) -> torch.Tensor:
         # ONNX DequantizeLinear on int32: float32(q) * scale.
         return self.bias_q.to(torch.float32) * self.bias_scale
+
+
+def reconstruction_units(graph: QGraph, per_block: bool) -> list[list[QNode]]:
+    """The graph cut into units, in graph order: each conv/linear layer alone, or (per_block) the blocks between
+    two points where one tensor carries everything later nodes read (a residual block, a transformer sublayer).
+    Each unit has one input tensor and at least one conv/linear layer. Learned rounding reconstructs them one
+    after the other; quantization-aware training distills and intervenes at their outputs."""
+    if not per_block:
+        return [[n] for n in graph.weighted()]
+    # A cut after node k: no later node reads a tensor made before k (only k's own output crosses the cut).
+    last_use = {n.name: k for k, n in enumerate(graph.nodes)}
+    for k, n in enumerate(graph.nodes):
+        for i in n.inputs:
+            last_use[i] = max(last_use[i], k)
+    units, current, reach = [], [], 0  # reach: the last use of any tensor made before node k
+    for k, n in enumerate(graph.nodes):
+        reach = max(reach, last_use[graph.nodes[k - 1].name]) if k else 0
+        if n.op == "input":
+            continue
+        current.append(n)
+        if reach <= k and any(m.is_weighted for m in current):
+            units.append(current)
+            current = []
+    if current and units:  # a tail without conv/linear (e.g. a final pooling) joins the last unit
+        units[-1].extend(current)
+    return units

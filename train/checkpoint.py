@@ -162,8 +162,11 @@ def prepare_run_dir(out_dir: Path, start_epoch: int, fresh: bool) -> None:
 
 def save_checkpoint(out_dir: Path, epoch: int, *, model: nn.Module, model_name: str, classes: list[str],
                     plateau_cfg: dict, cfg: TrainConfig, opt: torch.optim.Optimizer,
-                    sched: torch.optim.lr_scheduler.LRScheduler, inj: NoiseInjector, history: list) -> Path:
-    """Write checkpoint-epochNNN.pt and last.pt (each atomically); returns the epoch's path."""
+                    sched: torch.optim.lr_scheduler.LRScheduler, inj: NoiseInjector, history: list,
+                    qat: dict | None = None) -> Path:
+    """Write checkpoint-epochNNN.pt and last.pt (each atomically); returns the epoch's path. A QAT run's
+    checkpoint holds the QATNet's state as "model" and, under "qat", the FP source and the QuantConfig that
+    rebuild it (qat.QATNet.from_state)."""
     blob: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -180,6 +183,8 @@ def save_checkpoint(out_dir: Path, epoch: int, *, model: nn.Module, model_name: 
         "rng": {"torch": torch.get_rng_state(), "noise": inj.gen.get_state()},
         "history": _plain(history),
     }
+    if qat is not None:
+        blob["qat"] = qat
     path = out_dir / f"checkpoint-epoch{epoch:03d}.pt"
     for p in (path, out_dir / "last.pt"):
         save_torch(p, blob)

@@ -26,6 +26,8 @@ from plateau.errors import PlateauError
 from plateau.models import create_model, model_cfg, parse_model_kwargs, read_torch_file
 
 from .config import TrainConfig
+from .evaluate import fixed_batches
+from .qat import build_qat, qat_quant_config
 from .trainer import train
 
 __all__ = ["add_arguments", "main"]
@@ -57,6 +59,8 @@ def main(args: argparse.Namespace) -> dict:
     if values["warmup_epochs"] is None:
         values["warmup_epochs"] = 0.0 if finetune else 1.0
     values["data"] = str(values["data"])
+    if values["method"] is None:
+        values["method"] = "lsq" if values["qat"] else "gaussian"
     try:
         cfg = TrainConfig(**values)
     except ValueError as e:  # a bad option value: one line for the user, naming the valid choices
@@ -66,15 +70,62 @@ def main(args: argparse.Namespace) -> dict:
     train_set, test_set = load_splits(cfg.data, cfg.img_size)
     if finetune:
         _check_finetune_classes(args.checkpoint, train_set, cfg.data)
+        refuse_qat_checkpoint(args.checkpoint, "plateau train")
+    resumed_qat = check_resume_kind(Path(args.run) / "train", cfg)
+    if cfg.qat and not finetune and resumed_qat is None:
+        raise PlateauError("--qat fine-tunes a trained model at the target bits: pass --checkpoint (a pretrained "
+                           "or flat-trained model)")
     torch.manual_seed(cfg.seed)  # deterministic initialization
-    model = create_model(args.model, num_classes=len(train_set.classes), checkpoint=args.checkpoint,
+    model = create_model(args.model, num_classes=len(train_set.classes),
+                         checkpoint=args.checkpoint if resumed_qat is None else None,
                          img_size=cfg.img_size, **parse_model_kwargs(getattr(args, "model_kwargs", "")))
     check_image_size(train_set, model_cfg(model)["input_size"], args.model)
     inputs = {"data": cfg.data, "model": args.model}
     if finetune:
         inputs["checkpoint"] = str(Path(args.checkpoint).resolve())
         inputs["checkpoint_sha256"] = sha256_file(args.checkpoint)
+    if cfg.qat:
+        if resumed_qat is not None:  # the FP model the run started from, as its checkpoint holds it
+            model.load_state_dict(resumed_qat)
+        model = qat_model(model, cfg, train_set)
     return train(model, cfg, args.run, train_set, test_set, inputs=inputs)
+
+
+def qat_model(model: torch.nn.Module, cfg: TrainConfig, train_set) -> torch.nn.Module:
+    """The QATNet of `model` at cfg.bits, its grids calibrated on the fixed calibration images."""
+    mcfg = model_cfg(model)
+    calib = [x for x, _ in fixed_batches(train_set, cfg.calib_images, mcfg["mean"], mcfg["std"])]
+    print(f"train: --qat at {cfg.bits}: capturing {getattr(model, 'plateau_name', type(model).__name__)} (BatchNorm "
+          f"folded) and calibrating on {sum(len(x) for x in calib)} train images")
+    return build_qat(model, calib, qat_quant_config(cfg.bits, cfg.keep_first_last_8bit))
+
+
+def refuse_qat_checkpoint(path: str, what: str) -> None:
+    """A QAT checkpoint holds a quantized graph's state, not a model's weights: refused as a starting point."""
+    blob = read_torch_file(path)
+    if isinstance(blob, dict) and "qat" in blob:
+        bits = (blob.get("config") or {}).get("bits", "?")
+        raise PlateauError(f"checkpoint {path} is a QAT checkpoint ({bits}): export it with `plateau export "
+                           f"--checkpoint {path}`, or continue its run with --resume; {what} starts from an FP model")
+
+
+def check_resume_kind(train_dir: Path, cfg: TrainConfig) -> dict | None:
+    """With --resume over a run's last.pt: refuse a QAT flag that differs from the run's; the FP source state
+    of a QAT run (None otherwise)."""
+    last = train_dir / "last.pt"
+    if not cfg.resume or not last.is_file():
+        return None
+    try:
+        blob = read_torch_file(last)
+    except PlateauError:
+        return None  # resume_config says what is wrong with it, or takes an older epoch checkpoint
+    if not isinstance(blob, dict):
+        return None
+    was_qat = "qat" in blob
+    if was_qat != cfg.qat:
+        kind = "a QAT run" if was_qat else "a flat-training run"
+        raise PlateauError(f"{train_dir} holds {kind}: resume it {'with' if was_qat else 'without'} --qat")
+    return blob["qat"].get("source") if was_qat else None
 
 
 def _check_finetune_classes(checkpoint: str, train_set, data: str) -> None:

@@ -40,12 +40,19 @@ class TrainConfig:
     label_smoothing: float = setting(0.0, "cross-entropy label smoothing", minimum=0, maximum=0.99)
     bits: str = setting("W8A8", "target precision, e.g. W8A8, W4A8, W4A4")
     method: str = setting("gaussian", "flat-training method, a plateau.train.methods entry",
-                          choices=list_methods, flags=("--method", "--noise"))
+                          choices=list_methods, flags=("--method", "--noise"), cli_default=None)
     alpha: float = setting(1.0, "noise std as a multiple of step/sqrt(12)", minimum=0)
     noise_target: str = setting("both", "what gets the noise", choices=NOISE_TARGETS)
     noise_p: float = setting(0.5, "fraction of elements perturbed per step, for quantnoise", minimum=0,
                              maximum=1, above=True)
     rho: float = setting(0.05, "SAM radius", minimum=0)
+    qat: bool = setting(False, "quantization-aware training at --bits from --checkpoint, in the reference "
+                        "numerics (methods lsq, fpq, cr, mec, ti; default lsq); export writes its learned scales")
+    kd: float = setting(0.0, "QAT: weight of distillation from the FP model's logits", minimum=0)
+    qat_weight: float = setting(1.0, "QAT: weight of the method's own term (fpq, cr, mec, ti)", minimum=0)
+    feature_noise: float = setting(0.1, "fpq: std of the multiplicative noise on block outputs", minimum=0)
+    intervention: float = setting(0.5, "ti: fraction of the run over which the teacher's block outputs are "
+                                  "released", minimum=0, maximum=1)
     keep_first_last_8bit: bool = setting(False, "keep the first and last layer at 8 bits",
                                          flags=("--keep-first-last-8bit", "--first-last-8bit"))
     seed: int = setting(0, "seeds initialization, data order and noise", minimum=0)
@@ -81,6 +88,13 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: choose one")
         self.noise_config()  # validates bits, alpha, p
+        method = self.training_method
+        if self.qat and not method.qat:
+            qat_names = ", ".join(n for n in list_methods() if get_method(n).qat)
+            raise ValueError(f"--qat trains with a QAT method (--method {qat_names}), not the flat-training "
+                             f"method {self.method!r}")
+        if method.qat and not self.qat:
+            raise ValueError(f"--method {self.method} is quantization-aware training: add --qat")
         self.training_method.validate(self)
 
     @property

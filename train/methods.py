@@ -17,6 +17,15 @@ the loop, the checkpoints and the report use it through this interface. A method
     sam           sharpness-aware minimization, radius rho (no quantization noise)
     sam-gaussian  SAM with the Gaussian noise in both passes
     ramp          Gaussian noise with alpha ramped linearly from 0 to alpha over the run
+
+Quantization-aware training (`--qat`, qat.py: the model trained at the target bits in the reference numerics);
+each adds its term, weighted by --qat-weight, to the cross-entropy, and --kd adds distillation from the FP model:
+    lsq           learned step sizes (LSQ) alone
+    fpq           FPQ: block outputs perturbed by multiplicative Gaussian noise, distilled to the FP model's
+    cr            consistency regularization: two augmented views, each distilled to the FP model's other view
+    mec           MEC-Quant: maximum entropy coding of the classifier's input against the FP model's
+    ti            teacher intervention: the FP model's block outputs replace the student's, released over the
+                  first --intervention fraction of the run, with feature and logit distillation
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from .perturb import StepContext, noisy_backward, sam_backward
+from .qat_objectives import feature_distillation, intervention_mix, kd_loss, mec_loss, second_view
 
 __all__ = ["Method", "register_method", "get_method", "list_methods"]
 
@@ -46,6 +56,7 @@ class Method:
     # the noise reaches a random fraction TrainConfig.noise_p of elements
     noise_fraction: ClassVar[bool] = False
     sam: ClassVar[bool] = False  # SAM: the gradient is taken again at the worst point within radius rho
+    qat: ClassVar[bool] = False  # trains the quantized model (qat.QATNet, `--qat`) rather than the FP one
     report_fields: ClassVar[dict[str, str]] = {}
 
     def validate(self, cfg: Any) -> None:
@@ -128,3 +139,82 @@ class Ramp(Gaussian):
 
     def noise_scale(self, step: int, total: int) -> float:
         return step / max(1, total - 1)
+
+
+# --- quantization-aware training (the net is a qat.QATNet; ctx.model.teacher is the FP model) ----------------
+class QAT(Method):
+    """A QAT objective: `objective` returns (loss, logits); --kd adds distillation from the FP model's logits."""
+
+    qat = True
+    report_fields = {"kd": "kd"}
+
+    def objective(self, ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = ctx.net(x)
+        return ctx.criterion(out, y), out
+
+    def step(self, ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.optimizer.zero_grad(set_to_none=True)
+        loss, out = self.objective(ctx, x, y)
+        if ctx.cfg.kd > 0:
+            loss = loss + ctx.cfg.kd * kd_loss(out, ctx.model.teacher(x)[0])
+        loss.backward()
+        return loss.detach(), out.detach()
+
+
+@register_method
+class LSQ(QAT):
+    name = "lsq"
+    summary = "QAT with learned step sizes (LSQ) and cross-entropy"
+
+
+@register_method
+class FPQ(QAT):
+    name = "fpq"
+    summary = "QAT + feature perturbation of block outputs and feature distillation to the FP model (FPQ)"
+    report_fields = {"kd": "kd", "noise": "feature_noise", "weight": "qat_weight"}
+
+    def objective(self, ctx, x, y):
+        out, taps = ctx.net(x, taps=True, feature_noise=ctx.cfg.feature_noise)
+        _, t_taps = ctx.model.teacher(x)
+        fd = feature_distillation(taps, t_taps, ctx.model.taps)
+        return ctx.criterion(out, y) + ctx.cfg.qat_weight * fd, out
+
+
+@register_method
+class CR(QAT):
+    name = "cr"
+    summary = "QAT + consistency regularization: two views, each distilled to the FP model's other view"
+    report_fields = {"kd": "kd", "weight": "qat_weight"}
+
+    def objective(self, ctx, x, y):
+        x2 = second_view(x)
+        s1, s2 = ctx.net(x), ctx.net(x2)
+        t1, t2 = ctx.model.teacher(x)[0], ctx.model.teacher(x2)[0]
+        ce = (ctx.criterion(s1, y) + ctx.criterion(s2, y)) / 2
+        return ce + ctx.cfg.qat_weight * (kd_loss(s2, t1) + kd_loss(s1, t2)) / 2, s1
+
+
+@register_method
+class MEC(QAT):
+    name = "mec"
+    summary = "QAT + maximum entropy coding of the classifier input against the FP model's (MEC-Quant)"
+    report_fields = {"kd": "kd", "weight": "qat_weight"}
+
+    def objective(self, ctx, x, y):
+        out, taps = ctx.net(x, taps=True)
+        _, t_taps = ctx.model.teacher(x)
+        return ctx.criterion(out, y) + ctx.cfg.qat_weight * mec_loss(taps["features"], t_taps["features"]), out
+
+
+@register_method
+class TeacherIntervention(QAT):
+    name = "ti"
+    summary = "QAT + teacher intervention: FP block outputs replace the student's, released gradually (TI)"
+    report_fields = {"kd": "kd", "weight": "qat_weight", "released by": "intervention"}
+
+    def objective(self, ctx, x, y):
+        t_out, t_taps = ctx.model.teacher(x)
+        mix = intervention_mix(ctx.step, ctx.total_steps, ctx.cfg.intervention)
+        out, taps = ctx.net(x, taps=True, replace=t_taps, mix=mix)
+        distill = kd_loss(out, t_out) + feature_distillation(taps, t_taps, ctx.model.taps)
+        return ctx.criterion(out, y) + ctx.cfg.qat_weight * distill, out

@@ -27,6 +27,8 @@ class StepContext:
     optimizer: torch.optim.Optimizer
     criterion: nn.Module
     cfg: Any  # the run's TrainConfig (config.py imports the method registry, so it is not imported here)
+    step: int = 0  # the global step of the batch being trained, and the run's total (schedules read them)
+    total_steps: int = 1
 
 
 class Perturbed:

@@ -16,6 +16,7 @@ def write_report(out_dir: Path, cfg: TrainConfig, *, model_name: str, plateau_cf
                  history: list[dict], fp: dict, gap: dict, inputs: dict, seconds: float, world: int) -> dict:
     """Write report.json, report.md and manifest.json into `out_dir`; returns the report."""
     final = history[-1] if history else {}
+    fp_top1 = gap["fp_top1"] if gap.get("qat") else fp["top1"]  # a QAT run's `fp` is its fake-quant forward
     final_flat = next((h["flatness"] for h in reversed(history) if "flatness" in h), None)
     first_flat = next((h["flatness"] for h in history if "flatness" in h), None)
     report = {
@@ -29,7 +30,7 @@ def write_report(out_dir: Path, cfg: TrainConfig, *, model_name: str, plateau_cf
         "epochs_run": len([h for h in history if h.get("epoch", 0) > 0]),
         "train_seconds": round(seconds, 1),
         "final": {k: v for k, v in final.items() if k != "flatness"},
-        "fp_top1": fp["top1"],
+        "fp_top1": fp_top1,
         "flatness_final": final_flat,
         "flatness_initial": first_flat if first_flat is not final_flat else None,
         "quant_gap": gap,
@@ -48,7 +49,7 @@ def write_report(out_dir: Path, cfg: TrainConfig, *, model_name: str, plateau_cf
         num_classes=len(classes),
         classes=list(classes),
         plateau_cfg=plateau_cfg,
-        fp_top1=fp["top1"],
+        fp_top1=fp_top1,
     )
     return report
 
@@ -67,17 +68,24 @@ def report_markdown(r: dict) -> str:
     """report.md from the report dict: the run in a few lines, then one table row per epoch."""
     c = r["config"]
     method = get_method(c["method"])
+    setting = (f"QAT at {c['bits']}" if c.get("qat") else
+               f"{c['bits']}, alpha {c['alpha']}, target {c['noise_target']}")
     lines = [
         f"# Training report: {r['model_name']} on {c['data']}",
         "",
-        f"- method **{c['method']}** at {c['bits']}, alpha {c['alpha']}, target {c['noise_target']}"
+        f"- method **{c['method']}** at {setting}"
         + "".join(f", {label} {c[key]}" for label, key in method.report_fields.items()),
         f"- {r['epochs_run']} epoch(s), batch {c['batch_size']}, lr {c['lr']} ({c['optimizer']}, cosine), "
         f"seed {c['seed']}, {r['world_size']} process(es), {r['train_seconds']} s",
         f"- FP top-1 (test): **{r['fp_top1']:.2f}%**",
     ]
     g = r["quant_gap"]
-    if g.get("skipped"):
+    if g.get("qat"):
+        lines[-1] = f"- FP top-1 (test) of the model QAT started from: **{r['fp_top1']:.2f}%**"
+        lines.append(f"- QAT at {g['bits']}: the reference export writes (integer forward) "
+                     f"**{g['reference_top1']:.2f}%** (gap {g['gap']:+.2f} points), "
+                     f"the training forward (float fake-quant) {g['fake_quant_top1']:.2f}%")
+    elif g.get("skipped"):
         lines.append(f"- quantization gap at {g['bits']}: not measured ({g['reason']})")
     else:
         lines.append(f"- PTQ top-1 at {g['bits']}: **{g['ptq_top1']:.2f}%** (gap {g['gap']:+.2f} points, "

@@ -39,6 +39,7 @@ from .graph_noise import attention_noise_graph
 from .noise import NoiseInjector
 from .optim import make_optimizer, make_scheduler
 from .perturb import StepContext
+from .qat import qat_gap
 from .quant_gap import measure_quant_gap
 from .report import flatness_text, write_report
 
@@ -132,7 +133,8 @@ def _train_locked(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: 
     local_bs = max(1, cfg.batch_size // world)
     steps_per_epoch = math.ceil((n_train // world) / local_bs)
     total_steps = steps_per_epoch * cfg.epochs
-    measure = cfg.flatness != "off" and is_main
+    # QAT trains through straight-through rounding: no Hessian to measure there
+    measure = cfg.flatness != "off" and is_main and not cfg.qat
     fixed = list(on_device(fixed_batches(train_set, cfg.flatness_images, mean, std), device)) if measure else []
 
     # --- noise, optimizer, schedule (restored on resume) ----------------------------------------------------
@@ -159,7 +161,7 @@ def _train_locked(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: 
         print(f"train: {model_name} on {cfg.data} ({n_train} images/epoch, {world} process(es)), method "
               f"{cfg.method}, {cfg.bits} alpha {cfg.alpha}, epochs {start_epoch + 1}..{cfg.epochs} "
               f"-> {out_dir}")
-    if cfg.flatness == "epoch" and start_epoch == 0 and blob is None and is_main:
+    if cfg.flatness == "epoch" and start_epoch == 0 and blob is None and measure:
         f0 = flatness()
         history.append({"epoch": 0, "flatness": f0})
         print(f"epoch 0 (before training):{flatness_text(f0)}")
@@ -181,7 +183,8 @@ def _train_locked(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: 
                                       seed=cfg.seed * 100_003 + epoch, rank=rank, world_size=world,
                                       limit=n_train), device)
         for step_in_epoch, (x, y) in enumerate(data_iter):
-            inj.scale = method.noise_scale((epoch - 1) * steps_per_epoch + step_in_epoch, total_steps)
+            ctx.step, ctx.total_steps = (epoch - 1) * steps_per_epoch + step_in_epoch, total_steps
+            inj.scale = method.noise_scale(ctx.step, total_steps)
             loss, out = method.step(ctx, x, y)
             # All ranks must agree to stop, or one would wait forever in the next all-reduce.
             bad = all_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0]), world)
@@ -195,6 +198,8 @@ def _train_locked(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: 
                     f"alpha {cfg.alpha}, lr {cfg.lr}): noise or learning rate too large; stopped, {kept}"
                 )
             opt.step()
+            if cfg.qat:
+                model.after_step()  # learned scales stay positive
             sched.step()
             sums += torch.tensor([float(loss) * len(y), float((out.argmax(1) == y).sum()), len(y)],
                                  dtype=torch.float64)
@@ -224,12 +229,13 @@ def _train_locked(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: 
             "bn_recalibrated_images": bn_images,
             "epoch_time_s": round(time.time() - t0, 2),
         }
-        if is_main and (cfg.flatness == "epoch" or (cfg.flatness == "end" and epoch == cfg.epochs)):
+        if measure and (cfg.flatness == "epoch" or (cfg.flatness == "end" and epoch == cfg.epochs)):
             rec["flatness"] = flatness()
         history.append(rec)
         if is_main:
             save_checkpoint(out_dir, epoch, model=model, model_name=model_name, classes=train_set.classes,
-                            plateau_cfg=pcfg, cfg=cfg, opt=opt, sched=sched, inj=inj, history=history)
+                            plateau_cfg=pcfg, cfg=cfg, opt=opt, sched=sched, inj=inj, history=history,
+                            qat=model.checkpoint_extra() if cfg.qat else None)
             last_good = str(last)
             with open(out_dir / "metrics.jsonl", "a") as f:  # after the checkpoint: no line without one
                 f.write(json.dumps(rec) + "\n")
@@ -243,7 +249,8 @@ def _train_locked(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: 
     report: dict = {}
     if is_main:
         fp = evaluate(model, test_set, mean, std, 256, 0, 1, cfg.eval_limit)
-        gap = measure_quant_gap(model, cfg, train_set, test_set, mean, std, fp["top1"])
+        gap = (qat_gap(model, cfg, test_set, mean, std, fp["top1"]) if cfg.qat
+               else measure_quant_gap(model, cfg, train_set, test_set, mean, std, fp["top1"]))
         report = write_report(out_dir, cfg, model_name=model_name, plateau_cfg=pcfg,
                               classes=train_set.classes, history=history, fp=fp, gap=gap, inputs=inputs,
                               seconds=time.time() - t_start, world=world)

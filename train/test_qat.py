@@ -1,0 +1,213 @@
+"""Quantization-aware training: the training forward is the reference's fake-quant, every registered objective
+trains, the learned model exports as it is (onnxruntime and the compiled library equal to the reference that QAT
+trained), a killed run resumes to the same weights, and wrong combinations are refused in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from plateau.models import create_model
+from plateau.train.config import TrainConfig
+from plateau.train.methods import get_method, list_methods
+from plateau.train.optim import make_optimizer
+from plateau.train.perturb import StepContext
+from plateau.train.qat import build_qat, qat_quant_config
+from plateau.train.qat_objectives import intervention_mix, kd_loss, mec_loss, second_view
+
+QAT_METHODS = [m for m in list_methods() if get_method(m).qat]
+
+
+def _net(bits: str = "W4A4", seed: int = 0, model: str = "small_cnn"):
+    torch.manual_seed(seed)
+    m = create_model(model, num_classes=10).eval()
+    calib = [torch.randn(16, 3, 32, 32) for _ in range(2)]
+    return build_qat(m, calib, qat_quant_config(bits, keep_first_last_8bit=False))
+
+
+def test_qat_methods_registered():
+    assert set(QAT_METHODS) == {"lsq", "fpq", "cr", "mec", "ti"}
+
+
+def test_eval_forward_is_the_exported_reference():
+    """The training forward in eval mode computes what the exported reference simulates, and the reference's
+    integer forward (what devices are held to) agrees with it within a step."""
+    net = _net("W4A4")
+    with torch.no_grad():  # move the weights and scales off their calibrated values first
+        for p in net.parameters():
+            p.mul_(1 + 0.05 * torch.randn_like(p)).abs_() if p.ndim == 0 else p.mul_(1 + 0.05 * torch.randn_like(p))
+    net.after_step()
+    net.eval()
+    x = torch.randn(32, 3, 32, 32)
+    ref = net.to_reference()
+    with torch.no_grad():
+        got = net(x)
+    assert torch.equal(got, ref.simulate(x))
+    steps = ((ref(x) - got).abs() / ref.output_step).round()
+    assert steps.max() <= 1 and (steps == 0).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("method", QAT_METHODS)
+def test_every_objective_trains(method):
+    """A few steps of each objective on one batch lower its loss and move weights and scales."""
+    net = _net("W4A4").train()
+    cfg = TrainConfig(qat=True, method=method, bits="W4A4", lr=0.05, kd=0.5, intervention=0.5)
+    opt = make_optimizer(net, cfg)
+    ctx = StepContext(net=net, model=net, injector=None, optimizer=opt, criterion=torch.nn.CrossEntropyLoss(),
+                      cfg=cfg, step=0, total_steps=20)
+    torch.manual_seed(1)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    losses = []
+    for k in range(20):
+        ctx.step = k
+        loss, out = cfg.training_method.step(ctx, x, y)
+        opt.step()
+        net.after_step()
+        losses.append(float(loss))
+        assert torch.isfinite(loss) and out.shape == (32, 10)
+    assert losses[-1] < losses[0]
+    after = net.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("sa."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("sw."))
+
+
+def test_objectives():
+    z = torch.randn(64, 16)
+    assert float(kd_loss(z, z)) == pytest.approx(0.0, abs=1e-6)
+    # MEC rewards a student whose features code the teacher's: aligned beats unrelated
+    assert float(mec_loss(z, z)) < float(mec_loss(torch.randn(64, 16), z))
+    assert intervention_mix(0, 100, 0.5) == 1.0 and intervention_mix(25, 100, 0.5) == 0.5
+    assert intervention_mix(50, 100, 0.5) == 0.0 and intervention_mix(99, 100, 0.0) == 0.0
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    v = second_view(x, pad=2)
+    assert v.shape == x.shape and not torch.equal(v, x)
+
+
+def test_teacher_intervention_replaces_block_outputs():
+    net = _net("W2A2").eval()
+    x = torch.randn(8, 3, 32, 32)
+    t_out, t_taps = net.teacher(x)
+    with torch.no_grad():
+        full = net(x, replace=t_taps, mix=1.0)
+        none = net(x, replace=t_taps, mix=0.0)
+    assert torch.equal(none, net(x))
+    # fully intervened, only the layers after the last block output are quantized: closer to the teacher
+    assert (full - t_out).abs().mean() < (none - t_out).abs().mean()
+
+
+def _plateau(cwd, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "plateau", *argv], cwd=cwd, capture_output=True, text=True,
+                          timeout=900)
+
+
+QUICK = ["--data", "synthetic", "--train-limit", "256", "--batch-size", "64", "--eval-limit", "128",
+         "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def fp_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qat")
+    p = _plateau(d, "train", "--run", "fp", "--epochs", "1", "--flatness", "off", "--no-quant-gap", *QUICK)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return d
+
+
+def test_qat_run_exports_its_learned_scales(fp_run):
+    d = fp_run
+    p = _plateau(d, "train", "--run", "q", "--qat", "--bits", "W4A4", "--checkpoint", "fp/train/last.pt",
+                 "--epochs", "2", "--kd", "1", *QUICK)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads((d / "q/train/report.json").read_text())
+    gap = rep["quant_gap"]
+    assert gap["qat"] and rep["config"]["method"] == "lsq" and "reference_top1" in gap
+    blob = torch.load(d / "q/train/last.pt", weights_only=True)
+    p = _plateau(d, "export", "--run", "q", "--eval-limit", "128")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "no calibration" in p.stdout
+    ex = json.loads((d / "q/export/report.json").read_text())
+    assert ex["quantization_aware_training"] and ex["bits"] == "W4A4"
+    assert ex["onnxruntime_vs_reference"]["bit_exact"] == 1.0
+    # the same reference on the same 128 test images (export reports fractions, train percent)
+    assert 100 * ex["top1"]["reference"] == pytest.approx(gap["reference_top1"])
+    # the learned activation scales are in the reference as trained, bit for bit
+    from plateau.export.reference_file import load_reference
+
+    ref = load_reference(d / "q/export/reference.pt")
+    learned = {k[3:]: float(v) for k, v in blob["model"].items() if k.startswith("sa.")}
+    assert learned and all(ref.acts[k].scale == s for k, s in learned.items())
+
+
+@pytest.mark.slow
+def test_qat_compiled_library_equals_the_trained_reference(fp_run):
+    d = fp_run
+    p = _plateau(d, "train", "--run", "c", "--qat", "--bits", "W4A8", "--checkpoint", "fp/train/last.pt",
+                 "--epochs", "1", "--method", "ti", *QUICK)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for argv in (["export", "--run", "c", "--eval-limit", "128"], ["compile", "--run", "c"],
+                 ["validate", "--run", "c", "--limit", "128"]):
+        p = _plateau(d, *argv)
+        assert p.returncode == 0, (argv, p.stderr[-2000:])
+    val = json.loads((d / "c/validate/host/report.json").read_text())
+    assert val["device_vs_reference"]["bit_exact"] == 1.0
+
+
+def test_qat_resume_continues_exactly(fp_run):
+    d = fp_run
+    common = ["--qat", "--bits", "W3A3", "--checkpoint", "fp/train/last.pt", "--method", "fpq", *QUICK]
+    p = _plateau(d, "train", "--run", "whole", "--epochs", "2", *common)
+    assert p.returncode == 0, p.stderr[-2000:]
+    # killed (SIGKILL) right after the first epoch's checkpoint, then resumed
+    env = {**os.environ, "PLATEAU_PAUSE_AFTER": "last.pt"}
+    proc = subprocess.Popen([sys.executable, "-m", "plateau", "train", "--run", "cut", "--epochs", "2", *common],
+                            cwd=d, env=env, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "paused after" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=300)
+    assert torch.load(d / "cut/train/last.pt", weights_only=True)["epoch"] == 1
+    p = _plateau(d, "train", "--run", "cut", "--epochs", "2", "--resume", *common)
+    assert p.returncode == 0, p.stderr[-2000:]
+    a = torch.load(d / "whole/train/last.pt", weights_only=True)["model"]
+    b = torch.load(d / "cut/train/last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--run", "e1", "--qat", "--bits", "W1A8", "--checkpoint", "fp/train/last.pt"], ["W1A8"]),
+    (["train", "--run", "e2", "--qat", "--bits", "W9A8", "--checkpoint", "fp/train/last.pt"], ["W9A8"]),
+    (["train", "--run", "e3", "--qat", "--bits", "W4A4"], ["--checkpoint"]),
+    (["train", "--run", "e4", "--qat", "--method", "gaussian", "--checkpoint", "fp/train/last.pt"],
+     ["--qat", "gaussian"]),
+    (["train", "--run", "e5", "--method", "lsq", "--checkpoint", "fp/train/last.pt"], ["--qat"]),
+    (["export", "--run", "fp", "--qat"], ["not a QAT checkpoint"]),
+])
+def test_bad_qat_input(fp_run, argv, words):
+    p = _plateau(fp_run, *argv, *QUICK[:2])
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert all(w in p.stderr for w in words), p.stderr
+
+
+def test_qat_checkpoint_misused(fp_run):
+    d = fp_run
+    p = _plateau(d, "train", "--run", "m", "--qat", "--bits", "W4A4", "--checkpoint", "fp/train/last.pt",
+                 "--epochs", "1", "--flatness", "off", *QUICK)
+    assert p.returncode == 0, p.stderr[-2000:]
+    before = (d / "m/train/last.pt").read_bytes()
+    for argv, words in ((["export", "--run", "m", "--bits", "W8A8"], ["--bits W8A8", "W4A4"]),
+                        (["export", "--run", "m", "--rounding", "adaround"], ["--rounding", "QAT"]),
+                        (["export", "--run", "m", "--fast"], ["--fast"]),
+                        (["train", "--run", "m2", "--checkpoint", "m/train/last.pt", *QUICK[:2]], ["QAT checkpoint"]),
+                        (["train", "--run", "m", "--resume", *QUICK[:2]], ["QAT run", "--qat"])):
+        p = _plateau(d, *argv)
+        assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, \
+            (argv, p.stderr)
+        assert all(w in p.stderr for w in words), (argv, p.stderr)
+    assert (d / "m/train/last.pt").read_bytes() == before and not (d / "m/export").exists()
