@@ -56,6 +56,9 @@ def main(args: argparse.Namespace) -> dict:
     finetune = args.checkpoint is not None
     if values["lr"] is None:
         values["lr"] = (1e-3 if args.optimizer == "adamw" else 0.1) * (0.1 if finetune else 1.0)
+        # QAT trains the BN-folded weights (no normalization left to absorb a large step): a tenth again
+        # (measured on ResNet-20 W4A4: 0.01 diverges within 5 steps, 0.001 gains 8 points in 20)
+        values["lr"] *= 0.1 if values["qat"] else 1.0
     if values["warmup_epochs"] is None:
         values["warmup_epochs"] = 0.0 if finetune else 1.0
     values["data"] = str(values["data"])

@@ -30,8 +30,8 @@ class TrainConfig:
     data: str = setting("synthetic", "ImageFolder tree with train/ and test/, or 'synthetic'")
     epochs: int = setting(10, "training epochs", minimum=1)
     batch_size: int = setting(128, "global batch size: with W processes each takes batch_size // W", minimum=1)
-    lr: float = setting(0.1, "peak learning rate (default 0.1 from scratch, 0.01 fine-tuning; "
-                        "AdamW: 1e-3 / 1e-4)", cli_default=None, minimum=0, above=True)
+    lr: float = setting(0.1, "peak learning rate (default 0.1 from scratch, 0.01 fine-tuning, 0.001 QAT; "
+                        "AdamW: 1e-3 / 1e-4 / 1e-5)", cli_default=None, minimum=0, above=True)
     optimizer: str = setting("sgd", "SGD with momentum (nesterov) or AdamW", choices=OPTIMIZERS)
     momentum: float = setting(0.9, "SGD momentum, nesterov when > 0", minimum=0, maximum=0.999)
     weight_decay: float = setting(5e-4, "weight decay of Conv/Linear weights; none on BN and biases", minimum=0)
