@@ -16,6 +16,8 @@ TARGET   ?= host
 CKPT     ?=
 EPOCHS   ?=
 NOISE    ?=
+METHOD   ?=
+QAT      ?=
 DEVICE   ?=
 RPC      ?=
 LIMIT    ?=
@@ -36,9 +38,11 @@ MODEL_OPTS   = $(if $(IMG_SIZE),--img-size $(call q,$(IMG_SIZE))) \
                $(if $(MODEL_KWARGS),--model-kwargs $(call q,$(MODEL_KWARGS)))
 TRAIN_OPTS   = --model $(call q,$(MODEL)) --data $(call q,$(DATA)) --bits $(call q,$(BITS)) \
                $(if $(CKPT),--checkpoint $(call q,$(CKPT))) $(if $(EPOCHS),--epochs $(call q,$(EPOCHS))) \
-               $(if $(NOISE),--method $(call q,$(NOISE))) $(MODEL_OPTS) $(if $(filter 1 yes true,$(RESUME)),--resume) \
-               $(if $(filter 1 yes true,$(OVERWRITE)),--overwrite)
-EXPORT_OPTS  = --bits $(call q,$(BITS)) $(if $(CKPT),--checkpoint $(call q,$(CKPT))) \
+               $(if $(or $(METHOD),$(NOISE)),--method $(call q,$(or $(METHOD),$(NOISE)))) $(MODEL_OPTS) \
+               $(if $(filter 1 yes true,$(RESUME)),--resume) $(if $(filter 1 yes true,$(OVERWRITE)),--overwrite) \
+               $(if $(filter 1 yes true,$(QAT)),--qat)
+# A QAT run is exported at the bits it trained at: --bits only when BITS is given.
+EXPORT_OPTS  = $(if $(call user_set,BITS),--bits $(call q,$(BITS))) $(if $(CKPT),--checkpoint $(call q,$(CKPT))) \
                $(if $(call user_set,MODEL),--model $(call q,$(MODEL))) \
                $(if $(call user_set,DATA),--data $(call q,$(DATA))) $(if $(LIMIT),--eval-limit $(call q,$(LIMIT))) \
                $(MODEL_OPTS) $(EXPORT_ARGS)
@@ -56,6 +60,7 @@ help:
 	@echo "make bench TARGET=host             latency beside onnxruntime"
 	@echo "make test                          the test suite"
 	@echo "make train RESUME=1                continue a run's training (OVERWRITE=1: delete it, start over)"
+	@echo "make train QAT=1 BITS=W2A4 CKPT=f  quantization-aware training from a trained model (METHOD=lsq|fpq|cr|mec|ti)"
 	@echo "make clean-run RUN=name            delete runs/name (and nothing else)"
 	@echo variables: RUN=$(call q,$(RUN)) MODEL=$(call q,$(MODEL)) DATA=$(call q,$(DATA)) BITS=$(call q,$(BITS)) \
 	  TARGET=$(call q,$(TARGET)) CKPT=$(call q,$(CKPT))

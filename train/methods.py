@@ -188,8 +188,9 @@ class CR(QAT):
 
     def objective(self, ctx, x, y):
         x2 = second_view(x)
-        s1, s2 = ctx.net(x), ctx.net(x2)
-        t1, t2 = ctx.model.teacher(x)[0], ctx.model.teacher(x2)[0]
+        # one forward of both views: under DistributedDataParallel a step has one forward per backward
+        s1, s2 = ctx.net(torch.cat([x, x2])).split(len(x))
+        t1, t2 = ctx.model.teacher(torch.cat([x, x2]))[0].split(len(x))
         ce = (ctx.criterion(s1, y) + ctx.criterion(s2, y)) / 2
         return ce + ctx.cfg.qat_weight * (kd_loss(s2, t1) + kd_loss(s1, t2)) / 2, s1
 

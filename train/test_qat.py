@@ -211,3 +211,19 @@ def test_qat_checkpoint_misused(fp_run):
             (argv, p.stderr)
         assert all(w in p.stderr for w in words), (argv, p.stderr)
     assert (d / "m/train/last.pt").read_bytes() == before and not (d / "m/export").exists()
+
+
+@pytest.mark.slow
+def test_qat_under_torchrun(fp_run):
+    """Two gloo processes train a QAT run (the two-view objective: one forward per backward under DDP)."""
+    d = fp_run
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+           "-m", "plateau.train", "--", "--run", "ddp", "--qat", "--bits", "W4A4", "--method", "cr",
+           "--checkpoint", "fp/train/last.pt", "--epochs", "1", "--threads", "1", *QUICK]
+    res = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((d / "ddp/train/report.json").read_text())
+    assert report["world_size"] == 2 and report["quant_gap"]["qat"]
+    ck = torch.load(d / "ddp/train/last.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in ck["model"]) and "qat" in ck
