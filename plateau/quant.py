@@ -193,13 +193,42 @@ def fake_quantize(
 ) -> torch.Tensor:
     """dequantize(quantize(x)) with a straight-through gradient inside the range and zero outside.
 
-    The forward value is exactly dequantize(quantize(x)); scale may be a learnable tensor (its gradient flows
-    through the division and the multiplication, LSQ style).
+    The forward value is exactly dequantize(quantize(x)) (x / scale in float32, round half to even, + zero point,
+    saturate, - zero point, * scale); scale may be a learnable tensor: its gradient is LSQ's, round(x/s) - x/s
+    inside the range and the saturated level (q - zp) outside. One fused autograd function: the unfused form kept
+    ten full-size temporaries per point alive for the backward pass, and quantization-aware training was
+    memory-bound on them.
     """
-    s = _bcast(scale, x, axis).to(x.dtype) if not isinstance(scale, torch.Tensor) else _bcast(scale, x, axis)
+    s = _bcast(scale, x, axis)
+    s = s.to(x.dtype) if not isinstance(scale, torch.Tensor) else s
     z = _bcast(zero_point, x, axis).to(x.dtype)
-    q = torch.clamp(round_ste(x / s) + z, qtype.qmin, qtype.qmax)
-    return (q - z) * s
+    if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
+        return torch.round(x / s).add_(z).clamp_(qtype.qmin, qtype.qmax).sub_(z).mul_(s)
+    return _FakeQuantize.apply(x, s, z, qtype.qmin, qtype.qmax)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """fake_quantize's forward and its straight-through / LSQ backward in one node of the autograd graph."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+        v = x / s
+        q = torch.round(v).add_(z)
+        inside = (q >= qmin) & (q <= qmax)
+        q.clamp_(qmin, qmax).sub_(z)  # the level, q - zp
+        ctx.save_for_backward(v, q, inside, s)
+        return q * s
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # noqa: ANN205 - autograd's signature
+        v, level, inside, s = ctx.saved_tensors
+        gx = gs = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.where(inside, g, torch.zeros((), dtype=g.dtype, device=g.device))
+        if ctx.needs_input_grad[1]:
+            d = level - torch.where(inside, v, torch.zeros((), dtype=v.dtype, device=v.device))
+            gs = (g * d).sum_to_size(s.shape)
+        return gx, gs, None, None, None
 
 
 # --- numpy: the oracle ---------------------------------------------------------------------------------------------

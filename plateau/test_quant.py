@@ -74,8 +74,26 @@ def test_fake_quantize_forward_equals_qdq_and_gradient_is_straight_through():
     torch.testing.assert_close(y.detach(), (q * 0.05).float())
     y.sum().backward()
     r = torch.round(x.detach() / 0.05)
-    inside, outside = (r > -8) & (r < 7), (r < -8) | (r > 7)  # the clip points themselves are a convention
+    inside, outside = (r >= -8) & (r <= 7), (r < -8) | (r > 7)  # values on the end levels are inside
     assert torch.all(x.grad[inside] == 1) and torch.all(x.grad[outside] == 0)
+
+
+def test_fake_quantize_scale_gradient_is_lsq():
+    """d/ds of the fake-quantized value: round(x/s) - x/s on the grid, the saturated level outside (LSQ); the
+    forward with a per-channel learnable scale is still exactly dequantize(quantize(x)), ties included."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 50) * 2
+    x[0, :4] = torch.tensor([0.25, 0.75, -1.25, 2.5])  # ties at scale 0.5
+    s = torch.tensor([0.5, 0.3, 0.2, 0.7, 0.1, 0.05]).requires_grad_()
+    qt = QType(3, narrow=True)
+    y = fake_quantize(x, s, 0, qt, axis=0)
+    ref = quantize(x, s.detach(), 0, qt, axis=0) * s.detach()[:, None]
+    assert torch.equal(y.detach(), ref)
+    y.sum().backward()
+    v = x / s.detach()[:, None]
+    r = torch.round(v)
+    want = torch.where((r >= qt.qmin) & (r <= qt.qmax), r - v, r.clamp(qt.qmin, qt.qmax)).sum(1)
+    torch.testing.assert_close(s.grad, want)
 
 
 def test_requantize_matches_formula_and_folds_relu():
