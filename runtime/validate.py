@@ -67,6 +67,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="images for the per-layer comparison (the most divergent ones; default 8)")
     p.add_argument("--tolerance", type=int_at_least(0), default=1,
                    help="allowed difference in integer steps (default 1)")
+    p.add_argument("--onnx", help="validate the library compiled from this QDQ file (`plateau compile --onnx FILE`), "
+                                  "one Plateau did not export, against onnxruntime on the same file; needs --data")
+    p.add_argument("--data", help="with --onnx: the ImageFolder tree (or 'synthetic') whose test images to run")
+    p.add_argument("--mean", type=float, nargs=3, help="with --onnx: input normalization mean (default ImageNet's)")
+    p.add_argument("--std", type=float, nargs=3, help="with --onnx: input normalization std (default ImageNet's)")
 
 
 def compare_logits(device: np.ndarray, reference: np.ndarray, step: float) -> dict:
@@ -229,6 +234,10 @@ def _divergent_images(out: np.ndarray, ref: np.ndarray, step: float, tolerance: 
 
 
 def main(args: argparse.Namespace) -> dict:
+    if getattr(args, "onnx", None):
+        from .validate_onnx import main as validate_onnx
+
+        return validate_onnx(args)
     run = Path(args.run)
     exp = read_manifest(run / "export", "export")
     comp_dir = Path(args.compiled) if args.compiled else run / "compile" / args.target
@@ -349,6 +358,16 @@ def render_document(r: dict, run: Path | None = None, plots: bool = True):
     a = r["artifact"]
     doc.text(f"{r['test_images']} test images of `{r['data']}`; artifact `{a['path']}` ({a['machine']}, "
              f"{a.get('bytes', 0) / 1e6:.2f} MB), device {r['device']} on {r.get('machine') or '?'}.")
+    if r.get("reference"):
+        doc.text(f"Reference: {r['reference']}; logits counted in steps of {r.get('output_step_source')}.")
+    if r.get("float_islands") is not None:
+        isl = r["float_islands"] if isinstance(r["float_islands"], list) else []
+        kinds: dict[str, int] = {}
+        for i in isl:
+            k = str(i.get("op_type", i.get("kind", "?"))) if isinstance(i, dict) else str(i)
+            kinds[k] = kinds.get(k, 0) + 1
+        doc.text(f"Float islands in the compiled library: {len(isl)}"
+                 + (f" ({', '.join(f'{v} {k}' for k, v in kinds.items())})" if kinds else "") + ".")
     if a.get("from_run_export") is False:
         doc.warning(f"This artifact was compiled from {a.get('onnx')}, not from the run's export: it is "
                     "validated against the run's reference anyway.")
