@@ -69,6 +69,16 @@ def test_validate_third_party_vit_qdq(vit_qdq):
     assert r["test_images"] == 64 and c["values"] == 640 and c["top1_agreement"] >= 0.95
     assert c["within_one_step"] >= 0.9 and "DequantizeLinear" in r["output_step_source"]
     assert len(r["float_islands"]) >= 6 and r["onnxruntime_kernels"]  # Split, Div, Erf per block
+    p = _plateau(d, "bench", "--onnx", "qdq.onnx", "--run", "r", "--data", "synthetic", "--fp32", "fp32.onnx",
+                 "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5", "--eval-limit", "64", "--batch", "8",
+                 "--max-seconds", "0.5", "--calib-images", "32", "--threads", "1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    b = json.loads((d / "r/bench/host/report.json").read_text())
+    engines = {e["engine"]: e for e in b["engines"]}
+    assert {"TVM (compiled from the file)", "ORT int8 on the file", "ORT fp32"} <= set(engines)
+    assert any(k.startswith("ORT int8 QOP") for k in engines)
+    tvm, ort = engines["TVM (compiled from the file)"], engines["ORT int8 on the file"]
+    assert tvm["top1"] == ort["top1"] and tvm["latency"]["batch_8"]["median_ms"] > 0
     # another file than the one compiled: refused in one line
     other = d / "other.onnx"
     other.write_bytes((d / "fp32.onnx").read_bytes())

@@ -30,7 +30,7 @@ from plateau.staging import staged_output
 
 from .run import elf_machine
 
-__all__ = ["output_step", "main"]
+__all__ = ["output_step", "input_size", "main"]
 
 _PASS = ("Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze")
 
@@ -73,7 +73,7 @@ def output_step(model: onnx.ModelProto) -> tuple[np.ndarray | float, str]:
                        f"{n.name!r}, not a DequantizeLinear or a quantized MatMul/Gemm")
 
 
-def _input_size(model: onnx.ModelProto, path: Path) -> list[int]:
+def input_size(model: onnx.ModelProto, path: Path) -> list[int]:
     dims = [d.dim_value if d.HasField("dim_value") else None
             for d in model.graph.input[0].type.tensor_type.shape.dim]
     if len(dims) != 4 or any(d is None or d < 1 for d in dims[1:]):
@@ -100,7 +100,7 @@ def main(args: argparse.Namespace) -> dict:
         raise PlateauError(f"{comp_dir / 'model.so'} was not compiled from {path}: run `plateau compile --onnx "
                            f"{path} --run {run} --target {args.target}` first")
     step, step_source = output_step(model)
-    size = _input_size(model, path)
+    size = input_size(model, path)
     test = load_split(args.data, "test", size[-1])
     mean, std = list(args.mean or IMAGENET_MEAN), list(args.std or IMAGENET_STD)
     n = len(test) if args.limit is None else min(args.limit, len(test))
