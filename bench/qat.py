@@ -5,7 +5,8 @@ same budget, over seeds; every row its own `plateau train` process (the real CLI
     .venv/bin/python bench/qat.py --model vit --rows FP,W4A4:lsq --seeds 0
     .venv/bin/python bench/qat.py --model resnet20 --table        # the markdown table of what is stored
 
-A row is `FP` (method none, the fine-tuned FP reference) or `BITS:METHOD`. Every row trains the same number of
+A row is `FP` (method none, the fine-tuned FP reference), `BITS:METHOD` (the defaults) or `BITS:METHOD:frozen`
+(BatchNorm frozen into the folded form from the first step). Every row trains the same number of
 images (--epochs x --images of the train split, batch 128) from the same pretrained checkpoint; QAT rows keep the
 first and last layer at 8 bits. The top-1 reported for a QAT row is the exported reference's (integer forward, what
 the device computes) on the full 10,000-image test split. Results go to bench/results/qat_<model>.json, row by row
@@ -54,8 +55,10 @@ def run_row(model: str, row: str, seed: int, args: argparse.Namespace) -> dict:
     if row == "FP":
         argv += ["--method", "none", "--no-quant-gap"]
     else:
-        bits, method = row.split(":")
+        bits, method, *variant = row.split(":")
         argv += ["--qat", "--bits", bits, "--method", method, "--keep-first-last-8bit"]
+        if variant == ["frozen"]:  # BatchNorm folded and frozen from the first step (and its learning rate)
+            argv += ["--qat-bn-freeze", "0"]
     t0 = time.time()
     p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     if p.returncode != 0:

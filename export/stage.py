@@ -175,7 +175,7 @@ def _qat_source(ckpt: Path, blob: dict, info: dict) -> tuple[QATNet, dict]:
         qcfg = QuantConfig.from_dict(qat["quant_config"])
     except (TypeError, ValueError) as e:
         raise PlateauError(f"checkpoint {ckpt}: bad QAT quantization config ({e})") from None
-    net = QATNet.from_state(source.eval(), qcfg, blob["model"])
+    net = QATNet.from_state(source.eval(), qcfg, blob["model"], bool(qat.get("bn_batch_statistics")))
     classes = blob.get("classes")
     info.update(model=name, num_classes=int(blob.get("num_classes", 10)), sha256=sha256_file(ckpt),
                 classes=classes if isinstance(classes, list) else None, qat=qcfg.bits_name)

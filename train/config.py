@@ -30,8 +30,8 @@ class TrainConfig:
     data: str = setting("synthetic", "ImageFolder tree with train/ and test/, or 'synthetic'")
     epochs: int = setting(10, "training epochs", minimum=1)
     batch_size: int = setting(128, "global batch size: with W processes each takes batch_size // W", minimum=1)
-    lr: float = setting(0.1, "peak learning rate (default 0.1 from scratch, 0.01 fine-tuning, 0.001 QAT; "
-                        "AdamW: 1e-3 / 1e-4 / 1e-5)", cli_default=None, minimum=0, above=True)
+    lr: float = setting(0.1, "peak learning rate (default 0.1 from scratch, 0.01 fine-tuning and QAT, 0.001 QAT "
+                        "with --qat-bn-freeze 0; AdamW: a hundredth of these)", cli_default=None, minimum=0, above=True)
     optimizer: str = setting("sgd", "SGD with momentum (nesterov) or AdamW", choices=OPTIMIZERS)
     momentum: float = setting(0.9, "SGD momentum, nesterov when > 0", minimum=0, maximum=0.999)
     weight_decay: float = setting(5e-4, "weight decay of Conv/Linear weights; none on BN and biases", minimum=0)
@@ -51,6 +51,9 @@ class TrainConfig:
     kd: float = setting(0.0, "QAT: weight of distillation from the FP model's logits", minimum=0)
     qat_weight: float = setting(1.0, "QAT: weight of the method's own term (fpq, cr, mec, ti)", minimum=0)
     feature_noise: float = setting(0.1, "fpq: std of the multiplicative noise on block outputs", minimum=0)
+    qat_bn_freeze: float = setting(0.8, "QAT: the fraction of the run after which each BatchNorm is frozen into the "
+                                   "folded form export writes (trained on batch statistics before; 0: frozen "
+                                   "throughout)", minimum=0, maximum=1)
     intervention: float = setting(0.5, "ti: fraction of the run over which the teacher's block outputs are "
                                   "released", minimum=0, maximum=1)
     keep_first_last_8bit: bool = setting(False, "keep the first and last layer at 8 bits",

@@ -35,6 +35,7 @@ from plateau.capture import capture
 from plateau.data import ImageSet
 from plateau.errors import PlateauError
 from plateau.models import model_cfg, rebuild_model
+from plateau.ops.base import relu_clip
 from plateau.ops.island_forms import integer_forms
 from plateau.qconfig import QuantConfig
 from plateau.qgraph import ActQ, QGraph, WeightQ, reconstruction_units
@@ -42,6 +43,7 @@ from plateau.quant import QType, fake_quantize, quantize, quantize_bias, round_s
 from plateau.reference import FakeQuantModel, run_graph, run_nodes
 
 from .evaluate import evaluate
+from .qat_bn import batch_stat_conv, conv_bn_pairs, fold
 
 __all__ = ["QATNet", "build_qat", "qat_quant_config", "qat_gap", "QAT_FORMAT"]
 
@@ -96,7 +98,7 @@ class QATNet(nn.Module):
     """The captured graph with learnable weights and scales; forward = the reference's float fake-quant."""
 
     def __init__(self, graph: QGraph, qcfg: QuantConfig, acts: dict[str, ActQ], w_scales: dict[str, torch.Tensor],
-                 plateau_cfg: dict, name: str) -> None:
+                 plateau_cfg: dict, name: str, bn: dict[str, dict] | None = None) -> None:
         super().__init__()
         self.graph, self.qcfg = graph, qcfg
         self.plateau_cfg, self.plateau_name = plateau_cfg, name
@@ -108,8 +110,20 @@ class QATNet(nn.Module):
         bad = [k for k in [*acts, *self.w_qtype] if "." in k]
         if bad:
             raise PlateauError(f"graph node name {bad[0]!r} cannot name a parameter (it holds a '.')")
-        self.w = nn.ParameterDict({n.name: nn.Parameter(n.weight.detach().clone()) for n in graph.weighted()})
-        self.b = nn.ParameterDict({n.name: nn.Parameter(n.bias.detach().clone()) for n in graph.weighted()})
+        # a conv with a BatchNorm (qat_bn.py) learns its raw weight and bias, gamma and beta; the others the folded
+        bn = bn or {}
+        self.bn_eps = {k: float(v["eps"]) for k, v in bn.items()}
+        self.bn_frozen = not bn  # set by the QAT step from --qat-bn-freeze
+        raw = {k: (v["w"], v["b"]) for k, v in bn.items()}
+        self.w = nn.ParameterDict({n.name: nn.Parameter(raw.get(n.name, (n.weight, n.bias))[0].detach().clone())
+                                   for n in graph.weighted()})
+        self.b = nn.ParameterDict({n.name: nn.Parameter(raw.get(n.name, (n.weight, n.bias))[1].detach().clone())
+                                   for n in graph.weighted()})
+        self.bn_g = nn.ParameterDict({k: nn.Parameter(v["gamma"].detach().clone()) for k, v in bn.items()})
+        self.bn_b = nn.ParameterDict({k: nn.Parameter(v["beta"].detach().clone()) for k, v in bn.items()})
+        for k, v in bn.items():
+            self.register_buffer(f"bn_mean_{k}", v["mean"].detach().clone())
+            self.register_buffer(f"bn_var_{k}", v["var"].detach().clone())
         self.sw = nn.ParameterDict({k: nn.Parameter(torch.as_tensor(s, dtype=torch.float32).clone())
                                     for k, s in w_scales.items()})
         self.sa = nn.ParameterDict({k: nn.Parameter(torch.tensor(acts[k].scale, dtype=torch.float32))
@@ -157,8 +171,16 @@ class QATNet(nn.Module):
             if self.training:
                 s = _GradScale.apply(s, self.w_grad_scale[n.name])
             s_x = torch.as_tensor(acts[n.attrs["_in_q"]].scale, dtype=torch.float32)
-            out[n.name] = _LiveWeight(self.w[n.name], s, self.w_qtype[n.name], self.b[n.name], s_x)
+            w, b = self.folded(n.name)
+            out[n.name] = _LiveWeight(w, s, self.w_qtype[n.name], b, s_x)
         return out
+
+    def folded(self, k: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer k's weight and bias as export folds them (BatchNorm at its running statistics)."""
+        if k not in self.bn_eps:
+            return self.w[k], self.b[k]
+        return fold(self.w[k], self.b[k], self.bn_g[k], self.bn_b[k], getattr(self, f"bn_mean_{k}"),
+                    getattr(self, f"bn_var_{k}"), self.bn_eps[k])
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -179,8 +201,15 @@ class QATNet(nn.Module):
         env: dict[str, torch.Tensor] = {self.graph.nodes[0].name: x}
         tapped: dict[str, torch.Tensor] = {}
         tap_set = set(self.taps)
+        batch_bn = self.training and not self.bn_frozen
         for n in self.graph.nodes:
-            run_nodes([n], env, acts, weights)
+            if batch_bn and n.name in self.bn_eps:
+                k, a = n.name, acts[n.name]
+                y = batch_stat_conv(env[n.inputs[0]], weights[k].weight(), n.attrs, self.bn_g[k], self.bn_b[k],
+                                    getattr(self, f"bn_mean_{k}"), getattr(self, f"bn_var_{k}"), self.bn_eps[k])
+                env[k] = fake_quantize(relu_clip(n, y), a.scale, a.zero_point, a.qtype)
+            else:
+                run_nodes([n], env, acts, weights)
             if n.name not in tap_set:
                 continue
             tapped[n.name] = env[n.name]
@@ -222,14 +251,16 @@ class QATNet(nn.Module):
         weights = {}
         for n in self.graph.weighted():
             qt, s_w = self.w_qtype[n.name], self.sw[n.name].detach().cpu().to(torch.float32)
-            q = quantize(self.w[n.name].detach().cpu(), s_w, 0, qt, axis=0)
-            b_q, s_b = quantize_bias(self.b[n.name].detach().cpu(), acts[n.attrs["_in_q"]].scale, s_w)
+            w, b = (t.detach().cpu() for t in self.folded(n.name))
+            q = quantize(w, s_w, 0, qt, axis=0)
+            b_q, s_b = quantize_bias(b, acts[n.attrs["_in_q"]].scale, s_w)
             weights[n.name] = WeightQ(q, s_w, qt, b_q, s_b)
         return FakeQuantModel(self.graph, acts, weights, self.qcfg, self.plateau_cfg)
 
     def checkpoint_extra(self) -> dict:
         """The "qat" entry of a training checkpoint: what rebuilds this net (with the state dict) in export."""
-        return {"format": QAT_FORMAT, "quant_config": self.qcfg.to_dict(), "source": self.source_state}
+        return {"format": QAT_FORMAT, "quant_config": self.qcfg.to_dict(), "source": self.source_state,
+                "bn_batch_statistics": bool(self.bn_eps)}
 
     def source_model(self) -> nn.Module:
         """The FP model QAT started from, rebuilt from its saved state (what export's reference.pt records)."""
@@ -239,7 +270,8 @@ class QATNet(nn.Module):
         return model.eval()
 
     @classmethod
-    def from_state(cls, source: nn.Module, qcfg: QuantConfig, state: dict[str, torch.Tensor]) -> QATNet:
+    def from_state(cls, source: nn.Module, qcfg: QuantConfig, state: dict[str, torch.Tensor],
+                   bn_batch_statistics: bool = False) -> QATNet:
         """Rebuild a trained net from its FP source model, its QuantConfig and its state dict (export's way in)."""
         mcfg = model_cfg(source)
         graph = capture(source.eval(), [1, *mcfg["input_size"]], qcfg.allow_float)
@@ -257,7 +289,8 @@ class QATNet(nn.Module):
                                     qcfg.act_qtype(abits[n.name]))
         scales = {n.name: state[f"sw.{n.name}"] for n in graph.weighted() if f"sw.{n.name}" in state}
         try:
-            net = cls(graph, qcfg, acts, scales, mcfg, getattr(source, "plateau_name", type(source).__name__))
+            net = cls(graph, qcfg, acts, scales, mcfg, getattr(source, "plateau_name", type(source).__name__),
+                      bn_of(source, graph) if bn_batch_statistics else None)
             net.load_state_dict(state)
             net.source_state = source.state_dict()
         except (KeyError, RuntimeError) as e:
@@ -266,11 +299,32 @@ class QATNet(nn.Module):
         return net
 
 
-def build_qat(source: nn.Module, calib: Iterable[torch.Tensor], qcfg: QuantConfig) -> QATNet:
-    """A QATNet starting at the PTQ reference of `source` (calibrated grids, round-to-nearest weight scales)."""
+def bn_of(source: nn.Module, graph: QGraph) -> dict[str, dict]:
+    """Node name -> the raw conv weight and bias and the BatchNorm after it, for every conv export folds one into."""
+    pairs = conv_bn_pairs(source)
+    mods = dict(source.named_modules())
+    out = {}
+    for n in graph.weighted():
+        bn = pairs.get(n.module or "")
+        if bn is None or n.op != "conv":
+            continue
+        conv = mods[n.module]
+        out[n.name] = {"w": conv.weight.float(), "eps": bn.eps,
+                       "b": conv.bias.float() if conv.bias is not None else torch.zeros(conv.out_channels),
+                       "gamma": bn.weight.float() if bn.affine else torch.ones(bn.num_features),
+                       "beta": bn.bias.float() if bn.affine else torch.zeros(bn.num_features),
+                       "mean": bn.running_mean.float(), "var": bn.running_var.float()}
+    return out
+
+
+def build_qat(source: nn.Module, calib: Iterable[torch.Tensor], qcfg: QuantConfig,
+              bn_batch_statistics: bool = False) -> QATNet:
+    """A QATNet starting at the PTQ reference of `source` (calibrated grids, round-to-nearest weight scales);
+    bn_batch_statistics trains each conv's BatchNorm on batch statistics until the net is frozen (qat_bn.py)."""
     ref = quantize_nearest(source.eval(), calib, qcfg)
     net = QATNet(ref.graph, qcfg, ref.acts, {k: w.scale for k, w in ref.weights.items()}, ref.model_cfg,
-                 getattr(source, "plateau_name", type(source).__name__))
+                 getattr(source, "plateau_name", type(source).__name__),
+                 bn_of(source, ref.graph) if bn_batch_statistics else None)
     net.source_state = {k: v.detach().clone() for k, v in source.state_dict().items()}
     return net
 

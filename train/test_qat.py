@@ -18,7 +18,7 @@ from plateau.train.config import TrainConfig
 from plateau.train.methods import get_method, list_methods
 from plateau.train.optim import make_optimizer
 from plateau.train.perturb import StepContext
-from plateau.train.qat import build_qat, qat_quant_config
+from plateau.train.qat import QATNet, build_qat, qat_quant_config
 from plateau.train.qat_objectives import intervention_mix, kd_loss, mec_loss, second_view
 
 QAT_METHODS = [m for m in list_methods() if get_method(m).qat]
@@ -51,6 +51,32 @@ def test_eval_forward_is_the_exported_reference():
     assert torch.equal(got, ref.simulate(x))
     steps = ((ref(x) - got).abs() / ref.output_step).round()
     assert steps.max() <= 1 and (steps == 0).float().mean() > 0.99
+
+
+def test_batchnorm_on_batch_statistics_then_folded():
+    """Convs with a BatchNorm train their raw weight, gamma and beta on batch statistics (the running ones
+    updated) until frozen; in eval mode and in the exported reference the folded form at the running statistics."""
+    torch.manual_seed(0)
+    m = create_model("small_cnn", num_classes=10).eval()
+    net = build_qat(m, [torch.randn(16, 3, 32, 32)], qat_quant_config("W3A3", False), bn_batch_statistics=True)
+    assert net.bn_eps and not net.bn_frozen
+    k = next(iter(net.bn_eps))
+    mean0 = getattr(net, f"bn_mean_{k}").clone()
+    net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    assert net.bn_g[k].grad is not None and net.w[k].grad is not None
+    opt.step()
+    assert not torch.equal(getattr(net, f"bn_mean_{k}"), mean0)
+    net.eval()
+    ref = net.to_reference()
+    with torch.no_grad():
+        assert torch.equal(net(x), ref.simulate(x))
+    state = net.state_dict()
+    again = QATNet.from_state(m, net.qcfg, state, bn_batch_statistics=True).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), net(x))
 
 
 @pytest.mark.parametrize("method", QAT_METHODS)
