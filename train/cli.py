@@ -54,22 +54,23 @@ def main(args: argparse.Namespace) -> dict:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     # Fine-tuning starts from trained weights: a tenth of the learning rate, no warm-up.
     finetune = args.checkpoint is not None
-    if values["lr"] is None:
-        values["lr"] = (1e-3 if args.optimizer == "adamw" else 0.1) * (0.1 if finetune else 1.0)
-        # QAT with BatchNorm frozen from the start trains the folded weights (no normalization left to absorb a
-        # large step): a tenth again (ResNet-20 W4A4: 0.01 diverges within 5 steps, 0.001 gains 8 points in 20).
-        # With BN on batch statistics the fine-tuning rate works; the cosine schedule is down to a tenth of it
-        # by the default freeze at 0.8 of the run.
-        values["lr"] *= 0.1 if values["qat"] and values["qat_bn_freeze"] == 0 else 1.0
-    if values["warmup_epochs"] is None:
-        values["warmup_epochs"] = 0.0 if finetune else 1.0
     values["data"] = str(values["data"])
     if values["method"] is None:
         values["method"] = "lsq" if values["qat"] else "gaussian"
+    lr_open = values["lr"] is None
+    if values["warmup_epochs"] is None:
+        values["warmup_epochs"] = 0.0 if finetune else 1.0
     try:
-        cfg = TrainConfig(**values)
+        cfg = TrainConfig(**{**values, "lr": values["lr"] or 1.0})
     except ValueError as e:  # a bad option value: one line for the user, naming the valid choices
         raise PlateauError(str(e)) from None
+    if lr_open:
+        cfg.lr = (1e-3 if cfg.optimizer == "adamw" else 0.1) * (0.1 if finetune else 1.0)
+        # QAT with BatchNorm frozen throughout trains the folded weights (no normalization left to absorb a large
+        # step): a tenth again (ResNet-20 W4A4: 0.01 diverges within 5 steps, 0.001 gains 8 points in 20). With BN
+        # on batch statistics the fine-tuning rate works; the cosine schedule is down to a tenth of it by the
+        # freeze at 0.8 of the run.
+        cfg.lr *= 0.1 if cfg.qat and cfg.bn_freeze == 0 else 1.0
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_set, test_set = load_splits(cfg.data, cfg.img_size)
@@ -103,7 +104,7 @@ def qat_model(model: torch.nn.Module, cfg: TrainConfig, train_set) -> torch.nn.M
     print(f"train: --qat at {cfg.bits}: capturing {getattr(model, 'plateau_name', type(model).__name__)} (BatchNorm "
           f"folded) and calibrating on {sum(len(x) for x in calib)} train images")
     return build_qat(model, calib, qat_quant_config(cfg.bits, cfg.keep_first_last_8bit),
-                     bn_batch_statistics=cfg.qat_bn_freeze > 0)
+                     bn_batch_statistics=cfg.bn_freeze > 0)
 
 
 def refuse_qat_checkpoint(path: str, what: str) -> None:

@@ -154,7 +154,7 @@ class QAT(Method):
 
     def step(self, ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.optimizer.zero_grad(set_to_none=True)
-        ctx.model.bn_frozen = ctx.step >= ctx.cfg.qat_bn_freeze * ctx.total_steps  # then the folded form only
+        ctx.model.bn_frozen = ctx.step >= ctx.cfg.bn_freeze * ctx.total_steps  # then the folded form only
         loss, out = self.objective(ctx, x, y)
         if ctx.cfg.kd > 0:
             loss = loss + ctx.cfg.kd * kd_loss(out, ctx.model.teacher(x)[0])

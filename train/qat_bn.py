@@ -11,8 +11,10 @@ arithmetic QAT does (Jacob et al. 2018), a conv with a BatchNorm trains in two p
                        (running statistics updated, momentum 0.1), then the fused ReLU and the output's fake-quant
     frozen             the folded form at the running statistics, exactly the forward export's reference computes
 
-`--qat-bn-freeze F` switches at the fraction F of the run (default 0.8, where the cosine learning rate is down to a
-tenth: the folded form diverges at larger steps; 0: frozen from the start, the folded form only). The
+`--qat-bn-freeze F` switches at the fraction F of the run (0.8: the cosine learning rate is down to a tenth there,
+and the folded form diverges at larger steps; 0: frozen from the start, the folded form only). The default is the
+best measured on ResNet-20 (bench/RESULTS.md): 0.8 when weights or activations are at 2 bits, where the frozen form
+stops learning, 0 above, where the batch-statistics phase at the larger learning rate costs accuracy at this budget. The
 learned tensors are the raw conv weight and bias, gamma and beta; the running mean and variance are buffers.
 """
 

@@ -186,7 +186,8 @@ def test_qat_compiled_library_equals_the_trained_reference(fp_run):
 
 def test_qat_resume_continues_exactly(fp_run):
     d = fp_run
-    common = ["--qat", "--bits", "W3A3", "--checkpoint", "fp/train/last.pt", "--method", "fpq", *QUICK]
+    # W2A2: BatchNorm on batch statistics (running statistics in the state) until 0.8 of the run, then folded
+    common = ["--qat", "--bits", "W2A2", "--checkpoint", "fp/train/last.pt", "--method", "fpq", *QUICK]
     p = _plateau(d, "train", "--run", "whole", "--epochs", "2", *common)
     assert p.returncode == 0, p.stderr[-2000:]
     # killed (SIGKILL) right after the first epoch's checkpoint, then resumed
@@ -245,7 +246,7 @@ def test_qat_under_torchrun(fp_run):
     d = fp_run
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
-           "-m", "plateau.train", "--", "--run", "ddp", "--qat", "--bits", "W4A4", "--method", "cr",
+           "-m", "plateau.train", "--", "--run", "ddp", "--qat", "--bits", "W2A4", "--method", "cr",
            "--checkpoint", "fp/train/last.pt", "--epochs", "1", "--threads", "1", *QUICK]
     res = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

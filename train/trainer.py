@@ -149,7 +149,8 @@ def _train_locked(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: 
     # a transformer trains through a traced copy with noise inside attention as well (graph_noise.py)
     traced = attention_noise_graph(model, inj) if method.noise else None
     body = traced if traced is not None else model
-    net = nn.parallel.DistributedDataParallel(body) if world > 1 else body
+    # a QAT net's conv biases get no gradient while BatchNorm runs on batch statistics (the batch mean cancels them)
+    net = nn.parallel.DistributedDataParallel(body, find_unused_parameters=cfg.qat) if world > 1 else body
     ctx = StepContext(net=net, model=model, injector=inj, optimizer=opt, criterion=crit, cfg=cfg)
 
     def flatness() -> dict:
