@@ -26,9 +26,9 @@ _STAGES = {
     "train": ("plateau.train", "full-precision training with quantization-noise injection"),
     "export": ("plateau.export.stage", "post-training quantization to a QDQ ONNX graph, checked on onnxruntime"),
     "compile": ("plateau.compile.stage", "lower the QDQ graph to integer TVM kernels for a target"),
-    "validate": ("plateau.runtime.validate",
+    "validate": ("plateau.runtime.validate_onnx",
                  "run the compiled artifact on a device and check it against the reference"),
-    "bench": ("plateau.runtime.bench", "latency of the artifact beside onnxruntime, on one device"),
+    "bench": ("plateau.runtime.bench_onnx", "latency of the artifact beside onnxruntime, on one device"),
     "device": ("plateau.runtime.serve", "serve a board over TVM RPC (`plateau device serve`)"),
 }
 

@@ -66,13 +66,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                               "locally, 100 under qemu; 0: no accuracy)")
     p.add_argument("--calib-images", type=int_at_least(1), default=256,
                    help="train images calibrating onnxruntime's quantize_static (default 256)")
-    p.add_argument("--onnx", help="time the library compiled from this QDQ file (`plateau compile --onnx FILE`), one "
-                                  "Plateau did not export, beside onnxruntime on the same file; needs --data")
-    p.add_argument("--fp32", help="with --onnx: the FP32 model the file was quantized from (adds onnxruntime FP32 "
-                                  "and its quantize_static QOperator engines)")
-    p.add_argument("--data", help="with --onnx: the ImageFolder tree (or 'synthetic') to time and score on")
-    p.add_argument("--mean", type=float, nargs=3, help="with --onnx: input normalization mean (default ImageNet's)")
-    p.add_argument("--std", type=float, nargs=3, help="with --onnx: input normalization std (default ImageNet's)")
 
 
 def _engines(arg: str) -> list[str]:
@@ -187,10 +180,6 @@ def _measure_rpc(lib: Path, comp: dict, target: str, args, x_lat: np.ndarray, x_
 
 
 def main(args: argparse.Namespace) -> dict:
-    if getattr(args, "onnx", None):
-        from .bench_onnx import main as bench_onnx
-
-        return bench_onnx(args)
     run = Path(args.run)
     t_start = time.time()
     engines = _engines(args.engines)

@@ -1,5 +1,6 @@
-"""`plateau bench --onnx FILE`: the library compiled from a QDQ file Plateau did not export, timed beside onnxruntime
-on the same file, each engine in its own process (the engines and the report of `plateau bench`).
+"""`plateau bench` (this module is its entry point) and `plateau bench --onnx FILE`: the library compiled from a QDQ
+file Plateau did not export, timed beside onnxruntime on the same file, each engine in its own process (the engines
+and the report of `plateau bench`).
 
     plateau compile --onnx vit_qdq.onnx --run runs/ext --allow-float
     plateau bench --onnx vit_qdq.onnx --run runs/ext --data ../shared/data/cifar10 --mean 0.5 0.5 0.5 \\
@@ -27,13 +28,29 @@ from plateau.models import IMAGENET_MEAN, IMAGENET_STD
 from plateau.ort_quantizer import ort_quantize
 from plateau.staging import staged_output
 
-__all__ = ["main"]
+from . import bench
+from .validate_onnx import input_size, onnx_options
+
+__all__ = ["add_arguments", "main", "bench_foreign"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`plateau bench`'s options, and --onnx with what it needs."""
+    bench.add_arguments(p)
+    onnx_options(p, "time the library compiled from this QDQ file (`plateau compile --onnx FILE`), one Plateau did "
+                    "not export, beside onnxruntime on the same file; needs --data")
+    p.add_argument("--fp32", help="with --onnx: the FP32 model the file was quantized from (adds onnxruntime FP32 "
+                                  "and its quantize_static QOperator engines)")
 
 
 def main(args: argparse.Namespace) -> dict:
+    """`plateau bench`: a run's artifact (bench.py), or with --onnx one compiled from a file Plateau did not export."""
+    return bench_foreign(args) if getattr(args, "onnx", None) else bench.main(args)
+
+
+def bench_foreign(args: argparse.Namespace) -> dict:
     from .bench import _best_of_u8_s8, _machine, _measure, render_document
     from .validate import check_artifact, onnx_record
-    from .validate_onnx import input_size
 
     path, run, t_start = Path(args.onnx), Path(args.run), time.time()
     if not path.is_file():

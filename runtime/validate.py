@@ -67,11 +67,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="images for the per-layer comparison (the most divergent ones; default 8)")
     p.add_argument("--tolerance", type=int_at_least(0), default=1,
                    help="allowed difference in integer steps (default 1)")
-    p.add_argument("--onnx", help="validate the library compiled from this QDQ file (`plateau compile --onnx FILE`), "
-                                  "one Plateau did not export, against onnxruntime on the same file; needs --data")
-    p.add_argument("--data", help="with --onnx: the ImageFolder tree (or 'synthetic') whose test images to run")
-    p.add_argument("--mean", type=float, nargs=3, help="with --onnx: input normalization mean (default ImageNet's)")
-    p.add_argument("--std", type=float, nargs=3, help="with --onnx: input normalization std (default ImageNet's)")
 
 
 def compare_logits(device: np.ndarray, reference: np.ndarray, step: float) -> dict:
@@ -234,10 +229,6 @@ def _divergent_images(out: np.ndarray, ref: np.ndarray, step: float, tolerance: 
 
 
 def main(args: argparse.Namespace) -> dict:
-    if getattr(args, "onnx", None):
-        from .validate_onnx import main as validate_onnx
-
-        return validate_onnx(args)
     run = Path(args.run)
     exp = read_manifest(run / "export", "export")
     comp_dir = Path(args.compiled) if args.compiled else run / "compile" / args.target

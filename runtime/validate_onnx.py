@@ -1,5 +1,6 @@
-"""`plateau validate --onnx FILE`: a QDQ file Plateau did not export (onnxruntime's quantize_static output, another
-tool's), compiled with `plateau compile --onnx FILE`, checked against onnxruntime on the same file.
+"""`plateau validate` (this module is its entry point) and `plateau validate --onnx FILE`: a QDQ file Plateau did
+not export (onnxruntime's quantize_static output, another tool's), compiled with `plateau compile --onnx FILE`,
+checked against onnxruntime on the same file.
 
 There is no Plateau reference for such a file: the file itself defines the numerics, and onnxruntime's CPU provider
 is the engine everybody runs it on. Differences are counted in output steps as for Plateau's own exports: the scale
@@ -28,9 +29,10 @@ from plateau.export.validate import compare_logits, ort_kernels, ort_session
 from plateau.models import IMAGENET_MEAN, IMAGENET_STD
 from plateau.staging import staged_output
 
+from . import validate
 from .run import elf_machine
 
-__all__ = ["output_step", "input_size", "main"]
+__all__ = ["output_step", "input_size", "add_arguments", "main", "validate_foreign"]
 
 _PASS = ("Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze")
 
@@ -82,7 +84,26 @@ def input_size(model: onnx.ModelProto, path: Path) -> list[int]:
     return [int(d) for d in dims[1:]]
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`plateau validate`'s options, and --onnx with what it needs."""
+    validate.add_arguments(p)
+    onnx_options(p, "validate the library compiled from this QDQ file (`plateau compile --onnx FILE`), one Plateau "
+                    "did not export, against onnxruntime on the same file; needs --data")
+
+
+def onnx_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--onnx", help=what)
+    p.add_argument("--data", help="with --onnx: the ImageFolder tree (or 'synthetic') whose test images to run")
+    p.add_argument("--mean", type=float, nargs=3, help="with --onnx: input normalization mean (default ImageNet's)")
+    p.add_argument("--std", type=float, nargs=3, help="with --onnx: input normalization std (default ImageNet's)")
+
+
 def main(args: argparse.Namespace) -> dict:
+    """`plateau validate`: a run's export (validate.py), or with --onnx a file Plateau did not export."""
+    return validate_foreign(args) if getattr(args, "onnx", None) else validate.main(args)
+
+
+def validate_foreign(args: argparse.Namespace) -> dict:
     from .validate import check_artifact, onnx_record, pick_device, render_document, render_report, run_on_device
 
     path, run = Path(args.onnx), Path(args.run)
