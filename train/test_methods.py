@@ -10,8 +10,10 @@ from plateau.train import methods as registry
 
 
 def test_builtin_methods_and_what_they_perturb():
-    assert list_methods() == ["none", "gaussian", "quantnoise", "sam", "sam-gaussian", "ramp"]
-    table = {n: (m.noise, m.noise_fraction, m.sam) for n in list_methods() for m in [get_method(n)]}
+    assert list_methods() == ["none", "gaussian", "quantnoise", "sam", "sam-gaussian", "ramp",
+                              "lsq", "fpq", "cr", "mec", "ti"]  # the last five: QAT objectives (test_qat.py)
+    flat = [n for n in list_methods() if not get_method(n).qat]
+    table = {n: (m.noise, m.noise_fraction, m.sam) for n in flat for m in [get_method(n)]}
     assert table == {"none": (False, False, False), "gaussian": (True, False, False),
                      "quantnoise": (True, True, False), "sam": (False, False, True),
                      "sam-gaussian": (True, False, True), "ramp": (True, False, False)}
@@ -58,9 +60,9 @@ def test_options_derived_from_config_fields_with_old_names_kept():
     a = _parse()
     d = TrainConfig()
     for f in fields(TrainConfig):
-        if f.name not in ("lr", "warmup_epochs"):  # resolved by main() from --checkpoint and --optimizer
+        if f.name not in ("lr", "warmup_epochs", "method"):  # resolved by main(): --checkpoint, --optimizer, --qat
             assert getattr(a, f.name) == getattr(d, f.name), f.name
-    assert a.lr is None and a.warmup_epochs is None and a.progress is True
+    assert a.lr is None and a.warmup_epochs is None and a.method is None and a.progress is True
     old = _parse("--noise", "sam", "--first-last-8bit", "--no-progress", "--epochs", "3")
     new = _parse("--method", "sam", "--keep-first-last-8bit", "--no-progress", "--epochs", "3")
     assert vars(old) == vars(new)
