@@ -3,7 +3,8 @@
     >>> from plateau.train import TrainConfig, train, hessian_trace
     >>> report = train(create_model("small_cnn"), TrainConfig(bits="W4A4", method="gaussian"), "runs/demo")
 
-Methods are registry entries (`register_method`, `get_method`, `list_methods`; see methods.py). The CLI
+Methods are registry entries (`register_method`, `get_method`, `list_methods`; see methods.py), the flat-training
+ones and the QAT objectives (`--qat`: `QATNet`, `build_qat`, qat.py). The CLI
 (`plateau train`) calls `add_arguments(parser)` and `main(args)`.
 """
 
@@ -14,12 +15,16 @@ from .config import TrainConfig
 from .flatness import hessian_trace, measure_flatness, noise_loss_increase, quantized_weights, top_eigenvalue
 from .methods import Method, get_method, list_methods, register_method
 from .noise import NoiseConfig, NoiseInjector, activation_step, quant_layers, weight_step
+from .qat import QATNet, build_qat, qat_quant_config
 from .quant_gap import measure_quant_gap
 from .trainer import train
 
 __all__ = [
     "TrainConfig",
     "train",
+    "QATNet",
+    "build_qat",
+    "qat_quant_config",
     "Method",
     "register_method",
     "get_method",
