@@ -254,3 +254,26 @@ def test_qat_under_torchrun(fp_run):
     assert report["world_size"] == 2 and report["quant_gap"]["qat"]
     ck = torch.load(d / "ddp/train/last.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in ck["model"]) and "qat" in ck
+
+
+def test_qat_on_a_transformer():
+    """A tiny timm ViT: every objective trains it (teacher intervention at the residual adds, the classifier's
+    input is the class token), and the exported reference simulates what the net computes."""
+    torch.manual_seed(0)
+    m = create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, depth=2, embed_dim=32, num_heads=2,
+                     mlp_ratio=2.0).eval()
+    net = build_qat(m, [torch.randn(16, 3, 16, 16)], qat_quant_config("W4A4", False))
+    assert len(net.taps) >= 4 and not net.bn_eps  # patch embedding + two residual adds per block; no BatchNorm
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    for method in QAT_METHODS:
+        cfg = TrainConfig(qat=True, method=method, bits="W4A4", lr=1e-3, kd=0.5)
+        opt = make_optimizer(net, cfg)
+        ctx = StepContext(net=net.train(), model=net, injector=None, optimizer=opt,
+                          criterion=torch.nn.CrossEntropyLoss(), cfg=cfg, step=0, total_steps=4)
+        loss, _ = cfg.training_method.step(ctx, x, y)
+        opt.step()
+        net.after_step()
+        assert torch.isfinite(loss), method
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x), net.to_reference().simulate(x))
