@@ -75,8 +75,7 @@ def main(args: argparse.Namespace) -> dict:
         torch.set_num_threads(cfg.threads)
     train_set, test_set = load_splits(cfg.data, cfg.img_size)
     if finetune:
-        _check_finetune_classes(args.checkpoint, train_set, cfg.data)
-        refuse_qat_checkpoint(args.checkpoint, "plateau train")
+        _check_finetune_checkpoint(args.checkpoint, train_set, cfg.data)
     resumed_qat = check_resume_kind(Path(args.run) / "train", cfg)
     if cfg.qat and not finetune and resumed_qat is None:
         raise PlateauError("--qat fine-tunes a trained model at the target bits: pass --checkpoint (a pretrained "
@@ -107,15 +106,6 @@ def qat_model(model: torch.nn.Module, cfg: TrainConfig, train_set) -> torch.nn.M
                      bn_batch_statistics=cfg.bn_freeze > 0)
 
 
-def refuse_qat_checkpoint(path: str, what: str) -> None:
-    """A QAT checkpoint holds a quantized graph's state, not a model's weights: refused as a starting point."""
-    blob = read_torch_file(path)
-    if isinstance(blob, dict) and "qat" in blob:
-        bits = (blob.get("config") or {}).get("bits", "?")
-        raise PlateauError(f"checkpoint {path} is a QAT checkpoint ({bits}): export it with `plateau export "
-                           f"--checkpoint {path}`, or continue its run with --resume; {what} starts from an FP model")
-
-
 def check_resume_kind(train_dir: Path, cfg: TrainConfig) -> dict | None:
     """With --resume over a run's last.pt: refuse a QAT flag that differs from the run's; the FP source state
     of a QAT run (None otherwise)."""
@@ -135,13 +125,19 @@ def check_resume_kind(train_dir: Path, cfg: TrainConfig) -> dict | None:
     return blob["qat"].get("source") if was_qat else None
 
 
-def _check_finetune_classes(checkpoint: str, train_set, data: str) -> None:
-    """A Plateau checkpoint records its classes: fine-tuning it on data with other classes (another count, or
-    other names: class i of its head would be trained to mean another thing) is refused with one line. A bare
-    state dict records none and is taken as an initialization."""
+def _check_finetune_checkpoint(checkpoint: str, train_set, data: str) -> None:
+    """A QAT checkpoint holds a quantized graph's state, not a model's weights: refused as a starting point. A
+    Plateau checkpoint records its classes: fine-tuning it on data with other classes (another count, or other
+    names: class i of its head would be trained to mean another thing) is refused with one line. A bare state dict
+    records none and is taken as an initialization."""
     blob = read_torch_file(checkpoint)
     if not isinstance(blob, dict):
         return
+    if "qat" in blob:
+        bits = (blob.get("config") or {}).get("bits", "?")
+        raise PlateauError(f"checkpoint {checkpoint} is a QAT checkpoint ({bits}): export it with `plateau export "
+                           f"--checkpoint {checkpoint}`, or continue its run with --resume; plateau train starts "
+                           "from an FP model")
     classes, n = blob.get("classes"), blob.get("num_classes")
     check_classes(train_set, classes if isinstance(classes, list) else None, n if isinstance(n, int) else None,
                   f"checkpoint {checkpoint}", data)

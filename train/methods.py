@@ -143,21 +143,23 @@ class Ramp(Gaussian):
 
 # --- quantization-aware training (the net is a qat.QATNet; ctx.model.teacher is the FP model) ----------------
 class QAT(Method):
-    """A QAT objective: `objective` returns (loss, logits); --kd adds distillation from the FP model's logits."""
+    """A QAT objective: `objective` returns (loss, logits, the FP model's logits on x when it ran the teacher
+    anyway, else None); --kd adds distillation from the FP model's logits (the teacher runs once a step)."""
 
     qat = True
     report_fields = {"kd": "kd"}
 
-    def objective(self, ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def objective(self, ctx: StepContext, x: torch.Tensor,
+                  y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         out = ctx.net(x)
-        return ctx.criterion(out, y), out
+        return ctx.criterion(out, y), out, None
 
     def step(self, ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.optimizer.zero_grad(set_to_none=True)
         ctx.model.bn_frozen = ctx.step >= ctx.cfg.bn_freeze * ctx.total_steps  # then the folded form only
-        loss, out = self.objective(ctx, x, y)
+        loss, out, t_out = self.objective(ctx, x, y)
         if ctx.cfg.kd > 0:
-            loss = loss + ctx.cfg.kd * kd_loss(out, ctx.model.teacher(x)[0])
+            loss = loss + ctx.cfg.kd * kd_loss(out, ctx.model.teacher(x)[0] if t_out is None else t_out)
         loss.backward()
         return loss.detach(), out.detach()
 
@@ -176,9 +178,9 @@ class FPQ(QAT):
 
     def objective(self, ctx, x, y):
         out, taps = ctx.net(x, taps=True, feature_noise=ctx.cfg.feature_noise)
-        _, t_taps = ctx.model.teacher(x)
+        t_out, t_taps = ctx.model.teacher(x)
         fd = feature_distillation(taps, t_taps, ctx.model.taps)
-        return ctx.criterion(out, y) + ctx.cfg.qat_weight * fd, out
+        return ctx.criterion(out, y) + ctx.cfg.qat_weight * fd, out, t_out
 
 
 @register_method
@@ -193,7 +195,7 @@ class CR(QAT):
         s1, s2 = ctx.net(torch.cat([x, x2])).split(len(x))
         t1, t2 = ctx.model.teacher(torch.cat([x, x2]))[0].split(len(x))
         ce = (ctx.criterion(s1, y) + ctx.criterion(s2, y)) / 2
-        return ce + ctx.cfg.qat_weight * (kd_loss(s2, t1) + kd_loss(s1, t2)) / 2, s1
+        return ce + ctx.cfg.qat_weight * (kd_loss(s2, t1) + kd_loss(s1, t2)) / 2, s1, t1
 
 
 @register_method
@@ -204,8 +206,9 @@ class MEC(QAT):
 
     def objective(self, ctx, x, y):
         out, taps = ctx.net(x, taps=True)
-        _, t_taps = ctx.model.teacher(x)
-        return ctx.criterion(out, y) + ctx.cfg.qat_weight * mec_loss(taps["features"], t_taps["features"]), out
+        t_out, t_taps = ctx.model.teacher(x)
+        mec = mec_loss(taps["features"], t_taps["features"])
+        return ctx.criterion(out, y) + ctx.cfg.qat_weight * mec, out, t_out
 
 
 @register_method
@@ -219,4 +222,4 @@ class TeacherIntervention(QAT):
         mix = intervention_mix(ctx.step, ctx.total_steps, ctx.cfg.intervention)
         out, taps = ctx.net(x, taps=True, replace=t_taps, mix=mix)
         distill = kd_loss(out, t_out) + feature_distillation(taps, t_taps, ctx.model.taps)
-        return ctx.criterion(out, y) + ctx.cfg.qat_weight * distill, out
+        return ctx.criterion(out, y) + ctx.cfg.qat_weight * distill, out, t_out
