@@ -68,12 +68,12 @@ def report_markdown(r: dict) -> str:
     """report.md from the report dict: the run in a few lines, then one table row per epoch."""
     c = r["config"]
     method = get_method(c["method"])
-    setting = (f"QAT at {c['bits']}" if c.get("qat") else
-               f"{c['bits']}, alpha {c['alpha']}, target {c['noise_target']}")
+    setting = (f", QAT at {c['bits']}" if c.get("qat") else
+               f" at {c['bits']}, alpha {c['alpha']}, target {c['noise_target']}")
     lines = [
         f"# Training report: {r['model_name']} on {c['data']}",
         "",
-        f"- method **{c['method']}** at {setting}"
+        f"- method **{c['method']}**{setting}"
         + "".join(f", {label} {c[key]}" for label, key in method.report_fields.items()),
         f"- {r['epochs_run']} epoch(s), batch {c['batch_size']}, lr {c['lr']} ({c['optimizer']}, cosine), "
         f"seed {c['seed']}, {r['world_size']} process(es), {r['train_seconds']} s",
