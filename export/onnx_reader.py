@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
@@ -20,7 +21,7 @@ from plateau.errors import PlateauError
 from plateau.ops import OPS, OnnxNode, Op
 from plateau.qgraph import QGraph, QNode
 
-__all__ = ["read_onnx"]
+__all__ = ["read_onnx", "graph_constants"]
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -42,6 +43,15 @@ def _fold_batchnorm(src: QNode, r: OnnxNode) -> None:
     src.bias = (src.bias - mean) * k + beta
 
 
+def graph_constants(g: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Every constant tensor of the graph by name: its initializers and the outputs of its Constant nodes."""
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant":
+            consts[n.output[0]] = numpy_helper.to_array(_attrs(n)["value"])
+    return consts
+
+
 def read_onnx(path: str | Path, allow_float: bool = False) -> QGraph:
     path = Path(path)
     if path.is_dir():
@@ -54,10 +64,7 @@ def read_onnx(path: str | Path, allow_float: bool = False) -> QGraph:
     except Exception as e:
         raise PlateauError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
     g = model.graph
-    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant":
-            consts[n.output[0]] = numpy_helper.to_array(_attrs(n)["value"])
+    consts = graph_constants(g)
     inputs = [i for i in g.input if i.name not in consts]
     if len(inputs) != 1 or len(g.output) != 1:
         raise PlateauError(f"{path}: expected one image input and one output, found {len(inputs)} and {len(g.output)}")

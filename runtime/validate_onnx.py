@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from plateau.artifacts import sha256_file
 from plateau.data import batches, load_split
 from plateau.errors import PlateauError
+from plateau.export.onnx_reader import graph_constants
 from plateau.export.validate import compare_logits, ort_kernels, ort_session
 from plateau.models import IMAGENET_MEAN, IMAGENET_STD
 from plateau.staging import staged_output
@@ -37,19 +37,11 @@ __all__ = ["output_step", "input_size", "add_arguments", "main", "validate_forei
 _PASS = ("Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze")
 
 
-def _constants(g: onnx.GraphProto) -> dict[str, np.ndarray]:
-    found = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant" and n.attribute:
-            found[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    return found
-
-
 def output_step(model: onnx.ModelProto) -> tuple[np.ndarray | float, str]:
     """(the step logits are counted in, what it is); a PlateauError when the output is made otherwise."""
     g = model.graph
     made_by = {o: n for n in g.node for o in n.output}
-    consts = _constants(g)
+    consts = graph_constants(g)
     n = made_by.get(g.output[0].name)
     while n is not None and n.op_type in _PASS:
         n = made_by.get(n.input[0])
