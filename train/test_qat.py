@@ -277,3 +277,22 @@ def test_qat_on_a_transformer():
     net.eval()
     with torch.no_grad():
         assert torch.equal(net(x), net.to_reference().simulate(x))
+
+
+def test_makefile_qat_variables():
+    """`make train QAT=1 METHOD=ti` passes --qat and the method; `make export` passes --bits only when BITS is given
+    (a QAT run exports at the bits it trained at)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def dry(*argv: str) -> str:
+        p = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(root), *argv], capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    t = dry("train", "QAT=1", "BITS=W2A4", "CKPT=x.pt", "METHOD=ti")
+    assert "--qat" in t and "--method 'ti'" in t and "--bits 'W2A4'" in t and "--checkpoint 'x.pt'" in t
+    assert "--qat" not in dry("train")
+    assert "--bits" not in dry("export") and "--bits 'W4A8'" in dry("export", "BITS=W4A8")
