@@ -22,6 +22,7 @@ from .cpu_schedule import schedule_primfuncs
 from .dot_instructions import DotKernel
 from .dot_rewrite import rewrite_convs_dot
 from .dot_schedule import TileChooser
+from .row_islands import mark_row_reductions
 
 __all__ = ["SCHEDULES", "CPU_LEGALIZE", "legalize_passes", "round_to_int32", "scheduled_pipeline",
            "build_pipeline"]
@@ -126,15 +127,18 @@ def round_to_int32(mod: tvm.IRModule) -> tvm.IRModule:
     return relax.transform.DeadCodeElimination()(_RoundToInt32(mod).transform())
 
 
-def legalize_passes(target: tvm.target.Target) -> list:
+def legalize_passes(target: tvm.target.Target, row_islands: bool = False) -> list:
     """TVM's CPU legalization passes minus FoldConstant (pack_int4 needs that), with CPU_LEGALIZE's lowerings:
-    rounding as llvm.nearbyint, quantize vectorizable, erf as a rational approximation."""
+    rounding as llvm.nearbyint, quantize vectorizable, erf as a rational approximation. `row_islands`: each
+    Softmax / LayerNorm island fused into one kernel (row_islands.py; the scheduled pipeline)."""
     out = []
     for p in cpu.legalize_passes(target):
         name = str(p.info.name)
         if "FoldConstant" in name:
             continue
         out.append(relax.transform.LegalizeOps(CPU_LEGALIZE) if name.endswith("LegalizeOps") else p)
+        if row_islands and name.endswith("AnnotateTIROpPattern"):
+            out.append(mark_row_reductions)
     return out
 
 
@@ -143,7 +147,7 @@ def scheduled_pipeline(target: tvm.target.Target, kernel: DotKernel | None,
     """TVM's default CPU pipeline minus FoldConstant, with the hand schedules added: integer convs / matmuls
     on `kernel` (the target's, CompileTarget.kernel; None: no dot kernel), `tiles` the tuned conv tiles
     (tune.py)."""
-    legalize = legalize_passes(target)
+    legalize = legalize_passes(target, row_islands=True)
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:

@@ -7,7 +7,9 @@ function:
 - the depthwise conv (dot_schedule.py), else its outer loops in parallel;
 - a function made only of spatial blocks (pad, quantize, residual add, ...): intermediate blocks inlined where
   that cannot change a float result (tir_helpers.inline_safe), inner loops vectorized;
-- an integer matmul of two activations (attention): `schedule_int_matmul`;
+- attention's matmul of two activations: on the dot instruction (dot_act_matmul.py), per (batch, head);
+  one the dot rewrite did not take: `schedule_int_matmul`;
+- a fused row island (Softmax / LayerNorm, row_islands.py): every block per row, rows in parallel;
 - anything else with enough work: its leading spatial loops in parallel.
 
 The arithmetic of every block is unchanged: the scheduled build computes the numbers of the unscheduled one.
@@ -22,9 +24,11 @@ import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
+from .dot_act_matmul import act_kernel, schedule_act_dot
 from .dot_compute import DW_BLOCK
 from .dot_instructions import DotKernel
 from .dot_schedule import TileChooser, find_conv_block, kernel_of, schedule_dot_conv, schedule_dw_conv
+from .row_islands import schedule_row_island
 from .tir_helpers import (
     fresh_schedule,
     has_root,
@@ -157,7 +161,10 @@ def schedule_primfuncs(mod: tvm.IRModule, tiles: TileChooser | None = None,
         try:
             block = find_conv_block(sch)
             dw = find_conv_block(sch, DW_BLOCK)
-            if block is not None and kernel is not None:
+            act = _attempt(lambda s: schedule_act_dot(s, act_kernel(kernel)), sch) if kernel is not None else None
+            if act is not None:
+                sch = act
+            elif block is not None and kernel is not None:
                 sch = schedule_dot_conv(sch, block, tiles(name, sch) if tiles else None,
                                         kernel_of(sch, block, kernel))
             elif dw is not None:
@@ -168,8 +175,11 @@ def schedule_primfuncs(mod: tvm.IRModule, tiles: TileChooser | None = None,
                     if not schedule_outer_parallel(sch):
                         continue
             elif not schedule_injective(sch):
-                matmul = _attempt(schedule_int_matmul, sch)
-                if matmul is not None:
+                island = _attempt(schedule_row_island, sch)
+                matmul = _attempt(schedule_int_matmul, sch) if island is None else None
+                if island is not None:
+                    sch = island
+                elif matmul is not None:
                     sch = matmul
                 elif not schedule_outer_parallel(sch):
                     continue

@@ -33,7 +33,8 @@ from tvm import te
 from plateau.quant import pack_int4
 
 __all__ = ["DOT_BLOCK", "DOT_INPUT", "DOT_WEIGHT", "DW_BLOCK", "ConvInput", "pack_weight", "pack_halves",
-           "conv_te", "fused_conv_te", "matmul_te", "dw_te"]
+           "conv_te", "fused_conv_te", "matmul_te", "dw_te",
+           "MATMUL_ROWS"]
 
 DOT_BLOCK = "plateau_dot_conv"  # the conv block's name; FuseTIR keeps it, the scheduler finds it by it
 DOT_INPUT = "plateau_dot_input"  # the conv's input stage (pad, shift, re-layout), scheduled per output row
@@ -135,20 +136,43 @@ def fused_conv_te(src: te.Tensor, wp: te.Tensor, sh: int, sw: int, how: ConvInpu
     return (_conv_te_pairs if how.pairs else conv_te)(data, wp, sh, sw)
 
 
+MATMUL_ROWS = 8  # token rows per register tile of the matmul (the conv's output pixels; dot_schedule)
+
+
 def matmul_te(src: te.Tensor, wp: te.Tensor, how: ConvInput, int4_shape: tuple[int, ...] | None = None,
-              w_dtype: str = "int8") -> te.Tensor:
-    """x [B, T, K] (or [B, K]) @ W as the dot conv: rows are tokens (H = T, W = 1, a 1x1 kernel), so the rows
-    run in parallel; the output keeps the matmul's shape, so its epilogue fuses as for a conv."""
-    rows = src.shape[1] if len(src.shape) == 3 else 1
-    k = src.shape[-1]
-    x4 = te.compute((src.shape[0], rows, 1, k),
-                    lambda b, t, _w, c: src[b, t, c] if len(src.shape) == 3 else src[b, c],
-                    name="matmul_rows")
+              w_dtype: str = "int8", rows: int = MATMUL_ROWS) -> te.Tensor:
+    """x [..., K] @ W as the dot conv over token rows: the M rows of x (every leading axis flattened) are
+    laid out as [ceil(M / rows), 1, rows, K], so `rows` tokens are the output pixels of one register tile
+    and share each weight load; the rows past M read zeros and their outputs are dropped. The output keeps the
+    matmul's shape, so its epilogue fuses as for a conv."""
+    lead, k = list(src.shape[:-1]), src.shape[-1]
+    m = 1
+    for d in lead:
+        m = m * d
+    zero = tvm.tirx.const(0, src.dtype)
+
+    def token(i, t, c):
+        flat = i * rows + t
+        idx = []
+        for d in reversed(lead[1:]):
+            idx.append(flat % d)
+            flat = flat // d
+        idx.append(flat)
+        return tvm.tirx.if_then_else(i * rows + t < m, src[(*reversed(idx), c)], zero)
+
+    # (m - 1) // rows + 1 tiles, not (m + rows - 1) // rows: the same count, in the form TVM matches against the
+    # rows matmul_out reads, (m - 1) // rows at most (the region-cover check of compute_at)
+    x4 = te.compute(((m - 1) // rows + 1, 1, rows, k), lambda i, _h, t, c: token(i, t, c), name="matmul_rows")
     conv = fused_conv_te(x4, wp, 1, 1, how, int4_shape, w_dtype)
-    if len(src.shape) == 3:
-        return te.compute((src.shape[0], rows, conv.shape[3]), lambda b, t, n: conv[b, t, 0, n],
-                          name="matmul_out")
-    return te.compute((src.shape[0], conv.shape[3]), lambda b, n: conv[b, 0, 0, n], name="matmul_out")
+
+    def out(*idx):
+        *at, n = idx
+        flat = at[0]
+        for i, d in zip(at[1:], lead[1:], strict=True):
+            flat = flat * d + i
+        return conv[flat // rows, 0, flat % rows, n]
+
+    return te.compute((*lead, conv.shape[3]), out, name="matmul_out")
 
 
 def dw_te(src: te.Tensor, w: te.Tensor, sh: int, sw: int, how: ConvInput) -> te.Tensor:

@@ -3,7 +3,8 @@
 Runs first in the scheduled CPU pipeline (cpu_pipeline.py), with the target's kernel (`CompileTarget.kernel`).
 Each integer NHWC conv2d whose input channels pad to a multiple of K and whose output channels are a multiple
 of L becomes `fused_conv_te` with a packed constant weight; a matmul with a constant weight becomes
-`matmul_te`; a depthwise conv becomes `dw_te`:
+`matmul_te` (token rows as the conv's output pixels); a depthwise conv becomes `dw_te`; a matmul of two
+activations (attention) becomes `act_matmul_te` (dot_act_matmul.py):
 
     conv2d(pad(x, zp), W) -> int32      =>      conv_dot(input_stage(x), Wp) [+ shift * sum W]
 
@@ -23,6 +24,7 @@ import tvm
 from tvm import relax
 
 from ._common import const_np
+from .dot_act_matmul import act_kernel, act_matmul_operands, act_matmul_te
 from .dot_compute import ConvInput, dw_te, fused_conv_te, matmul_te, pack_halves, pack_weight
 from .dot_instructions import DotKernel
 from .pack_int4 import unpacked_value
@@ -197,6 +199,13 @@ class _DotConvRewriter(relax.PyExprMutator):
         dw = _depthwise(call, self.lookup_binding)
         if dw is not None:
             return self._depthwise_call(call, dw)
+        act = act_matmul_operands(call, self.lookup_binding)
+        if act is not None:  # attention's Q.K^T / P.V: both operands activations (dot_act_matmul.py)
+            a, b, za, zb = act
+            ak = act_kernel(k)
+            self.count += 1
+            return self.builder_.call_te(partial(act_matmul_te, za=za, zb=zb, kernel=ak), a, b,
+                                         primfunc_name_hint=f"plateau_act_matmul_{ak.name}")
         for mk in (k, k.narrow) if k.narrow else (k,):
             mm = _matmul(call, mk, self.lookup_binding)
             if mm is not None:  # the matmul as the dot kernel over token rows (matmul_te)

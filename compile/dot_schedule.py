@@ -124,6 +124,9 @@ def schedule_dot_conv(sch: Schedule, block: SBlockRV, tile: ConvTile | None, ker
         log.debug("output-anchored conv schedule failed (%s); conv-anchored instead", e)
     else:
         return trial
+    # the matmul's row gather (matmul_te) into the input stage first: computed per band, the stage must
+    # read the source directly
+    inline_spatial(sch, skip={sch.get(block).name_hint, *_input_names(sch), *_weight_stage(sch)})
     n, h, w, o, kh, kw, c = sch.get_loops(block)
     wo, wi = sch.split(w, [None, tile.ow])
     oo, oi = sch.split(o, [None, kernel.lanes * tile.oc])

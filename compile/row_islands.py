@@ -1,0 +1,90 @@
+"""Fuse each row-wise island (Softmax, LayerNorm: reductions over the last axis between elementwise steps) into
+one kernel, so a row's max, sums and normalization run while the row is in cache.
+
+TVM's FuseOps never puts a reduction together with what follows it: the exact Softmax of a ViT block (integer
+max, a table lookup, a sum, a division, the quantize) becomes five kernels, each writing a 64-bit tensor of the
+whole batch to memory and reading it back. This pass marks a reduction over the last axis only (keepdims) as
+injective before FuseOps, so the whole island fuses into one PrimFunc; `schedule_row_island` then computes
+every block of it per row, rows in parallel. The blocks themselves are untouched: same arithmetic, same bits.
+
+    >>> mod = mark_row_reductions(mod)          # after AnnotateTIROpPattern, before FuseOps
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+from tvm.s_tir import Schedule
+
+from .tir_helpers import has_root, inline_spatial, spatial_only
+
+__all__ = ["mark_row_reductions", "schedule_row_island", "INJECTIVE"]
+
+INJECTIVE = 2  # TVM's OpPatternKind kInjective (kCommReduce is 3)
+
+
+def _row_reduction(func: tirx.PrimFunc) -> bool:
+    """Whether `func` is one reduction block over the last axis of its input, kept as a unit axis."""
+    from .tir_helpers import fresh_schedule
+
+    sch = fresh_schedule(func)
+    if not has_root(sch):
+        return False
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    if len(blocks) != 1 or spatial_only(sch, blocks[0]):
+        return False
+    ivs = sch.get(blocks[0]).iter_vars
+    reduce = [iv for iv in ivs if iv.iter_type == tirx.IterVar.CommReduce]
+    spatial = [iv for iv in ivs if iv.iter_type == tirx.IterVar.DataPar]
+    if len(reduce) != 1 or len(spatial) + 1 != len(ivs) or not spatial:
+        return False
+    last = spatial[-1].dom.extent
+    return isinstance(last, tirx.IntImm) and int(last) == 1
+
+
+@tvm.transform.module_pass(opt_level=0, name="MarkRowReductions")
+def mark_row_reductions(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Mark every last-axis keepdims reduction PrimFunc as injective, so FuseOps fuses it with its island.
+    (Table lookups, which TVM leaves opaque, are not marked: fused into the island they ran slower.)"""
+    out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    for gv, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc) and (_row_reduction(func)):
+            out[gv] = func.with_attr("op_pattern", INJECTIVE)
+    return out
+
+
+def schedule_row_island(sch: Schedule) -> bool:
+    """A fused island (its reductions all over the last axis): every block computed per row of the output,
+    rows in parallel, inner loops vectorized. False, changing nothing, for any other function."""
+    if not has_root(sch):
+        return False
+    root = sch.get_sblock("root")
+    blocks = sch.get_child_blocks(root)
+    reductions = [b for b in blocks if not spatial_only(sch, b)]
+    if not reductions or len(blocks) < 2:
+        return False
+    for blk in reductions:
+        ivs = sch.get(blk).iter_vars
+        if ivs[-1].iter_type != tirx.IterVar.CommReduce or len(sch.get_loops(blk)) != len(ivs):
+            return False
+    inline_spatial(sch)
+    blocks = sch.get_child_blocks(root)
+    outs = [b for b in blocks if not sch.get_consumers(b)]
+    if len(outs) != 1:
+        return False
+    out_name = sch.get(outs[0]).name_hint
+    loops = sch.get_loops(outs[0])
+    if len(loops) < 2:
+        return False
+    row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    for blk in reversed(sch.get_child_blocks(root)):
+        if sch.get(blk).name_hint != out_name:
+            sch.compute_at(blk, row)
+    sch.parallel(row)
+    for blk in sch.get_child_blocks(row):
+        if spatial_only(sch, blk):
+            inner = sch.get_loops(blk)[-1]
+            ext = sch.get(inner).extent
+            if isinstance(ext, tirx.IntImm) and int(ext) > 1:
+                sch.vectorize(inner)
+    return True
