@@ -53,6 +53,14 @@ def mark_row_reductions(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> t
     return out
 
 
+def _row_value(sch: Schedule, blk) -> bool:
+    """Whether a spatial block writes one value per row (its output's last axis is 1)."""
+    if not spatial_only(sch, blk):
+        return False
+    shape = sch.get(blk).writes[0].source.shape
+    return len(shape) > 1 and isinstance(shape[-1], tirx.IntImm) and int(shape[-1]) == 1
+
+
 def schedule_row_island(sch: Schedule) -> bool:
     """A fused island (its reductions all over the last axis): every block computed per row of the output,
     rows in parallel, inner loops vectorized. False, changing nothing, for any other function."""
@@ -67,7 +75,10 @@ def schedule_row_island(sch: Schedule) -> bool:
         ivs = sch.get(blk).iter_vars
         if ivs[-1].iter_type != tirx.IterVar.CommReduce or len(sch.get_loops(blk)) != len(ivs):
             return False
-    inline_spatial(sch)
+    # a per-row value (a LayerNorm's 1 / sqrt(variance), last axis 1) stays a block: inlined, it would be
+    # recomputed for every element of the row
+    per_row = {sch.get(b).name_hint for b in blocks if _row_value(sch, b)}
+    inline_spatial(sch, skip=per_row)
     blocks = sch.get_child_blocks(root)
     outs = [b for b in blocks if not sch.get_consumers(b)]
     if len(outs) != 1:
