@@ -76,3 +76,46 @@ def test_tiny_vit_bit_exact_on_arm64(tmp_path, tiny_vit, sysroot, mode):
     assert m["ops"]["int_matmul"] == 17 and m["float_islands"] == []
     got = run_artifact(tmp_path / "arm64-dotprod" / "model.so", tiny_vit[2], device="qemu").outputs
     np.testing.assert_array_equal(_steps(got, want, ref.output_step), 0)
+
+
+@pytest.mark.parametrize("target,mnemonic", [("arm64-dotprod", "sdot"), ("arm64-i8mm", "sdot"),
+                                             ("x86-vnni", "vpdpbusd")])
+def test_every_tiny_vit_matmul_runs_the_dot_instruction(tmp_path, tiny_vit, target, mnemonic):
+    """In the tiny ViT's assembly every matmul kernel (q, k, v, proj, fc1, fc2, head, and both attention
+    matmuls of two activations per block) holds the target's dot instruction; arm64-i8mm's attention kernels
+    run sdot (smmla's pixel pairs do not fit them)."""
+    from plateau.compile.asm import instructions_per_function
+    from plateau.compile.compiler import build, import_onnx, lower_for_target
+    from plateau.compile.lower import lower_qdq
+    from plateau.compile.targets import get_target
+
+    model, calib, _ = tiny_vit
+    ref = quantize_model(model, calib, QuantConfig.from_bits("W8A8"))
+    onnx.save(to_qdq_onnx(ref), str(tmp_path / "m.onnx"))
+    tgt = get_target(target)
+    mod, _ = import_onnx(tmp_path / "m.onnx")
+    ex, _ = build(lower_for_target(lower_qdq(mod), tgt), tgt)
+    found = instructions_per_function(ex.mod.imports[0].inspect_source("asm"), mnemonic)
+    matmuls = {f: n for f, n in found.items() if "matmul" in f and f.startswith("fused_")}
+    attention = [f for f in matmuls if "act_matmul" in f]
+    assert len(attention) == 4 and all(n > 0 for n in matmuls.values()), found  # 2 blocks x (Q.K^T, P.V)
+    assert len(matmuls) >= 4 + 3, found  # and the Linear layers (kernels of one shape are shared)
+
+
+@pytest.mark.slow
+def test_vit_tiny_224_shape_bit_exact_on_host(tmp_path):
+    """ViT-Tiny's 224x224 shape (197 tokens: a prime count, so every token-row and attention tile is padded;
+    width 192, 3 heads of 64), one block, random weights: the compiled library equals the reference on every
+    logit."""
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", num_classes=10, img_size=224, depth=1).eval()
+    calib = [torch.randn(8, 3, 224, 224) * 0.5]
+    x = (torch.randn(4, 3, 224, 224) * 0.5).numpy()
+    ref = quantize_model(model, calib, QuantConfig.from_bits("W8A8"))
+    onnx.save(to_qdq_onnx(ref), str(tmp_path / "m.onnx"))
+    m = compile_onnx(tmp_path / "m.onnx", "host", tmp_path / "host")
+    assert m["ops"]["int_matmul"] == 9 and m["float_islands"] == []  # q, k, v, proj, fc1, fc2, head; 2 attention
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x)).numpy()
+    got = run_artifact(tmp_path / "host" / "model.so", x).outputs
+    np.testing.assert_array_equal(_steps(got, want, ref.output_step), 0)
