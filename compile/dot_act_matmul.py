@@ -152,10 +152,10 @@ def act_matmul_te(a: te.Tensor, b: te.Tensor, za: int, zb: int, kernel: DotKerne
 
 
 def schedule_act_dot(sch: Schedule, kernel: DotKernel) -> bool:
-    """Per (batch, head), in parallel: pack the right operand, shift the left one, take the row / column sums,
-    then register tiles of ACT_ROWS rows x oc*L columns reduced with the instruction, then the epilogue
-    (corrections, requantize) over the head's outputs, vectorized. False, changing nothing, where the
-    function is not one act_matmul_te kernel."""
+    """Per (batch, head), in parallel: pack the right operand and shift the left one (with their column and
+    row of ones), then register tiles of ACT_ROWS rows x oc*L columns reduced with the instruction, then the
+    epilogue (zero-point corrections, requantize) over the head's outputs, vectorized. False, changing
+    nothing, where the function is not one act_matmul_te kernel."""
     if not has_root(sch):
         return False
     root = sch.get_sblock("root")
