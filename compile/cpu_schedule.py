@@ -24,7 +24,7 @@ import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-from .dot_act_matmul import act_kernel, schedule_act_dot
+from .dot_act_matmul import ACT_DOT_BLOCK, act_kernel, schedule_act_dot
 from .dot_compute import DW_BLOCK
 from .dot_instructions import DotKernel
 from .dot_schedule import TileChooser, find_conv_block, kernel_of, schedule_dot_conv, schedule_dw_conv
@@ -166,9 +166,10 @@ def schedule_primfuncs(mod: tvm.IRModule, tiles: TileChooser | None = None,
         try:
             block = find_conv_block(sch)
             dw = find_conv_block(sch, DW_BLOCK)
-            act = _attempt(lambda s: schedule_act_dot(s, act_kernel(kernel)), sch) if kernel is not None else None
-            if act is not None:
-                sch = act
+            act = find_conv_block(sch, ACT_DOT_BLOCK)
+            if act is not None and kernel is not None:
+                if not schedule_act_dot(sch, act_kernel(kernel)):
+                    continue  # not the function act_matmul_te builds: left as built
             elif block is not None and kernel is not None:
                 sch = schedule_dot_conv(sch, block, tiles(name, sch) if tiles else None,
                                         kernel_of(sch, block, kernel))

@@ -28,7 +28,7 @@ from tvm import relax, te, tirx
 from tvm.s_tir import Schedule
 
 from ._common import const_np
-from .dot_instructions import SDOT, DotKernel
+from .dot_instructions import SDOT, DotKernel, byte_shift
 from .tir_helpers import has_root, inline_spatial
 
 __all__ = ["ACT_DOT_BLOCK", "ACT_ROWS", "act_kernel", "act_tile", "act_matmul_operands", "act_matmul_te",
@@ -90,13 +90,6 @@ def act_matmul_operands(call: relax.Call, lookup) -> tuple[relax.Expr, relax.Exp
     return a, b, za, zb
 
 
-def _shift(dtype: str, to: str) -> int:
-    """What takes a `dtype` byte to the instruction's type `to` (int16 holds both byte types)."""
-    if dtype == to or to == "int16":
-        return 0
-    return 128 if to == "uint8" else -128
-
-
 def act_matmul_te(a: te.Tensor, b: te.Tensor, za: int, zb: int, kernel: DotKernel) -> te.Tensor:
     """sum_c (a[..., i, c] - za) * (b[..., c, j] - zb) as int32, on `kernel`'s instruction (module
     docstring). The row sums of a' come out of the dot itself, from a column of ones in b's last padded
@@ -105,7 +98,7 @@ def act_matmul_te(a: te.Tensor, b: te.Tensor, za: int, zb: int, kernel: DotKerne
     n = int(b.shape[-1])
     m, k = int(m), int(k)
     lanes, kk = kernel.lanes, kernel.k
-    sa, sb = _shift(str(a.dtype), kernel.act_dtype), _shift(str(b.dtype), kernel.w_dtype)
+    sa, sb = byte_shift(str(a.dtype), kernel.act_dtype), byte_shift(str(b.dtype), kernel.w_dtype)
     za2, zb2 = za + sa, zb + sb
     oc = act_tile(n + 1, kernel)
     mp = -(-(m + 1) // ACT_ROWS) * ACT_ROWS  # a row of ones (zeros where za' = 0) at mp - 1

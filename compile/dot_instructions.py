@@ -27,7 +27,8 @@ from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-__all__ = ["DotKernel", "KERNELS", "register_kernel", "get_kernel", "VNNI", "VNNI8", "AVX2", "SDOT", "SMMLA"]
+__all__ = ["DotKernel", "KERNELS", "register_kernel", "get_kernel", "byte_shift", "VNNI", "VNNI8", "AVX2", "SDOT",
+           "SMMLA"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,14 @@ def get_kernel(name: str) -> DotKernel:
     if name not in KERNELS:
         raise KeyError(f"unknown dot kernel {name!r}; registered: {', '.join(sorted(KERNELS))}")
     return KERNELS[name]
+
+
+def byte_shift(dtype: str, to: str) -> int:
+    """What is added to a `dtype` byte to reach an instruction's operand type `to`: +128 takes int8 to uint8
+    (vpdpbusd), -128 uint8 to int8 (sdot); 0 when the types agree or `to` holds both (int16: AVX2)."""
+    if dtype == to or to == "int16":
+        return 0
+    return 128 if to == "uint8" else -128
 
 
 def _dot_desc(lanes: int, k: int, act: str, weight: str) -> tirx.PrimFunc:

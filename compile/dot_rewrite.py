@@ -26,7 +26,7 @@ from tvm import relax
 from ._common import const_np
 from .dot_act_matmul import act_kernel, act_matmul_operands, act_matmul_te
 from .dot_compute import ConvInput, dw_te, fused_conv_te, matmul_te, pack_halves, pack_weight
-from .dot_instructions import DotKernel
+from .dot_instructions import DotKernel, byte_shift
 from .pack_int4 import unpacked_value
 
 __all__ = ["rewrite_convs_dot"]
@@ -174,12 +174,7 @@ class _DotConvRewriter(relax.PyExprMutator):
         """Emit the dot kernel `te_fn(src, packed weight, how=ConvInput, int4_shape=...)` for the OHWI int8
         weight `w`, and the per-channel constant that undoes the activation shift (a conv and a matmul
         alike)."""
-        # +128 takes int8 to uint8 (VNNI), -128 takes uint8 to int8 (sdot); 0 when the types already agree or
-        # the kernel's type holds both (int16: AVX2)
-        if act_dtype == k.act_dtype or k.act_dtype == "int16":
-            shift = 0
-        else:
-            shift = 128 if k.act_dtype == "uint8" else -128
+        shift = byte_shift(act_dtype, k.act_dtype)
         wp, ck = pack_weight(w, k.lanes, k.k)
         stage = ConvInput(channels=ck, shift=shift, dtype=k.act_dtype, **how)
         # 4-bit weights stay two per byte, re-packed in the kernel's order and unpacked inside the kernel

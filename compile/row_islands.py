@@ -16,7 +16,7 @@ import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-from .tir_helpers import has_root, inline_spatial, spatial_only
+from .tir_helpers import fresh_schedule, has_root, inline_spatial, spatial_only
 
 __all__ = ["mark_row_reductions", "schedule_row_island", "INJECTIVE"]
 
@@ -25,8 +25,6 @@ INJECTIVE = 2  # TVM's OpPatternKind kInjective (kCommReduce is 3)
 
 def _row_reduction(func: tirx.PrimFunc) -> bool:
     """Whether `func` is one reduction block over the last axis of its input, kept as a unit axis."""
-    from .tir_helpers import fresh_schedule
-
     sch = fresh_schedule(func)
     if not has_root(sch):
         return False
@@ -45,10 +43,10 @@ def _row_reduction(func: tirx.PrimFunc) -> bool:
 @tvm.transform.module_pass(opt_level=0, name="MarkRowReductions")
 def mark_row_reductions(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
     """Mark every last-axis keepdims reduction PrimFunc as injective, so FuseOps fuses it with its island.
-    (Table lookups, which TVM leaves opaque, are not marked: fused into the island they ran slower.)"""
+    (Table lookups, which TVM leaves opaque, are not marked: fused into the island they measured no faster.)"""
     out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     for gv, func in mod.functions_items():
-        if isinstance(func, tirx.PrimFunc) and (_row_reduction(func)):
+        if isinstance(func, tirx.PrimFunc) and _row_reduction(func):
             out[gv] = func.with_attr("op_pattern", INJECTIVE)
     return out
 

@@ -1,14 +1,17 @@
-"""Attention's matmuls of two activations on the dot instructions (dot_act_matmul.py) and the fused row
-islands (row_islands.py): exact against numpy / TVM's unscheduled build, and the instruction in the kernel."""
+"""Attention's matmuls of two activations on the dot instructions (dot_act_matmul.py), the fused row islands
+(row_islands.py) and parallel elementwise kernels: exact against numpy / TVM's unscheduled build, the
+instruction in the kernel, the fusion and the parallel loops where they are meant to be."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import tvm
-from tvm import te
+from tvm import relax, te
 
 from plateau.compile.asm import instructions_per_function
+from plateau.compile.cpu_pipeline import legalize_passes
+from plateau.compile.cpu_schedule import MIN_PARALLEL_ELEMENTS, schedule_injective
 from plateau.compile.dot_act_matmul import act_kernel, act_matmul_te, act_tile, schedule_act_dot
 from plateau.compile.dot_instructions import AVX2, SDOT, SMMLA, VNNI
 from plateau.compile.row_islands import schedule_row_island
@@ -82,3 +85,39 @@ def test_row_island_schedule_keeps_the_numbers():
         tvm.compile(mod, tvm.target.Target(HOST.tvm_target))["main"](tvm.runtime.tensor(data), o)
         outs.append(o.numpy())
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def _softmax_module() -> tvm.IRModule:
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 3, 65, 65), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            mx = bb.emit(relax.op.max(x, axis=[3], keepdims=True))
+            e = bb.emit(relax.op.exp(relax.op.subtract(x, mx)))
+            s = bb.emit(relax.op.sum(e, axis=[3], keepdims=True))
+            y = bb.emit_output(relax.op.divide(e, s))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+@pytest.mark.parametrize("row_islands", [True, False])
+def test_row_reductions_fuse_into_one_island(row_islands):
+    """With row_islands the max, the exp, the sum and the division of a Softmax become one PrimFunc (its
+    reductions marked injective before FuseOps); without it TVM splits the island at each reduction."""
+    t = tvm.target.Target(HOST.tvm_target)
+    with t:
+        mod = tvm.transform.Sequential(legalize_passes(t, row_islands=row_islands))(_softmax_module())
+    funcs = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert (len(funcs) == 1) == row_islands, [gv.name_hint for gv in mod.get_global_vars()]
+
+
+@pytest.mark.parametrize("elements,parallel", [(MIN_PARALLEL_ELEMENTS, True), (MIN_PARALLEL_ELEMENTS // 2, False)])
+def test_elementwise_kernels_run_in_parallel_from_the_threshold(elements, parallel):
+    """A spatial kernel with MIN_PARALLEL_ELEMENTS per image runs its outer loops in parallel; a smaller one stays
+    serial (a thread-pool barrier would cost more than the copy)."""
+    n = tvm.tirx.Var("n", "int64")
+    x = te.placeholder((n, elements // 64, 64), "int8", name="x")
+    y = te.compute(x.shape, lambda *i: x(*i) + tvm.tirx.const(1, "int8"), name="y")
+    sch = fresh_schedule(te.create_prim_func([x, y]))
+    assert schedule_injective(sch)
+    assert ("T.parallel" in sch.mod["main"].script()) == parallel
