@@ -22,6 +22,7 @@ from .cpu_schedule import schedule_primfuncs
 from .dot_instructions import DotKernel
 from .dot_rewrite import rewrite_convs_dot
 from .dot_schedule import TileChooser
+from .lut_compose import compose_tables, mark_table_lookups
 from .row_islands import mark_row_reductions
 
 __all__ = ["SCHEDULES", "CPU_LEGALIZE", "legalize_passes", "round_to_int32", "scheduled_pipeline",
@@ -138,7 +139,7 @@ def legalize_passes(target: tvm.target.Target, row_islands: bool = False) -> lis
             continue
         out.append(relax.transform.LegalizeOps(CPU_LEGALIZE) if name.endswith("LegalizeOps") else p)
         if row_islands and name.endswith("AnnotateTIROpPattern"):
-            out.append(mark_row_reductions)
+            out += [mark_row_reductions, mark_table_lookups]
     return out
 
 
@@ -152,6 +153,7 @@ def scheduled_pipeline(target: tvm.target.Target, kernel: DotKernel | None,
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
+            mod = compose_tables(mod)
             if kernel is not None:
                 mod, _ = rewrite_convs_dot(mod, kernel)
             mod = round_to_int32(mod)
