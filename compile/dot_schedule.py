@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 DW_LANES = 16  # channels per depthwise tile: int32 vectors of 16 (one zmm; four NEON registers)
 BANDS = 4  # parallel row bands per image when the conv has an input stage
+WEIGHT_STATIONARY_TILES = 16  # a 4-bit matmul of up to this many row tiles (8 tokens each) runs weight-stationary
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,66 @@ def schedule_dot_conv(sch: Schedule, block: SBlockRV, tile: ConvTile | None, ker
     # the matmul's row gather (matmul_te) into the input stage first: computed per band, the stage must
     # read the source directly
     inline_spatial(sch, skip={sch.get(block).name_hint, *_input_names(sch), *_weight_stage(sch)})
+    n, h, w, o, kh, kw, c = sch.get_loops(block)
+    rows = sch.get(n).extent
+    if _weight_stage(sch) and _is_matmul(sch, block):
+        ws = fresh_schedule(sch.mod["main"])
+        _weight_stationary(ws, ws.get_sblock(sch.get(block).name_hint), tile, kernel)
+        if isinstance(rows, tvm.tirx.IntImm):
+            return ws if int(rows) <= WEIGHT_STATIONARY_TILES else _schedule_rows(sch, block, tile, kernel)
+        both = _by_rows(ws.mod["main"], _schedule_rows(sch, block, tile, kernel).mod["main"], rows)
+        return fresh_schedule(both)
+    return _schedule_rows(sch, block, tile, kernel)
+
+
+def _is_matmul(sch: Schedule, block: SBlockRV) -> bool:
+    """Whether the dot block is matmul_te's (one output row of `rows` tokens, a 1x1 kernel)."""
+    _, h, _, _, kh, kw, _ = (sch.get(lp).extent for lp in sch.get_loops(block))
+    return all(isinstance(e, tvm.tirx.IntImm) and int(e) == 1 for e in (h, kh, kw))
+
+
+def _weight_stationary(sch: Schedule, block: SBlockRV, tile: ConvTile, kernel: DotKernel) -> None:
+    """A 4-bit matmul for few token rows: output channel blocks in parallel, each unpacking its slice of the
+    weight once (into L1) and running every row tile against it; the row-major schedule below unpacks the
+    whole weight before its parallel rows instead."""
+    n, h, w, o, kh, kw, c = sch.get_loops(block)
+    wo, wi = sch.split(w, [None, tile.ow])
+    oo, oi = sch.split(o, [None, kernel.lanes * tile.oc])
+    sch.reorder(oo, n, h, wo, wi, oi, kh, kw, c)
+    nh = sch.fuse(n, h)
+    for name in _input_names(sch):
+        _input_at(sch, sch.get_sblock(name), nh)
+    for name in _weight_stage(sch):
+        sch.compute_at(sch.get_sblock(name), oo)
+    _vectorize_weight_stage(sch)
+    _fuse_epilogue(sch, block, wo)
+    sch.parallel(oo)
+    _tensorize_tile(sch, block, wi, oi, kh, kw, c, kernel, tile.kw_inner)
+
+
+def _by_rows(small: tvm.tirx.PrimFunc, large: tvm.tirx.PrimFunc, rows: tvm.tirx.PrimExpr) -> tvm.tirx.PrimFunc:
+    """One function running `small` up to WEIGHT_STATIONARY_TILES row tiles and `large` above, each branch in
+    a block of its own holding its buffers. Put together as TVMScript: the two schedules are deep copies of
+    one function (fresh_schedule), alike in parameter names but not in objects, and the parser binds the
+    names once."""
+    def body(f: tvm.tirx.PrimFunc) -> tuple[list[str], list[str]]:
+        lines = f.script().splitlines()
+        start = next(i for i, ln in enumerate(lines) if ln.startswith("def "))
+        head = lines[:start + 1]
+        rest = [ln for ln in lines[start + 1:] if ln.strip() and not ln.strip().startswith("# with T.sblock(\"root\")")]
+        attrs = [ln for ln in rest if ln.strip().startswith("T.func_attr")]
+        return head + attrs, [ln for ln in rest if ln not in attrs]
+
+    head, large_body = body(large)
+    _, small_body = body(small)
+    cond = str(rows <= WEIGHT_STATIONARY_TILES)
+    text = "\n".join([*head, f"    if {cond}:", '        with T.sblock("weight_stationary"):',
+                      *("        " + ln for ln in small_body), "    else:", '        with T.sblock("row_major"):',
+                      *("        " + ln for ln in large_body)])
+    return tvm.script.from_source(text)
+
+
+def _schedule_rows(sch: Schedule, block: SBlockRV, tile: ConvTile, kernel: DotKernel) -> Schedule:
     n, h, w, o, kh, kw, c = sch.get_loops(block)
     wo, wi = sch.split(w, [None, tile.ow])
     oo, oi = sch.split(o, [None, kernel.lanes * tile.oc])

@@ -18,6 +18,7 @@ from plateau.compile import compile_onnx, get_target
 from plateau.compile.compiler import build, import_onnx, lower_for_target
 from plateau.compile.cpu_features import has_avx2, kernel_for_target
 from plateau.compile.cpu_pipeline import legalize_passes
+from plateau.compile.cpu_schedule import schedule_primfuncs
 from plateau.compile.dot_compute import DOT_INPUT, DW_BLOCK, conv_te, pack_weight
 from plateau.compile.dot_instructions import AVX2, SDOT, SMMLA, VNNI
 from plateau.compile.dot_rewrite import rewrite_convs_dot
@@ -353,6 +354,31 @@ def test_linear_layers_get_the_dot_kernel(tmp_path, target, caplog):
         out, _ = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), tgt.kernel)
     assert out["main"].script().count("plateau_matmul_") == 3  # fc1, fc2 and the 16-wide head
     _assert_scheduled_build_exact(onnx_path, target, tmp_path, caplog, seed=5)
+
+
+def test_four_bit_linear_runs_weight_stationary_up_to_a_few_rows(tmp_path, monkeypatch):
+    """4-bit Linear layers: one kernel holding both schedules, chosen by the token rows at run time
+    (weight-stationary for a few row tiles, row-major above); both bit-exact with TVM's unscheduled build."""
+    from plateau.compile import dot_schedule
+
+    monkeypatch.setattr(dot_schedule, "WEIGHT_STATIONARY_TILES", 4)  # 16 tokens per image: batch 2 -> 4 tiles
+    onnx_path = fx.ort_qdq(_token_mlp_onnx(tmp_path / "fp32.onnx"), tmp_path / "mlp.onnx", "s8", "s4")
+    tgt = get_target("host")
+    if tgt.kernel is None:
+        pytest.skip("no dot kernel on this CPU")
+    mod, _ = _rewritten_and_legalized(onnx_path, "host")
+    with tvm.target.Target(tgt.tvm_target):
+        scheduled = schedule_primfuncs(mod, None, tgt.kernel)
+    four_bit = [f.script() for gv, f in scheduled.functions_items()
+                if "plateau_matmul_" in gv.name_hint and "plateau_dot_weight" in f.script()]
+    assert four_bit and all('T.sblock("weight_stationary")' in s and 'T.sblock("row_major")' in s
+                            for s in four_bit)
+    compile_onnx(onnx_path, "host", tmp_path / "sched")
+    compile_onnx(onnx_path, "host", tmp_path / "plain", schedule="none")
+    for batch in (1, 2, 9):  # 2, 4 and 18 row tiles of 8 tokens
+        x = np.random.default_rng(batch).standard_normal((batch, 3, fx.HW, fx.HW)).astype(np.float32)
+        np.testing.assert_array_equal(_run(tmp_path / "sched" / "model.so", x),
+                                      _run(tmp_path / "plain" / "model.so", x))
 
 
 def _two_blocks(consumer) -> Schedule:
