@@ -23,7 +23,7 @@ from .dot_instructions import DotKernel
 from .dot_rewrite import rewrite_convs_dot
 from .dot_schedule import TileChooser
 from .lut_compose import compose_tables, mark_table_lookups
-from .row_islands import mark_row_reductions
+from .row_islands import mark_row_reductions, narrow_row_max
 
 __all__ = ["SCHEDULES", "CPU_LEGALIZE", "legalize_passes", "round_to_int32", "scheduled_pipeline",
            "build_pipeline"]
@@ -153,7 +153,7 @@ def scheduled_pipeline(target: tvm.target.Target, kernel: DotKernel | None,
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
-            mod = compose_tables(mod)
+            mod = narrow_row_max(compose_tables(mod))
             if kernel is not None:
                 mod, _ = rewrite_convs_dot(mod, kernel)
             mod = round_to_int32(mod)

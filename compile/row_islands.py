@@ -7,18 +7,19 @@ whole batch to memory and reading it back. This pass marks a reduction over the 
 injective before FuseOps, so the whole island fuses into one PrimFunc; `schedule_row_island` then computes
 every block of it per row, rows in parallel. The blocks themselves are untouched: same arithmetic, same bits.
 
+    >>> mod = narrow_row_max(mod)               # Relax: a row max of widened bytes taken on the bytes
     >>> mod = mark_row_reductions(mod)          # after AnnotateTIROpPattern, before FuseOps
 """
 
 from __future__ import annotations
 
 import tvm
-from tvm import tirx
+from tvm import relax, tirx
 from tvm.s_tir import Schedule
 
 from .tir_helpers import fresh_schedule, has_root, inline_spatial, spatial_only
 
-__all__ = ["mark_row_reductions", "schedule_row_island", "INJECTIVE"]
+__all__ = ["mark_row_reductions", "narrow_row_max", "schedule_row_island", "INJECTIVE"]
 
 INJECTIVE = 2  # TVM's OpPatternKind kInjective (kCommReduce is 3)
 
@@ -97,3 +98,36 @@ def schedule_row_island(sch: Schedule) -> bool:
             if isinstance(ext, tirx.IntImm) and int(ext) > 1:
                 sch.vectorize(inner)
     return True
+
+
+@relax.expr_functor.mutator
+class _NarrowRowMax(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.mod_ = mod
+
+    def transform(self) -> tvm.IRModule:
+        for gv, func in self.mod_.functions_items():
+            if isinstance(func, relax.Function):
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return self.builder_.get()
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (TVM's visitor name)
+        call = self.visit_expr_post_order(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name in ("relax.max", "relax.min")
+                and isinstance(call.args[0], relax.Var)):
+            return call
+        wide = self.lookup_binding(call.args[0])
+        if not (isinstance(wide, relax.Call) and isinstance(wide.op, tvm.ir.Op) and wide.op.name == "relax.astype"
+                and str(getattr(wide.args[0].ty, "dtype", "")) in ("int8", "uint8")
+                and str(wide.attrs.dtype).startswith("int")):
+            return call
+        reduce = relax.op.max if call.op.name == "relax.max" else relax.op.min
+        narrow = reduce(wide.args[0], axis=call.attrs.axis, keepdims=call.attrs.keepdims)
+        return relax.op.astype(narrow, str(wide.attrs.dtype))
+
+
+def narrow_row_max(mod: tvm.IRModule) -> tvm.IRModule:
+    """max / min of a widened 8-bit tensor taken on the bytes, then widened (the same integers): the Softmax
+    island then reads the 8-bit scores its matmul writes, not a 64-bit copy of them."""
+    return _NarrowRowMax(mod).transform()

@@ -14,7 +14,7 @@ from plateau.compile.cpu_pipeline import legalize_passes
 from plateau.compile.cpu_schedule import MIN_PARALLEL_ELEMENTS, schedule_injective
 from plateau.compile.dot_act_matmul import act_kernel, act_matmul_te, act_tile, schedule_act_dot
 from plateau.compile.dot_instructions import AVX2, SDOT, SMMLA, VNNI
-from plateau.compile.row_islands import schedule_row_island
+from plateau.compile.row_islands import narrow_row_max, schedule_row_island
 from plateau.compile.targets import get_target
 from plateau.compile.tir_helpers import fresh_schedule
 
@@ -121,3 +121,24 @@ def test_elementwise_kernels_run_in_parallel_from_the_threshold(elements, parall
     sch = fresh_schedule(te.create_prim_func([x, y]))
     assert schedule_injective(sch)
     assert ("T.parallel" in sch.mod["main"].script()) == parallel
+
+
+def test_row_max_taken_on_the_bytes():
+    """max(astype(x8, int64)) -> astype(max(x8), int64): same integers, and the island reads the 8-bit scores."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 3, 5, 7), "int8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            wide = bb.emit(relax.op.astype(x, "int64"))
+            mx = bb.emit(relax.op.max(wide, axis=[3], keepdims=True))
+            y = bb.emit_output(relax.op.subtract(wide, mx))
+        bb.emit_func_output(y)
+    before = bb.get()
+    after = narrow_row_max(before)
+    assert 'R.max(x, axis=[3], keepdims=True)' in after["main"].script()
+    v = np.random.default_rng(0).integers(-128, 128, (2, 3, 5, 7)).astype(np.int8)
+    outs = []
+    for mod in (before, after):
+        vm = relax.VirtualMachine(tvm.compile(mod, "llvm"), tvm.cpu())
+        outs.append(vm["main"](tvm.runtime.tensor(v)).numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
