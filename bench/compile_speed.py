@@ -113,6 +113,12 @@ def _images(data: str, n: int, mean: list, std: list, size: int | None = None) -
     return normalize(test.images[:n], mean, std).numpy().astype(np.float32)
 
 
+# pause before timing each engine: the previous engine's worker threads spin on after its last call (onnxruntime's
+# intra-op pool and TVM's both do) and would share the cores with the timed one; medians of onnxruntime at batch 1
+# jumped between ~3.5 and ~7 ms without it
+SETTLE_SECONDS = 0.2
+
+
 class _Engine:
     """One engine in a process of its own, driven over a pipe. In one shared process the idle engine's thread pool
     competes with the timed one: after onnxruntime runs, its spinning worker threads made TVM's batch-1 calls up to
@@ -287,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         for b in args.batches:
             xb = np.ascontiguousarray(x_all[:b])
             for name, e in engines.items():
+                time.sleep(SETTLE_SECONDS)
                 est = e.time(xb, 1)
                 calls = max(1, min(200, int(args.seconds / max(est, 1e-6))))
                 if name == "tvm-int8-untuned":
