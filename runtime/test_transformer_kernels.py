@@ -70,7 +70,7 @@ def test_tiny_vit_host_kernels(tmp_path, tiny_vit, mode):
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("mode", ["exact", "integer-only"])
+@pytest.mark.parametrize("mode", ["exact", "integer-only", "exact-W4A8"])
 def test_tiny_vit_bit_exact_on_arm64(tmp_path, tiny_vit, sysroot, mode):
     ref, m, want = _build(tmp_path, tiny_vit, mode, target="arm64-dotprod")
     assert m["ops"]["int_matmul"] == 17 and m["float_islands"] == []
