@@ -61,6 +61,14 @@ REQUANT_DOC = {
 }
 
 
+def mutate_relax_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule) -> tvm.IRModule:
+    """Every Relax function of `mod` through `mutator` (a PyExprMutator made on `mod`): the rewritten module."""
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 def const_np(expr: relax.Expr) -> np.ndarray | None:
     """The numpy value of a relax constant, or None when `expr` is not a constant."""
     value = getattr(expr, "value", None)

@@ -17,7 +17,7 @@ import tvm
 from tvm import relax, te, tirx, topi
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-from ._common import backend_pipeline, scalar
+from ._common import backend_pipeline, mutate_relax_functions, scalar
 from .cpu_schedule import schedule_primfuncs
 from .dot_instructions import DotKernel
 from .dot_rewrite import rewrite_convs_dot
@@ -100,16 +100,6 @@ class _RoundToInt32(relax.PyExprMutator):
     int32 requantize tail, _common.round_to_int_tail). Where the conversion is defined (round(y) fits int32)
     the two give the same integers; LLVM does not fuse nearbyint and the conversion itself."""
 
-    def __init__(self, mod: tvm.IRModule) -> None:
-        super().__init__(mod)
-        self.mod_ = mod
-
-    def transform(self) -> tvm.IRModule:
-        for gv, func in self.mod_.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
-
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (TVM's visitor name)
         call = self.visit_expr_post_order(call)
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.astype"
@@ -125,7 +115,7 @@ class _RoundToInt32(relax.PyExprMutator):
 
 def round_to_int32(mod: tvm.IRModule) -> tvm.IRModule:
     """_RoundToInt32 over every Relax function, then the rounds left unused are dropped."""
-    return relax.transform.DeadCodeElimination()(_RoundToInt32(mod).transform())
+    return relax.transform.DeadCodeElimination()(mutate_relax_functions(_RoundToInt32(mod), mod))
 
 
 def legalize_passes(target: tvm.target.Target, row_islands: bool = False) -> list:

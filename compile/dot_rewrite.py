@@ -23,7 +23,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ._common import const_np
+from ._common import const_np, mutate_relax_functions
 from .dot_act_matmul import act_kernel, act_matmul_operands, act_matmul_te
 from .dot_compute import ConvInput, dw_te, fused_conv_te, matmul_te, pack_halves, pack_weight
 from .dot_instructions import DotKernel, byte_shift
@@ -102,15 +102,8 @@ def _eligible(call: relax.Call, kernel: DotKernel, lookup=None) -> tuple[np.ndar
 class _DotConvRewriter(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule, kernel: DotKernel) -> None:
         super().__init__(mod)
-        self.mod_ = mod
         self.kernel = kernel
         self.count = 0
-
-    def transform(self) -> tvm.IRModule:
-        for gv, func in self.mod_.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
 
     def _binding(self, expr: relax.Expr, op: str) -> relax.Call | None:
         """The call of `op` bound to the var `expr`, if it is one."""
@@ -231,5 +224,5 @@ def rewrite_convs_dot(mod: tvm.IRModule, kernel: DotKernel) -> tuple[tvm.IRModul
     """Replace each eligible integer conv2d / constant-weight matmul by `kernel`'s dot kernel (the target's:
     CompileTarget.kernel); returns (module, how many were replaced)."""
     rw = _DotConvRewriter(mod, kernel)
-    out = rw.transform()
+    out = mutate_relax_functions(rw, mod)
     return relax.transform.DeadCodeElimination()(out), rw.count

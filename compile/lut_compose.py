@@ -20,7 +20,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.ir import TensorLoad
 
-from ._common import const_np
+from ._common import const_np, mutate_relax_functions
 from .tir_helpers import fresh_schedule, has_root, spatial_only
 
 __all__ = ["compose_tables", "mark_table_lookups"]
@@ -45,14 +45,7 @@ def _integer(dtype: str) -> bool:
 class _TableComposer(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
-        self.mod_ = mod
         self.count = 0
-
-    def transform(self) -> tvm.IRModule:
-        for gv, func in self.mod_.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
 
     def _chain(self, expr: relax.Expr, depth: int = 0) -> tuple[Values, relax.Var | None] | None:
         """(values of expr as a function of its one 8-bit input, that input) or None."""
@@ -124,7 +117,7 @@ class _TableComposer(relax.PyExprMutator):
 def compose_tables(mod: tvm.IRModule) -> tvm.IRModule:
     """Every take(table, f(x)) of an 8-bit x rewritten as one lookup of x (module doc); the index chains left
     unused are dropped."""
-    return relax.transform.DeadCodeElimination()(_TableComposer(mod).transform())
+    return relax.transform.DeadCodeElimination()(mutate_relax_functions(_TableComposer(mod), mod))
 
 
 def _table_lookup(func: tirx.PrimFunc) -> bool:

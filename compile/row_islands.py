@@ -17,6 +17,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.s_tir import Schedule
 
+from ._common import mutate_relax_functions
 from .tir_helpers import fresh_schedule, has_root, inline_spatial, spatial_only
 
 __all__ = ["mark_row_reductions", "narrow_row_max", "schedule_row_island", "INJECTIVE"]
@@ -102,16 +103,6 @@ def schedule_row_island(sch: Schedule) -> bool:
 
 @relax.expr_functor.mutator
 class _NarrowRowMax(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule) -> None:
-        super().__init__(mod)
-        self.mod_ = mod
-
-    def transform(self) -> tvm.IRModule:
-        for gv, func in self.mod_.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
-
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (TVM's visitor name)
         call = self.visit_expr_post_order(call)
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name in ("relax.max", "relax.min")
@@ -130,4 +121,4 @@ class _NarrowRowMax(relax.PyExprMutator):
 def narrow_row_max(mod: tvm.IRModule) -> tvm.IRModule:
     """max / min of a widened 8-bit tensor taken on the bytes, then widened (the same integers): the Softmax
     island then reads the 8-bit scores its matmul writes, not a 64-bit copy of them."""
-    return _NarrowRowMax(mod).transform()
+    return mutate_relax_functions(_NarrowRowMax(mod), mod)
