@@ -4,7 +4,8 @@ The dot conv keeps an (ow_block x L*oc_block) int32 tile in registers, reduces o
 instruction per (pixels, L channels, K inputs) (tensorized with the kernel's intrinsic, dot_instructions.py),
 runs the fused epilogue (bias, requantize, clip, cast) on the tile, and parallelizes (n, bands of oh). The
 input stage (dot_compute.py) is computed per band of output rows, for the input rows the band reads (a few KB,
-hot in cache); 4-bit weights are unpacked once per call, before the rows.
+hot in cache); 4-bit weights are unpacked once per call: before the rows, or for a matmul of few token rows
+per output channel block (weight-stationary, chosen at run time by the row count).
 
     >>> sch = schedule_dot_conv(sch, find_conv_block(sch), ConvTile(8, 2), kernel)
 """
@@ -128,16 +129,15 @@ def schedule_dot_conv(sch: Schedule, block: SBlockRV, tile: ConvTile | None, ker
     # the matmul's row gather (matmul_te) into the input stage first: computed per band, the stage must
     # read the source directly
     inline_spatial(sch, skip={sch.get(block).name_hint, *_input_names(sch), *_weight_stage(sch)})
-    n, h, w, o, kh, kw, c = sch.get_loops(block)
-    rows = sch.get(n).extent
-    if _weight_stage(sch) and _is_matmul(sch, block):
-        ws = fresh_schedule(sch.mod["main"])
-        _weight_stationary(ws, ws.get_sblock(sch.get(block).name_hint), tile, kernel)
-        if isinstance(rows, tvm.tirx.IntImm):
-            return ws if int(rows) <= WEIGHT_STATIONARY_TILES else _schedule_rows(sch, block, tile, kernel)
-        both = _by_rows(ws.mod["main"], _schedule_rows(sch, block, tile, kernel).mod["main"], rows)
-        return fresh_schedule(both)
-    return _schedule_rows(sch, block, tile, kernel)
+    rows = sch.get(sch.get_loops(block)[0]).extent  # row tiles (matmul) or images (conv)
+    few = not isinstance(rows, tvm.tirx.IntImm) or int(rows) <= WEIGHT_STATIONARY_TILES
+    if not (few and _weight_stage(sch) and _is_matmul(sch, block)):
+        return _schedule_rows(sch, block, tile, kernel)
+    ws = fresh_schedule(sch.mod["main"])
+    _weight_stationary(ws, ws.get_sblock(sch.get(block).name_hint), tile, kernel)
+    if isinstance(rows, tvm.tirx.IntImm):
+        return ws
+    return fresh_schedule(_by_rows(ws.mod["main"], _schedule_rows(sch, block, tile, kernel).mod["main"], rows))
 
 
 def _is_matmul(sch: Schedule, block: SBlockRV) -> bool:
