@@ -43,6 +43,7 @@ MODELS = {
         "W4A4": ["--bits", "W4A4"],
         "W3A3": ["--bits", "W3A3"],
         "W4A4-fast": ["--bits", "W4A4", "--fast"],
+        "W3A3-fast": ["--bits", "W3A3", "--fast"],
         "W4A4-int-only": ["--bits", "W4A4", "--integer-only"],
     }),
 }
@@ -137,6 +138,10 @@ def main() -> None:
     p.add_argument("--out", default=None, help="run folders (default runs/bench-ptq[-vit])")
     p.add_argument("--reuse-exports", action="store_true",
                    help="keep each config's existing export (its reference logits) and re-run only onnxruntime on it")
+    p.add_argument("--no-ort-quantizer", action="store_true",
+                   help="skip onnxruntime's quantize_static rows (three more 10,000-image evaluations)")
+    p.add_argument("--results", default=None,
+                   help="results file name under bench/results (default export_ptq[_vit].json)")
     a = p.parse_args()
     model_args, configs = MODELS[a.model]
     a.configs = a.configs or ",".join(configs)
@@ -170,7 +175,9 @@ def main() -> None:
         import numpy as np
 
         test = test.subset(np.load(first / "test_indices.npy"))
-    for name, w, act in (("ort-W8A8-U8S8", "s8", "u8"), ("ort-W4A8", "s4", "u8"), ("ort-W4A4", "s4", "s4")):
+    ort_rows = () if a.no_ort_quantizer else (("ort-W8A8-U8S8", "s8", "u8"), ("ort-W4A8", "s4", "u8"),
+                                              ("ort-W4A4", "s4", "s4"))
+    for name, w, act in ort_rows:
         t0 = time.time()
         try:
             q = ort_quantizer(first / "model_fp32.onnx", Path(a.out) / f"{name}.onnx", Path(a.data), mean, std, w, act)
@@ -182,7 +189,7 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "test_images": a.limit or 10000,
               "rows": rows}
     name = "export_ptq" if a.model == "resnet20" else f"export_ptq_{a.model}"
-    out = ROOT / "bench" / "results" / f"{name}.json"
+    out = ROOT / "bench" / "results" / (a.results or f"{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print("| config | FP32 | reference | onnxruntime | ORT vs ref: top-1 agreement | bit-exact | within 1 step | max "
