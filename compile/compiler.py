@@ -36,6 +36,7 @@ from .lower import float_compute_calls, float_ops, lower_qdq, op_counts
 from .onnx_prep import PreparedModel, array_key, prepare_onnx
 from .pack_int4 import pack_int4_weights, packed_weight_bytes
 from .rewrite_pad import onnx_constant_pads, restore_pads
+from .saturated_cast import drop_cast_wraps
 from .targets import CompileTarget, get_target
 from .tune import tuned_tiles
 
@@ -230,9 +231,11 @@ def _nhwc_conv_alone(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 def lower_for_target(mod: tvm.IRModule, target: CompileTarget, schedule: str = "default") -> tvm.IRModule:
-    """The target-specific steps after lower_qdq: conv layout, constant folding, 4-bit weight packing."""
+    """The target-specific steps after lower_qdq: conv layout, constant folding, the importer's float -> integer
+    Cast wraps dropped where the value is clamped into the type (saturated_cast.py), 4-bit weight packing."""
     mod = _to_layout(mod, graph_layout(target, schedule))
-    return pack_int4_weights(relax.transform.FoldConstant()(mod))
+    mod = drop_cast_wraps(relax.transform.FoldConstant()(mod))
+    return pack_int4_weights(relax.transform.DeadCodeElimination()(mod))
 
 
 def build(mod: tvm.IRModule, target: CompileTarget, schedule: str = "default",
