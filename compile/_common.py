@@ -234,10 +234,19 @@ def f32(v: float | np.ndarray) -> relax.Expr:
     return relax.const(np.asarray(v, np.float32), "float32")
 
 
-def dequantize_f32(q: relax.Expr, s: np.float32, zp: int) -> relax.Expr:
-    """ONNX DequantizeLinear on integers, in the reference's order: float32(int32(q) - zp) * s."""
+def dequantize_f32(q: relax.Expr, s: np.float32, zp: int, summed: bool = False) -> relax.Expr:
+    """ONNX DequantizeLinear on integers, in the reference's order: float32(int32(q) - zp) * s.
+
+    summed=True, for a product that is added next: the same float32 values computed as
+    float32(float64(q - zp) * float64(s)). The float64 product of a 10-bit integer and a float32 scale is
+    exact, so rounding it to float32 gives the float32 product; but LLVM (TVM compiles with fp-contract=fast)
+    cannot contract a multiply it must round to float32 first into the add after it, so the product can stay
+    inlined in its consumer's loop instead of going through memory (tir_helpers.inline_safe)."""
     op = relax.op
     centered = op.subtract(op.astype(q, "int32"), relax.const(np.int32(zp), "int32"))
+    if summed:
+        wide = op.multiply(op.astype(centered, "float64"), relax.const(np.float64(np.float32(s)), "float64"))
+        return op.astype(wide, "float32")
     return op.multiply(op.astype(centered, "float32"), f32(s))
 
 

@@ -78,7 +78,8 @@ class BinaryRewrite:
         kind = _OPS[m[self.binop].op.name]
         lo = max(out_t.qmin, py[1]) if self.relu in m else out_t.qmin
         if self.requant != "fixed":
-            y = getattr(relax.op, kind)(dequantize_f32(a_q, *pa), dequantize_f32(b_q, *pb))
+            add = kind == "add"
+            y = getattr(relax.op, kind)(dequantize_f32(a_q, *pa, summed=add), dequantize_f32(b_q, *pb, summed=add))
             ya = dequantized_values(qtype_of(a_q.ty.dtype), *pa)
             yb = dequantized_values(qtype_of(b_q.ty.dtype), *pb)
             with np.errstate(over="ignore"):  # every value y can take, in float32 as the kernel computes it
