@@ -5,6 +5,8 @@ on the host and on arm64 (sdot) under qemu; float32 islands (--no-exact-islands)
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -95,11 +97,17 @@ def test_every_tiny_vit_matmul_runs_the_dot_instruction(tmp_path, tiny_vit, targ
     tgt = get_target(target)
     mod, _ = import_onnx(tmp_path / "m.onnx")
     ex, _ = build(lower_for_target(lower_qdq(mod), tgt), tgt)
-    found = instructions_per_function(ex.mod.imports[0].inspect_source("asm"), mnemonic)
+    asm = ex.mod.imports[0].inspect_source("asm")
+    found = instructions_per_function(asm, mnemonic)
     matmuls = {f: n for f, n in found.items() if "matmul" in f and f.startswith("fused_")}
     attention = [f for f in matmuls if "act_matmul" in f]
     assert len(attention) == 4 and all(n > 0 for n in matmuls.values()), found  # 2 blocks x (Q.K^T, P.V)
     assert len(matmuls) >= 4 + 3, found  # and the Linear layers (kernels of one shape are shared)
+    # TVM compiles with fp-contract=fast: a float32 fused multiply-add (a residual add, a requantize) would
+    # round once where the reference rounds twice. (The float64 LayerNorm's (xc / den) * G + B is contracted in
+    # this small model's kernels: one rounding at 2^-53 before the round to an integer; not excluded here.)
+    fma = r"\bvfn?m(add|sub)\w*(ps|ss)\b" if target.startswith("x86") else r"\bfn?m(la|ls|add|sub)\s+(v\d+\.[24]s|s\d+)"
+    assert not re.findall(fma, asm)
 
 
 @pytest.mark.slow
