@@ -31,6 +31,7 @@ from ._common import REQUANT_DOC, REQUANT_MODES, const_np
 from .cpu_pipeline import SCHEDULES, build_pipeline, scheduled_pipeline
 from .dot_instructions import DotKernel
 from .dot_schedule import TileChooser
+from .exact_division import divide_by_powers_of_two
 from .gpu import SOURCE_SUFFIX, device_compiler, device_source, dp4a_count, gpu_pipeline, runtime_available
 from .lower import float_compute_calls, float_ops, lower_qdq, op_counts
 from .onnx_prep import PreparedModel, array_key, prepare_onnx
@@ -234,7 +235,7 @@ def lower_for_target(mod: tvm.IRModule, target: CompileTarget, schedule: str = "
     """The target-specific steps after lower_qdq: conv layout, constant folding, the importer's float -> integer
     Cast wraps dropped where the value is clamped into the type (saturated_cast.py), 4-bit weight packing."""
     mod = _to_layout(mod, graph_layout(target, schedule))
-    mod = drop_cast_wraps(relax.transform.FoldConstant()(mod))
+    mod = divide_by_powers_of_two(drop_cast_wraps(relax.transform.FoldConstant()(mod)))
     return pack_int4_weights(relax.transform.DeadCodeElimination()(mod))
 
 
