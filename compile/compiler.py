@@ -233,7 +233,8 @@ def _nhwc_conv_alone(mod: tvm.IRModule) -> tvm.IRModule:
 
 def lower_for_target(mod: tvm.IRModule, target: CompileTarget, schedule: str = "default") -> tvm.IRModule:
     """The target-specific steps after lower_qdq: conv layout, constant folding, the importer's float -> integer
-    Cast wraps dropped where the value is clamped into the type (saturated_cast.py), 4-bit weight packing."""
+    Cast wraps dropped where the value is clamped into the type (saturated_cast.py), divisions by a constant power
+    of two as multiplies (exact_division.py), 4-bit weight packing."""
     mod = _to_layout(mod, graph_layout(target, schedule))
     mod = divide_by_powers_of_two(drop_cast_wraps(relax.transform.FoldConstant()(mod)))
     return pack_int4_weights(relax.transform.DeadCodeElimination()(mod))
