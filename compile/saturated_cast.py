@@ -40,15 +40,18 @@ class _DropCastWraps(relax.PyExprMutator):
         super().__init__(mod)
         self.mod = mod
 
+    def _binding(self, expr: relax.Expr) -> relax.Expr | None:
+        return self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+
     def _bound(self, expr: relax.Expr, op: str) -> relax.Call | None:
         """The call bound to the variable `expr` when it is a call of `op`."""
-        b = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+        b = self._binding(expr)
         return b if _op(b) == op else None
 
     def _elementwise(self, expr: relax.Expr) -> tuple[str, relax.Expr, float] | None:
         """('min' | 'max', tensor, scalar constant) when `expr` is an elementwise minimum / maximum with a constant
         (the relax op, or the call_tir of topi's kernel that the ONNX importer emits for Clip)."""
-        b = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+        b = self._binding(expr)
         if _op(b) in ("relax.minimum", "relax.maximum"):
             kind, args = _op(b)[6:9], list(b.args)
         elif _op(b) == "relax.call_tir" and isinstance(b.args[0], tvm.ir.GlobalVar):
