@@ -202,33 +202,47 @@ def fake_quantize(
     s = _bcast(scale, x, axis)
     s = s.to(x.dtype) if not isinstance(scale, torch.Tensor) else s
     z = _bcast(zero_point, x, axis).to(x.dtype)
+    # round(v) + z saturated to [qmin, qmax], minus z, is round(v) saturated to [qmin - z, qmax - z]: integers in
+    # float below 2^24 add exactly, and a value large enough to round off there saturates either way. One zero
+    # point goes in as a number: torch's CPU clamp with tensor bounds is several times slower than with scalars.
+    lo, hi = (float(qtype.qmin - z), float(qtype.qmax - z)) if z.numel() == 1 else (qtype.qmin - z, qtype.qmax - z)
     if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
-        return torch.round(x / s).add_(z).clamp_(qtype.qmin, qtype.qmax).sub_(z).mul_(s)
-    return _FakeQuantize.apply(x, s, z, qtype.qmin, qtype.qmax)
+        return torch.round(x / s).clamp_(lo, hi).mul_(s)
+    return _FakeQuantize.apply(x, s, lo, hi)
 
 
 class _FakeQuantize(torch.autograd.Function):
-    """fake_quantize's forward and its straight-through / LSQ backward in one node of the autograd graph."""
+    """fake_quantize's forward and its straight-through / LSQ backward in one node of the autograd graph.
+
+    QAT on a CPU is bound by these full-size elementwise passes, and torch's CPU kernels that make or read bool
+    masks (comparisons, where) run 5-25x slower than float arithmetic here, so everything is float: the in-range
+    mask m is 1 - min(|round(v) - level|, 1) (the two differ by a whole step or more outside), the scale's
+    per-element derivative is level - m * v (round(v) - v in range, the saturated level outside), and the
+    backward is one multiply and one dot product. Only m and that derivative are kept for it.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, s: torch.Tensor, lo: float | torch.Tensor, hi: float | torch.Tensor
+                ) -> torch.Tensor:
         v = x / s
-        q = torch.round(v).add_(z)
-        inside = (q >= qmin) & (q <= qmax)
-        q.clamp_(qmin, qmax).sub_(z)  # the level, q - zp
-        ctx.save_for_backward(v, q, inside, s)
-        return q * s
+        r = torch.round(v)
+        level = torch.clamp(r, lo, hi)
+        m = r.sub_(level).abs_().clamp_(max=1.0).neg_().add_(1.0)  # 1 in range, 0 saturated
+        d = torch.sub(level, v.mul_(m)) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(m, d, s)
+        return level.mul_(s)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # noqa: ANN205 - autograd's signature
-        v, level, inside, s = ctx.saved_tensors
-        gx = gs = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.where(inside, g, torch.zeros((), dtype=g.dtype, device=g.device))
+        m, d, s = ctx.saved_tensors
+        gx = g * m if ctx.needs_input_grad[0] else None
+        gs = None
         if ctx.needs_input_grad[1]:
-            d = level - torch.where(inside, v, torch.zeros((), dtype=v.dtype, device=v.device))
-            gs = (g * d).sum_to_size(s.shape)
-        return gx, gs, None, None, None
+            if s.numel() == 1:  # one scale (an activation point): a dot product, no full-size temporary
+                gs = torch.dot(g.reshape(-1), d.reshape(-1)).reshape(s.shape)
+            else:
+                gs = (g * d).sum_to_size(s.shape)
+        return gx, gs, None, None
 
 
 # --- numpy: the oracle ---------------------------------------------------------------------------------------------

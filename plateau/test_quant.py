@@ -96,6 +96,29 @@ def test_fake_quantize_scale_gradient_is_lsq():
     torch.testing.assert_close(s.grad, want)
 
 
+def test_fake_quantize_with_zero_point_saturates_both_ends_and_grads_match_the_unfused_form():
+    """A uint8 point with its zero point at qmin (the level below the range is 0, like an in-range value on the
+    grid) and a signed one off centre: forward = dequantize(quantize(x)); x's gradient is 1 exactly in range
+    (the end levels included) and 0 outside; the scale's is LSQ's, summed with a dot product."""
+    torch.manual_seed(1)
+    for qt, zp in [(QType(8, signed=False), 0), (QType(4), -3)]:
+        x = torch.cat([torch.randn(300) * 3, torch.tensor([-50.0, 50.0, 0.0])])
+        s = torch.tensor(0.04 if qt.bits == 8 else 0.3, requires_grad=True)
+        xr = x.clone().requires_grad_()
+        y = fake_quantize(xr, s, zp, qt)
+        q = quantize(x, s.detach(), zp, qt)
+        assert torch.equal(y.detach(), (q - zp) * s.detach())
+        g = torch.randn_like(x)
+        y.backward(g)
+        v = x / s.detach()
+        r = torch.round(v) + zp
+        inside = (r >= qt.qmin) & (r <= qt.qmax)
+        assert inside.any() and (~inside).any()
+        assert torch.equal(xr.grad, torch.where(inside, g, torch.zeros(())))
+        d = torch.where(inside, torch.round(v) - v, r.clamp(qt.qmin, qt.qmax) - zp)
+        torch.testing.assert_close(s.grad, (g * d).sum())
+
+
 def test_requantize_matches_formula_and_folds_relu():
     acc = torch.tensor([[-300.0, -1.0, 0.0, 77.0, 1e6]]).T.reshape(1, 5)
     m = torch.tensor(np.float32(0.02))
