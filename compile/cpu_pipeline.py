@@ -9,6 +9,7 @@ constant (constants are folded before packing instead, compiler.lower_for_target
 
 `CPU_LEGALIZE` lowers rounding as llvm.nearbyint, a float island's quantize vectorizably and erf as a rational
 approximation; both pipelines use it, so the scheduled and the unscheduled build compute the same numbers.
+Both end with every float product fenced against FMA contraction (no_contraction.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .dot_instructions import DotKernel
 from .dot_rewrite import rewrite_convs_dot
 from .dot_schedule import TileChooser
 from .lut_compose import compose_tables, mark_table_lookups
+from .no_contraction import FenceFloatProducts, fence_float_products
 from .row_islands import mark_row_reductions, narrow_row_max
 
 __all__ = ["SCHEDULES", "CPU_LEGALIZE", "legalize_passes", "round_to_int32", "scheduled_pipeline",
@@ -148,7 +150,7 @@ def scheduled_pipeline(target: tvm.target.Target, kernel: DotKernel | None,
                 mod, _ = rewrite_convs_dot(mod, kernel)
             mod = round_to_int32(mod)
             mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + legalize)(mod)
-            mod = schedule_primfuncs(mod, tiles, kernel)
+            mod = fence_float_products(schedule_primfuncs(mod, tiles, kernel))
             seq = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
             return seq(mod)
 
@@ -158,4 +160,4 @@ def scheduled_pipeline(target: tvm.target.Target, kernel: DotKernel | None,
 def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     """TVM's default CPU pipeline, unscheduled, minus FoldConstant (which would undo the packing); legalized
     as the scheduled pipeline is (legalize_passes), so both compute the same numbers."""
-    return backend_pipeline(cpu, target, legalize_passes(target))
+    return backend_pipeline(cpu, target, [*legalize_passes(target), FenceFloatProducts])
