@@ -9,7 +9,7 @@ constant (constants are folded before packing instead, compiler.lower_for_target
 
 `CPU_LEGALIZE` lowers rounding as llvm.nearbyint, a float island's quantize vectorizably and erf as a rational
 approximation; both pipelines use it, so the scheduled and the unscheduled build compute the same numbers.
-Both end with every float product fenced against FMA contraction (no_contraction.py).
+Both end with the float products an add reads fenced against FMA contraction (no_contraction.py).
 """
 
 from __future__ import annotations

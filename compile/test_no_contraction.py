@@ -62,3 +62,12 @@ def test_fencing_twice_changes_nothing_and_integer_products_are_left_alone():
     tvm.ir.assert_structural_equal(fence_float_products(once), once)
     ints = _multiply_add("int32")
     tvm.ir.assert_structural_equal(fence_float_products(ints), ints)
+
+
+def test_a_stored_product_is_fenced_where_it_is_stored():
+    """t = a * b in its own block, c = t + d in the next: LLVM can forward t's store to its load in one loop."""
+    a, b, d = (te.placeholder((64,), "float32", name) for name in "abd")
+    t = te.compute((64,), lambda i: a[i] * b[i], "t")
+    c = te.compute((64,), lambda i: t[i] + d[i], "c")
+    fenced = fence_float_products(tvm.IRModule({"main": te.create_prim_func([a, b, d, c])}))
+    assert fenced["main"].script().count(FENCE) == 1

@@ -104,8 +104,8 @@ def test_every_tiny_vit_matmul_runs_the_dot_instruction(tmp_path, tiny_vit, targ
     assert len(attention) == 4 and all(n > 0 for n in matmuls.values()), found  # 2 blocks x (Q.K^T, P.V)
     assert len(matmuls) >= 4 + 3, found  # and the Linear layers (kernels of one shape are shared)
     # TVM compiles with fp-contract=fast: a fused multiply-add (a residual add, a requantize, the float64
-    # LayerNorm's (xc / den) * G + B) would round once where the reference rounds twice. No_contraction.py
-    # fences every float product: none in any precision.
+    # LayerNorm's (xc / den) * G + B) would round once where the reference rounds twice (no_contraction.py
+    # fences the products adds read): none in any precision.
     fma = r"\bvfn?m(add|sub)\w*" if target.startswith("x86") else r"\bfn?m(la|ls|add|sub)\s"
     assert not re.findall(fma, asm)
 
