@@ -67,6 +67,24 @@ def test_tiny_vit_matches_onnxruntime(tmp_path):
     assert c["top1_agreement"] >= 0.98 and c["within_one_step"] >= 0.95, c
 
 
+@pytest.mark.parametrize("bits", ["W8A8", "W4A4"])
+def test_vit_file_loads_in_a_default_onnxruntime_session(tmp_path, bits):
+    """What a user does first: onnxruntime.InferenceSession(path) with no options (on x86 that is without
+    `session.qdqisint8allowed`, so onnxruntime rewrites int8 QDQ pairs to uint8). The token-row Reshapes before the
+    Gemms act on the integers, so onnxruntime's own QDQ moves cannot make the QuantizeLinear its type check rejects
+    (it did, on every ViT file); the logits are the reference's."""
+    import onnxruntime as ort
+
+    model = _tiny_vit()
+    ref = quantize_model(model, [torch.randn(32, 3, 16, 16) * 0.5], QuantConfig.from_bits(bits))
+    onnx.save(to_qdq_onnx(ref), tmp_path / "vit.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "vit.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(16, 3, 16, 16) * 0.5
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    c = compare_logits(got, ref(x).numpy(), ref.output_step)
+    assert c["top1_agreement"] == 1.0 and c["max_steps"] <= 2, c
+
+
 def test_integer_only_vit_is_exact_on_onnxruntime(tmp_path):
     """--integer-only: LayerNorm, Softmax and GELU in integer ops; onnxruntime computes every quantization point
     exactly as the reference does (no float op left), and the accuracy stays that of the float islands."""

@@ -85,6 +85,20 @@ class OnnxBuilder:
     def node(self, op: str, ins: list[str], outs: list[str], name: str, **attrs) -> None:
         self.nodes.append(helper.make_node(op, ins, outs, name=name, **attrs))
 
+    def reshape_dequantized(self, tensor: str, shape: str, out: str, name: str) -> None:
+        """`out` = Reshape(`tensor`, `shape`), where `tensor` is a DequantizeLinear's output (one per consumer, as
+        the writer makes them): the integers are reshaped and dequantized after, so the DequantizeLinear stays next
+        to the op that reads it. (onnxruntime, with its x86 defaults, otherwise moves the pair across the Reshape
+        itself and makes a QuantizeLinear its own type check then rejects: the file would not load.)"""
+        dq = next((n for n in reversed(self.nodes) if tensor in n.output), None)
+        if dq is None or dq.op_type != "DequantizeLinear" or any(tensor in n.input for n in self.nodes):
+            self.node("Reshape", [tensor, shape], [out], name)
+            return
+        self.nodes.remove(dq)
+        self.node("Reshape", [dq.input[0], shape], [f"{out}.q"], name)
+        self.node("DequantizeLinear", [f"{out}.q", *dq.input[1:]], [out], "", **{
+            a.name: helper.get_attribute_value(a) for a in dq.attribute})
+
 
 @dataclass
 class OnnxNode:

@@ -101,11 +101,12 @@ class Linear(Op):
         if shape is None or len(shape) == 2:
             b.node("Gemm", [ins[0], w, bias], [out], n.name, transB=1)
             return
-        # Token rows (N, T, C): Gemm is two-dimensional, so rows in, rows out. onnxruntime moves the
-        # DequantizeLinear / QuantizeLinear past the Reshapes and still fuses the Gemm into its integer QGemm.
+        # Token rows (N, T, C): Gemm is two-dimensional, so rows in, rows out: the integers reshaped before their
+        # DequantizeLinear; onnxruntime moves the output's QuantizeLinear past the Reshape back and fuses the Gemm
+        # into its integer QGemm.
         rows = b.const_i64(f"{n.name}.rows", [-1, shape[-1]])
         back = b.const_i64(f"{n.name}.tokens", [*shape[:-1], int(n.weight.shape[0])])
-        b.node("Reshape", [ins[0], rows], [f"{n.name}.x2d"], f"{n.name}_rows")
+        b.reshape_dequantized(ins[0], rows, f"{n.name}.x2d", f"{n.name}_rows")
         b.node("Gemm", [f"{n.name}.x2d", w, bias], [f"{n.name}.y2d"], n.name, transB=1)
         b.node("Reshape", [f"{n.name}.y2d", back], [out], f"{n.name}_tokens")
 
