@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["instructions_per_function"]
+__all__ = ["instructions_per_function", "fused_multiply_adds"]
 
 _FUNC = re.compile(r"^\s*\.type\s+([^,\s]+),\s*@function")
 _LABEL = re.compile(r"^([^\s:]+):")
+# x86 vfmadd / vfmsub / vfnmadd / vfnmsub (any form and width), AArch64 fmla / fmls / fmadd / fmsub / fnm*
+_FMA = re.compile(r"vfn?m(add|sub)\w*|\bfn?m(la|ls|add|sub)\b")
 
 
 def instructions_per_function(asm: str, mnemonic: str) -> dict[str, int]:
@@ -42,3 +44,9 @@ def instructions_per_function(asm: str, mnemonic: str) -> dict[str, int]:
         if n:
             out[f] = n
     return out
+
+
+def fused_multiply_adds(asm: str) -> list[str]:
+    """Every fused multiply-add instruction in x86-64 or AArch64 assembly (one rounding where a multiply and an add
+    have two: what the reference numerics never do)."""
+    return [m.group(0) for m in _FMA.finditer(asm)]
