@@ -204,8 +204,11 @@ def fake_quantize(
     z = _bcast(zero_point, x, axis).to(x.dtype)
     # round(v) + z saturated to [qmin, qmax], minus z, is round(v) saturated to [qmin - z, qmax - z]: integers in
     # float below 2^24 add exactly, and a value large enough to round off there saturates either way. One zero
-    # point goes in as a number: torch's CPU clamp with tensor bounds is several times slower than with scalars.
-    lo, hi = (float(qtype.qmin - z), float(qtype.qmax - z)) if z.numel() == 1 else (qtype.qmin - z, qtype.qmax - z)
+    # point on the CPU goes in as a number: torch's CPU clamp with tensor bounds is several times slower than with
+    # scalars (on a GPU, reading the number back would stall every call).
+    lo, hi = qtype.qmin - z, qtype.qmax - z
+    if z.numel() == 1 and z.device.type == "cpu":
+        lo, hi = float(lo), float(hi)
     if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
         return torch.round(x / s).clamp_(lo, hi).mul_(s)
     return _FakeQuantize.apply(x, s, lo, hi)
