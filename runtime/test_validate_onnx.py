@@ -13,6 +13,7 @@ import onnx
 import pytest
 import torch
 
+from plateau.export.validate import ort_u8s8_saturates
 from plateau.models import create_model
 from plateau.ort_quantizer import ort_quantize
 from plateau.runtime.validate_onnx import output_step
@@ -78,7 +79,11 @@ def test_validate_third_party_vit_qdq(vit_qdq):
     assert {"TVM (compiled from the file)", "ORT int8 on the file", "ORT fp32"} <= set(engines)
     assert any(k.startswith("ORT int8 QOP") for k in engines)
     tvm, ort = engines["TVM (compiled from the file)"], engines["ORT int8 on the file"]
-    assert tvm["top1"] == ort["top1"] and tvm["latency"]["batch_8"]["median_ms"] > 0
+    assert tvm["top1"] == r["top1"]["device"] and tvm["latency"]["batch_8"]["median_ms"] > 0  # same library, images
+    # bench times onnxruntime as a user runs it (a default session: on x86 the file's int8 QDQ becomes U8S8), whose
+    # int8 kernels are exact where U8S8 is: not on x86 without VNNI (int16 pair sums saturate at 8-bit weights)
+    if not ort_u8s8_saturates():
+        assert ort["top1"] == tvm["top1"]
     # another file than the one compiled: refused in one line
     other = d / "other.onnx"
     other.write_bytes((d / "fp32.onnx").read_bytes())
