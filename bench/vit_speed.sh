@@ -5,6 +5,7 @@
 #   2. the same at W4A8 (4-bit weights packed two per byte in the TVM build), batch 1 and 64
 #   3. timm's ViT-Tiny at 224x224 (197 tokens, random weights: speed only), W8A8, batch 1
 # Usage: bash bench/vit_speed.sh [RUNS_DIR]    (default runs/vit-speed; ~30 minutes on 2 cores)
+#   RESULTS=bench/results/vit_speed_zen2 names the JSON files (default bench/results/vit_speed_<model>.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -13,6 +14,7 @@ SHARED=${SHARED:-../shared}
 DATA="$SHARED/data/cifar10"
 CKPT="$SHARED/models/cifar-vit/vit_tiny_c10.pt"
 TUNE=${TUNE_MINUTES:-3}
+RES=${RESULTS:-bench/results/vit_speed}
 mkdir -p "$RUNS" bench/results
 
 export_vit() {  # RUN BITS [extra export args]
@@ -23,11 +25,11 @@ export_vit() {  # RUN BITS [extra export args]
 
 export_vit "$RUNS/w8a8" W8A8
 $PY bench/compile_speed.py --run "$RUNS/w8a8" --data "$DATA" --tune-minutes "$TUNE" \
-  --out bench/results/vit_speed_w8a8.json
+  --out "${RES}_w8a8.json"
 # --fast: round to nearest; the speed of a W4A8 file does not depend on how its weights were rounded
 export_vit "$RUNS/w4a8" W4A8 --fast
 $PY bench/compile_speed.py --run "$RUNS/w4a8" --data "$DATA" --tune-minutes "$TUNE" \
-  --out bench/results/vit_speed_w4a8.json
+  --out "${RES}_w4a8.json"
 
 # 224x224: random weights (no ImageNet checkpoint here), synthetic images at 224 for calibration and timing
 R224="$RUNS/w8a8-224"
@@ -44,4 +46,4 @@ EOF
     --img-size 224 --data synthetic --bits W8A8 --calib-images 128 --eval-limit 64
 fi
 $PY bench/compile_speed.py --run "$R224" --data synthetic --batches 1 --tune-minutes "$TUNE" \
-  --out bench/results/vit_speed_w8a8_224.json
+  --out "${RES}_w8a8_224.json"
