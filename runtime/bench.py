@@ -34,6 +34,7 @@ from plateau.artifacts import read_manifest, sha256_file, verify_file, write_jso
 from plateau.config_cli import float_at_least, int_at_least
 from plateau.data import batches, load_split
 from plateau.errors import PlateauError
+from plateau.export.validate import ort_u8s8_saturates
 from plateau.ort_quantizer import ort_quantize
 from plateau.staging import staged_output
 
@@ -294,10 +295,23 @@ def _bench_into(stage: Path, args: argparse.Namespace, run: Path, exp: dict, com
         "note": ("EMULATED with qemu-aarch64: times and memory are the emulator's, not a board's" if emulated
                  else "one run, engines one after another on the same machine; shared machines make times "
                  "noisy"),
+        "onnxruntime_int8_note": ort_int8_note(device, rows),
     }
     doc = render_document(report)
     doc.write(stage, data=report)
     return report, doc
+
+
+def ort_int8_note(device: str, rows: list[dict]) -> str | None:
+    """What the report says beside onnxruntime's int8 engines on an x86-64 CPU without VNNI, where its U8S8 kernels
+    (every default x86 session runs int8 QDQ as U8S8) add product pairs in saturating int16: their times are of
+    that inexact arithmetic. None elsewhere, or when no onnxruntime int8 engine ran."""
+    int8 = [r for r in rows if r.get("runtime") == "onnxruntime" and r.get("bits") != "fp32"]
+    if device != "local" or not int8 or not ort_u8s8_saturates():
+        return None
+    return ("this CPU is x86-64 without VNNI: onnxruntime's int8 kernels here (U8S8, vpmaddubsw) add pairs of "
+            "products in int16, which saturates with 8-bit weights, so their times are of inexact arithmetic and "
+            "their top-1 can differ from the reference's; Plateau's AVX2 kernels widen to int16 first and stay exact")
 
 
 def _best_of_u8_s8(rows: list[dict]) -> list[dict]:
@@ -339,6 +353,8 @@ def render_document(r: dict):
         doc.warning("Emulated with qemu-aarch64: these times and memory figures are the emulator's and say "
                     "nothing about speed on a board.")
     doc.text(f"{r['machine']}; {r['threads']} threads per engine; {r['date']}. {r['note']}.")
+    if r.get("onnxruntime_int8_note"):
+        doc.warning(r["onnxruntime_int8_note"][0].upper() + r["onnxruntime_int8_note"][1:] + ".")
     st = r["settings"]
     doc.text(f"Latency per call: {st['warmup']} warm-up calls, then repeats until the running median "
              f"is stable within 2% (at least {st['min_repeats']}, at most {st['max_repeats']} "

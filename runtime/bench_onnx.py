@@ -49,7 +49,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def bench_foreign(args: argparse.Namespace) -> dict:
-    from .bench import _best_of_u8_s8, _machine, _measure, render_document
+    from .bench import _best_of_u8_s8, _machine, _measure, ort_int8_note, render_document
     from .validate import check_artifact, onnx_record
 
     path, run, t_start = Path(args.onnx), Path(args.run), time.time()
@@ -125,6 +125,7 @@ def bench_foreign(args: argparse.Namespace) -> dict:
             "float_islands": comp.get("float_islands"), "engines": rows, "failed": failed, "skipped": [],
             "seconds": round(time.time() - t_start, 1),
             "note": f"a file Plateau did not export ({path}); engines one after another on the same machine",
+            "onnxruntime_int8_note": ort_int8_note("local", rows),
         }
         doc = render_document(report)
         doc.write(stage, data=report)

@@ -42,3 +42,24 @@ def test_engine_names():
     assert bench._engines("tvm-int8, ort-fp32") == ["tvm-int8", "ort-fp32"]
     with pytest.raises(PlateauError, match="unknown engine 'tvm-int2'; valid: tvm-int8"):
         bench._engines("tvm-int2")
+
+
+def test_onnxruntime_int8_note_on_x86_without_vnni(monkeypatch):
+    """Where onnxruntime's U8S8 kernels saturate (x86-64 without VNNI) the report warns beside its int8 engines;
+    nowhere else, and not when only its FP32 engine ran."""
+    rows = [{"engine": "TVM int8", "runtime": "TVM", "bits": "W8A8"},
+            {"engine": "ORT fp32", "runtime": "onnxruntime", "bits": "fp32"},
+            {"engine": "ORT int8 QDQ u8s8", "runtime": "onnxruntime", "bits": "W8A8"}]
+    monkeypatch.setattr(bench, "ort_u8s8_saturates", lambda: True)
+    note = bench.ort_int8_note("local", rows)
+    assert note is not None and "without VNNI" in note and "saturates" in note
+    assert bench.ort_int8_note("local", rows[:2]) is None  # no onnxruntime int8 engine
+    assert bench.ort_int8_note("qemu", rows) is None  # onnxruntime ran on no x86 CPU
+    report = {"model": "m", "target": "host", "device": "local", "emulated": False, "machine": "x86_64 cpu",
+              "threads": 2, "date": "today", "note": "one run", "onnxruntime_int8_note": note,
+              "settings": {"warmup": 1, "min_repeats": 1, "max_repeats": 1, "max_seconds": 1}, "eval_images": 1,
+              "batches": [1], "engines": [], "failed": [], "skipped": []}
+    text = bench.render_document(report).markdown()
+    assert "without VNNI" in text
+    monkeypatch.setattr(bench, "ort_u8s8_saturates", lambda: False)
+    assert bench.ort_int8_note("local", rows) is None
