@@ -84,6 +84,7 @@ def test_validate_third_party_vit_qdq(vit_qdq):
     # int8 kernels are exact where U8S8 is: not on x86 without VNNI (int16 pair sums saturate at 8-bit weights)
     if not ort_u8s8_saturates():
         assert ort["top1"] == tvm["top1"]
+    assert (b["onnxruntime_int8_note"] is not None) == ort_u8s8_saturates()  # and the report says which
     # another file than the one compiled: refused in one line
     other = d / "other.onnx"
     other.write_bytes((d / "fp32.onnx").read_bytes())
