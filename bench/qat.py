@@ -39,10 +39,13 @@ DEFAULT_ROWS = ["FP", "W4A4:lsq", "W3A3:lsq", "W2A2:lsq", *(f"{b}:{m}" for b in 
 
 
 def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+    """The CPU's name and its widest integer dot-product features ("AMD EPYC" alone names Zen 2 and Zen 4 alike)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+                platform.processor())
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    feats = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f in flags]
+    return f"{name} ({', '.join(feats) or 'no AVX2'})"
 
 
 def run_row(model: str, row: str, seed: int, args: argparse.Namespace) -> dict:
@@ -111,15 +114,18 @@ def main() -> None:
     if args.table:
         print(table(results))
         return
-    results.update(machine={"cpu": _cpu(), "cores": os.cpu_count()}, budget={"epochs": args.epochs,
-                   "images_per_epoch": args.images, "batch": 128})
+    # rows from other sessions may come from another CPU: each row names its own (older files named one for all)
+    for r in results["rows"]:
+        r.setdefault("cpu", results.get("machine", {}).get("cpu"))
+    results.pop("machine", None)
+    results.update(budget={"epochs": args.epochs, "images_per_epoch": args.images, "batch": 128})
     done = {(r["row"], r["seed"], r.get("train_images")) for r in results["rows"] if "top1" in r}
     for seed in [int(s) for s in args.seeds.split(",")]:
         for row in args.rows.split(","):
             if (row, seed, args.images * args.epochs) in done:
                 continue
             r = run_row(args.model, row, seed, args)
-            r["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            r.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), cpu=_cpu(), cores=os.cpu_count())
             results["rows"] = [x for x in results["rows"] if (x["row"], x["seed"]) != (row, seed)] + [r]
             path.write_text(json.dumps(results, indent=1))
             print(json.dumps(r), flush=True)

@@ -58,12 +58,16 @@ class ConvInput:
     pairs: int = 0
 
 
-def pack_weight(w_ohwi: np.ndarray, lanes: int, k: int = 4) -> tuple[np.ndarray, int]:
-    """OHWI int8 -> [O/L, KH, KW, Ck/K, L, K] with input channels zero-padded to Ck (a multiple of K)."""
+def pack_weight(w_ohwi: np.ndarray, lanes: int, k: int = 4, groups: int = 1) -> tuple[np.ndarray, int]:
+    """OHWI int8 -> [O/L, KH, KW, Ck/K, L, K] with input channels zero-padded to Ck (a multiple of K); with
+    `groups` > 1, [O/L, KH, KW, Ck/K, G, L, K/G] (the kernel's operand is G registers of L x K/G bytes)."""
     o, kh, kw, c = w_ohwi.shape
     ck = -(-c // k) * k
     w = np.zeros((o, kh, kw, ck), np.int8)
     w[..., :c] = w_ohwi
+    if groups > 1:
+        blocks = w.reshape(o // lanes, lanes, kh, kw, ck // k, groups, k // groups)
+        return np.ascontiguousarray(blocks.transpose(0, 2, 3, 4, 5, 1, 6)), ck
     blocks = w.reshape(o // lanes, lanes, kh, kw, ck // k, k)
     return np.ascontiguousarray(blocks.transpose(0, 2, 3, 4, 1, 5)), ck
 
@@ -109,7 +113,7 @@ def _input_te(src: te.Tensor, how: ConvInput) -> te.Tensor:
 
 
 def _weight_te(packed: te.Tensor, shape: tuple[int, ...], dtype: str = "int8") -> te.Tensor:
-    """The packed weight [O/L, KH, KW, Ck/K, L, K] unpacked from pack_halves' bytes, sign-extended by
+    """The packed weight [O/L, KH, KW, Ck/K, (G,) L, K] unpacked from pack_halves' bytes, sign-extended by
     (v ^ 8) - 8, as the kernel's weight type."""
     half = shape[-1] * shape[-2] // 2
 
@@ -192,10 +196,20 @@ def dw_te(src: te.Tensor, w: te.Tensor, sh: int, sw: int, how: ConvInput) -> te.
 
 
 def conv_te(data: te.Tensor, wp: te.Tensor, sh: int, sw: int) -> te.Tensor:
-    """The dot conv on an NHWC input stage and a packed weight [O/L, KH, KW, Ck/K, L, K] (module
-    docstring)."""
+    """The dot conv on an NHWC input stage and a packed weight [O/L, KH, KW, Ck/K, L, K] or, grouped,
+    [O/L, KH, KW, Ck/K, G, L, K/G] (module docstring, pack_weight)."""
     n, h, w, _ = data.shape
-    ocb, kh, kw, cb, lanes, k = wp.shape
+    if len(wp.shape) == 7:
+        ocb, kh, kw, cb, groups, lanes, kg = wp.shape
+        k = groups * kg
+
+        def weight(o, rh, rw, rc):
+            return wp[o // lanes, rh, rw, rc // k, rc % k // kg, o % lanes, rc % kg]
+    else:
+        ocb, kh, kw, cb, lanes, k = wp.shape
+
+        def weight(o, rh, rw, rc):
+            return wp[o // lanes, rh, rw, rc // k, o % lanes, rc % k]
     oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
     rh = te.reduce_axis((0, kh), "rh")
     rw = te.reduce_axis((0, kw), "rw")
@@ -203,8 +217,7 @@ def conv_te(data: te.Tensor, wp: te.Tensor, sh: int, sw: int) -> te.Tensor:
     return te.compute(
         (n, oh, ow, ocb * lanes),
         lambda b, y, x, o: te.sum(
-            data[b, y * sh + rh, x * sw + rw, rc].astype("int32")
-            * wp[o // lanes, rh, rw, rc // k, o % lanes, rc % k].astype("int32"),
+            data[b, y * sh + rh, x * sw + rw, rc].astype("int32") * weight(o, rh, rw, rc).astype("int32"),
             axis=[rh, rw, rc],
         ),
         name=DOT_BLOCK,

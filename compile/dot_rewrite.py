@@ -10,8 +10,10 @@ activations (attention) becomes `act_matmul_te` (dot_act_matmul.py):
 
 The input stage takes in the zero-point Pad before the conv (and the transposes ConvertLayout leaves around
 it). `vpdpbusd` multiplies unsigned by signed bytes, so int8 activations are shifted by +128; `sdot` is
-signed, so uint8 activations are shifted by -128; AVX2's input stage widens both to int16 (no shift). The
-shift is exact: the shift times the weight sum is subtracted again, a per-channel constant. 4-bit weights
+signed, so uint8 activations are shifted by -128; AVX2's input stage widens both to int16 (no shift), except
+where the weights are in -8..7 and the kernel's small-weights form takes them (AVX2_S4: vpmaddubsw, uint8
+activations, +128). The shift is exact: the shift times the weight sum is subtracted again, a per-channel
+constant. 4-bit weights
 (pack_int4.py) are read back from their packed constant and re-packed two per byte in the kernel's order.
 """
 
@@ -168,7 +170,7 @@ class _DotConvRewriter(relax.PyExprMutator):
         weight `w`, and the per-channel constant that undoes the activation shift (a conv and a matmul
         alike)."""
         shift = byte_shift(act_dtype, k.act_dtype)
-        wp, ck = pack_weight(w, k.lanes, k.k)
+        wp, ck = pack_weight(w, k.lanes, k.k, k.groups)
         stage = ConvInput(channels=ck, shift=shift, dtype=k.act_dtype, **how)
         # 4-bit weights stay two per byte, re-packed in the kernel's order and unpacked inside the kernel
         weight = relax.const(pack_halves(wp), "uint8") if int4 else relax.const(wp.astype(k.w_dtype))
@@ -180,6 +182,15 @@ class _DotConvRewriter(relax.PyExprMutator):
         acc = self.builder_.emit(out)
         fix = (-shift * w.astype(np.int64).reshape(w.shape[0], -1).sum(axis=1)).astype(np.int32)
         return relax.op.add(acc, relax.const(fix))
+
+    @staticmethod
+    def _small(k: DotKernel, w: np.ndarray) -> DotKernel:
+        """`k`'s small-weights kernel where the OHWI weight `w` fits it (values in -8..7, whole groups of its K
+        input channels), else `k`."""
+        s = k.small_weights
+        if s is None or w.shape[-1] % s.k or w.shape[0] % s.lanes or w.min() < -8 or w.max() > 7:
+            return k
+        return s
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (TVM's visitor name)
         call = self.visit_expr_post_order(call)
@@ -198,7 +209,7 @@ class _DotConvRewriter(relax.PyExprMutator):
             mm = _matmul(call, mk, self.lookup_binding)
             if mm is not None:  # the matmul as the dot kernel over token rows (matmul_te)
                 x = call.args[0]
-                return self._dot_call(matmul_te, x, str(x.ty.dtype), *mm, mk, "plateau_matmul")
+                return self._dot_call(matmul_te, x, str(x.ty.dtype), *mm, self._small(mk, mm[0]), "plateau_matmul")
         found = _eligible(call, k, self.lookup_binding)
         if found is None and k.narrow:  # e.g. 8k output channels on VNNI: the 256-bit instruction
             k = k.narrow
@@ -206,6 +217,8 @@ class _DotConvRewriter(relax.PyExprMutator):
         if found is None:
             return call
         w, int4 = found
+        if k.pixels == 1:
+            k = self._small(k, w)
         data = call.args[0]
         sh, sw = (int(v) for v in call.attrs.strides)
         # conv padding is zeros (the rewrites pad with the zero point themselves, as a Pad before the conv:

@@ -75,9 +75,12 @@ def default_tile(ow_extent: int, oc_blocks: int, kernel: DotKernel) -> ConvTile:
 
 
 def kernel_of(sch: Schedule, block: SBlockRV, kernel: DotKernel) -> DotKernel:
-    """The kernel a dot conv block was built for: the target's `kernel`, or its narrow form (dot_rewrite took
-    it for channels that are a multiple of the narrow lanes only) where the packed weight [O/L, KH, KW, Ck/K,
-    L, K] the block reads has the narrow kernel's L."""
+    """The kernel a dot conv block was built for: the target's `kernel`, its small-weights form where the
+    block reads a grouped weight (7 axes), or its narrow form (dot_rewrite took it for channels that are a
+    multiple of the narrow lanes only) where the packed weight [O/L, KH, KW, Ck/K, L, K] the block reads has
+    the narrow kernel's L."""
+    if kernel.small_weights is not None and any(len(r.source.shape) == 7 for r in sch.get(block).reads):
+        return kernel.small_weights  # its grouped weight [O/L, KH, KW, Ck/K, G, L, K/G]
     if kernel.narrow is None:
         return kernel
     lanes = {int(r.source.shape[4]) for r in sch.get(block).reads if len(r.source.shape) == 6}

@@ -20,7 +20,7 @@ from plateau.compile.cpu_features import has_avx2, kernel_for_target
 from plateau.compile.cpu_pipeline import legalize_passes
 from plateau.compile.cpu_schedule import schedule_primfuncs
 from plateau.compile.dot_compute import DOT_INPUT, DW_BLOCK, conv_te, pack_weight
-from plateau.compile.dot_instructions import AVX2, SDOT, SMMLA, VNNI
+from plateau.compile.dot_instructions import AVX2, AVX2_S4, SDOT, SMMLA, VNNI
 from plateau.compile.dot_rewrite import rewrite_convs_dot
 from plateau.compile.dot_schedule import ConvTile, find_conv_block, schedule_dot_conv, schedule_dw_conv
 from plateau.compile.lower import lower_qdq
@@ -189,6 +189,53 @@ def test_avx2_kernel_is_exact(block_models, tmp_path, name, caplog):
     convs = {f: c for f, c in counts.items() if f.startswith("fused_plateau_conv2d_avx2")}
     assert len(convs) == 4 and all(c > 0 for c in convs.values()), counts
     _assert_scheduled_build_exact(block_models[name], "x86-avx2", tmp_path, caplog, seed=4)
+
+
+@needs_avx2
+@pytest.mark.parametrize("values", ["random", "lowest", "highest"])
+def test_avx2_small_weights_kernel_exact_at_the_int16_limit(values):
+    """AVX2_S4 alone against numpy, u8 x s4 -> s32: at its bound (activations 255, weights all -8 or all 7:
+    every int16 sum of its vpmaddubsw results at +-32640 or 28560) and on random bytes; exact, no saturation."""
+    n, h, w, c, o = 1, 2, 8, 64, 16
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (n, h, w, c)).astype(np.uint8)
+    wt = rng.integers(-8, 8, (o, 1, 1, c)).astype(np.int8)
+    if values != "random":
+        x[:] = 255
+        wt[:] = -8 if values == "lowest" else 7
+    wp, _ = pack_weight(wt, AVX2_S4.lanes, AVX2_S4.k, AVX2_S4.groups)
+    data, wpt = te.placeholder(x.shape, "uint8"), te.placeholder(wp.shape, "int8")
+    out = conv_te(data, wpt, 1, 1)
+    sch = Schedule(te.create_prim_func([data, wpt, out]).with_attr("global_symbol", "main"))
+    sch = schedule_dot_conv(sch, sch.get_sblock(out.op.name), None, AVX2_S4)
+    lib = tvm.compile(sch.mod, tvm.target.Target(get_target("x86-avx2").tvm_target))
+    res = tvm.runtime.tensor(np.zeros((n, h, w, o), np.int32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(wp), res)
+    ref = np.einsum("nhwc,oc->nhwo", x.astype(np.int64), wt[:, 0, 0].astype(np.int64))
+    np.testing.assert_array_equal(res.numpy(), ref)
+    assert "vpmaddubsw" in lib.mod.inspect_source("asm")
+
+
+@needs_avx2
+def test_avx2_four_bit_linear_layers_take_vpmaddubsw(tmp_path, caplog):
+    """x86-avx2, 4-bit weights: the Linear layers whose inputs are a multiple of 32 wide run AVX2_S4
+    (vpmaddubsw, int16 sums of 8, one vpmaddwd to widen); the 3-channel patch embedding keeps vpmaddwd; the
+    library equals TVM's unscheduled build on every logit."""
+    from plateau.compile.asm import instructions_per_function
+
+    onnx_path = fx.ort_qdq(_token_mlp_onnx(tmp_path / "fp32.onnx"), tmp_path / "mlp.onnx", "s8", "s4")
+    tgt = get_target("x86-avx2")
+    mod, _ = import_onnx(onnx_path)
+    with tvm.target.Target(tgt.tvm_target):
+        out, _ = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), tgt.kernel)
+    text = out["main"].script()
+    assert text.count("plateau_matmul_avx2s4") == 3  # fc1, fc2, head
+    assert "plateau_conv2d_avx2" in text and "plateau_conv2d_avx2s4" not in text  # 3 input channels
+    ex, _ = build(lower_for_target(lower_qdq(mod), tgt), tgt)
+    counts = instructions_per_function(ex.mod.imports[0].inspect_source("asm"), "vpmaddubsw")
+    s4 = {f: c for f, c in counts.items() if f.startswith("fused_plateau_matmul_avx2s4")}
+    assert len(s4) == 3 and all(c >= AVX2_S4.groups for c in s4.values()), counts
+    _assert_scheduled_build_exact(onnx_path, "x86-avx2", tmp_path, caplog, seed=6)
 
 
 def test_arm_targets_pick_the_sdot_kernel():
