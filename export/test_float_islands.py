@@ -188,3 +188,34 @@ def test_relu6_fuses_into_the_conv_and_stays_integer(tmp_path):
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "host" / "model.so")), tvm.cpu())
     c = compare_logits(vm["main"](tvm.runtime.tensor(x.numpy())).numpy(), ref(x).numpy(), ref.output_step)
     assert c["bit_exact"] == 1.0, c
+
+
+@pytest.mark.parametrize("channels", [192, 33100])
+def test_exact_layernorm_onnx_equals_the_reference_at_its_extremes(channels):
+    """The exact LayerNorm as written to ONNX (its per-channel sums in int32 up to C = 33025 channels, in int64
+    above) equals the reference's int64 arithmetic on onnxruntime, rows at the range's ends included (every d at
+    +-255 and mixed extremes, where the int32 sums come closest to 2^31)."""
+    from onnx import numpy_helper
+
+    from plateau.ops.base import OnnxBuilder
+    from plateau.ops.exact_islands import ExactLayerNorm
+    from plateau.qgraph import ActQ, QNode
+    from plateau.quant import INT8, UINT8
+
+    rng = np.random.default_rng(channels)
+    params = {"weight": torch.from_numpy(rng.uniform(0.5, 2, channels)), "eps": 1e-6,
+              "bias": torch.from_numpy(rng.uniform(-1, 1, channels))}
+    node = QNode("ln", "exact_layernorm", ["x"], attrs={"params": params})
+    ain, aout = ActQ(0.05, 0, UINT8), ActQ(0.02, 3, INT8)
+    x = np.stack([np.full(channels, 255), np.zeros(channels), np.resize([0, 255], channels),
+                  rng.integers(0, 256, channels)]).astype(np.uint8)
+    b = OnnxBuilder()
+    ExactLayerNorm().to_onnx_int(b, node, "x", ain, aout, TensorProto.INT8, "y")
+    assert {numpy_helper.to_array(t).dtype for t in b.inits if t.name.endswith(".c")} == \
+        {np.dtype(np.int32 if channels * 255 * 255 < 2**31 else np.int64)}
+    g = helper.make_graph(b.nodes, "ln", [helper.make_tensor_value_info("x", TensorProto.UINT8, list(x.shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.INT8, list(x.shape))], b.inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    got = ort_session(model.SerializeToString()).run(None, {"x": x})[0]
+    want = ExactLayerNorm().run_int(node, [torch.from_numpy(x)], [ain], aout, None)
+    np.testing.assert_array_equal(got.astype(np.int64), want.numpy().astype(np.int64))
