@@ -13,8 +13,8 @@ it). `vpdpbusd` multiplies unsigned by signed bytes, so int8 activations are shi
 signed, so uint8 activations are shifted by -128; AVX2's input stage widens both to int16 (no shift), except
 where the weights are in -8..7 and the kernel's small-weights form takes them (AVX2_S4: vpmaddubsw, uint8
 activations, +128). The shift is exact: the shift times the weight sum is subtracted again, a per-channel
-constant. 4-bit weights
-(pack_int4.py) are read back from their packed constant and re-packed two per byte in the kernel's order.
+constant. 4-bit weights (pack_int4.py) are read back from their packed constant and re-packed two per byte in
+the kernel's order.
 """
 
 from __future__ import annotations
