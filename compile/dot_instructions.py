@@ -244,7 +244,7 @@ SMMLA = register_kernel(DotKernel("smmla", "plateau_smmla_2x2x8_s8s8s32", 2, "in
 # saturate). The input stage widens the activations to int16 (int8 and uint8 alike, no shift); weights are
 # stored as int16.
 # Weights in -8..7 on AVX2: vpmaddubsw, uint8 activations (int8 ones shifted by +128) x int8 weights
-AVX2_S4 = register_kernel(DotKernel("avx2s4", "plateau_avx2_8x16_u8s4s32", 8, "uint8", 8, k=4 * S4_GROUPS,
+AVX2_S4 = register_kernel(DotKernel("avx2s4", f"plateau_avx2_8x{4 * S4_GROUPS}_u8s4s32", 8, "uint8", 8, k=4 * S4_GROUPS,
                                     groups=S4_GROUPS), _pmaddubsw_s4_desc, _pmaddubsw_s4_impl)
 AVX2 = register_kernel(DotKernel("avx2", "plateau_avx2_8x2_s16s16s32", 8, "int16", 12, k=2, w_dtype="int16",
                                  small_weights=AVX2_S4),
