@@ -2,8 +2,11 @@
 
 For each seed and method: fine-tune the pretrained ViT (`plateau.train.train`, same budget for every row), then
 measure FP top-1, the Hessian trace (Hutchinson, attention unfused) and PTQ top-1 at W4A4 and W3A3 of the result
-(round-to-nearest PTQ with MSE clipping, the same for every row; the integer reference `FakeQuantModel.forward`).
-Rows: `none` (plain fine-tuning) and `gaussian@BITS` (Gaussian WQE/AQE at BITS, attention operands included).
+(round-to-nearest PTQ, the same for every row; the integer reference `FakeQuantModel.forward`), once with MSE
+ranges (`ptq_<bits>`) and once with min-max ranges (`ptq_<bits>_minmax`: the model README's simple PTQ, where the
+issue's +15 / +3 goals were measured). Rows: `none` (plain fine-tuning) and `METHOD@BITS` (a registered noise
+method, e.g. `gaussian@W3A3`: Gaussian WQE/AQE at BITS, attention operands included). A row whose run directory
+already holds the finished fine-tune is measured again without training (`--retrain` trains it anew).
 
     .venv/bin/python bench/vit_flat.py --device cuda --seeds 0 1 2 --out bench/results/vit_flat.json
     .venv/bin/python bench/vit_flat.py --train-limit 1024 --eval-limit 500 --epochs 1 --seeds 0   # a CPU-sized run
@@ -40,10 +43,13 @@ def _args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--noise-p", type=float, default=0.5, help="fraction of elements perturbed (quantnoise rows)")
+    p.add_argument("--retrain", action="store_true", help="train rows whose finished run exists again")
     p.add_argument("--trace-samples", type=int, default=8)
     p.add_argument("--flat-images", type=int, default=512, help="train images of the Hessian trace (memory grows "
                                                                "with them: the double-backward graphs stay alive)")
     p.add_argument("--ptq-bits", nargs="+", default=["W4A4", "W3A3"])
+    p.add_argument("--ptq-ranges", nargs="+", default=["mse", "minmax"], choices=("mse", "minmax"))
     p.add_argument("--runs", default=str(ROOT / "runs/bench-vit-flat"))
     p.add_argument("--out", default=str(ROOT / "bench/results/vit_flat.json"))
     return p.parse_args()
@@ -77,10 +83,15 @@ def measure(model, train_set, xs, y, args, device) -> dict:
         out["hessian_trace"] = hessian_trace(model, fixed, n_samples=args.trace_samples)["trace"]
     calib = [x for x, _ in fixed_batches(train_set, 512, mean, std)]
     for bits in args.ptq_bits:  # quantized on the CPU, evaluated where the model is
-        cfg = QuantConfig.from_bits(bits, act_calibration="mse", weight_calibration="mse")
-        ref = quantize_nearest(model, calib, cfg).to_device(device)
-        out[f"ptq_{bits}"] = _top1(ref, xs, y)
+        for ranges in args.ptq_ranges:
+            cfg = QuantConfig.from_bits(bits, act_calibration=ranges, weight_calibration=ranges)
+            ref = quantize_nearest(model, calib, cfg).to_device(device)
+            out[_ptq_key(bits, ranges)] = _top1(ref, xs, y)
     return out
+
+
+def _ptq_key(bits: str, ranges: str) -> str:
+    return f"ptq_{bits}" if ranges == "mse" else f"ptq_{bits}_{ranges}"
 
 
 def main() -> None:
@@ -108,13 +119,22 @@ def main() -> None:
             model = _model(args.ckpt)
             cfg = TrainConfig(data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               optimizer="adamw", weight_decay=0.05, warmup_epochs=0.0, label_smoothing=0.1,
-                              bits=bits or "W8A8", method=method, alpha=args.alpha, seed=seed, flatness="off",
+                              bits=bits or "W8A8", method=method, alpha=args.alpha, noise_p=args.noise_p,
+                              seed=seed, flatness="off",
                               train_limit=args.train_limit, eval_limit=args.eval_limit, quant_gap=False,
                               bn_recalibrate=0, device=args.device, progress=False)
+            run = Path(args.runs) / f"{spec}-s{seed}"
+            done = _finished(run / "train", args.epochs)
+            if done and not args.retrain:  # measured again from its checkpoint: the training time is the old one's
+                cfg.resume = True
+            elif done:
+                import shutil
+
+                shutil.rmtree(run / "train")
             t = time.time()
-            train(model, cfg, Path(args.runs) / f"{spec}-s{seed}", train_set, test_set)
-            r = {"method": spec, "seed": seed, "train_s": round(time.time() - t, 1),
-                 **measure(model, train_set, xs, y, args, device)}
+            train(model, cfg, run, train_set, test_set)
+            r = {"method": spec, "seed": seed, "train_s": done["train_s"] if done and not args.retrain
+                 else round(time.time() - t, 1), **measure(model, train_set, xs, y, args, device)}
             results["runs"].append(r)
             print(r, flush=True)
             results["wall_s"] = round(time.time() - t0, 1)
@@ -123,8 +143,19 @@ def main() -> None:
     print(table(results))
 
 
+def _finished(train_dir: Path, epochs: int) -> dict | None:
+    """{"train_s": seconds} when `train_dir` holds a fine-tune that finished `epochs` epochs, else None."""
+    rows = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+        if (train_dir / "metrics.jsonl").is_file() and (train_dir / "last.pt").is_file() else []
+    rows = [r for r in rows if "epoch_time_s" in r]
+    if not rows or max(r["epoch"] for r in rows) < epochs:
+        return None
+    return {"train_s": round(sum(r["epoch_time_s"] for r in rows), 1)}
+
+
 def table(results: dict) -> str:
-    keys = ["fp_top1", *[f"ptq_{b}" for b in results["args"]["ptq_bits"]], "hessian_trace"]
+    ranges = results["args"].get("ptq_ranges", ["mse"])
+    keys = ["fp_top1", *[_ptq_key(b, r) for r in ranges for b in results["args"]["ptq_bits"]], "hessian_trace"]
     lines = ["| method | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     p = results["pretrained"]
     lines.append("| pretrained | - | " + " | ".join(f"{p[k]:.2f}" for k in keys) + " |")
@@ -134,7 +165,10 @@ def table(results: dict) -> str:
             continue
         cells = []
         for k in keys:
-            v = [r[k] for r in rows]
+            v = [r[k] for r in rows if k in r]
+            if not v:
+                cells.append("-")
+                continue
             sd = statistics.stdev(v) if len(v) > 1 else 0.0
             cells.append(f"{statistics.mean(v):.2f} ± {sd:.2f}")
         lines.append(f"| {spec} | {len(rows)} | " + " | ".join(cells) + " |")

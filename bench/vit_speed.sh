@@ -3,8 +3,8 @@
 # each engine in its own process, interleaved rounds, medians), 2 threads.
 #   1. the shared ViT-Tiny (32x32, 65 tokens), Plateau's default W8A8 export, batch 1 and 64
 #   2. the same at W4A8 (4-bit weights packed two per byte in the TVM build), batch 1 and 64
-#   3. timm's ViT-Tiny at 224x224 (197 tokens, random weights: speed only), W8A8, batch 1
-# Usage: bash bench/vit_speed.sh [RUNS_DIR]    (default runs/vit-speed; ~30 minutes on 2 cores)
+#   3. timm's ViT-Tiny at 224x224 (197 tokens, random weights: speed only), W8A8 and W4A8, batch 1
+# Usage: bash bench/vit_speed.sh [RUNS_DIR]    (default runs/vit-speed; ~40 minutes on 2 cores)
 #   RESULTS=bench/results/vit_speed_zen2 names the JSON files (default bench/results/vit_speed_<model>.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,3 +47,10 @@ EOF
 fi
 $PY bench/compile_speed.py --run "$R224" --data synthetic --batches 1 --tune-minutes "$TUNE" \
   --out "${RES}_w8a8_224.json"
+R224W4="$RUNS/w4a8-224"
+if [ ! -f "$R224W4/export/manifest.json" ]; then
+  $PY -m plateau export --run "$R224W4" --checkpoint "$R224/random.pt" --model vit_tiny_patch16_224 \
+    --img-size 224 --data synthetic --bits W4A8 --fast --calib-images 128 --eval-limit 64
+fi
+$PY bench/compile_speed.py --run "$R224W4" --data synthetic --batches 1 --tune-minutes "$TUNE" \
+  --out "${RES}_w4a8_224.json"

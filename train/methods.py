@@ -17,6 +17,7 @@ the loop, the checkpoints and the report use it through this interface. A method
     sam           sharpness-aware minimization, radius rho (no quantization noise)
     sam-gaussian  SAM with the Gaussian noise in both passes
     ramp          Gaussian noise with alpha ramped linearly from 0 to alpha over the run
+    alternate     Gaussian noise on every other step, none on the steps between
 
 Quantization-aware training (`--qat`, qat.py: the model trained at the target bits in the reference numerics);
 each adds its term, weighted by --qat-weight, to the cross-entropy, and --kd adds distillation from the FP model:
@@ -139,6 +140,20 @@ class Ramp(Gaussian):
 
     def noise_scale(self, step: int, total: int) -> float:
         return step / max(1, total - 1)
+
+
+@register_method
+class Alternate(Gaussian):
+    """Noisy and clean steps in turn. Why: noise on every step finds a minimum of the noisy loss alone, and on a
+    pretrained transformer that costs FP accuracy (the ViT benchmark, bench/vit_flat.py); alternating descends
+    CE(clean) + CE(noisy) in expectation at plain training's cost, so the clean loss is held while the noisy one
+    flattens the minimum."""
+
+    name = "alternate"
+    summary = "Gaussian noise on every other step, none on the steps between"
+
+    def noise_scale(self, step: int, total: int) -> float:
+        return float(step % 2 == 0)
 
 
 # --- quantization-aware training (the net is a qat.QATNet; ctx.model.teacher is the FP model) ----------------

@@ -11,13 +11,15 @@ from plateau.train import methods as registry
 
 def test_builtin_methods_and_what_they_perturb():
     assert list_methods() == ["none", "gaussian", "quantnoise", "sam", "sam-gaussian", "ramp",
-                              "lsq", "fpq", "cr", "mec", "ti"]  # the last five: QAT objectives (test_qat.py)
+                              "alternate", "lsq", "fpq", "cr", "mec", "ti"]  # last five: QAT (test_qat.py)
     flat = [n for n in list_methods() if not get_method(n).qat]
     table = {n: (m.noise, m.noise_fraction, m.sam) for n in flat for m in [get_method(n)]}
     assert table == {"none": (False, False, False), "gaussian": (True, False, False),
                      "quantnoise": (True, True, False), "sam": (False, False, True),
-                     "sam-gaussian": (True, False, True), "ramp": (True, False, False)}
+                     "sam-gaussian": (True, False, True), "ramp": (True, False, False),
+                     "alternate": (True, False, False)}
     assert get_method("ramp").noise_scale(0, 10) == 0.0 and get_method("ramp").noise_scale(9, 10) == 1.0
+    assert [get_method("alternate").noise_scale(s, 10) for s in range(4)] == [1.0, 0.0, 1.0, 0.0]
     assert get_method("gaussian").noise_scale(3, 10) == 1.0
     assert get_method("sam").report_fields == {"rho": "rho"}
     assert get_method("quantnoise").report_fields == {"p": "noise_p"}
