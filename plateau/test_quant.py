@@ -7,6 +7,7 @@ import torch
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
+from plateau.qconfig import QuantConfig
 from plateau.quant import (
     INT8,
     UINT8,
@@ -38,6 +39,9 @@ def test_int4_and_narrow_ranges():
     assert (QType(4).qmin, QType(4).qmax) == (-8, 7)
     assert (QType(4, narrow=True).qmin, QType(4, narrow=True).qmax) == (-7, 7)
     assert (QType(8, narrow=True).qmin, QType(8, narrow=True).qmax) == (-127, 127)
+    # 2-bit weights (W2A*: QuantConfig.weight_qtype is narrow) are ternary: -1, 0, 1 times the channel's scale
+    assert (QType(2, narrow=True).qmin, QType(2, narrow=True).qmax) == (-1, 1)
+    assert QuantConfig.from_bits("W2A8").weight_qtype() == QType(2, signed=True, narrow=True)
     assert (QType(4, signed=False).qmin, QType(4, signed=False).qmax) == (0, 15)
     assert quantize_np(np.array([9.0, -9.0], np.float32), 1.0, 0, QType(4)).tolist() == [7, -8]
 
