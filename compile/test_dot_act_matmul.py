@@ -87,6 +87,22 @@ def test_row_island_schedule_keeps_the_numbers():
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("n", [64, 65])
+def test_row_island_divides_in_packed_vectors_with_or_without_a_tail(n):
+    """Row loops run in vectorized chunks; a row that does not divide into them (65 tokens) keeps its whole chunks
+    vectorized and only the tail scalar (a guarded single loop would run every element scalar)."""
+    x = te.placeholder((2, n, n), "float32", name="x")
+    r = te.reduce_axis((0, n), "r")
+    s = te.compute((2, n, 1), lambda a, i, _: te.sum(x[a, i, r], axis=r), name="sum")
+    y = te.compute(x.shape, lambda a, i, j: x[a, i, j] / s[a, i, 0], name="out")
+    sch = fresh_schedule(te.create_prim_func([x, y]))
+    assert schedule_row_island(sch)
+    t = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver2"})
+    asm = tvm.compile(sch.mod, t).mod.inspect_source("asm")
+    packed, scalar = asm.count("vdivps"), asm.count("vdivss")
+    assert packed >= 1 and scalar == (1 if n % 16 else 0), (packed, scalar)
+
+
 def _softmax_module() -> tvm.IRModule:
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((4, 3, 65, 65), "float32"))
