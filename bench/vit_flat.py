@@ -125,16 +125,14 @@ def main() -> None:
                               bn_recalibrate=0, device=args.device, progress=False)
             run = Path(args.runs) / f"{spec}-s{seed}"
             done = _finished(run / "train", args.epochs)
-            if done and not args.retrain:  # measured again from its checkpoint: the training time is the old one's
-                cfg.resume = True
-            elif done:
-                import shutil
-
-                shutil.rmtree(run / "train")
+            # a finished row is measured again from its checkpoint (the trainer's resume), its training time the
+            # old run's; --retrain starts it over (the trainer's overwrite)
+            reuse = done is not None and not args.retrain
+            cfg.resume, cfg.overwrite = reuse, done is not None and args.retrain
             t = time.time()
             train(model, cfg, run, train_set, test_set)
-            r = {"method": spec, "seed": seed, "train_s": done["train_s"] if done and not args.retrain
-                 else round(time.time() - t, 1), **measure(model, train_set, xs, y, args, device)}
+            r = {"method": spec, "seed": seed, "train_s": done["train_s"] if reuse else round(time.time() - t, 1),
+                 **measure(model, train_set, xs, y, args, device)}
             results["runs"].append(r)
             print(r, flush=True)
             results["wall_s"] = round(time.time() - t0, 1)

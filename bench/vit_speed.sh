@@ -33,7 +33,7 @@ $PY bench/compile_speed.py --run "$RUNS/w4a8" --data "$DATA" --tune-minutes "$TU
 
 # 224x224: random weights (no ImageNet checkpoint here), synthetic images at 224 for calibration and timing
 R224="$RUNS/w8a8-224"
-if [ ! -f "$R224/export/manifest.json" ]; then
+if [ ! -f "$R224/random.pt" ]; then
   mkdir -p "$R224"
   $PY - "$R224/random.pt" <<'EOF'
 import sys, torch
@@ -42,15 +42,16 @@ torch.manual_seed(0)
 m = create_model("vit_tiny_patch16_224", num_classes=10)
 torch.save({"model": m.state_dict(), "model_name": "vit_tiny_patch16_224", "num_classes": 10}, sys.argv[1])
 EOF
-  $PY -m plateau export --run "$R224" --checkpoint "$R224/random.pt" --model vit_tiny_patch16_224 \
-    --img-size 224 --data synthetic --bits W8A8 --calib-images 128 --eval-limit 64
 fi
+export_224() {  # RUN BITS [extra export args]: the random 224 model above, synthetic calibration images
+  local run=$1 bits=$2; shift 2
+  [ -f "$run/export/manifest.json" ] || $PY -m plateau export --run "$run" --checkpoint "$R224/random.pt" \
+    --model vit_tiny_patch16_224 --img-size 224 --data synthetic --bits "$bits" --calib-images 128 \
+    --eval-limit 64 "$@"
+}
+export_224 "$R224" W8A8
 $PY bench/compile_speed.py --run "$R224" --data synthetic --batches 1 --tune-minutes "$TUNE" \
   --out "${RES}_w8a8_224.json"
-R224W4="$RUNS/w4a8-224"
-if [ ! -f "$R224W4/export/manifest.json" ]; then
-  $PY -m plateau export --run "$R224W4" --checkpoint "$R224/random.pt" --model vit_tiny_patch16_224 \
-    --img-size 224 --data synthetic --bits W4A8 --fast --calib-images 128 --eval-limit 64
-fi
-$PY bench/compile_speed.py --run "$R224W4" --data synthetic --batches 1 --tune-minutes "$TUNE" \
+export_224 "$RUNS/w4a8-224" W4A8 --fast
+$PY bench/compile_speed.py --run "$RUNS/w4a8-224" --data synthetic --batches 1 --tune-minutes "$TUNE" \
   --out "${RES}_w4a8_224.json"

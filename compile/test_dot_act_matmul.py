@@ -14,7 +14,7 @@ from plateau.compile.cpu_pipeline import legalize_passes
 from plateau.compile.cpu_schedule import MIN_PARALLEL_ELEMENTS, schedule_injective
 from plateau.compile.dot_act_matmul import act_kernel, act_matmul_te, act_tile, schedule_act_dot
 from plateau.compile.dot_instructions import AVX2, SDOT, SMMLA, VNNI
-from plateau.compile.row_islands import narrow_row_max, schedule_row_island
+from plateau.compile.row_islands import ROW_VECTOR, narrow_row_max, schedule_row_island
 from plateau.compile.targets import get_target
 from plateau.compile.tir_helpers import fresh_schedule
 
@@ -100,7 +100,7 @@ def test_row_island_divides_in_packed_vectors_with_or_without_a_tail(n):
     t = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver2"})
     asm = tvm.compile(sch.mod, t).mod.inspect_source("asm")
     packed, scalar = asm.count("vdivps"), asm.count("vdivss")
-    assert packed >= 1 and scalar == (1 if n % 16 else 0), (packed, scalar)
+    assert packed >= 1 and scalar == (1 if n % ROW_VECTOR else 0), (packed, scalar)
 
 
 def _softmax_module() -> tvm.IRModule:
