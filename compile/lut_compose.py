@@ -99,7 +99,7 @@ class _TableComposer(relax.PyExprMutator):
         src = self._before_reshapes(x)
         at = relax.op.add(relax.op.astype(src, "int32"), relax.const(np.int32(offset), "int32"))
         self.count += 1
-        out = relax.op.take(relax.const(table[index]), at, axis=0, mode="fast")
+        out = relax.op.take(relax.const(table[index], str(table.dtype)), at, axis=0, mode="fast")
         return out if src.same_as(x) else relax.op.reshape(out, call.ty.shape)
 
     def _before_reshapes(self, x: relax.Var) -> relax.Var:

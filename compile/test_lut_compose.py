@@ -28,7 +28,7 @@ def _lookup_module(dtype: str, zero_point: int, table: np.ndarray = TABLE, resha
             if row_max:
                 i = bb.emit(op.subtract(i, op.max(i, axis=[-1], keepdims=True)))
             wrapped = op.where(op.less(i, relax.const(np.int32(0))), op.add(i, relax.const(np.int32(256))), i)
-            out = bb.emit_output(op.take(relax.const(table), bb.emit(wrapped), axis=0, mode="fast"))
+            out = bb.emit_output(op.take(relax.const(table, str(table.dtype)), bb.emit(wrapped), axis=0, mode="fast"))
         bb.emit_func_output(out)
     return bb.get()
 
@@ -56,6 +56,16 @@ def test_composed_table_gives_the_same_bytes(dtype, zero_point, reshape):
     assert "R.where" not in script and "R.less" not in script  # the index chain is gone
     x = _every_byte(dtype)
     np.testing.assert_array_equal(_run(after, x), _run(mod, x))
+
+
+def test_composed_table_keeps_its_type():
+    """An int64 table with values past int32 stays int64 (relax.const alone narrows int64 arrays to int32)."""
+    table = np.random.default_rng(1).integers(-2**40, 2**40, 256).astype(np.int64)
+    mod = _lookup_module("uint8", 0, table=table)
+    x = _every_byte("uint8")
+    got = _run(compose_tables(mod), x)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, _run(mod, x))
 
 
 @pytest.mark.parametrize("case", ["row_max", "out_of_range"])
