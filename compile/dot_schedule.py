@@ -163,7 +163,7 @@ def _weight_stationary(sch: Schedule, block: SBlockRV, tile: ConvTile, kernel: D
     for name in _weight_stage(sch):
         sch.compute_at(sch.get_sblock(name), oo)
     _vectorize_weight_stage(sch)
-    _fuse_epilogue(sch, block, wo)
+    _fuse_epilogue(sch, block, nh)  # per whole row tile: see _schedule_rows
     sch.parallel(oo)
     _tensorize_tile(sch, block, wi, oi, kh, kw, c, kernel, tile.kw_inner)
 
@@ -191,12 +191,17 @@ def _by_rows(small: tvm.tirx.PrimFunc, large: tvm.tirx.PrimFunc, rows: tvm.tirx.
 
 
 def _schedule_rows(sch: Schedule, block: SBlockRV, tile: ConvTile, kernel: DotKernel) -> Schedule:
+    matmul = _is_matmul(sch, block)
     n, h, w, o, kh, kw, c = sch.get_loops(block)
     wo, wi = sch.split(w, [None, tile.ow])
     oo, oi = sch.split(o, [None, kernel.lanes * tile.oc])
     inputs = _input_names(sch)
     ho, hi = sch.split(h, [None, _band_rows(sch, h) if inputs else 1])
-    sch.reorder(n, ho, hi, wo, oo, wi, oi, kh, kw, c)
+    # a matmul's epilogue goes at a loop holding whole row tiles (wo inside it). Its output reads the tile
+    # through matmul_te's flat token index (// and % by the rows), which TVM's reverse_compute_at does not map
+    # back onto part of a tile: placed per part (a register tile narrower than the token rows, which tuning may
+    # choose), the epilogue gave wrong integers (test_linear_row_tiles_narrower_than_the_token_rows_are_exact)
+    sch.reorder(n, ho, hi, *((oo, wo) if matmul else (wo, oo)), wi, oi, kh, kw, c)
     nh = sch.fuse(n, ho)
     for name in inputs:
         _input_at(sch, sch.get_sblock(name), nh)

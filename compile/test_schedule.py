@@ -493,3 +493,25 @@ def test_unknown_schedule_is_an_error():
     mod = tvm.IRModule()
     with pytest.raises(PlateauError, match="unknown schedule 'fast'"):
         build(mod, get_target("host"), schedule="fast")
+
+
+@pytest.mark.parametrize("weights", ["s8", "s4"])
+@pytest.mark.parametrize("ow", [2, 4])
+def test_linear_row_tiles_narrower_than_the_token_rows_are_exact(tmp_path, caplog, weights, ow):
+    """The tuner may give a matmul a tile of fewer pixels than matmul_te's token rows (ConvTile(4, 1) fits the
+    AVX2_S4 budget): row-major (batch 9, 18 row tiles) and weight-stationary (batch 1) alike must stay
+    bit-exact with TVM's unscheduled build."""
+    onnx_path = fx.ort_qdq(_token_mlp_onnx(tmp_path / "fp32.onnx"), tmp_path / "mlp.onnx", "s8", weights)
+    tgt = get_target("host")
+    if tgt.kernel is None:
+        pytest.skip("no dot kernel on this CPU")
+    mod, _ = import_onnx(onnx_path)
+    mod = lower_for_target(lower_qdq(mod), tgt)
+    with caplog.at_level("WARNING", logger="plateau.compile.cpu_schedule"):
+        narrow, _ = build(mod, tgt, tiles=lambda name, sch: ConvTile(ow, 1) if "plateau_matmul_" in name else None)
+    assert "left unscheduled" not in caplog.text
+    plain, _ = build(mod, tgt, schedule="none")
+    for batch in (1, 9):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, fx.HW, fx.HW)).astype(np.float32)
+        got = [relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy() for ex in (narrow, plain)]
+        np.testing.assert_array_equal(*got)
