@@ -499,8 +499,8 @@ def test_unknown_schedule_is_an_error():
 @pytest.mark.parametrize("ow", [2, 4])
 def test_linear_row_tiles_narrower_than_the_token_rows_are_exact(tmp_path, caplog, weights, ow):
     """The tuner may give a matmul a tile of fewer pixels than matmul_te's token rows (ConvTile(4, 1) fits the
-    AVX2_S4 budget): row-major (batch 9, 18 row tiles) and weight-stationary (batch 1) alike must stay
-    bit-exact with TVM's unscheduled build."""
+    AVX2_S4 budget): the row-major schedule (batch 9: 18 row tiles; batch 1 too for int8 weights) and the 4-bit
+    weight-stationary one (batch 1) alike must stay bit-exact with TVM's unscheduled build."""
     onnx_path = fx.ort_qdq(_token_mlp_onnx(tmp_path / "fp32.onnx"), tmp_path / "mlp.onnx", "s8", weights)
     tgt = get_target("host")
     if tgt.kernel is None:
