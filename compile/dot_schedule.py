@@ -62,14 +62,14 @@ def default_tile(ow_extent: int, oc_blocks: int, kernel: DotKernel) -> ConvTile:
     accumulators. sdot: up to 8 pixels x 4 blocks of 4 channels; smmla: up to 8 pixels x 8 blocks of 2
     channels; at most 16 of the 32 NEON registers."""
     if kernel.lanes >= 16:
-        ow = next(t for t in (16, 8, 7, 4, 2, 1) if ow_extent % t == 0)
+        ow = next(t for t in (16, 8, 7, 6, 5, 4, 2, 1) if ow_extent % t == 0)
         oc = 2 if oc_blocks % 2 == 0 and ow <= 8 else 1
         return ConvTile(ow, oc, kw_inner=oc == 1)
     if kernel.pixels > 1:  # smmla: (ow/2) x oc accumulators of 2 pixels x 2 channels
-        ow = next(t for t in (8, 4, 2) if ow_extent % t == 0)
+        ow = next(t for t in (8, 6, 4, 2) if ow_extent % t == 0)
         oc = next(t for t in (8, 4, 2, 1) if oc_blocks % t == 0 and ow // 2 * t <= 16)
         return ConvTile(ow, oc)
-    ow = next(t for t in (8, 7, 4, 2, 1) if ow_extent % t == 0)
+    ow = next(t for t in (8, 7, 6, 5, 4, 2, 1) if ow_extent % t == 0)
     oc = next(t for t in (4, 2, 1) if oc_blocks % t == 0 and ow * t <= min(16, kernel.registers))
     return ConvTile(ow, oc)
 

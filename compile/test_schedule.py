@@ -19,7 +19,7 @@ from plateau.compile.compiler import build, import_onnx, lower_for_target
 from plateau.compile.cpu_features import has_avx2, kernel_for_target
 from plateau.compile.cpu_pipeline import legalize_passes
 from plateau.compile.cpu_schedule import schedule_primfuncs
-from plateau.compile.dot_compute import DOT_INPUT, DW_BLOCK, conv_te, pack_weight
+from plateau.compile.dot_compute import DOT_INPUT, DW_BLOCK, conv_te, pack_weight, token_rows
 from plateau.compile.dot_instructions import AVX2, AVX2_S4, SDOT, SMMLA, VNNI
 from plateau.compile.dot_rewrite import rewrite_convs_dot
 from plateau.compile.dot_schedule import ConvTile, find_conv_block, schedule_dot_conv, schedule_dw_conv
@@ -361,16 +361,17 @@ def test_depthwise_fallback_runs_outer_loops_in_parallel(tmp_path, monkeypatch, 
     _assert_scheduled_build_exact(onnx_path, "host", tmp_path, caplog, seed=6)
 
 
-def _token_mlp_onnx(path: Path) -> Path:
+def _token_mlp_onnx(path: Path, stride: int = 4) -> Path:
     """Patchify conv -> tokens [N, 16, 32] -> Linear(32, 64) + ReLU -> Linear(64, 32) -> token mean ->
-    Linear(32, 10): matmuls on 3-D token tensors and on a 2-D one."""
+    Linear(32, 10): matmuls on 3-D token tensors and on a 2-D one. `stride` 3: overlapping patches, 25
+    tokens."""
     import torch
     import torch.nn as nn
 
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.patch, self.fc1, self.fc2 = nn.Conv2d(3, 32, 4, 4), nn.Linear(32, 64), nn.Linear(64, 32)
+            self.patch, self.fc1, self.fc2 = nn.Conv2d(3, 32, 4, stride), nn.Linear(32, 64), nn.Linear(64, 32)
             self.head = nn.Linear(32, 16)
 
         def forward(self, x):
@@ -515,3 +516,33 @@ def test_linear_row_tiles_narrower_than_the_token_rows_are_exact(tmp_path, caplo
         x = np.random.default_rng(batch).standard_normal((batch, 3, fx.HW, fx.HW)).astype(np.float32)
         got = [relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy() for ex in (narrow, plain)]
         np.testing.assert_array_equal(*got)
+
+
+def test_token_rows_pad_the_static_rows_least():
+    """A ViT's 65 tokens take 5-row tiles (8 would compute 72 rows at batch 1), with or without a symbolic
+    batch; 197 tokens take 6 (198 rows); rows that 8 divides keep 8."""
+    n = tirx.Var("n", "int64")
+    assert token_rows([1, 65]) == token_rows([n, 65]) == 5
+    assert token_rows([n, 197]) == 6 and token_rows([n, 16]) == 8 and token_rows([n, 7]) == 7
+    assert token_rows([n]) == token_rows([1]) == 8  # a head over the batch alone
+
+
+@pytest.mark.parametrize("target,weights", [("host", "s8"), ("host", "s4"), ("arm64-dotprod", "s8")])
+def test_linear_on_token_rows_that_8_does_not_divide_is_exact(tmp_path, caplog, target, weights):
+    """25 tokens: 5-row register tiles, the 4-bit weight-stationary schedule at batch 3 included; bit-exact
+    with TVM's unscheduled host build (arm64: under qemu)."""
+    onnx_path = fx.ort_qdq(_token_mlp_onnx(tmp_path / "fp32.onnx", stride=3), tmp_path / "mlp.onnx", "s8",
+                           weights)
+    tgt = get_target(target)
+    if tgt.kernel is None:
+        pytest.skip(f"no dot kernel for {target} here")
+    mod, _ = import_onnx(onnx_path)
+    with tvm.target.Target(tgt.tvm_target):
+        out, _ = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), tgt.kernel)
+    import re
+
+    rows = {int(r) for gv, f in out.functions_items() if gv.name_hint.startswith("plateau_matmul")
+            for r in re.findall(r"plateau_dot_conv = T\.sblock_alloc_buffer\(\(.*?, T\.int64\((\d+)\), "
+                                r"T\.int64\(\d+\)\), \"int32\"\)", f.script())}
+    assert rows == {5, 8}, rows  # 8: the head, over the batch alone
+    _assert_scheduled_build_exact(onnx_path, target, tmp_path, caplog, seed=7)

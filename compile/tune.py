@@ -73,7 +73,7 @@ def candidate_tiles(ow_extent: int, oc_blocks: int, kernel: DotKernel) -> list[C
     """Tiles that divide the output (pixels dividing the width, a multiple of the kernel's pixels; channel
     blocks dividing the channels) whose accumulators fit the kernel's registers."""
     out = []
-    for ow in (1, 2, 4, 7, 8, 14, 16, 28, 32):
+    for ow in (1, 2, 4, 5, 6, 7, 8, 14, 16, 28, 32):
         for oc in (1, 2, 4, 8):
             acc = ow // kernel.pixels * oc
             if ow_extent % ow == 0 and ow % kernel.pixels == 0 and oc_blocks % oc == 0 \
