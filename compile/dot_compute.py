@@ -145,18 +145,24 @@ ROW_CHOICES = (8, 7, 6, 5, 4)  # the row counts token_rows picks from
 
 
 def token_rows(lead: list | tuple) -> int:
-    """Token rows per register tile of a matmul whose leading axes are `lead` (a symbolic batch allowed): of
-    ROW_CHOICES, the one that pads the static rows least, the larger on a tie (MATMUL_ROWS where only the
-    batch is there). A ViT's 65 tokens take 5: 8 would compute 72 rows at batch 1, 11% of every Linear's
-    work on padding; dividing the static rows, 5 pads none at any batch. Measured on the shared ViT-Tiny
-    W4A8 (AVX2): batch 1 0.88x the 8-row time, batch 64 0.98x (bench/RESULTS.md)."""
+    """Token rows per register tile of a matmul whose leading axes are `lead` (a symbolic batch allowed):
+    MATMUL_ROWS, unless another of ROW_CHOICES pads the static rows by 5% fewer (the one padding least, the
+    larger on a tie; MATMUL_ROWS where only the batch is there). A ViT's 65 tokens take 5: 8 would compute
+    72 rows at batch 1, 11% of every Linear's work on padding; dividing the static rows, 5 pads none at any
+    batch. Measured on the shared ViT-Tiny W4A8 (AVX2): batch 1 0.88x the 8-row time, batch 64 0.98x; at
+    197 tokens (200 rows against 198) 6 rows were no faster than 8 (bench/RESULTS.md)."""
     static = 1
     for d in lead:
         if isinstance(d, (int, tvm.tirx.IntImm)):
             static *= int(d)
     if static == 1:  # rows = the batch alone (a classifier head): nothing static to fit, the widest tile
         return MATMUL_ROWS
-    return min(ROW_CHOICES, key=lambda r: (-(-static // r) * r, -r))
+
+    def padded(r: int) -> int:
+        return -(-static // r) * r
+
+    best = min(ROW_CHOICES, key=lambda r: (padded(r), -r))
+    return MATMUL_ROWS if padded(MATMUL_ROWS) <= 1.05 * padded(best) else best
 
 
 def matmul_te(src: te.Tensor, wp: te.Tensor, how: ConvInput, int4_shape: tuple[int, ...] | None = None,
