@@ -205,7 +205,9 @@ class _DotConvRewriter(relax.PyExprMutator):
             self.count += 1
             return self.builder_.call_te(partial(act_matmul_te, za=za, zb=zb, kernel=ak), a, b,
                                          primfunc_name_hint=f"plateau_act_matmul_{ak.name}")
-        for mk in (k, k.narrow) if k.narrow else (k,):
+        # smmla's pixel pairs are two rows one stride apart, which matmul_te's token rows are not: a Linear on an
+        # i8mm target runs sdot, like attention's matmuls (every i8mm CPU has dotprod)
+        for mk in (k, k.narrow) if k.narrow else (act_kernel(k),):
             mm = _matmul(call, mk, self.lookup_binding)
             if mm is not None:  # the matmul as the dot kernel over token rows (matmul_te)
                 x = call.args[0]

@@ -21,7 +21,7 @@ from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
 from .dot_compute import DOT_BLOCK, DOT_INPUT, DOT_WEIGHT
-from .dot_instructions import DotKernel
+from .dot_instructions import SDOT, DotKernel
 from .tir_helpers import fresh_schedule, has_root, inline_spatial, parallel_vectorize
 
 __all__ = ["ConvTile", "TileChooser", "DW_LANES", "BANDS", "default_tile", "kernel_of", "conv_extents",
@@ -78,12 +78,14 @@ def kernel_of(sch: Schedule, block: SBlockRV, kernel: DotKernel) -> DotKernel:
     """The kernel a dot conv block was built for: the target's `kernel`, its small-weights form where the
     block reads a grouped weight (7 axes), or its narrow form (dot_rewrite took it for channels that are a
     multiple of the narrow lanes only) where the packed weight [O/L, KH, KW, Ck/K, L, K] the block reads has
-    the narrow kernel's L."""
+    the narrow kernel's L; sdot where the target's is smmla and the block reads sdot's 4 lanes."""
     if kernel.small_weights is not None and any(len(r.source.shape) == 7 for r in sch.get(block).reads):
         return kernel.small_weights  # its grouped weight [O/L, KH, KW, Ck/K, G, L, K/G]
+    lanes = {int(r.source.shape[4]) for r in sch.get(block).reads if len(r.source.shape) == 6}
+    if kernel.pixels > 1 and lanes == {SDOT.lanes}:
+        return SDOT  # a Linear on an smmla target (dot_rewrite: its token rows are no pixel pairs)
     if kernel.narrow is None:
         return kernel
-    lanes = {int(r.source.shape[4]) for r in sch.get(block).reads if len(r.source.shape) == 6}
     return kernel.narrow if lanes == {kernel.narrow.lanes} else kernel
 
 
