@@ -528,10 +528,11 @@ def test_token_rows_pad_the_static_rows_least():
     assert token_rows([n]) == token_rows([1]) == 8  # a head over the batch alone
 
 
-@pytest.mark.parametrize("target,weights", [("host", "s8"), ("host", "s4"), ("arm64-dotprod", "s8")])
+@pytest.mark.parametrize("target,weights", [("host", "s8"), ("host", "s4"), ("arm64-dotprod", "s8"),
+                                            ("arm64-i8mm", "s8")])
 def test_linear_on_token_rows_that_8_does_not_divide_is_exact(tmp_path, caplog, target, weights):
     """25 tokens: 5-row register tiles, the 4-bit weight-stationary schedule at batch 3 included; bit-exact
-    with TVM's unscheduled host build (arm64: under qemu)."""
+    with TVM's unscheduled host build (arm64: under qemu; i8mm's Linear layers on sdot)."""
     onnx_path = fx.ort_qdq(_token_mlp_onnx(tmp_path / "fp32.onnx", stride=3), tmp_path / "mlp.onnx", "s8",
                            weights)
     tgt = get_target(target)
