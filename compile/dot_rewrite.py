@@ -27,7 +27,7 @@ from tvm import relax
 
 from ._common import const_np, mutate_relax_functions
 from .dot_act_matmul import act_kernel, act_matmul_operands, act_matmul_te
-from .dot_compute import ConvInput, dw_te, fused_conv_te, matmul_te, pack_halves, pack_weight, token_rows
+from .dot_compute import ConvInput, dw_te, fused_conv_te, matmul_te, pack_halves, pack_weight
 from .dot_instructions import DotKernel, byte_shift
 from .pack_int4 import unpacked_value
 
@@ -211,9 +211,7 @@ class _DotConvRewriter(relax.PyExprMutator):
             mm = _matmul(call, mk, self.lookup_binding)
             if mm is not None:  # the matmul as the dot kernel over token rows (matmul_te)
                 x = call.args[0]
-                rows = token_rows(list(x.ty.shape)[:-1])
-                return self._dot_call(partial(matmul_te, rows=rows), x, str(x.ty.dtype), *mm,
-                                      self._small(mk, mm[0]), "plateau_matmul")
+                return self._dot_call(matmul_te, x, str(x.ty.dtype), *mm, self._small(mk, mm[0]), "plateau_matmul")
         found = _eligible(call, k, self.lookup_binding)
         if found is None and k.narrow:  # e.g. 8k output channels on VNNI: the 256-bit instruction
             k = k.narrow

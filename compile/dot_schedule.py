@@ -20,8 +20,9 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
+from .dot_act_matmul import act_kernel
 from .dot_compute import DOT_BLOCK, DOT_INPUT, DOT_WEIGHT
-from .dot_instructions import SDOT, DotKernel
+from .dot_instructions import DotKernel
 from .tir_helpers import fresh_schedule, has_root, inline_spatial, parallel_vectorize
 
 __all__ = ["ConvTile", "TileChooser", "DW_LANES", "BANDS", "default_tile", "kernel_of", "conv_extents",
@@ -82,8 +83,8 @@ def kernel_of(sch: Schedule, block: SBlockRV, kernel: DotKernel) -> DotKernel:
     if kernel.small_weights is not None and any(len(r.source.shape) == 7 for r in sch.get(block).reads):
         return kernel.small_weights  # its grouped weight [O/L, KH, KW, Ck/K, G, L, K/G]
     lanes = {int(r.source.shape[4]) for r in sch.get(block).reads if len(r.source.shape) == 6}
-    if kernel.pixels > 1 and lanes == {SDOT.lanes}:
-        return SDOT  # a Linear on an smmla target (dot_rewrite: its token rows are no pixel pairs)
+    if kernel.pixels > 1 and lanes == {act_kernel(kernel).lanes}:
+        return act_kernel(kernel)  # a Linear on an smmla target (dot_rewrite: its token rows are no pixel pairs)
     if kernel.narrow is None:
         return kernel
     return kernel.narrow if lanes == {kernel.narrow.lanes} else kernel

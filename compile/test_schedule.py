@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -541,8 +542,6 @@ def test_linear_on_token_rows_that_8_does_not_divide_is_exact(tmp_path, caplog, 
     mod, _ = import_onnx(onnx_path)
     with tvm.target.Target(tgt.tvm_target):
         out, _ = rewrite_convs_dot(lower_for_target(lower_qdq(mod), tgt), tgt.kernel)
-    import re
-
     rows = {int(r) for gv, f in out.functions_items() if gv.name_hint.startswith("plateau_matmul")
             for r in re.findall(r"plateau_dot_conv = T\.sblock_alloc_buffer\(\(.*?, T\.int64\((\d+)\), "
                                 r"T\.int64\(\d+\)\), \"int32\"\)", f.script())}
