@@ -132,9 +132,15 @@ def resume_config(
 
 
 def restore_checkpoint(blob: dict, model: nn.Module, opt: torch.optim.Optimizer,
-                       sched: torch.optim.lr_scheduler.LRScheduler, inj: NoiseInjector) -> tuple[int, list]:
+                       sched: torch.optim.lr_scheduler.LRScheduler, inj: NoiseInjector,
+                       teacher: nn.Module | None = None) -> tuple[int, list]:
     """Load the states of `blob` into the run's objects; (the epoch it ended, the history so far)."""
     model.load_state_dict(blob["model"])
+    if teacher is not None:
+        if "teacher" not in blob:
+            raise PlateauError("cannot resume with --kd: the checkpoint holds no teacher (the run was started "
+                               "without --kd)")
+        teacher.load_state_dict(blob["teacher"])
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
     inj.load_state_dict(blob["noise"])
@@ -163,7 +169,7 @@ def prepare_run_dir(out_dir: Path, start_epoch: int, fresh: bool) -> None:
 def save_checkpoint(out_dir: Path, epoch: int, *, model: nn.Module, model_name: str, classes: list[str],
                     plateau_cfg: dict, cfg: TrainConfig, opt: torch.optim.Optimizer,
                     sched: torch.optim.lr_scheduler.LRScheduler, inj: NoiseInjector, history: list,
-                    qat: dict | None = None) -> Path:
+                    qat: dict | None = None, teacher: nn.Module | None = None) -> Path:
     """Write checkpoint-epochNNN.pt and last.pt (each atomically); returns the epoch's path. A QAT run's
     checkpoint holds the QATNet's state as "model" and, under "qat", the FP source and the QuantConfig that
     rebuild it (qat.QATNet.from_state)."""
@@ -185,6 +191,8 @@ def save_checkpoint(out_dir: Path, epoch: int, *, model: nn.Module, model_name: 
     }
     if qat is not None:
         blob["qat"] = qat
+    if teacher is not None:  # a flat run's --kd teacher: the starting model, which a resume cannot rebuild
+        blob["teacher"] = teacher.state_dict()
     path = out_dir / f"checkpoint-epoch{epoch:03d}.pt"
     for p in (path, out_dir / "last.pt"):
         save_torch(p, blob)

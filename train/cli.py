@@ -80,6 +80,9 @@ def main(args: argparse.Namespace) -> dict:
     if cfg.qat and not finetune and resumed_qat is None:
         raise PlateauError("--qat fine-tunes a trained model at the target bits: pass --checkpoint (a pretrained "
                            "or flat-trained model)")
+    resuming = cfg.resume and (Path(args.run) / "train" / "last.pt").is_file()
+    if cfg.kd > 0 and not cfg.qat and not finetune and not resuming:
+        raise PlateauError("--kd distils from the model training starts from: pass --checkpoint")
     torch.manual_seed(cfg.seed)  # deterministic initialization
     model = create_model(args.model, num_classes=len(train_set.classes),
                          checkpoint=args.checkpoint if resumed_qat is None else None,

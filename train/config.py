@@ -48,7 +48,8 @@ class TrainConfig:
     rho: float = setting(0.05, "SAM radius", minimum=0)
     qat: bool = setting(False, "quantization-aware training at --bits from --checkpoint, in the reference "
                         "numerics (methods lsq, fpq, cr, mec, ti; default lsq); export writes its learned scales")
-    kd: float = setting(0.0, "QAT: weight of distillation from the FP model's logits", minimum=0)
+    kd: float = setting(0.0, "weight of distillation from the FP model's logits (QAT: the model being quantized; "
+                        "flat methods: the --checkpoint training starts from)", minimum=0)
     qat_weight: float = setting(1.0, "QAT: weight of the method's own term (fpq, cr, mec, ti)", minimum=0)
     feature_noise: float = setting(0.1, "fpq: std of the multiplicative noise on block outputs", minimum=0)
     qat_bn_freeze: float | None = setting(None, "QAT: the fraction of the run after which each BatchNorm is frozen "

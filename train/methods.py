@@ -18,6 +18,8 @@ the loop, the checkpoints and the report use it through this interface. A method
     sam-gaussian  SAM with the Gaussian noise in both passes
     ramp          Gaussian noise with alpha ramped linearly from 0 to alpha over the run
     alternate     Gaussian noise on every other step, none on the steps between
+--kd W adds W times the distillation from the starting model's clean logits (a frozen copy of --checkpoint) to
+every step of a flat method (not sam / sam-gaussian).
 
 Quantization-aware training (`--qat`, qat.py: the model trained at the target bits in the reference numerics);
 each adds its term, weighted by --qat-weight, to the cross-entropy, and --kd adds distillation from the FP model:
@@ -124,6 +126,10 @@ class SAM(Method):
     summary = "sharpness-aware minimization, radius rho (no quantization noise)"
     sam = True
     report_fields = {"rho": "rho"}
+
+    def validate(self, cfg: Any) -> None:
+        if cfg.kd > 0 and not cfg.qat:  # the ascent pass takes the cross-entropy alone
+            raise ValueError(f"--kd is not supported with --method {self.name}")
 
 
 @register_method

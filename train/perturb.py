@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .noise import NoiseInjector
+from .qat_objectives import kd_loss
 
 __all__ = ["StepContext", "Perturbed", "freeze_bn_stats", "noisy_backward", "sam_backward"]
 
@@ -29,6 +30,8 @@ class StepContext:
     cfg: Any  # the run's TrainConfig (config.py imports the method registry, so it is not imported here)
     step: int = 0  # the global step of the batch being trained, and the run's total (schedules read them)
     total_steps: int = 1
+    # a flat run with --kd: a frozen copy of the model training started from, distilled into every step
+    teacher: nn.Module | None = None
 
 
 class Perturbed:
@@ -61,12 +64,18 @@ def freeze_bn_stats(model: nn.Module, freeze: bool, saved: dict | None = None) -
 
 
 def noisy_backward(ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero the gradients, then forward/backward under the injector's weight noise; returns the detached
-    (loss, logits)."""
+    """Zero the gradients, then forward/backward under the injector's weight noise (plus --kd times the
+    distillation from ctx.teacher's clean logits, where there is one); returns the detached (loss, logits)."""
     ctx.optimizer.zero_grad(set_to_none=True)
+    target = None
+    if ctx.teacher is not None:
+        with torch.no_grad():
+            target = ctx.teacher(x)
     with ctx.injector.weight_noise():
         out = ctx.net(x)
         loss = ctx.criterion(out, y)
+        if target is not None:
+            loss = loss + ctx.cfg.kd * kd_loss(out, target)
         loss.backward()
     return loss.detach(), out.detach()
 

@@ -69,7 +69,8 @@ def report_markdown(r: dict) -> str:
     c = r["config"]
     method = get_method(c["method"])
     setting = (f", QAT at {c['bits']}" if c.get("qat") else
-               f" at {c['bits']}, alpha {c['alpha']}, target {c['noise_target']}")
+               f" at {c['bits']}, alpha {c['alpha']}, target {c['noise_target']}"
+               + (f", distilled from the starting model (kd {c['kd']})" if c.get("kd") else ""))
     lines = [
         f"# Training report: {r['model_name']} on {c['data']}",
         "",

@@ -124,6 +124,40 @@ def test_resume_after_kill_reproduces_uninterrupted_run(tmp_path, method):
     assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3]
 
 
+def test_kd_distils_from_the_starting_model_and_resumes_with_it(tmp_path):
+    """--kd on a flat method: the teacher is the model as training started, frozen, kept in the checkpoint, so a
+    resumed run (its model built afresh) distils from the same teacher and ends on the same weights."""
+    cfg = _cfg(method="alternate", kd=2.0, epochs=3)
+    torch.manual_seed(0)
+    ref = Tiny()
+    start = {k: v.clone() for k, v in ref.state_dict().items()}
+    train(ref, cfg, tmp_path / "a", TRAIN, TEST)
+    teacher = torch.load(tmp_path / "a/train/last.pt", weights_only=True)["teacher"]
+    assert all(torch.equal(teacher[k], start[k]) for k in start), "the teacher moved"
+
+    torch.manual_seed(0)
+    plain = Tiny()
+    train(plain, _cfg(method="alternate", epochs=3), tmp_path / "p", TRAIN, TEST)
+    assert any(not torch.equal(ref.state_dict()[k], plain.state_dict()[k]) for k in start), "kd changed nothing"
+
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):  # killed in the middle of epoch 3
+        train(Tiny(fail_after=2 * 6 + 3), cfg, tmp_path / "b", TRAIN, TEST)
+    torch.manual_seed(123)  # a different model: its copy would be the wrong teacher
+    resumed = Tiny()
+    train(resumed, _cfg(method="alternate", kd=2.0, epochs=3, resume=True), tmp_path / "b", TRAIN, TEST)
+    a, b = ref.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+def test_kd_refusals(tmp_path):
+    with pytest.raises(ValueError, match="--kd is not supported with --method sam"):
+        TrainConfig(method="sam-gaussian", kd=1.0)
+    with pytest.raises(PlateauError, match="--kd distils from the model training starts from: pass --checkpoint"):
+        main(_args(tmp_path, "--kd", "1", "--train-limit", "64"))
+    assert not (tmp_path / "train").exists()
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     torch.manual_seed(0)
     with pytest.raises(PlateauError, match=r"NaN.*epoch 2.*last good checkpoint"):

@@ -14,6 +14,7 @@ What a method perturbs and how its step runs is its registry entry (methods.py);
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -122,6 +123,8 @@ def _train_locked(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: 
         raise PlateauError("--device cuda: no CUDA GPU is visible to torch on this machine (train on --device cpu)")
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
     model.to(device)
+    # a flat run's --kd teacher: the model as training starts (a resume restores it from the checkpoint)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kd > 0 and not cfg.qat else None
 
     # --- data -----------------------------------------------------------------------------------------------
     if train_set is None:
@@ -143,7 +146,7 @@ def _train_locked(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: 
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, total_steps, int(round(cfg.warmup_epochs * steps_per_epoch)))
     crit = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    start_epoch, history = restore_checkpoint(blob, model, opt, sched, inj) if blob is not None else (0, [])
+    start_epoch, history = restore_checkpoint(blob, model, opt, sched, inj, teacher) if blob is not None else (0, [])
     if is_main:
         prepare_run_dir(out_dir, start_epoch, fresh=blob is None)
     # a transformer trains through a traced copy with noise inside attention as well (graph_noise.py)
@@ -151,7 +154,7 @@ def _train_locked(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: 
     body = traced if traced is not None else model
     # a QAT net's conv biases get no gradient while BatchNorm runs on batch statistics (the batch mean cancels them)
     net = nn.parallel.DistributedDataParallel(body, find_unused_parameters=cfg.qat) if world > 1 else body
-    ctx = StepContext(net=net, model=model, injector=inj, optimizer=opt, criterion=crit, cfg=cfg)
+    ctx = StepContext(net=net, model=model, injector=inj, optimizer=opt, criterion=crit, cfg=cfg, teacher=teacher)
 
     def flatness() -> dict:
         with unfused_attention(model):  # a fused attention kernel has no second derivative
@@ -236,7 +239,7 @@ def _train_locked(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: 
         if is_main:
             save_checkpoint(out_dir, epoch, model=model, model_name=model_name, classes=train_set.classes,
                             plateau_cfg=pcfg, cfg=cfg, opt=opt, sched=sched, inj=inj, history=history,
-                            qat=model.checkpoint_extra() if cfg.qat else None)
+                            qat=model.checkpoint_extra() if cfg.qat else None, teacher=teacher)
             last_good = str(last)
             with open(out_dir / "metrics.jsonl", "a") as f:  # after the checkpoint: no line without one
                 f.write(json.dumps(rec) + "\n")
