@@ -51,6 +51,8 @@ def _args() -> argparse.Namespace:
                                                                "with them: the double-backward graphs stay alive)")
     p.add_argument("--ptq-bits", nargs="+", default=["W4A4", "W3A3"])
     p.add_argument("--ptq-ranges", nargs="+", default=["mse", "minmax"], choices=("mse", "minmax"))
+    p.add_argument("--pretrained-from", default=None, help="take the pretrained row from this earlier result JSON "
+                   "(same checkpoint, test images and PTQ settings) instead of measuring it again")
     p.add_argument("--runs", default=str(ROOT / "runs/bench-vit-flat"))
     p.add_argument("--out", default=str(ROOT / "bench/results/vit_flat.json"))
     return p.parse_args()
@@ -111,7 +113,7 @@ def main() -> None:
                if args.device == "cuda" else platform.processor() or platform.machine(),
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()), "runs": []}
     t0 = time.time()
-    results["pretrained"] = measure(_model(args.ckpt), train_set, xs, y, args, device)
+    results["pretrained"] = _pretrained(args) or measure(_model(args.ckpt), train_set, xs, y, args, device)
     print("pretrained", results["pretrained"], flush=True)
     for seed in args.seeds:
         for spec in args.methods:
@@ -142,6 +144,18 @@ def main() -> None:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(results, indent=1))
     print(table(results))
+
+
+def _pretrained(args: argparse.Namespace) -> dict | None:
+    """The pretrained row of --pretrained-from, refused (SystemExit) unless it was measured the same way."""
+    if not args.pretrained_from:
+        return None
+    old = json.loads(Path(args.pretrained_from).read_text())
+    same = ("ckpt", "eval_limit", "ptq_bits", "ptq_ranges", "trace_samples", "flat_images")
+    diff = [k for k in same if old["args"].get(k) != vars(args)[k]]
+    if diff:
+        raise SystemExit(f"--pretrained-from {args.pretrained_from}: measured with other {', '.join(diff)}")
+    return {**old["pretrained"], "from": args.pretrained_from}
 
 
 def _finished(train_dir: Path, epochs: int) -> dict | None:
