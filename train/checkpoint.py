@@ -27,6 +27,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "load_checkpoint",
+    "resume_candidates",
     "resume_config",
     "restore_checkpoint",
     "prepare_run_dir",
@@ -65,6 +66,12 @@ def _epoch_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(out_dir.glob("checkpoint-epoch*.pt"), key=lambda p: p.name, reverse=True)
 
 
+def resume_candidates(out_dir: Path) -> list[Path]:
+    """The checkpoints --resume may continue from, in the order it tries them: last.pt, then the epochs, newest
+    first."""
+    return [p for p in [out_dir / "last.pt", *_epoch_checkpoints(out_dir)] if p.is_file()]
+
+
 def earlier_run(out_dir: Path) -> list[str]:
     """What an earlier run left in `out_dir` that a fresh run would delete (checkpoints, report, manifest)."""
     found = []
@@ -100,7 +107,7 @@ def resume_config(
     last.pt: then the saved config wins, except for the settings that do not change the numbers."""
     if not cfg.resume:
         return cfg, None
-    candidates = [p for p in [out_dir / "last.pt", *_epoch_checkpoints(out_dir)] if p.is_file()]
+    candidates = resume_candidates(out_dir)
     if not candidates:
         if is_main:
             print(f"resume: no checkpoint in {out_dir} yet, starting from the beginning")

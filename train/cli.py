@@ -25,6 +25,7 @@ from plateau.data import check_classes, check_image_size, load_splits
 from plateau.errors import PlateauError
 from plateau.models import create_model, model_cfg, parse_model_kwargs, read_torch_file
 
+from .checkpoint import resume_candidates
 from .config import TrainConfig
 from .evaluate import fixed_batches
 from .qat import build_qat, qat_quant_config
@@ -80,7 +81,7 @@ def main(args: argparse.Namespace) -> dict:
     if cfg.qat and not finetune and resumed_qat is None:
         raise PlateauError("--qat fine-tunes a trained model at the target bits: pass --checkpoint (a pretrained "
                            "or flat-trained model)")
-    resuming = cfg.resume and (Path(args.run) / "train" / "last.pt").is_file()
+    resuming = cfg.resume and bool(resume_candidates(Path(args.run) / "train"))
     if cfg.kd > 0 and not cfg.qat and not finetune and not resuming:
         raise PlateauError("--kd distils from the model training starts from: pass --checkpoint")
     torch.manual_seed(cfg.seed)  # deterministic initialization

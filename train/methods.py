@@ -128,7 +128,7 @@ class SAM(Method):
     report_fields = {"rho": "rho"}
 
     def validate(self, cfg: Any) -> None:
-        if cfg.kd > 0 and not cfg.qat:  # the ascent pass takes the cross-entropy alone
+        if cfg.kd > 0:  # the ascent pass takes the cross-entropy alone
             raise ValueError(f"--kd is not supported with --method {self.name}")
 
 

@@ -155,6 +155,8 @@ def test_kd_refusals(tmp_path):
         TrainConfig(method="sam-gaussian", kd=1.0)
     with pytest.raises(PlateauError, match="--kd distils from the model training starts from: pass --checkpoint"):
         main(_args(tmp_path, "--kd", "1", "--train-limit", "64"))
+    with pytest.raises(PlateauError, match="pass --checkpoint"):  # --resume with nothing to resume: a fresh start
+        main(_args(tmp_path, "--kd", "1", "--resume", "--train-limit", "64"))
     assert not (tmp_path / "train").exists()
 
 
