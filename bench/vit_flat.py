@@ -6,7 +6,8 @@ measure FP top-1, the Hessian trace (Hutchinson, attention unfused) and PTQ top-
 ranges (`ptq_<bits>`) and once with min-max ranges (`ptq_<bits>_minmax`: the model README's simple PTQ, where the
 issue's +15 / +3 goals were measured). Rows: `none` (plain fine-tuning) and `METHOD@BITS` (a registered noise
 method, e.g. `gaussian@W3A3`: Gaussian WQE/AQE at BITS, attention operands included; a `+kd=W` suffix, e.g.
-`alternate@W3A3+kd=1`, adds W times the distillation from the pretrained model to every step). A row whose run directory
+`alternate@W3A3+kd=1`, adds W times the distillation from the pretrained model to every step; `+range` turns on
+`--range-grad`, e.g. `alternate@W3A3+kd=1+range`). A row whose run directory
 already holds the finished fine-tune is measured again without training (`--retrain` trains it anew).
 
     .venv/bin/python bench/vit_flat.py --device cuda --seeds 0 1 2 --out bench/results/vit_flat.json
@@ -117,14 +118,17 @@ def main() -> None:
     print("pretrained", results["pretrained"], flush=True)
     for seed in args.seeds:
         for spec in args.methods:
-            body, _, kd = spec.partition("+kd=")
+            body, *opts = spec.split("+")
+            kd = next((o.partition("=")[2] for o in opts if o.startswith("kd=")), "")
+            if any(o != "range" and not o.startswith("kd=") for o in opts):
+                raise SystemExit(f"{spec}: a row's options are +kd=W and +range")
             method, _, bits = body.partition("@")
             torch.manual_seed(seed)
             model = _model(args.ckpt)
             cfg = TrainConfig(data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               optimizer="adamw", weight_decay=0.05, warmup_epochs=0.0, label_smoothing=0.1,
                               bits=bits or "W8A8", method=method, alpha=args.alpha, noise_p=args.noise_p,
-                              kd=float(kd or 0),
+                              kd=float(kd or 0), range_grad="range" in opts,
                               seed=seed, flatness="off",
                               train_limit=args.train_limit, eval_limit=args.eval_limit, quant_gap=False,
                               bn_recalibrate=0, device=args.device, progress=False)

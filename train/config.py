@@ -50,6 +50,8 @@ class TrainConfig:
                         "numerics (methods lsq, fpq, cr, mec, ti; default lsq); export writes its learned scales")
     kd: float = setting(0.0, "weight of distillation from the FP model's logits (QAT: the model being quantized; "
                         "flat methods: the --checkpoint training starts from)", minimum=0)
+    range_grad: bool = setting(False, "the noise's step takes gradient: the loss pays for the weight and activation "
+                               "ranges that set it (their outliers), as min-max PTQ will (flat methods with noise)")
     qat_weight: float = setting(1.0, "QAT: weight of the method's own term (fpq, cr, mec, ti)", minimum=0)
     feature_noise: float = setting(0.1, "fpq: std of the multiplicative noise on block outputs", minimum=0)
     qat_bn_freeze: float | None = setting(None, "QAT: the fraction of the run after which each BatchNorm is frozen "
@@ -100,6 +102,8 @@ class TrainConfig:
                              f"method {self.method!r}")
         if method.qat and not self.qat:
             raise ValueError(f"--method {self.method} is quantization-aware training: add --qat")
+        if self.range_grad and not method.noise:
+            raise ValueError(f"--range-grad shapes the quantization noise: --method {self.method} injects none")
         self.training_method.validate(self)
 
     @property
@@ -125,6 +129,7 @@ class TrainConfig:
             target=self.noise_target,
             keep_first_last_8bit=self.keep_first_last_8bit,
             p=self.noise_p if self.training_method.noise_fraction else 1.0,
+            range_grad=self.range_grad,
         )
 
     def measure_noise_config(self) -> NoiseConfig:

@@ -29,12 +29,12 @@ _MATMULS = (operator.matmul, torch.matmul, torch.bmm)
 class NoisePoint(nn.Module):
     """The AQE of one activation (a module, so torch.fx calls it like any layer)."""
 
-    def __init__(self, injector: NoiseInjector, name: str, bits: int) -> None:
+    def __init__(self, injector: NoiseInjector, name: str, bits: int, fixed_range: bool = False) -> None:
         super().__init__()
-        self.injector, self.key, self.bits = injector, name, bits
+        self.injector, self.key, self.bits, self.fixed_range = injector, name, bits, fixed_range
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.injector.perturb(self.key, x, self.bits, self.training)
+        return self.injector.perturb(self.key, x, self.bits, self.training, range_grad=not self.fixed_range)
 
 
 def _is_softmax(n: object, gm: fx.GraphModule) -> bool:
@@ -67,7 +67,8 @@ def attention_noise_graph(model: nn.Module, injector: NoiseInjector, probability
         for i in range(2):
             src = mm.args[i]
             name = f"attention{k}.{'ab'[i]}"
-            point = NoisePoint(injector, name, probability_bits if _is_softmax(src, gm) else bits)
+            probs = _is_softmax(src, gm)  # export gives them a fixed grid (2^-8): no range to pay for
+            point = NoisePoint(injector, name, probability_bits if probs else bits, fixed_range=probs)
             gm.add_submodule(f"plateau_noise_{k}_{i}", point)
             with gm.graph.inserting_before(mm):
                 noisy = gm.graph.call_module(f"plateau_noise_{k}_{i}", (src,))

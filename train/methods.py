@@ -19,7 +19,8 @@ the loop, the checkpoints and the report use it through this interface. A method
     ramp          Gaussian noise with alpha ramped linearly from 0 to alpha over the run
     alternate     Gaussian noise on every other step, none on the steps between
 --kd W adds W times the distillation from the starting model's clean logits (a frozen copy of --checkpoint) to
-every step of a flat method (not sam / sam-gaussian).
+every step of a flat method (not sam / sam-gaussian). --range-grad lets the noise's step take gradient, so the loss
+pays for the weight and activation ranges (outliers) that set it (noise.py).
 
 Quantization-aware training (`--qat`, qat.py: the model trained at the target bits in the reference numerics);
 each adds its term, weighted by --qat-weight, to the cross-entropy, and --kd adds distillation from the FP model:

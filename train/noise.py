@@ -9,6 +9,13 @@ little.
     AQE (activations):  per tensor, asymmetric, from an EMA of the input's min/max:  d = (hi - lo) / (2^b - 1)
     noise:              e ~ N(0, (alpha * d / sqrt(12))^2), drawn fresh each step, per element
 
+d is a function of the tensor it perturbs. By default it is taken as a constant; with `range_grad` the gradient
+goes through it too (e = d * u, u the unit draw): to each weight channel's largest |w|, and to the batch's smallest
+and largest activation (the EMA's value is kept). The loss then pays for a wide range as it pays for the noise that
+range makes, and training narrows the outliers that set min-max grids. For a small step, dL/dd has expectation
+d * alpha^2 / 12 * tr(H) (H the loss's Hessian in the tensor): positive where the loss curves upward, so d shrinks
+where the loss feels the noise.
+
 These grids match the export stage's defaults (symmetric per-channel narrow-range weights, per-tensor
 asymmetric activations), so the noise is the noise PTQ will actually add.
 
@@ -51,6 +58,7 @@ class NoiseConfig:
     keep_first_last_8bit: bool = False
     p: float = 1.0  # fraction of elements that get noise each step (quantnoise); 1.0 = all
     ema_momentum: float = 0.1  # activation range tracker, as in PyTorch's MovingAverageMinMaxObserver
+    range_grad: bool = False  # the step d takes gradient (module docstring)
 
     def __post_init__(self) -> None:
         self.w_bits, self.a_bits = parse_bits(self.bits)
@@ -73,6 +81,18 @@ def weight_step(w: torch.Tensor, bits: int) -> torch.Tensor:
     qmax = 2^(b-1) - 1."""
     amax = w.detach().abs().flatten(1).amax(1).clamp_min(1e-12)
     return (amax / QType(bits, signed=True, narrow=True).qmax).view(-1, *([1] * (w.ndim - 1)))
+
+
+def _step_gradient(w: torch.Tensor, grad: torch.Tensor, unit: torch.Tensor, bits: int) -> torch.Tensor:
+    """The gradient of the loss through weight_step(w) when w was perturbed by weight_step(w) * unit and `grad` is
+    the loss's gradient at the perturbed point: dL/dd_c = sum_i grad_i * unit_i, reaching w through each channel's
+    largest |w| (d_c = max|w_c| / qmax)."""
+    flat, g = w.detach().flatten(1), grad.flatten(1)
+    d_step = (g * unit.flatten(1)).sum(1)  # dL/dd_c
+    j = flat.abs().argmax(1, keepdim=True)
+    out = torch.zeros_like(g)
+    out.scatter_(1, j, (flat.gather(1, j).sign() * d_step[:, None]) / QType(bits, signed=True, narrow=True).qmax)
+    return out.view_as(grad)
 
 
 def activation_step(lo: torch.Tensor | float, hi: torch.Tensor | float, bits: int) -> torch.Tensor:
@@ -153,13 +173,19 @@ class NoiseInjector:
 
         return hook
 
-    def perturb(self, name: str, x: torch.Tensor, bits: int, training: bool) -> torch.Tensor:
-        """AQE on the activation `name` at `bits` (its range tracked in training forwards): x, or x + noise."""
+    def perturb(self, name: str, x: torch.Tensor, bits: int, training: bool, range_grad: bool = True
+                ) -> torch.Tensor:
+        """AQE on the activation `name` at `bits` (its range tracked in training forwards): x, or x + noise.
+        `range_grad=False`: no gradient through the step here even with cfg.range_grad (a fixed export grid)."""
         if training and self.observe and not self._forced:
             self._observe(name, x)
         if not (self.noise_acts and (training or self._forced)) or name not in self.act_ranges:
             return x
         lo, hi = self.act_ranges[name]
+        if self.cfg.range_grad and range_grad and training and not self._forced and x.requires_grad:
+            # the EMA's value, the batch's gradient: it reaches the elements that set the range
+            lo = lo.to(x) + (x.min() - x.min().detach())
+            hi = hi.to(x) + (x.max() - x.max().detach())
         std = rounding_noise_std(activation_step(lo, hi, bits)) * (self.cfg.alpha * self.scale)
         return x + self._gauss(x, std)
 
@@ -176,19 +202,25 @@ class NoiseInjector:
         if not self.noise_weights:
             yield
             return
-        saved = []
+        saved, unit = [], []
         with torch.no_grad():
             for name, m in self.layers:
                 w = m.weight
                 saved.append((w, w.detach().clone()))
-                std = rounding_noise_std(weight_step(w, self.bits[name][0])) * (self.cfg.alpha * self.scale)
-                w.add_(self._gauss(w, std))
+                step = weight_step(w, self.bits[name][0])
+                e = self._gauss(w, rounding_noise_std(step) * (self.cfg.alpha * self.scale))
+                w.add_(e)
+                if self.cfg.range_grad:
+                    unit.append((w, e / step, self.bits[name][0]))
         try:
             yield
         finally:
             with torch.no_grad():
                 for w, clean in saved:
                     w.copy_(clean)
+                for w, u, bits in unit:  # the backward ran inside: add the gradient through each channel's step
+                    if w.grad is not None:
+                        w.grad.add_(_step_gradient(w, w.grad, u, bits))
 
     # --- state (checkpoints hold only tensors and plain values) ---------------------------------------------
     def state_dict(self) -> dict:

@@ -125,3 +125,58 @@ def test_bad_noise_config():
         NoiseConfig(bits="W4")
     with pytest.raises(ValueError, match="weights, activations, both"):
         NoiseConfig(target="bias")
+
+
+def test_range_grad_weight_gradient_equals_autograd_through_the_step():
+    """--range-grad: the gradient left by weight_noise() is autograd's for L(w + weight_step(w) * u), u the draw
+    over its step; without it, the gradient at the perturbed point alone."""
+    torch.manual_seed(0)
+    x, target, weight = torch.randn(16, 12), torch.randn(16, 5), torch.randn(5, 12)
+    grads = {}
+    for coupled in (False, True):
+        lin = nn.Linear(12, 5, bias=False)
+        lin.weight.data = weight.clone()
+        w0 = lin.weight.detach().clone()
+        inj = NoiseInjector(lin, NoiseConfig(bits="W3A8", alpha=2.0, target="weights", range_grad=coupled),
+                            torch.Generator().manual_seed(7))
+        with inj.weight_noise():
+            unit = (lin.weight.detach() - w0) / weight_step(w0, 3)
+            ((lin(x) - target) ** 2).sum().backward()
+        assert torch.equal(lin.weight.detach(), w0)
+        grads[coupled] = lin.weight.grad.clone()
+        # the same loss as a function of w, the step differentiated too (or held constant)
+        w = w0.clone().requires_grad_(True)
+        step = w.abs().amax(1, keepdim=True) / 3 if coupled else weight_step(w0, 3)
+        ((nn.functional.linear(x, w + step * unit) - target) ** 2).sum().backward()
+        assert torch.allclose(grads[coupled], w.grad, rtol=1e-4, atol=1e-4)
+    changed = (grads[True] != grads[False]).sum(1)
+    assert changed.tolist() == [1] * 5  # one element a channel: its largest |w|
+
+
+def test_range_grad_activation_gradient_reaches_the_range_ends_only():
+    m = _Capture(n_in=32)
+    x = torch.randn(4, 32)
+    grads = {}
+    for coupled in (False, True):
+        inj = NoiseInjector(m, NoiseConfig(bits="W8A3", target="activations", range_grad=coupled))
+        m.train()
+        m(x)  # the first forward records the range
+        xg = x.clone().requires_grad_(True)
+        y = inj.perturb("fc", xg, 3, training=True)
+        (y * torch.linspace(-1, 1, 32)).pow(2).sum().backward()
+        grads[coupled] = xg.grad
+        if coupled:  # off for a point with a fixed export grid (attention probabilities)
+            xf = x.clone().requires_grad_(True)
+            inj.perturb("fc", xf, 3, training=True, range_grad=False).sum().backward()
+            assert torch.equal(xf.grad, torch.ones_like(x))
+        inj.remove()
+    diff = (grads[True] != grads[False]).flatten().nonzero().flatten().tolist()
+    assert set(diff) <= {int(x.argmin()), int(x.argmax())} and diff
+
+
+def test_range_grad_needs_a_method_with_noise():
+    from plateau.train import TrainConfig
+
+    with pytest.raises(ValueError, match="--range-grad.*none"):
+        TrainConfig(method="none", range_grad=True)
+    assert TrainConfig(method="alternate", range_grad=True).noise_config().range_grad

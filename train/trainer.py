@@ -121,6 +121,9 @@ def _train_locked(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: 
     method = cfg.training_method
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise PlateauError("--device cuda: no CUDA GPU is visible to torch on this machine (train on --device cpu)")
+    if cfg.range_grad and world > 1:  # each rank's draw meets the all-reduced gradient: not the rank's own term
+        raise PlateauError("--range-grad runs in one process: its weight-step gradient is formed after DDP's "
+                           "all-reduce")
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
     model.to(device)
     # a flat run's --kd teacher: the model as training starts (a resume restores it from the checkpoint)
