@@ -239,6 +239,20 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert not any(k.startswith("module.") for k in ck["model"])  # saved unwrapped, loadable by export
 
 
+@pytest.mark.slow
+def test_range_grad_is_refused_under_torchrun(tmp_path):
+    """Its weight-step gradient is formed after DDP's all-reduce, from one rank's draw: refused, not run wrong."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+           "-m", "plateau.train", "--", "--run", str(tmp_path), "--epochs", "1", "--train-limit", "64",
+           "--threads", "1", "--no-progress", "--range-grad", "--flatness", "off", "--overwrite"]
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train/last.pt").write_bytes(b"an earlier run")  # --overwrite must not clear it first
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "--range-grad runs in one process" in res.stderr + res.stdout
+    assert (tmp_path / "train/last.pt").read_bytes() == b"an earlier run"
+
+
 def test_bad_option_value_is_plateau_error(tmp_path):
     with pytest.raises(PlateauError, match="bad BITS 'W4'"):
         main(_args(tmp_path, "--bits", "W4"))

@@ -68,6 +68,10 @@ def train(
         torch.set_num_threads(cfg.threads)
     rank, world, own_group = setup_distributed(cfg.device)
     try:
+        if cfg.range_grad and world > 1:  # before the run folder is touched (--overwrite clears it)
+            # each rank's draw would meet the all-reduced gradient, not the rank's own one
+            raise PlateauError("--range-grad runs in one process: its weight-step gradient is formed after DDP's "
+                               "all-reduce")
         return _train(model, cfg, Path(run_dir) / "train", train_set, test_set, inputs or {}, rank, world)
     finally:
         if own_group and dist.is_initialized():
@@ -121,9 +125,6 @@ def _train_locked(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: 
     method = cfg.training_method
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise PlateauError("--device cuda: no CUDA GPU is visible to torch on this machine (train on --device cpu)")
-    if cfg.range_grad and world > 1:  # each rank's draw meets the all-reduced gradient: not the rank's own term
-        raise PlateauError("--range-grad runs in one process: its weight-step gradient is formed after DDP's "
-                           "all-reduce")
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
     model.to(device)
     # a flat run's --kd teacher: the model as training starts (a resume restores it from the checkpoint)
