@@ -78,21 +78,21 @@ def quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def weight_step(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-output-channel symmetric narrow-range step, shaped to broadcast against w: max|W_c| / qmax,
-    qmax = 2^(b-1) - 1."""
-    amax = w.detach().abs().flatten(1).amax(1).clamp_min(1e-12)
+    qmax = 2^(b-1) - 1. Differentiable in w (--range-grad takes its gradient); the noise itself is drawn under
+    no_grad."""
+    amax = w.abs().flatten(1).amax(1).clamp_min(1e-12)
     return (amax / QType(bits, signed=True, narrow=True).qmax).view(-1, *([1] * (w.ndim - 1)))
 
 
 def _step_gradient(w: torch.Tensor, grad: torch.Tensor, unit: torch.Tensor, bits: int) -> torch.Tensor:
     """The gradient of the loss through weight_step(w) when w was perturbed by weight_step(w) * unit and `grad` is
     the loss's gradient at the perturbed point: dL/dd_c = sum_i grad_i * unit_i, reaching w through each channel's
-    largest |w| (d_c = max|w_c| / qmax)."""
-    flat, g = w.detach().flatten(1), grad.flatten(1)
-    d_step = (g * unit.flatten(1)).sum(1)  # dL/dd_c
-    j = flat.abs().argmax(1, keepdim=True)
-    out = torch.zeros_like(g)
-    out.scatter_(1, j, (flat.gather(1, j).sign() * d_step[:, None]) / QType(bits, signed=True, narrow=True).qmax)
-    return out.view_as(grad)
+    largest |w|: autograd through weight_step itself, so the grid is defined once."""
+    with torch.enable_grad():
+        w_ = w.detach().requires_grad_(True)
+        step = weight_step(w_, bits)
+        d_step = (grad * unit).flatten(1).sum(1).view_as(step)  # dL/dd_c
+        return torch.autograd.grad(step, w_, d_step)[0]
 
 
 def activation_step(lo: torch.Tensor | float, hi: torch.Tensor | float, bits: int) -> torch.Tensor:
@@ -184,8 +184,9 @@ class NoiseInjector:
         lo, hi = self.act_ranges[name]
         if self.cfg.range_grad and range_grad and training and not self._forced and x.requires_grad:
             # the EMA's value, the batch's gradient: it reaches the elements that set the range
-            lo = lo.to(x) + (x.min() - x.min().detach())
-            hi = hi.to(x) + (x.max() - x.max().detach())
+            mn, mx = torch.aminmax(x)
+            lo = lo.to(x) + (mn - mn.detach())
+            hi = hi.to(x) + (mx - mx.detach())
         std = rounding_noise_std(activation_step(lo, hi, bits)) * (self.cfg.alpha * self.scale)
         return x + self._gauss(x, std)
 
