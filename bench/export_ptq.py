@@ -34,6 +34,13 @@ MODELS = {
         "W4A8-brecq": ["--bits", "W4A8", "--no-learn-act-clip"],
         "W4A8-adaround-layer": ["--bits", "W4A8", "--reconstruction", "layer", "--no-learn-act-clip"],
         "W4A4-brecq-clip-fl8": ["--bits", "W4A4", "--keep-first-last-8bit", "--learn-act-clip"],
+        # mixed precision: 3.5 weight bits on average, layers at 8/6/4/3 by sensitivity, against uniform 4 and 3
+        "W3A8-nearest": ["--bits", "W3A8", "--fast"],
+        "W4A8-nearest-mp3.5": ["--bits", "W4A8", "--fast", "--mixed-precision", "3.5"],
+        "W4A8-nearest-mp3.5-kl": ["--bits", "W4A8", "--fast", "--mixed-precision", "3.5", "--sensitivity", "kl"],
+        "W3A8": ["--bits", "W3A8"],
+        "W4A8-mp3.5": ["--bits", "W4A8", "--mixed-precision", "3.5"],
+        "W4A8-mp3.5-kl": ["--bits", "W4A8", "--mixed-precision", "3.5", "--sensitivity", "kl"],
     }),
     "vit": (["--model", "vit_tiny_patch16_224", "--img-size", "32",
              "--checkpoint", str(SHARED / "models/cifar-vit/vit_tiny_c10.pt")], {
@@ -45,6 +52,10 @@ MODELS = {
         "W4A4-fast": ["--bits", "W4A4", "--fast"],
         "W3A3-fast": ["--bits", "W3A3", "--fast"],
         "W4A4-int-only": ["--bits", "W4A4", "--integer-only"],
+        "W4A8-fast": ["--bits", "W4A8", "--fast"],
+        "W3A8-fast": ["--bits", "W3A8", "--fast"],
+        "W4A8-fast-mp3.5": ["--bits", "W4A8", "--fast", "--mixed-precision", "3.5"],
+        "W4A8-fast-mp3.5-kl": ["--bits", "W4A8", "--fast", "--mixed-precision", "3.5", "--sensitivity", "kl"],
     }),
 }
 
@@ -163,6 +174,8 @@ def main() -> None:
                       "onnxruntime_error": rep.get("onnxruntime_error"), "seconds": round(time.time() - t0, 1),
                       "qdq_bytes": (run / "export" / "model_qdq.onnx").stat().st_size,
                       "fp32_bytes": (run / "export" / "model_fp32.onnx").stat().st_size, "config": configs[name]}
+        if rep.get("mixed_precision"):
+            rows[name]["mixed_precision"] = rep["mixed_precision"]
         native = _native_layout(run / "export", a.data)
         if native is not None:
             rows[name]["onnxruntime_native_layout_vs_reference"] = native

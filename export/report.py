@@ -33,6 +33,13 @@ def render_report(r: dict) -> str:
             if k["float"] and r.get("four_bit_layout") == "native":
                 lines.append("  onnxruntime has no integer kernel for INT4 tensors; `--four-bit-layout widened` "
                              "writes the same graph in a form it runs in integers.")
+    m = r.get("mixed_precision")
+    if m:
+        widths = Counter(m["layer_bits"].values())
+        lines += ["", f"Mixed precision: weights {m['avg_weight_bits']:.3f} bits on average (budget "
+                  f"{m['budget_avg_bits']:g}), from {m['sensitivity_measure']} sensitivity on "
+                  f"{m['sensitivity_images']} calibration images ({m['sensitivity_seconds']:.0f} s); layers per "
+                  "width: " + ", ".join(f"{b}-bit {widths[b]}" for b in sorted(widths, reverse=True))]
     if "onnxruntime_note" in r:
         lines += ["", f"Note: {r['onnxruntime_note']}."]
     if "onnxruntime_error" in r:

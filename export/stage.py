@@ -59,7 +59,7 @@ from .presets import PRESET_FIELDS, ptq_defaults
 from .ptq import quantize_graph, quantize_model
 from .reference_file import load_reference, reference_state
 from .report import render_report
-from .sensitivity import choose_bits, layer_sensitivity
+from .sensitivity import SENSITIVITIES, choose_bits, layer_sensitivity
 from .validate import (
     ORT_INT8_QDQ,
     compare_logits,
@@ -97,6 +97,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixed-precision", type=float_at_least(2.0, 8.0), metavar="AVG_BITS",
                    help="choose per-layer weight bits from measured sensitivity so that the parameter-weighted "
                         "average is at most AVG_BITS (e.g. 4.5); the choice goes into the manifest")
+    p.add_argument("--sensitivity", choices=SENSITIVITIES.names(),
+                   help="--mixed-precision's per-layer measure: 'fisher' (second-order estimate of the output KL "
+                        "from one backward pass per image; default) or 'kl' (the KL measured with a forward per "
+                        "layer and width: slow on transformers)")
+    p.add_argument("--sensitivity-images", type=int_at_least(1), metavar="N",
+                   help="calibration images --mixed-precision measures sensitivity on (default 256)")
     p.add_argument("--four-bit-layout", default="widened", choices=FOUR_BIT_LAYOUTS,
                    help="how weights and activations below 8 bits are written: 'widened' (INT4 weights read through "
                         "Cast(INT8), activations clamped in INT8: onnxruntime runs them in its integer kernels) or "
@@ -187,7 +193,8 @@ def _refuse_ptq_options(args: argparse.Namespace, ckpt: str, bits: str) -> None:
     if args.bits and args.bits.strip().upper() != bits:
         raise PlateauError(f"--bits {args.bits}: checkpoint {ckpt} was trained with --qat at {bits}; export it at "
                            f"{bits} (leave --bits out)")
-    extra = {"fast": "--fast", "mixed_precision": "--mixed-precision", "onnx": "--onnx"}
+    extra = {"fast": "--fast", "mixed_precision": "--mixed-precision", "sensitivity": "--sensitivity",
+             "sensitivity_images": "--sensitivity-images", "onnx": "--onnx"}
     given = [flag for key, flag in extra.items() if getattr(args, key, None) not in (None, False)]
     for f in fields(QuantConfig):
         if "help" in f.metadata and hasattr(args, f.name):  # a CLI option of the quantization config
@@ -233,6 +240,10 @@ def main(args: argparse.Namespace) -> dict:
     t0 = time.time()
     if args.onnx and getattr(args, "qat", False):
         raise PlateauError("--qat exports a QAT checkpoint; --onnx quantizes an FP32 ONNX file: choose one")
+    for key in ("sensitivity", "sensitivity_images"):
+        if getattr(args, key, None) is not None and args.mixed_precision is None:
+            raise PlateauError(f"--{key.replace('_', '-')} chooses how --mixed-precision measures layers: add "
+                               "--mixed-precision AVG_BITS")
     try:
         w_bits, a_bits = parse_bits(args.bits or "W8A8")
     except ValueError as e:
@@ -275,9 +286,17 @@ def main(args: argparse.Namespace) -> dict:
     mixed = None
     if args.mixed_precision is not None:
         graph = model if isinstance(model, QGraph) else capture(model, [1, *mcfg["input_size"]], cfg.allow_float)
-        sens = layer_sensitivity(graph, calib, cfg)
+        measure = getattr(args, "sensitivity", None) or "fisher"
+        images = getattr(args, "sensitivity_images", None) or 256
+        t_sens = time.time()
+        sens = layer_sensitivity(graph, calib, cfg, method=measure, images=images)
         cfg.layer_bits = choose_bits(graph, sens, args.mixed_precision)
-        mixed = {"budget_avg_bits": args.mixed_precision, "layer_bits": cfg.layer_bits, "sensitivity": sens}
+        size = {n.module or n.name: n.weight.numel() for n in graph.weighted()}
+        mixed = {"budget_avg_bits": args.mixed_precision, "sensitivity_measure": measure,
+                 "sensitivity_images": min(images, sum(len(x) for x in calib)),
+                 "sensitivity_seconds": round(time.time() - t_sens, 1),
+                 "avg_weight_bits": sum(cfg.layer_bits[k] * n for k, n in size.items()) / sum(size.values()),
+                 "layer_bits": cfg.layer_bits, "sensitivity": sens}
     if qat:
         print(f"export: {src['model']} at {cfg.bits_name} from quantization-aware training: its learned weights "
               "and scales, no calibration")
@@ -338,6 +357,8 @@ def _export_into(out: Path, args: argparse.Namespace, cfg: QuantConfig, model, s
         "onnxruntime_session": dict(ORT_INT8_QDQ),
         "four_bit_layout": layout,
     }
+    if mixed is not None:  # the choice, without the per-layer table the manifest keeps
+        report["mixed_precision"] = {k: v for k, v in mixed.items() if k != "sensitivity"}
     try:
         ort_fp = logits_of(ort_fn(ort_session(out / "model_fp32.onnx")), test, mean, std, limit=lim, desc="ort fp32")
         ort_q = logits_of(ort_fn(ort_session(out / "model_qdq.onnx")), test, mean, std, limit=lim, desc="ort qdq")

@@ -329,12 +329,51 @@ def test_mixed_precision_meets_budget_and_spares_sensitive_layers(model, data):
     from plateau.export.sensitivity import choose_bits, layer_sensitivity
 
     g = capture(model, [1, 3, 32, 32])
-    sens = layer_sensitivity(g, data[0][:1], QuantConfig(), bits=(8, 4))
+    sens = layer_sensitivity(g, data[0][:1], QuantConfig(), bits=(8, 4), method="kl")
     assert all(s[4] >= 0 for s in sens.values())
     choice = choose_bits(g, sens, 6.0)
     size = {n.module: n.weight.numel() for n in g.weighted()}
     assert sum(choice[k] * size[k] for k in size) / sum(size.values()) <= 6.0
     assert set(choice.values()) <= {4, 8}
+    # The greedy choice lowers the cheapest layers first: making the largest layer very sensitive keeps it at 8.
+    big = max(size, key=size.get)
+    sens[big] = {8: 0.0, 4: 1e9}
+    assert choose_bits(g, sens, 6.0)[big] == 8
+
+
+def test_fisher_sensitivity_estimates_the_measured_kl(model, data):
+    """The second-order (Fisher) estimate stands for the KL measured on the same images: summed over the layers
+    within a factor of 1.5 at 4 and at 2 bits, each layer within a factor of 3 (one sampled label per image makes
+    it noisy), the same most and least sensitive layer; the graph's weights come back untouched."""
+    from plateau.export.sensitivity import layer_sensitivity
+
+    g = capture(model, [1, 3, 32, 32])
+    before = {n.name: n.weight.clone() for n in g.weighted()}
+    calib = [data[0][0][:64]]
+    fisher = layer_sensitivity(g, calib, QuantConfig(), bits=(4, 2), method="fisher")
+    kl = layer_sensitivity(g, calib, QuantConfig(), bits=(4, 2), method="kl")
+    assert fisher.keys() == kl.keys()
+    for b in (4, 2):
+        total = sum(v[b] for v in fisher.values()) / sum(v[b] for v in kl.values())
+        assert 1 / 1.5 < total < 1.5, (b, total)
+        for k in kl:
+            assert 1 / 3 < fisher[k][b] / kl[k][b] < 3, (k, b, fisher[k], kl[k])
+    for pick in (min, max):
+        assert pick(fisher, key=lambda k: fisher[k][4]) == pick(kl, key=lambda k: kl[k][4])
+    for n in g.weighted():
+        assert not n.weight.requires_grad and torch.equal(n.weight, before[n.name])
+
+
+def test_sensitivity_uses_the_first_images_and_refuses_none(model, data):
+    from plateau.export.sensitivity import _images, layer_sensitivity
+
+    calib = [data[0][0][:10], data[0][0][10:30]]
+    assert [len(x) for x in _images(calib, 15)] == [10, 5]
+    assert [len(x) for x in _images(calib, None)] == [10, 20]
+    with pytest.raises(PlateauError, match="empty"):
+        layer_sensitivity(capture(model, [1, 3, 32, 32]), [], QuantConfig())
+    with pytest.raises(PlateauError, match="sensitivity measure 'nope'"):
+        layer_sensitivity(capture(model, [1, 3, 32, 32]), calib, QuantConfig(), method="nope")
 
 
 def test_fp32_onnx_input_quantizes_like_the_torch_model(model, data, tmp_path):
@@ -434,3 +473,31 @@ def test_export_report_counts_onnxruntime_kernels_and_flags_u8s8(tmp_path, monke
     monkeypatch.setattr("plateau.export.stage.ort_u8s8_saturates", lambda: True)
     assert cli([*base, "--run", str(tmp_path / "u8"), "--act-unsigned"]) == 0
     assert "vpmaddubsw" in json.loads((tmp_path / "u8/export/report.json").read_text())["onnxruntime_note"]
+
+
+@pytest.mark.slow
+def test_cli_mixed_precision_reports_its_choice(model, tmp_path):
+    """`plateau export --mixed-precision` writes the choice into report.json / report.md (the per-layer table
+    into the manifest), and the exported weights are at the chosen widths."""
+    import json
+    import subprocess
+    import sys
+
+    torch.save(model.state_dict(), tmp_path / "ck.pt")
+    cmd = [sys.executable, "-m", "plateau", "export", "--run", "r", "--model", "small_cnn", "--checkpoint", "ck.pt",
+           "--data", "synthetic", "--bits", "W4A8", "--fast", "--mixed-precision", "6", "--calib-images", "64",
+           "--eval-limit", "64"]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads((tmp_path / "r/export/report.json").read_text())
+    m = rep["mixed_precision"]
+    assert m["sensitivity_measure"] == "fisher" and m["sensitivity_images"] == 64 and m["avg_weight_bits"] <= 6.0
+    assert "Mixed precision: weights" in (tmp_path / "r/export/report.md").read_text()
+    man = json.loads((tmp_path / "r/export/manifest.json").read_text())
+    assert man["mixed_precision"]["layer_bits"] == m["layer_bits"] == rep["config"]["layer_bits"]
+    assert set(man["mixed_precision"]["sensitivity"]) == set(m["layer_bits"])
+    ref = load_reference(tmp_path / "r/export/reference.pt")
+    for n in ref.graph.weighted():
+        q = ref.weights[n.name].q
+        assert q.abs().max() == 2 ** (m["layer_bits"][n.module] - 1) - 1, n.module  # its grid's largest level
+    assert max(m["layer_bits"].values()) > 4  # the budget bought some layers more than --bits' width

@@ -165,6 +165,8 @@ EXPORT = [
         ("--calib-images", "0", None, "fast"), ("--calib-images", "-1", None, "bench"),
         ("--eval-limit", "0", None, "bench"), ("--eval-limit", "-5", None, "bench"),
         ("--mixed-precision", "1", None, "bench"), ("--mixed-precision", "9", None, "bench"),
+        ("--sensitivity", "nope", None, "bench"), ("--sensitivity-images", "0", None, "bench"),
+        ("--sensitivity", "kl", "--mixed-precision", "fast"),
         ("--img-size", "0", None, "bench"), ("--bits", "W4", "W4", "bench"), ("--bits", "W9A8", "W9A8", "bench"),
         ("--adaround-iters", "0", None, "bench"), ("--rounding", "nope", None, "bench"),
         ("--four-bit-layout", "nope", None, "bench"))],
