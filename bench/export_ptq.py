@@ -36,10 +36,11 @@ MODELS = {
         "W4A4-brecq-clip-fl8": ["--bits", "W4A4", "--keep-first-last-8bit", "--learn-act-clip"],
         # mixed precision: 3.5 weight bits on average, layers at 8/6/4/3 by sensitivity, against uniform 4 and 3
         "W3A8-nearest": ["--bits", "W3A8", "--fast"],
-        "W4A8-nearest-mp3.5": ["--bits", "W4A8", "--fast", "--mixed-precision", "3.5"],
+        "W4A8-nearest-mp3.5-fisher": ["--bits", "W4A8", "--fast", "--mixed-precision", "3.5", "--sensitivity",
+                                      "fisher"],
         "W4A8-nearest-mp3.5-kl": ["--bits", "W4A8", "--fast", "--mixed-precision", "3.5", "--sensitivity", "kl"],
         "W3A8": ["--bits", "W3A8"],
-        "W4A8-mp3.5": ["--bits", "W4A8", "--mixed-precision", "3.5"],
+        "W4A8-mp3.5-fisher": ["--bits", "W4A8", "--mixed-precision", "3.5", "--sensitivity", "fisher"],
         "W4A8-mp3.5-kl": ["--bits", "W4A8", "--mixed-precision", "3.5", "--sensitivity", "kl"],
     }),
     "vit": (["--model", "vit_tiny_patch16_224", "--img-size", "32",
@@ -54,8 +55,9 @@ MODELS = {
         "W4A4-int-only": ["--bits", "W4A4", "--integer-only"],
         "W4A8-fast": ["--bits", "W4A8", "--fast"],
         "W3A8-fast": ["--bits", "W3A8", "--fast"],
-        "W4A8-fast-mp3.5": ["--bits", "W4A8", "--fast", "--mixed-precision", "3.5"],
         "W4A8-fast-mp3.5-kl": ["--bits", "W4A8", "--fast", "--mixed-precision", "3.5", "--sensitivity", "kl"],
+        "W4A8-fast-mp3.5-fisher": ["--bits", "W4A8", "--fast", "--mixed-precision", "3.5", "--sensitivity",
+                                   "fisher"],
     }),
 }
 

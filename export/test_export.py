@@ -491,7 +491,7 @@ def test_cli_mixed_precision_reports_its_choice(model, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     rep = json.loads((tmp_path / "r/export/report.json").read_text())
     m = rep["mixed_precision"]
-    assert m["sensitivity_measure"] == "fisher" and m["sensitivity_images"] == 64 and m["avg_weight_bits"] <= 6.0
+    assert m["sensitivity_measure"] == "kl" and m["sensitivity_images"] == 64 and m["avg_weight_bits"] <= 6.0
     assert "Mixed precision: weights" in (tmp_path / "r/export/report.md").read_text()
     man = json.loads((tmp_path / "r/export/manifest.json").read_text())
     assert man["mixed_precision"]["layer_bits"] == m["layer_bits"] == rep["config"]["layer_bits"]

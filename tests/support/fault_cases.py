@@ -296,7 +296,7 @@ CASES = [*KILL, *TRAIN, *TRAIN_OPTIONS, *MAKE, *CLI]
 # ones in the default suite, the ones that kill, build or train in the slow one (a few minutes on 2 cores).
 FAST = {
     "train-over-existing-run", "train--train-limit=0", "kill-export-after-reference", "export-nan-weights",
-    "export-checkpoint-malicious", "export--calib-images=0", "compile-qdq-swapped",
+    "export-checkpoint-malicious", "export--calib-images=0", "export--sensitivity=kl", "compile-qdq-swapped",
     "compile-export-manifest-version-string", "validate-ref-logits-garbage", "validate--limit=0",
     "make-clean-run-two-words", "make-clean-run-dotdot",
 }
