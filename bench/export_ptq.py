@@ -34,14 +34,13 @@ MODELS = {
         "W4A8-brecq": ["--bits", "W4A8", "--no-learn-act-clip"],
         "W4A8-adaround-layer": ["--bits", "W4A8", "--reconstruction", "layer", "--no-learn-act-clip"],
         "W4A4-brecq-clip-fl8": ["--bits", "W4A4", "--keep-first-last-8bit", "--learn-act-clip"],
-        # mixed precision: 3.5 weight bits on average, layers at 8/6/4/3 by sensitivity, against uniform 4 and 3
-        "W3A8-nearest": ["--bits", "W3A8", "--fast"],
-        "W4A8-nearest-mp3.5-fisher": ["--bits", "W4A8", "--fast", "--mixed-precision", "3.5", "--sensitivity",
-                                      "fisher"],
-        "W4A8-nearest-mp3.5-kl": ["--bits", "W4A8", "--fast", "--mixed-precision", "3.5", "--sensitivity", "kl"],
+        # mixed precision: 5 stored bits per weight on average (some layers at 8, the rest at 4) against uniform
+        "W4A8-nearest-mp5-kl": ["--bits", "W4A8", "--fast", "--mixed-precision", "5", "--sensitivity", "kl"],
+        "W4A8-nearest-mp5-fisher": ["--bits", "W4A8", "--fast", "--mixed-precision", "5", "--sensitivity", "fisher"],
+        "W4A8-nearest-mp4.5-kl": ["--bits", "W4A8", "--fast", "--mixed-precision", "4.5", "--sensitivity", "kl"],
         "W3A8": ["--bits", "W3A8"],
-        "W4A8-mp3.5-fisher": ["--bits", "W4A8", "--mixed-precision", "3.5", "--sensitivity", "fisher"],
-        "W4A8-mp3.5-kl": ["--bits", "W4A8", "--mixed-precision", "3.5", "--sensitivity", "kl"],
+        "W2A8": ["--bits", "W2A8"],
+        "W2A8-mp5-kl": ["--bits", "W2A8", "--mixed-precision", "5", "--sensitivity", "kl"],
     }),
     "vit": (["--model", "vit_tiny_patch16_224", "--img-size", "32",
              "--checkpoint", str(SHARED / "models/cifar-vit/vit_tiny_c10.pt")], {
@@ -54,10 +53,8 @@ MODELS = {
         "W3A3-fast": ["--bits", "W3A3", "--fast"],
         "W4A4-int-only": ["--bits", "W4A4", "--integer-only"],
         "W4A8-fast": ["--bits", "W4A8", "--fast"],
-        "W3A8-fast": ["--bits", "W3A8", "--fast"],
-        "W4A8-fast-mp3.5-kl": ["--bits", "W4A8", "--fast", "--mixed-precision", "3.5", "--sensitivity", "kl"],
-        "W4A8-fast-mp3.5-fisher": ["--bits", "W4A8", "--fast", "--mixed-precision", "3.5", "--sensitivity",
-                                   "fisher"],
+        "W4A8-fast-mp5-kl": ["--bits", "W4A8", "--fast", "--mixed-precision", "5", "--sensitivity", "kl"],
+        "W4A8-fast-mp5-fisher": ["--bits", "W4A8", "--fast", "--mixed-precision", "5", "--sensitivity", "fisher"],
     }),
 }
 

@@ -36,8 +36,9 @@ def render_report(r: dict) -> str:
     m = r.get("mixed_precision")
     if m:
         widths = Counter(m["layer_bits"].values())
-        lines += ["", f"Mixed precision: weights {m['avg_weight_bits']:.3f} bits on average (budget "
-                  f"{m['budget_avg_bits']:g}), from {m['sensitivity_measure']} sensitivity on "
+        lines += ["", f"Mixed precision: weights stored in {m['avg_stored_bits']:.3f} bits each on average (budget "
+                  f"{m['budget_avg_bits']:g}; {m['avg_weight_bits']:.3f} bits of precision), from "
+                  f"{m['sensitivity_measure']} sensitivity on "
                   f"{m['sensitivity_images']} calibration images ({m['sensitivity_seconds']:.0f} s); layers per "
                   "width: " + ", ".join(f"{b}-bit {widths[b]}" for b in sorted(widths, reverse=True))]
     if "onnxruntime_note" in r:

@@ -17,9 +17,10 @@ layer and width (the spread of their log ratio; the same with the exact expectat
 sampled label, so it is the diagonal and the second order, not the sampling), and its choice scored 1.6 points
 under the KL's at the same budget: the KL is the default, the estimate the fast option.
 
-The choice is greedy: start every layer at the highest width, then repeatedly lower the layer whose next step down
-costs the least sensitivity per weight bit saved, until the parameter-weighted average of weight bits is within the
-budget.
+The size counted is what is stored: int8 for weights of 5-8 bits, int4 (two per byte) for 4 bits and fewer, so the
+choice is between 8 bits and a low width (export measures 8 and the low width of --bits, 4 if --bits has more). The
+choice is greedy: start every layer at 8 bits, then repeatedly lower the layer whose step down costs the least
+sensitivity per stored bit saved, until the parameter-weighted average of stored bits is within the budget.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from plateau.quant import dequantize, quantize
 from plateau.reference import run_graph
 from plateau.registry import Registry
 
-__all__ = ["SENSITIVITIES", "layer_sensitivity", "choose_bits"]
+__all__ = ["SENSITIVITIES", "layer_sensitivity", "choose_bits", "stored_bits"]
 
 Sensitivity = dict[str, dict[int, float]]  # layer module path -> {bits: KL increase}
 SENSITIVITIES: Registry[Callable[..., Sensitivity]] = Registry("sensitivity measure")
@@ -128,7 +129,7 @@ def fisher_sensitivity(graph: QGraph, calib: list[torch.Tensor], cfg: QuantConfi
     return out
 
 
-def layer_sensitivity(graph: QGraph, calib: list[torch.Tensor], cfg: QuantConfig, bits: tuple[int, ...] = (8, 6, 4, 3),
+def layer_sensitivity(graph: QGraph, calib: list[torch.Tensor], cfg: QuantConfig, bits: tuple[int, ...] = (8, 4),
                       method: str = "kl", images: int | None = 256) -> Sensitivity:
     """{layer module path: {bits: KL increase}} with only that layer's weights quantized, by the measure `method`
     on the first `images` calibration images (all of them when None)."""
@@ -139,26 +140,36 @@ def layer_sensitivity(graph: QGraph, calib: list[torch.Tensor], cfg: QuantConfig
     return measure(graph, calib, cfg, tuple(bits))
 
 
+def stored_bits(bits: int) -> int:
+    """Bits a weight of this width takes in the QDQ file and the compiled library: 4 (int4, two per byte) up to 4
+    bits, else 8 (int8)."""
+    return 4 if bits <= 4 else 8
+
+
 def choose_bits(graph: QGraph, sens: Sensitivity, budget: float) -> dict[str, int]:
-    """Greedy per-layer weight bits with parameter-weighted average <= budget; returns {module path: bits}."""
+    """Greedy per-layer weight bits whose stored size, in bits per weight averaged over the parameters, is at most
+    `budget`; returns {module path: bits}. Sizes count what is stored (stored_bits): a step down that stores no
+    fewer bits (8 -> 6, 4 -> 3) saves nothing and is never taken."""
     size = {n.module or n.name: n.weight.numel() for n in graph.weighted()}
     options = {k: sorted(v, reverse=True) for k, v in sens.items()}
-    if budget < min(min(o) for o in options.values()):
-        raise PlateauError(f"weight-bit budget {budget} is below the smallest width tried")
+    smallest = min(stored_bits(min(o)) for o in options.values())
+    if budget < smallest:
+        raise PlateauError(f"weight-bit budget {budget} is below {smallest} bits per weight, the smallest stored width "
+                           "(4-bit and narrower weights are stored as int4)")
     choice = {k: o[0] for k, o in options.items()}
     total = sum(size.values())
 
     def avg() -> float:
-        return sum(choice[k] * size[k] for k in size) / total
+        return sum(stored_bits(choice[k]) * size[k] for k in size) / total
 
     while avg() > budget + 1e-9:
         best, best_cost = None, float("inf")
         for k, o in options.items():
-            i = o.index(choice[k])
-            if i + 1 >= len(o):
+            cheaper = [b for b in o if stored_bits(b) < stored_bits(choice[k])]
+            if not cheaper:
                 continue
-            nb = o[i + 1]
-            cost = (sens[k][nb] - sens[k][choice[k]]) / ((choice[k] - nb) * size[k])
+            nb = cheaper[0]  # the widest of the narrower stored size: the same bytes for the least error
+            cost = (sens[k][nb] - sens[k][choice[k]]) / ((stored_bits(choice[k]) - stored_bits(nb)) * size[k])
             if cost < best_cost:
                 best, best_cost = (k, nb), cost
         if best is None:

@@ -59,7 +59,7 @@ from .presets import PRESET_FIELDS, ptq_defaults
 from .ptq import quantize_graph, quantize_model
 from .reference_file import load_reference, reference_state
 from .report import render_report
-from .sensitivity import SENSITIVITIES, choose_bits, layer_sensitivity
+from .sensitivity import SENSITIVITIES, choose_bits, layer_sensitivity, stored_bits
 from .validate import (
     ORT_INT8_QDQ,
     compare_logits,
@@ -94,10 +94,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="no learned activation clipping (the default below 8-bit weights with 8-bit activations)")
     p.add_argument("--fast", action="store_true", help="round to nearest, no learned rounding: seconds, not "
                    "minutes (default below 8 bits: learned rounding per block, see export/presets.py)")
-    p.add_argument("--mixed-precision", type=float_at_least(3.0, 8.0), metavar="AVG_BITS",
-                   help="choose per-layer weight bits (8, 6, 4 or 3) from measured sensitivity so that the "
-                        "parameter-weighted average is at most AVG_BITS (3..8, e.g. 3.5); the choice goes into the "
-                        "manifest and the report")
+    p.add_argument("--mixed-precision", type=float_at_least(4.0, 8.0), metavar="AVG_BITS",
+                   help="keep the layers whose weights matter most at 8 bits and the rest at --bits' width (4 "
+                        "if wider), so that the stored weights average at most AVG_BITS per weight (4..8, e.g. 5: "
+                        "int4 holds 4-bit and narrower weights); measured per layer, chosen greedily, recorded in "
+                        "the manifest and the report")
     p.add_argument("--sensitivity", choices=SENSITIVITIES.names(),
                    help="--mixed-precision's per-layer measure: 'kl' (default: the output KL measured with one "
                         "forward per layer and width, e.g. ~13 s on ResNet-20) or 'fisher' (its second-order "
@@ -290,13 +291,16 @@ def main(args: argparse.Namespace) -> dict:
         measure = getattr(args, "sensitivity", None) or "kl"
         images = getattr(args, "sensitivity_images", None) or 256
         t_sens = time.time()
-        sens = layer_sensitivity(graph, calib, cfg, method=measure, images=images)
+        low = min(cfg.weight_bits, 4)
+        sens = layer_sensitivity(graph, calib, cfg, bits=(8, low), method=measure, images=images)
         cfg.layer_bits = choose_bits(graph, sens, args.mixed_precision)
         size = {n.module or n.name: n.weight.numel() for n in graph.weighted()}
+        total = sum(size.values())
         mixed = {"budget_avg_bits": args.mixed_precision, "sensitivity_measure": measure,
                  "sensitivity_images": min(images, sum(len(x) for x in calib)),
                  "sensitivity_seconds": round(time.time() - t_sens, 1),
-                 "avg_weight_bits": sum(cfg.layer_bits[k] * n for k, n in size.items()) / sum(size.values()),
+                 "avg_stored_bits": sum(stored_bits(cfg.layer_bits[k]) * n for k, n in size.items()) / total,
+                 "avg_weight_bits": sum(cfg.layer_bits[k] * n for k, n in size.items()) / total,
                  "layer_bits": cfg.layer_bits, "sensitivity": sens}
     if qat:
         print(f"export: {src['model']} at {cfg.bits_name} from quantization-aware training: its learned weights "

@@ -334,11 +334,26 @@ def test_mixed_precision_meets_budget_and_spares_sensitive_layers(model, data):
     choice = choose_bits(g, sens, 6.0)
     size = {n.module: n.weight.numel() for n in g.weighted()}
     assert sum(choice[k] * size[k] for k in size) / sum(size.values()) <= 6.0
-    assert set(choice.values()) <= {4, 8}
+    assert set(choice.values()) == {4, 8}
     # The greedy choice lowers the cheapest layers first: making the largest layer very sensitive keeps it at 8.
     big = max(size, key=size.get)
     sens[big] = {8: 0.0, 4: 1e9}
     assert choose_bits(g, sens, 6.0)[big] == 8
+
+
+def test_mixed_precision_counts_stored_bits(model):
+    """The budget is what is stored (int4 up to 4 bits, int8 above): 6 and 3 bits save nothing over 8 and 4, so
+    with (8, 6, 4, 3) measured the choice is 8 or 4, a budget under 4 bits is refused in one line, and one of 4
+    puts every layer at 4 bits (not 3)."""
+    from plateau.export.sensitivity import choose_bits
+
+    g = capture(model, [1, 3, 32, 32])
+    sens = {n.module: {8: 0.0, 6: 0.0, 4: float(i + 1), 3: 10.0 * (i + 1)} for i, n in enumerate(g.weighted())}
+    assert set(choose_bits(g, sens, 6.0).values()) <= {8, 4}
+    assert set(choose_bits(g, sens, 4.0).values()) == {4}
+    assert set(choose_bits(g, sens, 8.0).values()) == {8}
+    with pytest.raises(PlateauError, match="below 4 bits per weight"):
+        choose_bits(g, sens, 3.5)
 
 
 def test_fisher_sensitivity_estimates_the_measured_kl(model, data):
@@ -491,8 +506,8 @@ def test_cli_mixed_precision_reports_its_choice(model, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     rep = json.loads((tmp_path / "r/export/report.json").read_text())
     m = rep["mixed_precision"]
-    assert m["sensitivity_measure"] == "kl" and m["sensitivity_images"] == 64 and m["avg_weight_bits"] <= 6.0
-    assert "Mixed precision: weights" in (tmp_path / "r/export/report.md").read_text()
+    assert m["sensitivity_measure"] == "kl" and m["sensitivity_images"] == 64 and m["avg_stored_bits"] <= 6.0
+    assert "Mixed precision: weights stored in" in (tmp_path / "r/export/report.md").read_text()
     man = json.loads((tmp_path / "r/export/manifest.json").read_text())
     assert man["mixed_precision"]["layer_bits"] == m["layer_bits"] == rep["config"]["layer_bits"]
     assert set(man["mixed_precision"]["sensitivity"]) == set(m["layer_bits"])
@@ -500,4 +515,4 @@ def test_cli_mixed_precision_reports_its_choice(model, tmp_path):
     for n in ref.graph.weighted():
         q = ref.weights[n.name].q
         assert q.abs().max() == 2 ** (m["layer_bits"][n.module] - 1) - 1, n.module  # its grid's largest level
-    assert max(m["layer_bits"].values()) > 4  # the budget bought some layers more than --bits' width
+    assert set(m["layer_bits"].values()) == {4, 8}  # the budget bought some layers 8 bits, the rest --bits' 4

@@ -165,7 +165,7 @@ EXPORT = [
         ("--calib-images", "0", None, "fast"), ("--calib-images", "-1", None, "bench"),
         ("--eval-limit", "0", None, "bench"), ("--eval-limit", "-5", None, "bench"),
         ("--mixed-precision", "1", None, "bench"), ("--mixed-precision", "9", None, "bench"),
-        ("--mixed-precision", "2.5", None, "bench"),
+        ("--mixed-precision", "3.5", None, "bench"),
         ("--sensitivity", "nope", None, "bench"), ("--sensitivity-images", "0", None, "bench"),
         ("--sensitivity", "kl", "--mixed-precision", "fast"),
         ("--img-size", "0", None, "bench"), ("--bits", "W4", "W4", "bench"), ("--bits", "W9A8", "W9A8", "bench"),
