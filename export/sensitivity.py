@@ -20,7 +20,8 @@ under the KL's at the same budget: the KL is the default, the estimate the fast 
 The size counted is what is stored: int8 for weights of 5-8 bits, int4 (two per byte) for 4 bits and fewer, so the
 choice is between 8 bits and a low width (export measures 8 and the low width of --bits, 4 if --bits has more). The
 choice is greedy: start every layer at 8 bits, then repeatedly lower the layer whose step down costs the least
-sensitivity per stored bit saved, until the parameter-weighted average of stored bits is within the budget.
+sensitivity per stored bit saved, until the parameter-weighted average of stored bits is within the budget; then
+the bits the last step left over go back, greedily, to the layers that gain most per bit and still fit.
 """
 
 from __future__ import annotations
@@ -175,4 +176,21 @@ def choose_bits(graph: QGraph, sens: Sensitivity, budget: float) -> dict[str, in
         if best is None:
             break
         choice[best[0]] = best[1]
-    return choice
+    # The last step down can overshoot: give the bits left over back to the layers that gain most per bit.
+    while True:
+        best, best_gain = None, 0.0
+        for k, o in options.items():
+            wider = [b for b in o if stored_bits(b) > stored_bits(choice[k])]
+            if not wider:
+                continue
+            nb = wider[-1]  # the narrowest wider stored size, at its widest width
+            nb = max(b for b in o if stored_bits(b) == stored_bits(nb))
+            extra = (stored_bits(nb) - stored_bits(choice[k])) * size[k]
+            if avg() + extra / total > budget + 1e-9:
+                continue
+            gain = (sens[k][choice[k]] - sens[k][nb]) / extra
+            if gain > best_gain:
+                best, best_gain = (k, nb), gain
+        if best is None:
+            return choice
+        choice[best[0]] = best[1]

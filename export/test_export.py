@@ -356,6 +356,22 @@ def test_mixed_precision_counts_stored_bits(model):
         choose_bits(g, sens, 3.5)
 
 
+def test_mixed_precision_gives_back_what_the_last_step_left(model):
+    """The smallest layer is the cheapest per bit and goes down first, but the budget needs the largest one down
+    too, after which the smallest fits at 8 bits again: it gets its bits back."""
+    from plateau.export.sensitivity import choose_bits, stored_bits
+
+    g = capture(model, [1, 3, 32, 32])
+    size = {n.module: n.weight.numel() for n in g.weighted()}
+    big, small = max(size, key=size.get), min(size, key=size.get)
+    sens = {k: {8: 0.0, 4: 1e-9 if k == small else 1.0 if k == big else 1e6} for k in size}
+    total = sum(size.values())
+    budget = 8.0 - 4.0 * size[big] / total  # exactly the largest layer at 4 bits
+    choice = choose_bits(g, sens, budget)
+    assert choice[big] == 4 and choice[small] == 8 and set(choice.values()) == {4, 8}
+    assert sum(stored_bits(choice[k]) * n for k, n in size.items()) / total <= budget + 1e-9
+
+
 def test_fisher_sensitivity_estimates_the_measured_kl(model, data):
     """The second-order (Fisher) estimate stands for the KL measured on the same images: summed over the layers
     within a factor of 1.5 at 4 and at 2 bits, each layer within a factor of 3 (one sampled label per image makes
