@@ -33,8 +33,12 @@ def test_conv_macs_counts_convs_and_gemms(compile_speed, tmp_path):
 def test_measured_clock_is_a_clock(compile_speed):
     """The multiply chain is really executed: twice the iterations take twice the time (a folded loop would
     report a clock that doubles with them), and the result is a plausible core clock."""
-    # the best of three each: a busy machine (a benchmark beside the tests) steals time from single measurements
-    a = max(compile_speed.measured_clock_ghz(20_000_000) for _ in range(3))
-    b = max(compile_speed.measured_clock_ghz(40_000_000) for _ in range(3))
+    # The best of three each, and up to five rounds: a busy machine (benchmarks beside the tests, more processes
+    # than cores) steals time from whole measurements; a folded loop would fail every round.
+    for _ in range(5):
+        a = max(compile_speed.measured_clock_ghz(20_000_000) for _ in range(3))
+        b = max(compile_speed.measured_clock_ghz(40_000_000) for _ in range(3))
+        if abs(a - b) / max(a, b) < 0.25:
+            break
     assert 0.5 < a < 7.0 and 0.5 < b < 7.0
     assert abs(a - b) / max(a, b) < 0.25, (a, b)
