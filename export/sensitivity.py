@@ -4,18 +4,19 @@ Sensitivity of a layer at b bits: how far the model's softmax outputs move from 
 mean per image) when only that layer's weights are quantized to b bits. Two measures, one registry:
 
     kl      (default) the KL itself, measured with a forward over the images for every layer and width: exact
-            for those images; (layers x widths) forwards: 13 s on ResNet-20 (20 layers x 4 widths, 256 images),
-            far longer on ViT-Tiny (74 x 4)
+            for those images; (layers x widths) forwards: 13-61 s on ResNet-20 (20 layers, 256 images, shared
+            2-core machine), far longer on ViT-Tiny (74 layers)
     fisher  the second-order estimate 1/2 * sum_i F_ii * (Q_b(w)_i - w_i)^2, with F the diagonal of the model's
             Fisher information, from one backward pass per calibration image (labels drawn from the FP model's
             own softmax, so F is the Hessian of that KL at the FP weights). It leaves out F's cross terms, taking
             the rounding errors of different weights to average out. One forward and backward per image,
             whatever the number of layers and widths
 
-On ResNet-20 (bench/RESULTS.md, "Mixed precision") the estimate is off the measured KL by a factor of ~1.6 per
-layer and width (the spread of their log ratio; the same with the exact expectation over the classes in place of a
-sampled label, so it is the diagonal and the second order, not the sampling), and its choice scored 1.6 points
-under the KL's at the same budget: the KL is the default, the estimate the fast option.
+On ResNet-20 (bench/RESULTS.md, "Mixed precision under a size budget") the estimate is off the measured KL by a
+factor of ~1.6 per layer and width (the spread of their log ratio; the same with the exact expectation over the
+classes in place of a sampled label, so it is the diagonal and the second order, not the sampling), yet the two
+choices score within 0.61 points of each other at 4.5, 5 and 6 stored bits, neither ahead. The KL is the default
+as the exact measure; the estimate is the option whose cost does not grow with the number of layers.
 
 The size counted is what is stored: int8 for weights of 5-8 bits, int4 (two per byte) for 4 bits and fewer, so the
 choice is between 8 bits and a low width (export measures 8 and the low width of --bits, 4 if --bits has more). The
@@ -152,45 +153,42 @@ def choose_bits(graph: QGraph, sens: Sensitivity, budget: float) -> dict[str, in
     `budget`; returns {module path: bits}. Sizes count what is stored (stored_bits): a step down that stores no
     fewer bits (8 -> 6, 4 -> 3) saves nothing and is never taken."""
     size = {n.module or n.name: n.weight.numel() for n in graph.weighted()}
-    options = {k: sorted(v, reverse=True) for k, v in sens.items()}
-    smallest = min(stored_bits(min(o)) for o in options.values())
+    # Per layer, the widest width measured at each stored size, narrowest size first: a step between stored
+    # sizes takes the widest width of the new size (8 -> 6 or 4 -> 3 would cost accuracy for no bytes).
+    levels = {k: sorted({stored_bits(b): b for b in sorted(v)}.items()) for k, v in sens.items()}
+    smallest = min(lv[0][0] for lv in levels.values())
     if budget < smallest:
         raise PlateauError(f"weight-bit budget {budget} is below {smallest} bits per weight, the smallest stored width "
                            "(4-bit and narrower weights are stored as int4)")
-    choice = {k: o[0] for k, o in options.items()}
+    at = {k: len(lv) - 1 for k, lv in levels.items()}  # every layer starts at its widest
     total = sum(size.values())
 
     def avg() -> float:
-        return sum(stored_bits(choice[k]) * size[k] for k in size) / total
+        return sum(levels[k][at[k]][0] * size[k] for k in size) / total
 
-    while avg() > budget + 1e-9:
-        best, best_cost = None, float("inf")
-        for k, o in options.items():
-            cheaper = [b for b in o if stored_bits(b) < stored_bits(choice[k])]
-            if not cheaper:
+    def step_cost(k: str, to: int) -> tuple[float, int]:
+        """(sensitivity added, stored bits added) moving layer k to level `to`."""
+        (s_from, b_from), (s_to, b_to) = levels[k][at[k]], levels[k][to]
+        return sens[k][b_to] - sens[k][b_from], (s_to - s_from) * size[k]
+
+    def best_step(direction: int) -> str | None:
+        """The layer whose step to its next level down (-1) or up (+1, within the budget, and only for a gain) has
+        the least sensitivity added per stored bit moved; the first in graph order on a tie."""
+        best, best_rate, now = None, (0.0 if direction > 0 else float("inf")), avg()
+        for k, lv in levels.items():
+            to = at[k] + direction
+            if not 0 <= to < len(lv):
                 continue
-            nb = cheaper[0]  # the widest of the narrower stored size: the same bytes for the least error
-            cost = (sens[k][nb] - sens[k][choice[k]]) / ((stored_bits(choice[k]) - stored_bits(nb)) * size[k])
-            if cost < best_cost:
-                best, best_cost = (k, nb), cost
-        if best is None:
-            break
-        choice[best[0]] = best[1]
+            loss, bits = step_cost(k, to)
+            if direction > 0 and now + bits / total > budget + 1e-9:
+                continue
+            if loss / abs(bits) < best_rate:
+                best, best_rate = k, loss / abs(bits)
+        return best
+
+    while avg() > budget + 1e-9 and (k := best_step(-1)) is not None:
+        at[k] -= 1
     # The last step down can overshoot: give the bits left over back to the layers that gain most per bit.
-    while True:
-        best, best_gain = None, 0.0
-        for k, o in options.items():
-            wider = [b for b in o if stored_bits(b) > stored_bits(choice[k])]
-            if not wider:
-                continue
-            nb = wider[-1]  # the narrowest wider stored size, at its widest width
-            nb = max(b for b in o if stored_bits(b) == stored_bits(nb))
-            extra = (stored_bits(nb) - stored_bits(choice[k])) * size[k]
-            if avg() + extra / total > budget + 1e-9:
-                continue
-            gain = (sens[k][choice[k]] - sens[k][nb]) / extra
-            if gain > best_gain:
-                best, best_gain = (k, nb), gain
-        if best is None:
-            return choice
-        choice[best[0]] = best[1]
+    while (k := best_step(+1)) is not None:
+        at[k] += 1
+    return {k: levels[k][at[k]][1] for k in levels}
