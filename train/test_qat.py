@@ -245,7 +245,7 @@ def test_qat_under_torchrun(fp_run):
     """Two gloo processes train a QAT run (the two-view objective: one forward per backward under DDP)."""
     d = fp_run
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "plateau.train", "--", "--run", "ddp", "--qat", "--bits", "W2A4", "--method", "cr",
            "--checkpoint", "fp/train/last.pt", "--epochs", "1", "--threads", "1", *QUICK]
     res = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=600)

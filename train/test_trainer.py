@@ -226,7 +226,7 @@ def test_finetune_from_pretrained_cifar_resnet20(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_gloo_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "plateau.train", "--", "--run", str(tmp_path), "--epochs", "2", "--train-limit", "512",
            "--eval-limit", "256", "--flatness", "end", "--flatness-images", "64", "--threads", "1",
            "--no-progress", "--noise", "sam-gaussian", "--bits", "W4A8", "--calib-images", "64"]
@@ -243,7 +243,7 @@ def test_ddp_two_gloo_processes(tmp_path):
 def test_range_grad_is_refused_under_torchrun(tmp_path):
     """Its weight-step gradient is formed after DDP's all-reduce, from one rank's draw: refused, not run wrong."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "plateau.train", "--", "--run", str(tmp_path), "--epochs", "1", "--train-limit", "64",
            "--threads", "1", "--no-progress", "--range-grad", "--flatness", "off", "--overwrite"]
     (tmp_path / "train").mkdir()
