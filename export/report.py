@@ -41,6 +41,8 @@ def render_report(r: dict) -> str:
                   f"{m['sensitivity_measure']} sensitivity on "
                   f"{m['sensitivity_images']} calibration images ({m['sensitivity_seconds']:.0f} s); layers per "
                   "width: " + ", ".join(f"{b}-bit {widths[b]}" for b in sorted(widths, reverse=True))]
+        if m.get("pinned"):
+            lines.append("  Kept at the width asked for: " + ", ".join(f"{k} {b}-bit" for k, b in m["pinned"].items()))
     if "onnxruntime_note" in r:
         lines += ["", f"Note: {r['onnxruntime_note']}."]
     if "onnxruntime_error" in r:

@@ -27,6 +27,7 @@ the bits the last step left over go back, greedily, to the layers that gain most
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -40,7 +41,7 @@ from plateau.quant import dequantize, quantize
 from plateau.reference import run_graph
 from plateau.registry import Registry
 
-__all__ = ["SENSITIVITIES", "layer_sensitivity", "choose_bits", "stored_bits"]
+__all__ = ["SENSITIVITIES", "layer_sensitivity", "choose_bits", "stored_bits", "mixed_precision"]
 
 Sensitivity = dict[str, dict[int, float]]  # layer module path -> {bits: KL increase}
 SENSITIVITIES: Registry[Callable[..., Sensitivity]] = Registry("sensitivity measure")
@@ -148,20 +149,30 @@ def stored_bits(bits: int) -> int:
     return 4 if bits <= 4 else 8
 
 
-def choose_bits(graph: QGraph, sens: Sensitivity, budget: float) -> dict[str, int]:
+def choose_bits(graph: QGraph, sens: Sensitivity, budget: float,
+                pinned: dict[str, int] | None = None) -> dict[str, int]:
     """Greedy per-layer weight bits whose stored size, in bits per weight averaged over the parameters, is at most
     `budget`; returns {module path: bits}. Sizes count what is stored (stored_bits): a step down that stores no
-    fewer bits (8 -> 6, 4 -> 3) saves nothing and is never taken."""
+    fewer bits (8 -> 6, 4 -> 3) saves nothing and is never taken. Layers in `pinned` ({module path: bits}: the
+    widths the user fixed, e.g. --keep-first-last-8bit) keep their width and count in the budget."""
+    pinned = pinned or {}
+    unknown = sorted(set(pinned) - set(sens))
+    if unknown:
+        raise PlateauError(f"pinned width for {', '.join(map(repr, unknown))}, which is not a conv/linear layer; "
+                           f"layers: {', '.join(sens)}")
     size = {n.module or n.name: n.weight.numel() for n in graph.weighted()}
     # Per layer, the widest width measured at each stored size, narrowest size first: a step between stored
-    # sizes takes the widest width of the new size (8 -> 6 or 4 -> 3 would cost accuracy for no bytes).
-    levels = {k: sorted({stored_bits(b): b for b in sorted(v)}.items()) for k, v in sens.items()}
-    smallest = min(lv[0][0] for lv in levels.values())
-    if budget < smallest:
-        raise PlateauError(f"weight-bit budget {budget} is below {smallest} bits per weight, the smallest stored width "
-                           "(4-bit and narrower weights are stored as int4)")
-    at = {k: len(lv) - 1 for k, lv in levels.items()}  # every layer starts at its widest
+    # sizes takes the widest width of the new size (8 -> 6 or 4 -> 3 would cost accuracy for no bytes). A pinned
+    # layer has one level, its own width.
+    levels = {k: [(stored_bits(pinned[k]), pinned[k])] if k in pinned
+              else sorted({stored_bits(b): b for b in sorted(v)}.items()) for k, v in sens.items()}
     total = sum(size.values())
+    smallest = sum(levels[k][0][0] * size[k] for k in size) / total
+    if budget < smallest - 1e-9:
+        why = (f"the layers with a fixed width ({', '.join(f'{k}: {b}' for k, b in pinned.items())}) and int4 for "
+               "the rest" if pinned else "the smallest stored width (4-bit and narrower weights are stored as int4)")
+        raise PlateauError(f"weight-bit budget {budget} is below {smallest:.4g} bits per weight, {why}")
+    at = {k: len(lv) - 1 for k, lv in levels.items()}  # every layer starts at its widest
 
     def avg() -> float:
         return sum(levels[k][at[k]][0] * size[k] for k in size) / total
@@ -192,3 +203,26 @@ def choose_bits(graph: QGraph, sens: Sensitivity, budget: float) -> dict[str, in
     while (k := best_step(+1)) is not None:
         at[k] += 1
     return {k: levels[k][at[k]][1] for k in levels}
+
+
+def mixed_precision(graph: QGraph, calib: list[torch.Tensor], cfg: QuantConfig, budget: float, method: str = "kl",
+                    images: int = 256) -> dict:
+    """Measure every layer at 8 bits and at the low width of cfg (at most 4: the widths that store differently),
+    choose under `budget` stored bits per weight, and return the choice as export records it: layer_bits (which
+    cfg.layer_bits is then set to), the averages, the measure's name, images and seconds, the per-layer table.
+    Widths the user fixed (cfg.layer_bits, --keep-first-last-8bit) are kept and counted."""
+    t0 = time.time()
+    layers = graph.weighted()
+    pinned = {k: b for k, b in cfg.layer_bits.items()}
+    if cfg.keep_first_last_8bit:
+        pinned.update({n.module or n.name: 8 for n in (layers[0], layers[-1])})
+    sens = layer_sensitivity(graph, calib, cfg, bits=(8, min(cfg.weight_bits, 4)), method=method, images=images)
+    bits = choose_bits(graph, sens, budget, pinned)
+    size = {n.module or n.name: n.weight.numel() for n in layers}
+    total = sum(size.values())
+    return {"budget_avg_bits": budget, "sensitivity_measure": method,
+            "sensitivity_images": min(images, sum(len(x) for x in calib)),
+            "sensitivity_seconds": round(time.time() - t0, 1),
+            "avg_stored_bits": sum(stored_bits(bits[k]) * n for k, n in size.items()) / total,
+            "avg_weight_bits": sum(bits[k] * n for k, n in size.items()) / total,
+            "pinned": pinned, "layer_bits": bits, "sensitivity": sens}

@@ -59,7 +59,7 @@ from .presets import PRESET_FIELDS, ptq_defaults
 from .ptq import quantize_graph, quantize_model
 from .reference_file import load_reference, reference_state
 from .report import render_report
-from .sensitivity import SENSITIVITIES, choose_bits, layer_sensitivity, stored_bits
+from .sensitivity import SENSITIVITIES, mixed_precision
 from .validate import (
     ORT_INT8_QDQ,
     compare_logits,
@@ -288,20 +288,9 @@ def main(args: argparse.Namespace) -> dict:
     mixed = None
     if args.mixed_precision is not None:
         graph = model if isinstance(model, QGraph) else capture(model, [1, *mcfg["input_size"]], cfg.allow_float)
-        measure = getattr(args, "sensitivity", None) or "kl"
-        images = getattr(args, "sensitivity_images", None) or 256
-        t_sens = time.time()
-        low = min(cfg.weight_bits, 4)
-        sens = layer_sensitivity(graph, calib, cfg, bits=(8, low), method=measure, images=images)
-        cfg.layer_bits = choose_bits(graph, sens, args.mixed_precision)
-        size = {n.module or n.name: n.weight.numel() for n in graph.weighted()}
-        total = sum(size.values())
-        mixed = {"budget_avg_bits": args.mixed_precision, "sensitivity_measure": measure,
-                 "sensitivity_images": min(images, sum(len(x) for x in calib)),
-                 "sensitivity_seconds": round(time.time() - t_sens, 1),
-                 "avg_stored_bits": sum(stored_bits(cfg.layer_bits[k]) * n for k, n in size.items()) / total,
-                 "avg_weight_bits": sum(cfg.layer_bits[k] * n for k, n in size.items()) / total,
-                 "layer_bits": cfg.layer_bits, "sensitivity": sens}
+        mixed = mixed_precision(graph, calib, cfg, args.mixed_precision, getattr(args, "sensitivity", None) or "kl",
+                                getattr(args, "sensitivity_images", None) or 256)
+        cfg.layer_bits = mixed["layer_bits"]
     if qat:
         print(f"export: {src['model']} at {cfg.bits_name} from quantization-aware training: its learned weights "
               "and scales, no calibration")

@@ -372,6 +372,29 @@ def test_mixed_precision_gives_back_what_the_last_step_left(model):
     assert sum(stored_bits(choice[k]) * n for k, n in size.items()) / total <= budget + 1e-9
 
 
+def test_mixed_precision_keeps_pinned_widths_and_counts_them(model):
+    """Widths the user fixed (--keep-first-last-8bit, layer_bits) stay as asked and count in the budget; a budget
+    they leave no room for is refused in one line that names them."""
+    from plateau.export.sensitivity import choose_bits, stored_bits
+
+    g = capture(model, [1, 3, 32, 32])
+    size = {n.module: n.weight.numel() for n in g.weighted()}
+    first, last = list(size)[0], list(size)[-1]
+    # The first and last layers are the least sensitive: unpinned, they would go to 4 bits first.
+    sens = {k: {8: 0.0, 4: 0.0 if k in (first, last) else 1.0 + i} for i, k in enumerate(size)}
+    assert choose_bits(g, sens, 7.9)[first] == 4
+    pinned = {first: 8, last: 8}
+    total = sum(size.values())
+    for budget in (4.0 + 4.0 * (size[first] + size[last]) / total, 5.0, 7.9):
+        choice = choose_bits(g, sens, budget, pinned)
+        assert choice[first] == choice[last] == 8
+        assert sum(stored_bits(choice[k]) * n for k, n in size.items()) / total <= budget + 1e-9
+    with pytest.raises(PlateauError, match=f"fixed width .*{first}: 8"):
+        choose_bits(g, sens, 4.0, pinned)
+    with pytest.raises(PlateauError, match="'nope'.*not a conv/linear"):
+        choose_bits(g, sens, 6.0, {"nope": 8})
+
+
 def test_fisher_sensitivity_estimates_the_measured_kl(model, data):
     """The second-order (Fisher) estimate stands for the KL measured on the same images: summed over the layers
     within a factor of 1.5 at 4 and at 2 bits, each layer within a factor of 3 (the diagonal, second-order estimate
@@ -510,7 +533,8 @@ def test_export_report_counts_onnxruntime_kernels_and_flags_u8s8(tmp_path, monke
 @pytest.mark.slow
 def test_cli_mixed_precision_reports_its_choice(model, tmp_path):
     """`plateau export --mixed-precision` writes the choice into report.json / report.md (the per-layer table
-    into the manifest), and the exported weights are at the chosen widths."""
+    into the manifest), the exported weights are at the chosen widths, and --keep-first-last-8bit's layers stay at
+    8 bits."""
     import json
     import subprocess
     import sys
@@ -518,7 +542,7 @@ def test_cli_mixed_precision_reports_its_choice(model, tmp_path):
     torch.save(model.state_dict(), tmp_path / "ck.pt")
     cmd = [sys.executable, "-m", "plateau", "export", "--run", "r", "--model", "small_cnn", "--checkpoint", "ck.pt",
            "--data", "synthetic", "--bits", "W4A8", "--fast", "--mixed-precision", "6", "--calib-images", "64",
-           "--eval-limit", "64"]
+           "--eval-limit", "64", "--keep-first-last-8bit"]
     p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     rep = json.loads((tmp_path / "r/export/report.json").read_text())
@@ -533,3 +557,7 @@ def test_cli_mixed_precision_reports_its_choice(model, tmp_path):
         q = ref.weights[n.name].q
         assert q.abs().max() == 2 ** (m["layer_bits"][n.module] - 1) - 1, n.module  # its grid's largest level
     assert set(m["layer_bits"].values()) == {4, 8}  # the budget bought some layers 8 bits, the rest --bits' 4
+    first, last = list(m["layer_bits"])[0], list(m["layer_bits"])[-1]
+    assert m["pinned"] == {first: 8, last: 8} and m["layer_bits"][first] == m["layer_bits"][last] == 8
+    assert "Kept at the width asked for" in (tmp_path / "r/export/report.md").read_text()
+    assert man["config"]["img_size"] == 32  # the image size later stages load data at (was the layer sizes' dict)
