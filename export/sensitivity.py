@@ -216,7 +216,10 @@ def mixed_precision(graph: QGraph, calib: list[torch.Tensor], cfg: QuantConfig, 
     pinned = {k: b for k, b in cfg.layer_bits.items()}
     if cfg.keep_first_last_8bit:
         pinned.update({n.module or n.name: 8 for n in (layers[0], layers[-1])})
-    sens = layer_sensitivity(graph, calib, cfg, bits=(8, min(cfg.weight_bits, 4)), method=method, images=images)
+    widths = (8, min(cfg.weight_bits, 4))
+    # Refuse a budget or pin that cannot work before the measurement, which takes minutes on a transformer.
+    choose_bits(graph, {n.module or n.name: dict.fromkeys(widths, 0.0) for n in layers}, budget, pinned)
+    sens = layer_sensitivity(graph, calib, cfg, bits=widths, method=method, images=images)
     bits = choose_bits(graph, sens, budget, pinned)
     size = {n.module or n.name: n.weight.numel() for n in layers}
     total = sum(size.values())

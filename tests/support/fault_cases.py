@@ -297,6 +297,7 @@ CASES = [*KILL, *TRAIN, *TRAIN_OPTIONS, *MAKE, *CLI]
 FAST = {
     "train-over-existing-run", "train--train-limit=0", "kill-export-after-reference", "export-nan-weights",
     "export-checkpoint-malicious", "export--calib-images=0", "export--sensitivity=kl", "compile-qdq-swapped",
+    "export-mixed-precision-no-room",
     "compile-export-manifest-version-string", "validate-ref-logits-garbage", "validate--limit=0",
     "make-clean-run-two-words", "make-clean-run-dotdot",
 }

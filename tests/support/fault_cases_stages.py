@@ -157,6 +157,10 @@ EXPORT = [
     Case("export-onnx-missing", "traceback", "--onnx names nothing",
          [err([*_EXP, "--onnx", "{ws}/n.onnx", "--data", "synthetic"], "no such ONNX file")]),
     Case("export-data-missing", "traceback", "--data names nothing", [err([*_EXP, "--data", "{ws}/nope"], "nope")]),
+    Case("export-mixed-precision-no-room", "nonsense", "--mixed-precision 4 with --keep-first-last-8bit: the two "
+         "8-bit layers leave no room for a 4-bit average", [err([*_EXP, "--bits", "W4A8", "--mixed-precision", "4",
+                                                               "--keep-first-last-8bit"], "fixed width")],
+         check=same_as_good("export")),
     Case("export-file-modes", "robustness", "exported files are readable by the group and others (umask)",
          [ok(_EXP)], check=lambda ws: next((f"{p.name} has mode {oct(p.stat().st_mode & 0o777)}" for p in
                                             (ws.run / "export").iterdir() if p.stat().st_mode & 0o044 != 0o044),
