@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from plateau.calibrate import calibrate, weight_scales, with_bias
+from plateau.data import progress
 from plateau.errors import PlateauError
 from plateau.qconfig import QuantConfig
 from plateau.qgraph import QGraph, QNode
@@ -67,12 +68,6 @@ def _rounded(n: QNode, bits: int, cfg: QuantConfig) -> tuple[torch.Tensor, torch
     return quantize(n.weight, s, 0, qt, axis=0), s
 
 
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", leave=False, mininterval=1.0, disable=None)
-
-
 @SENSITIVITIES.register("kl")
 @torch.no_grad()
 def kl_sensitivity(graph: QGraph, calib: list[torch.Tensor], cfg: QuantConfig, bits: tuple[int, ...]) -> Sensitivity:
@@ -81,7 +76,7 @@ def kl_sensitivity(graph: QGraph, calib: list[torch.Tensor], cfg: QuantConfig, b
     images = sum(len(x) for x in calib)
     out: Sensitivity = {}
     layers = graph.weighted()
-    with _progress(images * len(layers) * len(bits), "sensitivity (KL)") as bar:
+    with progress(images * len(layers) * len(bits), "sensitivity (KL)") as bar:
         for n in layers:
             out[n.module or n.name] = {}
             for b in bits:
@@ -107,7 +102,7 @@ def fisher_sensitivity(graph: QGraph, calib: list[torch.Tensor], cfg: QuantConfi
     try:
         for n in layers:  # a leaf copy per layer: the graph's own tensors are left as they were
             n.weight = n.weight.detach().clone().requires_grad_(True)
-        with _progress(count, "sensitivity (Fisher)") as bar:
+        with progress(count, "sensitivity (Fisher)") as bar:
             for batch in calib:
                 with torch.no_grad():
                     labels = torch.multinomial(F.softmax(run_graph(graph, batch), 1), 1, generator=gen).squeeze(1)

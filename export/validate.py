@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from plateau.data import ImageSet, batches
+from plateau.data import ImageSet, batches, progress
 
 __all__ = ["logits_of", "ort_session", "ort_kernels", "ort_quant_points", "ort_u8s8_saturates", "ort_u8s8_pairs_fit",
            "ORT_INT8_QDQ", "compare_logits", "top1"]
@@ -19,12 +19,9 @@ ORT_INT8_QDQ = {"session.qdqisint8allowed": "1"}  # the session config of every 
 def logits_of(fn: Callable[[np.ndarray], np.ndarray], data: ImageSet, mean: list[float], std: list[float],
               batch_size: int = 250, limit: int | None = None, desc: str = "eval") -> np.ndarray:
     """Run fn over the (first `limit` images of the) set in order; fn takes and returns numpy arrays."""
-    from tqdm import tqdm
-
     n = len(data) if limit is None else min(limit, len(data))
     out = []
-    # disable=None: no bar when stderr is no terminal (a log, a pipe), where it would precede an error line
-    with tqdm(total=n, desc=desc, unit="img", leave=False, mininterval=1.0, disable=None) as bar:
+    with progress(n, desc) as bar:
         for x, _ in batches(data, batch_size, mean, std, limit=n):
             out.append(np.asarray(fn(x.numpy()), dtype=np.float32))
             bar.update(len(x))

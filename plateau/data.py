@@ -132,13 +132,19 @@ def _list_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, files
 
 
-def _decode(files: list[tuple[Path, int]], img_size: int | None, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image
+def progress(total: int | None = None, desc: str = "", unit: str = "img", iterable=None):
+    """The progress bar of every per-image loop: transient, and off when stderr is no terminal (a log, a pipe),
+    where it would be noise before any error line (tqdm's disable=None)."""
     from tqdm import tqdm
 
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, mininterval=1.0, disable=None)
+
+
+def _decode(files: list[tuple[Path, int]], img_size: int | None, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
     images, labels = [], []
-    # disable=None: no bar when stderr is no terminal (a log, a pipe), where it is noise before any error line
-    for f, label in tqdm(files, desc=desc, unit="img", leave=False, mininterval=1.0, disable=None):
+    for f, label in progress(desc=desc, iterable=files):
         try:
             with Image.open(f) as im:
                 im = im.convert("RGB")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from plateau.data import progress
 from plateau.errors import PlateauError
 from plateau.rpc import parse_addr, rpc_connect
 
@@ -231,13 +232,6 @@ def run_artifact(
 
 
 # --- local --------------------------------------------------------------------------------------------------
-def _progress_bar(total: int, desc: str):
-    from tqdm import tqdm
-
-    # Hidden for tiny runs and when stderr is not a terminal: tqdm's disable=None does the latter.
-    return tqdm(total=total, desc=desc, unit="img", leave=False, mininterval=0.5, disable=None)
-
-
 def _run_local(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int], timing: bool,
                api: str = "cpu") -> RunResult:
     machine = host_machine()
@@ -247,7 +241,7 @@ def _run_local(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[in
         vm, dev = _worker.load_vm(str(lib), _tvm_device(api))
     except Exception as e:  # noqa: BLE001 - any load failure means a bad artifact
         raise PlateauError(f"{lib}: cannot be loaded as a TVM module ({_worker._oneline(e)})") from None
-    with _progress_bar(len(x), f"run local {api}") as bar:
+    with progress(len(x), f"run local {api}") as bar:
         try:
             y = _worker.run_batches(vm, dev, x, batch, fixed, lambda done, n: bar.update(done - bar.n))
         except Exception as e:  # noqa: BLE001
@@ -284,7 +278,7 @@ def _run_qemu(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int
             # Few repeats: under emulation each call is slow and the numbers only show it runs.
             cmd += ["--timing", str(t / "timing.json"), "--time-batches", ",".join(map(str, sizes)),
                     "--repeat", "3"]
-        with open(t / "stderr.txt", "w+") as err, _progress_bar(len(x), "run qemu-aarch64") as bar:
+        with open(t / "stderr.txt", "w+") as err, progress(len(x), "run qemu-aarch64") as bar:
             try:
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
             except OSError as e:
@@ -336,7 +330,7 @@ def _run_rpc(lib: Path, x: np.ndarray, batch: int, fixed: bool, sizes: list[int]
     def upload(a: np.ndarray):
         return tvm.runtime.tensor(a, dev)
 
-    with _progress_bar(len(x), f"run rpc {host}:{port}") as bar:
+    with progress(len(x), f"run rpc {host}:{port}") as bar:
         try:
             y = _worker.run_batches(vm, dev, x, batch, fixed, lambda done, n: bar.update(done - bar.n),
                                     upload)
