@@ -3,12 +3,15 @@
 For each seed and method: fine-tune the pretrained ViT (`plateau.train.train`, same budget for every row), then
 measure FP top-1, the Hessian trace (Hutchinson, attention unfused) and PTQ top-1 at W4A4 and W3A3 of the result
 (round-to-nearest PTQ, the same for every row; the integer reference `FakeQuantModel.forward`), once with MSE
-ranges (`ptq_<bits>`) and once with min-max ranges (`ptq_<bits>_minmax`: the model README's simple PTQ, where the
-issue's +15 / +3 goals were measured). Rows: `none` (plain fine-tuning) and `METHOD@BITS` (a registered noise
-method, e.g. `gaussian@W3A3`: Gaussian WQE/AQE at BITS, attention operands included; a `+kd=W` suffix, e.g.
-`alternate@W3A3+kd=1`, adds W times the distillation from the pretrained model to every step; `+range` turns on
-`--range-grad`, e.g. `alternate@W3A3+kd=1+range`). A row whose run directory
-already holds the finished fine-tune is measured again without training (`--retrain` trains it anew).
+ranges (`ptq_<bits>`) and once with min-max ranges (`ptq_<bits>_minmax`), the attention probabilities on export's
+8-bit grid in both; `--ptq-ranges readme` adds min-max with the probabilities at the activation width too
+(`ptq_<bits>_readme`: the model README's simple PTQ, where the issue's +15 / +3 goals were measured).
+Rows: `none` (plain fine-tuning) and `METHOD@BITS` (a registered noise method, e.g. `gaussian@W3A3`: Gaussian
+WQE/AQE at BITS, attention operands included). Options follow `+`: `+kd=W` adds W times the distillation from the
+pretrained model to every step (`alternate@W3A3+kd=1`); `+range` turns on `--range-grad`; `+probs` puts the noise on
+the attention probabilities at the activation width of BITS instead of 8 bits, as the `readme` PTQ quantizes them.
+A row whose run directory already holds the finished fine-tune is measured again without training (`--retrain`
+trains it anew).
 
     .venv/bin/python bench/vit_flat.py --device cuda --seeds 0 1 2 --out bench/results/vit_flat.json
     .venv/bin/python bench/vit_flat.py --train-limit 1024 --eval-limit 500 --epochs 1 --seeds 0   # a CPU-sized run
@@ -51,7 +54,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--flat-images", type=int, default=512, help="train images of the Hessian trace (memory grows "
                                                                "with them: the double-backward graphs stay alive)")
     p.add_argument("--ptq-bits", nargs="+", default=["W4A4", "W3A3"])
-    p.add_argument("--ptq-ranges", nargs="+", default=["mse", "minmax"], choices=("mse", "minmax"))
+    p.add_argument("--ptq-ranges", nargs="+", default=["mse", "minmax"], choices=("mse", "minmax", "readme"))
     p.add_argument("--pretrained-from", default=None, help="take the pretrained row from this earlier result JSON "
                    "(same checkpoint, test images and PTQ settings) instead of measuring it again")
     p.add_argument("--runs", default=str(ROOT / "runs/bench-vit-flat"))
@@ -88,7 +91,11 @@ def measure(model, train_set, xs, y, args, device) -> dict:
     calib = [x for x, _ in fixed_batches(train_set, 512, mean, std)]
     for bits in args.ptq_bits:  # quantized on the CPU, evaluated where the model is
         for ranges in args.ptq_ranges:
-            cfg = QuantConfig.from_bits(bits, act_calibration=ranges, weight_calibration=ranges)
+            if ranges == "readme":  # min-max, and the probabilities at the activation width like the rest
+                cfg = QuantConfig.from_bits(bits, act_calibration="minmax", weight_calibration="minmax")
+                cfg.probability_bits = cfg.act_bits
+            else:
+                cfg = QuantConfig.from_bits(bits, act_calibration=ranges, weight_calibration=ranges)
             ref = quantize_nearest(model, calib, cfg).to_device(device)
             out[_ptq_key(bits, ranges)] = _top1(ref, xs, y)
     return out
@@ -120,15 +127,16 @@ def main() -> None:
         for spec in args.methods:
             body, *opts = spec.split("+")
             kd = next((o.partition("=")[2] for o in opts if o.startswith("kd=")), "")
-            if any(o != "range" and not o.startswith("kd=") for o in opts):
-                raise SystemExit(f"{spec}: a row's options are +kd=W and +range")
+            if any(o not in ("range", "probs") and not o.startswith("kd=") for o in opts):
+                raise SystemExit(f"{spec}: a row's options are +kd=W, +range and +probs")
             method, _, bits = body.partition("@")
+            prob_bits = int(bits.partition("A")[2]) if "probs" in opts else 8
             torch.manual_seed(seed)
             model = _model(args.ckpt)
             cfg = TrainConfig(data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               optimizer="adamw", weight_decay=0.05, warmup_epochs=0.0, label_smoothing=0.1,
                               bits=bits or "W8A8", method=method, alpha=args.alpha, noise_p=args.noise_p,
-                              kd=float(kd or 0), range_grad="range" in opts,
+                              kd=float(kd or 0), range_grad="range" in opts, probability_bits=prob_bits,
                               seed=seed, flatness="off",
                               train_limit=args.train_limit, eval_limit=args.eval_limit, quant_gap=False,
                               bn_recalibrate=0, device=args.device, progress=False)

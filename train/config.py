@@ -52,6 +52,9 @@ class TrainConfig:
                         "flat methods: the --checkpoint training starts from)", minimum=0)
     range_grad: bool = setting(False, "the noise's step takes gradient: the loss pays for the weight and activation "
                                "ranges that set it (their outliers), as min-max PTQ will (flat methods with noise)")
+    probability_bits: int = setting(8, "bits of the noise on attention probabilities (Softmax outputs): 8, the "
+                                    "grid export keeps them on; the activation width of --bits prepares for a PTQ "
+                                    "that quantizes them with the rest", minimum=2, maximum=8)
     qat_weight: float = setting(1.0, "QAT: weight of the method's own term (fpq, cr, mec, ti)", minimum=0)
     feature_noise: float = setting(0.1, "fpq: std of the multiplicative noise on block outputs", minimum=0)
     qat_bn_freeze: float | None = setting(None, "QAT: the fraction of the run after which each BatchNorm is frozen "

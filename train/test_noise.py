@@ -180,3 +180,20 @@ def test_range_grad_needs_a_method_with_noise():
     with pytest.raises(ValueError, match="--range-grad.*none"):
         TrainConfig(method="none", range_grad=True)
     assert TrainConfig(method="alternate", range_grad=True).noise_config().range_grad
+
+
+def test_attention_probability_noise_width():
+    """The attention probabilities get their noise at probability_bits (8 by default: export's grid for them; the
+    activation width for a PTQ that quantizes them with the rest), the other attention operands at the activation
+    bits; the probabilities' point never differentiates its range (a fixed grid over [0, 1])."""
+    from plateau.models import create_model
+    from plateau.train.graph_noise import NoisePoint, attention_noise_graph
+
+    m = create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, depth=1, embed_dim=32, num_heads=2,
+                     mlp_ratio=2.0)
+    inj = NoiseInjector(m, NoiseConfig(bits="W4A3"))
+    for prob_bits in (8, 3):
+        gm = attention_noise_graph(m, inj, prob_bits)
+        points = sorted((p.fixed_range, p.bits) for p in gm.modules() if isinstance(p, NoisePoint))
+        assert points == [(False, 3)] * 3 + [(True, prob_bits)]  # q, k, v; the probabilities
+    inj.remove()

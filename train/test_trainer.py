@@ -302,6 +302,24 @@ def test_timm_models_train_with_noise(tmp_path, name):
     create_model(name, num_classes=4, img_size=32).load_state_dict(blob["model"])
 
 
+def test_probability_bits_reach_the_attention_noise(tmp_path, monkeypatch):
+    """TrainConfig.probability_bits (--probability-bits) is the width the trainer gives the probabilities' noise."""
+    from plateau.models import create_model
+    from plateau.train import trainer
+
+    seen = []
+    real = trainer.attention_noise_graph
+    monkeypatch.setattr(trainer, "attention_noise_graph", lambda m, inj, bits: seen.append(bits) or real(m, inj, bits))
+    rng = np.random.default_rng(0)
+    data = ImageSet(rng.integers(0, 255, (16, 16, 16, 3), dtype=np.uint8), rng.integers(0, 2, 16).astype(np.int64),
+                    ["a", "b"], "train")
+    model = create_model("vit_tiny_patch16_224", num_classes=2, img_size=16, depth=1, embed_dim=32, num_heads=2,
+                         mlp_ratio=2.0)
+    rep = train(model, _cfg(epochs=1, batch_size=8, bits="W4A3", probability_bits=3, quant_gap=False,
+                            bn_recalibrate=0), tmp_path, data, data)
+    assert seen == [3] and np.isfinite(rep["final"]["train_loss"])
+
+
 def test_resume_from_checkpoint_with_old_config_keys(tmp_path):
     """Checkpoints written before the renames (config keys `noise`, `first_last_8bit`) resume exactly."""
     cfg = _cfg(method="ramp", keep_first_last_8bit=True)

@@ -154,7 +154,7 @@ def _train_locked(model: nn.Module, cfg: TrainConfig, out_dir: Path, train_set: 
     if is_main:
         prepare_run_dir(out_dir, start_epoch, fresh=blob is None)
     # a transformer trains through a traced copy with noise inside attention as well (graph_noise.py)
-    traced = attention_noise_graph(model, inj) if method.noise else None
+    traced = attention_noise_graph(model, inj, cfg.probability_bits) if method.noise else None
     body = traced if traced is not None else model
     # a QAT net's conv biases get no gradient while BatchNorm runs on batch statistics (the batch mean cancels them)
     net = nn.parallel.DistributedDataParallel(body, find_unused_parameters=cfg.qat) if world > 1 else body
