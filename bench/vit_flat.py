@@ -86,8 +86,9 @@ def measure(model, train_set, xs, y, args, device) -> dict:
     model = model.to(device).eval()
     out = {"fp_top1": _top1(model, xs, y)}
     fixed = list(on_device(fixed_batches(train_set, args.flat_images, mean, std, bs=128), device))
-    with unfused_attention(model):
-        out["hessian_trace"] = hessian_trace(model, fixed, n_samples=args.trace_samples)["trace"]
+    if args.trace_samples:  # 0: PTQ columns only (the trace's double backward is most of a row's time and memory)
+        with unfused_attention(model):
+            out["hessian_trace"] = hessian_trace(model, fixed, n_samples=args.trace_samples)["trace"]
     calib = [x for x, _ in fixed_batches(train_set, 512, mean, std)]
     for bits in args.ptq_bits:  # quantized on the CPU, evaluated where the model is
         for ranges in args.ptq_ranges:
@@ -185,7 +186,7 @@ def table(results: dict) -> str:
     keys = ["fp_top1", *[_ptq_key(b, r) for r in ranges for b in results["args"]["ptq_bits"]], "hessian_trace"]
     lines = ["| method | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     p = results["pretrained"]
-    lines.append("| pretrained | - | " + " | ".join(f"{p[k]:.2f}" for k in keys) + " |")
+    lines.append("| pretrained | - | " + " | ".join(f"{p[k]:.2f}" if k in p else "-" for k in keys) + " |")
     for spec in results["args"]["methods"]:
         rows = [r for r in results["runs"] if r["method"] == spec]
         if not rows:
