@@ -85,8 +85,8 @@ def measure(model, train_set, xs, y, args, device) -> dict:
     mean, std = model.plateau_cfg["mean"], model.plateau_cfg["std"]
     model = model.to(device).eval()
     out = {"fp_top1": _top1(model, xs, y)}
-    fixed = list(on_device(fixed_batches(train_set, args.flat_images, mean, std, bs=128), device))
     if args.trace_samples:  # 0: PTQ columns only (the trace's double backward is most of a row's time and memory)
+        fixed = list(on_device(fixed_batches(train_set, args.flat_images, mean, std, bs=128), device))
         with unfused_attention(model):
             out["hessian_trace"] = hessian_trace(model, fixed, n_samples=args.trace_samples)["trace"]
     calib = [x for x, _ in fixed_batches(train_set, 512, mean, std)]
@@ -109,6 +109,7 @@ def _ptq_key(bits: str, ranges: str) -> str:
 def main() -> None:
     args = _args()
     from plateau.data import batches, load_split
+    from plateau.quant import parse_bits
     from plateau.train import TrainConfig, train
 
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
@@ -131,7 +132,7 @@ def main() -> None:
             if any(o not in ("range", "probs") and not o.startswith("kd=") for o in opts):
                 raise SystemExit(f"{spec}: a row's options are +kd=W, +range and +probs")
             method, _, bits = body.partition("@")
-            prob_bits = int(bits.partition("A")[2]) if "probs" in opts else 8
+            prob_bits = parse_bits(bits or "W8A8")[1] if "probs" in opts else 8
             torch.manual_seed(seed)
             model = _model(args.ckpt)
             cfg = TrainConfig(data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

@@ -208,7 +208,7 @@ def mixed_precision(graph: QGraph, calib: list[torch.Tensor], cfg: QuantConfig, 
     Widths the user fixed (cfg.layer_bits, --keep-first-last-8bit) are kept and counted."""
     t0 = time.time()
     layers = graph.weighted()
-    pinned = {k: b for k, b in cfg.layer_bits.items()}
+    pinned = dict(cfg.layer_bits)
     if cfg.keep_first_last_8bit:
         pinned.update({n.module or n.name: 8 for n in (layers[0], layers[-1])})
     widths = (8, min(cfg.weight_bits, 4))
