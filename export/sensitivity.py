@@ -208,7 +208,10 @@ def mixed_precision(graph: QGraph, calib: list[torch.Tensor], cfg: QuantConfig, 
     Widths the user fixed (cfg.layer_bits, --keep-first-last-8bit) are kept and counted."""
     t0 = time.time()
     layers = graph.weighted()
-    pinned = dict(cfg.layer_bits)
+    # layer_bits may name a layer by module path or by graph node name (as weight_bits() reads it): choose_bits
+    # keys layers by module path; a name that is neither is refused there, naming it
+    path = {n.name: n.module or n.name for n in layers}
+    pinned = {path.get(k, k): b for k, b in cfg.layer_bits.items()}
     if cfg.keep_first_last_8bit:
         pinned.update({n.module or n.name: 8 for n in (layers[0], layers[-1])})
     widths = (8, min(cfg.weight_bits, 4))

@@ -395,6 +395,23 @@ def test_mixed_precision_keeps_pinned_widths_and_counts_them(model):
         choose_bits(g, sens, 6.0, {"nope": 8})
 
 
+def test_mixed_precision_reads_layer_bits_by_node_name_too(model, data):
+    """layer_bits may name a layer by its graph node name, as weight_bits() reads it: mixed precision keeps that
+    width (recorded by module path) instead of refusing a name it does not know."""
+    from plateau.export.sensitivity import mixed_precision
+
+    g = capture(model, [1, 3, 32, 32])
+    layers = g.weighted()
+    node = layers[1]
+    assert node.name != node.module  # the two spellings differ on this model
+    cfg = QuantConfig(weight_bits=4, layer_bits={node.name: 8})
+    out = mixed_precision(g, [data[0][0][:8]], cfg, budget=4.0 + 4.0 * node.weight.numel()
+                          / sum(n.weight.numel() for n in layers), images=8)
+    assert out["pinned"] == {node.module: 8} and out["layer_bits"][node.module] == 8
+    with pytest.raises(PlateauError, match=f"fixed width .*{node.module}: 8"):
+        mixed_precision(g, [data[0][0][:8]], cfg, budget=4.0, images=8)
+
+
 def test_fisher_sensitivity_estimates_the_measured_kl(model, data):
     """The second-order (Fisher) estimate stands for the KL measured on the same images: summed over the layers
     within a factor of 1.5 at 4 and at 2 bits, each layer within a factor of 3 (the diagonal, second-order estimate
