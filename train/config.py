@@ -31,7 +31,8 @@ class TrainConfig:
     epochs: int = setting(10, "training epochs", minimum=1)
     batch_size: int = setting(128, "global batch size: with W processes each takes batch_size // W", minimum=1)
     lr: float = setting(0.1, "peak learning rate (default 0.1 from scratch, 0.01 fine-tuning and QAT, 0.001 QAT "
-                        "with --qat-bn-freeze 0; AdamW: a hundredth of these)", cli_default=None, minimum=0, above=True)
+                        "with BatchNorm frozen; AdamW: a hundredth of these, 3e-4 for QAT with BatchNorm frozen)",
+                        cli_default=None, minimum=0, above=True)
     optimizer: str = setting("sgd", "SGD with momentum (nesterov) or AdamW", choices=OPTIMIZERS)
     momentum: float = setting(0.9, "SGD momentum, nesterov when > 0", minimum=0, maximum=0.999)
     weight_decay: float = setting(5e-4, "weight decay of Conv/Linear weights; none on BN and biases", minimum=0)
