@@ -77,3 +77,15 @@ def test_batches_normalize_and_augment():
     x, y = next(batches(s, 16, [0.5] * 3, [0.25] * 3, shuffle=True, augment=True))
     assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (16,)
     assert abs(float(x.mean())) < 1.5
+
+
+def test_progress_bar_is_off_without_a_terminal_and_passes_items_through(capsys):
+    """Every per-image loop's bar: the items pass unchanged, and with stderr not a terminal (a log, a pipe, this
+    test's capture) nothing is drawn, so an error line is the only thing a script's stderr holds."""
+    from plateau.data import progress
+
+    with progress(total=3, desc="decode") as bar:
+        for _ in range(3):
+            bar.update(1)
+    assert list(progress(iterable=iter([1, 2, 3]), desc="eval")) == [1, 2, 3]
+    assert bar.disable and capsys.readouterr().err == ""
