@@ -10,8 +10,8 @@ Rows: `none` (plain fine-tuning) and `METHOD@BITS` (a registered noise method, e
 WQE/AQE at BITS, attention operands included). Options follow `+`: `+kd=W` adds W times the distillation from the
 pretrained model to every step (`alternate@W3A3+kd=1`); `+range` turns on `--range-grad`; `+probs` puts the noise on
 the attention probabilities at the activation width of BITS instead of 8 bits, as the `readme` PTQ quantizes them.
-A row whose run directory already holds the finished fine-tune is measured again without training (`--retrain`
-trains it anew).
+A row whose run directory already holds the finished fine-tune is measured again without training, and one killed
+part-way continues from its newest checkpoint (`--retrain` trains it anew).
 
     .venv/bin/python bench/vit_flat.py --device cuda --seeds 0 1 2 --out bench/results/vit_flat.json
     .venv/bin/python bench/vit_flat.py --train-limit 1024 --eval-limit 500 --epochs 1 --seeds 0   # a CPU-sized run
@@ -111,6 +111,7 @@ def main() -> None:
     from plateau.data import batches, load_split
     from plateau.quant import parse_bits
     from plateau.train import TrainConfig, train
+    from plateau.train.checkpoint import resume_candidates
 
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     train_set, test_set = load_split(args.data, "train"), load_split(args.data, "test")
@@ -143,14 +144,12 @@ def main() -> None:
                               train_limit=args.train_limit, eval_limit=args.eval_limit, quant_gap=False,
                               bn_recalibrate=0, device=args.device, progress=False)
             run = Path(args.runs) / f"{spec}-s{seed}"
-            done = _finished(run / "train", args.epochs)
-            # a finished row is measured again from its checkpoint (the trainer's resume), its training time the
-            # old run's; --retrain starts it over (the trainer's overwrite)
-            reuse = done is not None and not args.retrain
-            cfg.resume, cfg.overwrite = reuse, done is not None and args.retrain
-            t = time.time()
+            # a row with a checkpoint continues from it (the trainer's resume): a finished one is measured again,
+            # a killed one trains its remaining epochs; --retrain starts it over (the trainer's overwrite)
+            started = bool(resume_candidates(run / "train"))
+            cfg.resume, cfg.overwrite = started and not args.retrain, started and args.retrain
             train(model, cfg, run, train_set, test_set)
-            r = {"method": spec, "seed": seed, "train_s": done["train_s"] if reuse else round(time.time() - t, 1),
+            r = {"method": spec, "seed": seed, "train_s": _train_seconds(run / "train"),
                  **measure(model, train_set, xs, y, args, device)}
             results["runs"].append(r)
             print(r, flush=True)
@@ -172,14 +171,12 @@ def _pretrained(args: argparse.Namespace) -> dict | None:
     return {**old["pretrained"], "from": args.pretrained_from}
 
 
-def _finished(train_dir: Path, epochs: int) -> dict | None:
-    """{"train_s": seconds} when `train_dir` holds a fine-tune that finished `epochs` epochs, else None."""
-    rows = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines() if line.strip()] \
-        if (train_dir / "metrics.jsonl").is_file() and (train_dir / "last.pt").is_file() else []
-    rows = [r for r in rows if "epoch_time_s" in r]
-    if not rows or max(r["epoch"] for r in rows) < epochs:
-        return None
-    return {"train_s": round(sum(r["epoch_time_s"] for r in rows), 1)}
+def _train_seconds(train_dir: Path) -> float:
+    """The fine-tune's training seconds, summed over the epochs metrics.jsonl records (the last record of each; a
+    resumed run's epochs from before the kill included, except one killed between its checkpoint and its line)."""
+    rows = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    per_epoch = {r["epoch"]: r["epoch_time_s"] for r in rows if "epoch_time_s" in r}
+    return round(sum(per_epoch.values()), 1)
 
 
 def table(results: dict) -> str:
