@@ -62,7 +62,9 @@ def main(args: argparse.Namespace) -> dict:
     if values["warmup_epochs"] is None:
         values["warmup_epochs"] = 0.0 if finetune else 1.0
     try:
-        cfg = TrainConfig(**{**values, "lr": values["lr"] or 1.0})
+        # an open --lr is resolved below, once the config knows the method and BatchNorm mode; a given one (0 too)
+        # is validated as it is
+        cfg = TrainConfig(**{**values, "lr": 1.0 if lr_open else values["lr"]})
     except ValueError as e:  # a bad option value: one line for the user, naming the valid choices
         raise PlateauError(str(e)) from None
     if lr_open:

@@ -295,7 +295,8 @@ CASES = [*KILL, *TRAIN, *TRAIN_OPTIONS, *MAKE, *CLI]
 # The test suite's share of the table (bench/faults.py runs all): one or two cases per kind of failure, the cheap
 # ones in the default suite, the ones that kill, build or train in the slow one (a few minutes on 2 cores).
 FAST = {
-    "train-over-existing-run", "train--train-limit=0", "kill-export-after-reference", "export-nan-weights",
+    "train-over-existing-run", "train--train-limit=0", "train--lr=0", "kill-export-after-reference",
+    "export-nan-weights",
     "export-checkpoint-malicious", "export--calib-images=0", "export--sensitivity=kl", "compile-qdq-swapped",
     "export-mixed-precision-no-room",
     "compile-export-manifest-version-string", "validate-ref-logits-garbage", "validate--limit=0",
