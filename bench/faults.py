@@ -70,6 +70,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "`PLATEAU_PAUSE_AFTER`) and is classified: **pass**, or traceback, silent success (a command that must "
         "fail exited 0), damaged (a file that existed before a failing or killed command changed) or wrong (exit "
         "status, more than one stderr line, a line that does not name the file or option, a failed check).",
+        *[f"Measured again on {u['date']} after a fix ({u['machine']}): {', '.join(f'`{c}`' for c in u['cases'])}."
+          for u in meta.get("updated", [])],
         "",
         f"**{t['cases']} cases: {t['pass']} pass, {t['traceback']} tracebacks, {t['silent success']} silent "
         f"successes, {t['damaged']} damaged, {t['wrong']} wrong, {t['skipped']} skipped.**",
@@ -87,15 +89,20 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _at_a_time(jobs: int) -> str:
+    return "one case at a time" if jobs == 1 else f"{jobs} cases at a time"
+
+
 def summary(rows: list[dict], meta: dict) -> str:
     """The bench/RESULTS.md section: totals per kind of failure the issue names."""
     t = meta["totals"]
     lines = [
         "## Crash safety and bad input (issue 14)",
         "",
-        f"`{meta['command']}` on {meta['date']}, {meta['machine']} ({meta['seconds'] / 60:.0f} min, two cases at a "
-        "time). Every case copies one good run (small_cnn, synthetic data: train, export, compile, validate), breaks "
-        "something and runs the real CLI or `make`; kills are a real SIGKILL at a named artifact "
+        f"`{meta['command']}` on {meta['date']}, {meta['machine']} ({meta['seconds'] / 60:.0f} min, "
+        f"{_at_a_time(meta.get('jobs', 2))}). Every case copies one good run (small_cnn, synthetic data: train, "
+        "export, compile, validate), breaks something and runs the real CLI or `make`; kills are a real SIGKILL "
+        "at a named artifact "
         "(`PLATEAU_PAUSE_AFTER`). The full table, one row per case with the line the user saw, is "
         "[docs/faults.md](../docs/faults.md); the data is `bench/results/faults.json`.",
         "",
@@ -127,6 +134,8 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "faults.json"))
     p.add_argument("--md", default=str(ROOT / "docs" / "faults.md"))
     p.add_argument("--render", action="store_true", help="only rewrite the table and the summary from --out")
+    p.add_argument("--update", action="store_true", help="with --only: run those cases again and replace their rows "
+                   "in --out (after a fix), the table then saying which rows were measured when")
     args = p.parse_args()
     if args.render:
         data = json.loads(Path(args.out).read_text())
@@ -158,10 +167,19 @@ def main() -> int:
              "result": v.result, "detail": v.detail, "lines": v.lines, "returncodes": v.returncodes,
              "seconds": v.seconds} for c, v in zip(cases, verdicts, strict=True)]
     totals = {"cases": len(rows), **{r: sum(x["result"] == r for x in rows) for r in RESULTS}}
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = {"command": "python bench/faults.py" + (f" --only {args.only}" if args.only else ""),
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": _machine(),
-            "seconds": round(time.time() - t0, 1), "totals": totals,
+            "date": now, "machine": _machine(), "seconds": round(time.time() - t0, 1), "jobs": args.jobs,
+            "totals": totals,
             "issues": {k: sum(x["issue"] == k for x in rows) for k in sorted({x["issue"] for x in rows})}}
+    if args.update:  # the earlier table with these rows replaced; its command, date and seconds kept
+        old = json.loads(Path(args.out).read_text())
+        new = {r["case"]: r for r in rows}
+        rows = [new.pop(r["case"], r) for r in old["cases"]] + list(new.values())
+        totals = {"cases": len(rows), **{r: sum(x["result"] == r for x in rows) for r in RESULTS}}
+        meta = {**{k: v for k, v in old.items() if k != "cases"}, "totals": totals,
+                "updated": [*old.get("updated", []), {"cases": sorted({r["case"] for r in rows} & set(
+                    c.id for c in cases)), "date": now, "machine": _machine()}]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({**meta, "cases": rows}, indent=1) + "\n")
     Path(args.md).parent.mkdir(parents=True, exist_ok=True)
