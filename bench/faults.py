@@ -89,6 +89,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _totals(rows: list[dict]) -> dict:
+    """How many cases, and how many of them ended in each result."""
+    return {"cases": len(rows), **{r: sum(x["result"] == r for x in rows) for r in RESULTS}}
+
+
 def _at_a_time(jobs: int) -> str:
     return "one case at a time" if jobs == 1 else f"{jobs} cases at a time"
 
@@ -166,7 +171,7 @@ def main() -> int:
     rows = [{"case": c.id, "issue": c.issue, "title": c.title, "command": _command(c), "tier": c.tier,
              "result": v.result, "detail": v.detail, "lines": v.lines, "returncodes": v.returncodes,
              "seconds": v.seconds} for c, v in zip(cases, verdicts, strict=True)]
-    totals = {"cases": len(rows), **{r: sum(x["result"] == r for x in rows) for r in RESULTS}}
+    totals = _totals(rows)
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = {"command": "python bench/faults.py" + (f" --only {args.only}" if args.only else ""),
             "date": now, "machine": _machine(), "seconds": round(time.time() - t0, 1), "jobs": args.jobs,
@@ -176,10 +181,10 @@ def main() -> int:
         old = json.loads(Path(args.out).read_text())
         new = {r["case"]: r for r in rows}
         rows = [new.pop(r["case"], r) for r in old["cases"]] + list(new.values())
-        totals = {"cases": len(rows), **{r: sum(x["result"] == r for x in rows) for r in RESULTS}}
+        totals = _totals(rows)
         meta = {**{k: v for k, v in old.items() if k != "cases"}, "totals": totals,
-                "updated": [*old.get("updated", []), {"cases": sorted({r["case"] for r in rows} & set(
-                    c.id for c in cases)), "date": now, "machine": _machine()}]}
+                "updated": [*old.get("updated", []), {"cases": sorted(c.id for c in cases), "date": now,
+                                                      "machine": _machine()}]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({**meta, "cases": rows}, indent=1) + "\n")
     Path(args.md).parent.mkdir(parents=True, exist_ok=True)
